@@ -1,0 +1,268 @@
+"""Compiler command lines: what may be distributed, and the one argument policy.
+
+``POLICY`` is the single table both ends use: the client keeps anything that
+is not ``REMOTE`` or ``CPP``/``LINK`` on this machine, and the server refuses
+any argument that is not ``REMOTE`` (:func:`refused_argument`).  Rules are
+tried in order, first match wins, and anything no rule matches is ``LOCAL``:
+an unknown option is never sent to a server.
+
+How a job keeps objects byte-identical to a local compile, ``-g`` included:
+the client runs the preprocessor with ``-fdirectives-only`` (includes and
+conditionals resolved here, macros left unexpanded), drops the compiler's
+built-in macro definitions from the output, and the server compiles that text
+as ordinary C/C++ at the client's own working directory and source path
+(mounted inside the sandbox).  Column numbers in the debug line table, the
+compilation directory and the file names therefore come out exactly as a
+local build.  Fully expanded ``-E`` output would shift columns after every
+macro.  ``-pedantic`` builds use the fully preprocessed form instead (the
+compiler pedwarns about line markers in ordinary source); without ``-g`` those
+objects are identical too, with ``-g`` their column numbers may differ.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Use(Enum):
+    REMOTE = "remote"  # passed to the preprocessor here and to the compiler there
+    CPP = "cpp"  # preprocessing only: used here, never sent
+    LINK = "link"  # meaningless with -c; the local preprocessor sees (and warns about) it
+    LOCAL = "local"  # needs this machine, or names/runs files: compile locally
+
+
+# Options whose value is the next argument (when not joined).
+SEPARATE_VALUE = frozenset(
+    "-o -x -I -D -U -include -imacros -isystem -iquote -idirafter -iprefix -iwithprefix "
+    "-iwithprefixbefore -isysroot -imultilib -MF -MT -MQ -A -Xpreprocessor -Xassembler "
+    "-Xlinker -L -l -u -z -T -aux-info -B -specs -wrapper --param --sysroot".split()
+)
+
+# -f options that take a value and are known not to name, read, write or run
+# anything; every other "-fname=value" stays local.
+_F_VALUES = (
+    "abi-version|align-functions|align-jumps|align-labels|align-loops|asan-shadow-offset|"
+    "cf-protection|constexpr-depth|constexpr-loop-limit|constexpr-ops-limit|debug-prefix-map|"
+    "diagnostics-color|diagnostics-column-origin|diagnostics-column-unit|diagnostics-minimum-margin-width|"
+    "diagnostics-path-format|diagnostics-show-location|diagnostics-urls|exec-charset|excess-precision|"
+    "file-prefix-map|fp-contract|inline-limit|input-charset|ira-algorithm|ira-region|live-patching|"
+    "lto|lto-compression-level|lto-partition|macro-prefix-map|max-errors|message-length|"
+    "no-sanitize|patchable-function-entry|permitted-flt-eval-methods|random-seed|"
+    "reorder-blocks-algorithm|sanitize|sanitize-coverage|sanitize-recover|sanitize-trap|"
+    "simd-cost-model|stack-check|strict-flex-arrays|strong-eval-order|template-depth|tls-model|"
+    "trivial-auto-var-init|vect-cost-model|visibility|wide-exec-charset|zero-call-used-regs"
+)
+
+POLICY: tuple[tuple[str, Use], ...] = (
+    # Run code, read or write files by name, or need this very machine.
+    (r"@.*|-B.*|-specs(=.*)?|-wrapper|-fplugin.*|-fmodule.*|-fmodules-ts|-fdeps-.*", Use.LOCAL),
+    (r"-fdump-.*|-fprofile.*|-fauto-profile.*|-fbranch-probabilities|-ftest-coverage|--coverage", Use.LOCAL),
+    (r"-fcallgraph-info.*|-fstack-usage|-fopt-info.*|-fsave-optimization-record|-fcompare-debug.*", Use.LOCAL),
+    (r"-fdirectives-only|-fpreprocessed|-fworking-directory|-fno-working-directory|-traditional.*", Use.LOCAL),
+    (r"-fsyntax-only|-save-temps.*|-E|-M|-MM|-v|-###|--help.*|--version|-dump.*|-print-.*", Use.LOCAL),
+    (r"-Wa,.*|-Xassembler|-aux-info|-no-integrated-cpp|-x", Use.LOCAL),
+    (r"-m(arch|tune|cpu)=native", Use.LOCAL),
+    (r"-g(gdb|stabs\+?|xcoff\+?|vms)?3|-gsplit-dwarf", Use.LOCAL),  # macro info / side files
+    # Preprocessing only.
+    (r"-[IDUA].*|-include|-imacros|-isystem|-iquote|-idirafter|-iprefix|-iwithprefix(before)?", Use.CPP),
+    (r"-isysroot|-imultilib|-nostdinc|-nostdinc\+\+|-undef|-trigraphs|-H|-Wp,.*|-Xpreprocessor", Use.CPP),
+    (r"-MD|-MMD|-MF|-MT|-MQ|-MP|-MG|--sysroot(=.*)?", Use.CPP),
+    # Linking only.
+    (r"-[lL].*|-Wl,.*|-Xlinker|-static.*|-shared|-rdynamic|-s|-nostdlib|-nostartfiles|-nodefaultlibs", Use.LINK),
+    (r"-pie|-no-pie|-u|-z|-T", Use.LINK),
+    # What a server may run.
+    (r"-O[0-3sgz]?|-Ofast|-std=[a-z0-9+]+|-ansi|-w|-pedantic|-pedantic-errors|-pthread|-pg?|-pipe", Use.REMOTE),
+    (r"-g[a-z0-9-]*|-gz(=[a-z]+)?", Use.REMOTE),
+    (r"-W[A-Za-z0-9][-A-Za-z0-9+_]*(=[-A-Za-z0-9_+.]+)?", Use.REMOTE),
+    (r"-m[a-z0-9][-a-z0-9_.+]*(=[-A-Za-z0-9_.,+]+)?", Use.REMOTE),
+    (rf"-f(no-)?({_F_VALUES})=[^\s;|&`$]*", Use.REMOTE),
+    (r"-f[A-Za-z0-9][-A-Za-z0-9+_.]*", Use.REMOTE),
+    (r"--param(=[a-z0-9-]+=[0-9a-z-]+)?", Use.REMOTE),
+)
+_COMPILED = tuple((re.compile(pattern), use) for pattern, use in POLICY)
+_PARAM_VALUE = re.compile(r"[a-z0-9-]+=[0-9a-z-]+")
+
+
+def classify(arg: str) -> Use:
+    """The policy's verdict on one option (not on a separate value)."""
+    for pattern, use in _COMPILED:
+        if pattern.fullmatch(arg):
+            return use
+    return Use.LOCAL
+
+
+def takes_value(arg: str) -> bool:
+    """True when ``arg`` consumes the next argument as its value."""
+    return arg in SEPARATE_VALUE or (arg in ("-I", "-D", "-U", "-L", "-l", "-A"))
+
+
+def refused_argument(args: list[str]) -> str | None:
+    """Server side: the first argument the policy does not allow remotely, or None."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if classify(arg) is not Use.REMOTE:
+            return arg
+        if arg == "--param":
+            if i + 1 >= len(args) or not _PARAM_VALUE.fullmatch(args[i + 1]):
+                return arg
+            i += 1
+        i += 1
+    return None
+
+
+SOURCE_LANGUAGES = {
+    ".c": "c",
+    ".i": "cpp-output",
+    ".cc": "c++",
+    ".cp": "c++",
+    ".cxx": "c++",
+    ".cpp": "c++",
+    ".CPP": "c++",
+    ".c++": "c++",
+    ".C": "c++",
+    ".ii": "c++-cpp-output",
+}
+PREPROCESSED = {"c": "cpp-output", "c++": "c++-cpp-output"}
+LANGUAGES = frozenset(SOURCE_LANGUAGES.values())
+
+
+@dataclass
+class Plan:
+    """A distributable compile, as the client will carry it out."""
+
+    source: str
+    language: str  # of the source as given: "c", "c++", "cpp-output", ...
+    mode: str  # "-c" or "-S"
+    output: str
+    remote_args: list[str]
+    cpp_args: list[str] = field(default_factory=list)  # everything but the output, for "gcc -E"
+    dependency_file: bool = False
+
+    @property
+    def preprocessed(self) -> bool:
+        return self.language.endswith("cpp-output")
+
+    @property
+    def pedantic(self) -> bool:
+        return any(a.startswith(("-pedantic", "-Wpedantic")) for a in self.remote_args)
+
+
+class NotDistributable(Exception):
+    """Why a command line is compiled locally (shown with SECURECC_VERBOSE=1)."""
+
+
+def plan(args: list[str]) -> Plan:
+    """Analyse the arguments after the compiler name.
+
+    Raises NotDistributable when the compile must run here: linking, several
+    or no sources, stdin, unknown or machine-bound options.
+    """
+    mode = None
+    output = None
+    sources: list[str] = []
+    language_override = None
+    remote: list[str] = []
+    cpp: list[str] = []
+    deps = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        value = args[i + 1] if i + 1 < len(args) else None
+        if arg in ("-c", "-S"):
+            if mode and mode != arg:
+                raise NotDistributable("both -c and -S")
+            mode = arg
+            i += 1
+            continue
+        if arg == "-o" or (arg.startswith("-o") and len(arg) > 2):
+            output = arg[2:] if len(arg) > 2 else value
+            if output is None:
+                raise NotDistributable("-o without a file name")
+            i += 1 if len(arg) > 2 else 2
+            continue
+        if arg == "-x":
+            if value not in ("c", "c++"):
+                raise NotDistributable(f"-x {value}")
+            if sources:
+                raise NotDistributable("-x after the source file")
+            language_override = value
+            cpp += [arg, value]
+            i += 2
+            continue
+        if not arg.startswith("-") or arg == "-":
+            if arg == "-":
+                raise NotDistributable("source from standard input")
+            sources.append(arg)
+            cpp.append(arg)
+            i += 1
+            continue
+        use = classify(arg)
+        if use is Use.LOCAL:
+            raise NotDistributable(f"option {arg}")
+        group = [arg]
+        if takes_value(arg):
+            if value is None:
+                raise NotDistributable(f"{arg} without a value")
+            group.append(value)
+        if arg in ("-MD", "-MMD"):
+            deps = True
+        cpp += group
+        if use is Use.REMOTE:
+            remote += group
+        i += len(group)
+    if mode is None:
+        raise NotDistributable("not a compile-only command (-c or -S)")
+    if len(sources) != 1:
+        raise NotDistributable(f"{len(sources)} source files")
+    source = sources[0]
+    suffix = os.path.splitext(source)[1]
+    language = language_override or SOURCE_LANGUAGES.get(suffix)
+    if language is None:
+        raise NotDistributable(f"source type {suffix or source!r}")
+    if output == "-":
+        raise NotDistributable("output to standard output")
+    stem = os.path.splitext(os.path.basename(source))[0]
+    if output is None:
+        output = stem + (".o" if mode == "-c" else ".s")
+    if deps:
+        if not any(a in ("-MF",) or a.startswith("-MF") for a in cpp):
+            cpp += ["-MF", os.path.splitext(output)[0] + ".d"]
+        if not any(a.startswith(("-MT", "-MQ")) for a in cpp):
+            cpp += ["-MQ", output]
+    return Plan(source, language, mode, output, remote, cpp, deps)
+
+
+def preprocess_command(compiler: str, p: Plan) -> list[str]:
+    """The local preprocessing command; its standard output is what we send."""
+    if p.pedantic:
+        return [compiler, *p.cpp_args, "-E"]
+    return [compiler, *p.cpp_args, "-E", "-fdirectives-only"]
+
+
+def remote_language(p: Plan) -> str:
+    """The language the server compiles the preprocessed text as."""
+    if p.preprocessed or p.pedantic:
+        return PREPROCESSED.get(p.language, p.language)
+    return p.language
+
+
+_BUILTINS = b'\n# 0 "<built-in>"\n'
+_COMMAND_LINE = b'\n# 0 "<command-line>"\n'
+
+
+def strip_builtins(text: bytes) -> bytes | None:
+    """Drop the compiler's predefined macros from ``-fdirectives-only`` output.
+
+    The server's compiler defines them itself; left in, each would be a
+    "redefined" warning.  None when the output does not have the expected
+    shape (then the client sends fully preprocessed text instead).
+    """
+    start = text.find(_BUILTINS)
+    end = text.find(_COMMAND_LINE, start + 1) if start >= 0 else -1
+    if start < 0 or end < 0:
+        return None
+    return text[: start + 1] + text[end + 1 :]

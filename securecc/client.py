@@ -1,0 +1,293 @@
+"""securecc: the compiler wrapper (``securecc gcc ARGS`` or a symlink named gcc).
+
+Runs once per compile, so it imports only what the path taken needs: no
+Twisted, no cryptography, gssapi only when a job really goes remote.
+
+Flow: anything not distributable runs the local compiler (exec, same
+arguments).  Otherwise preprocess here, authenticate to a server (mutual
+GSS-API), send the sealed job, write the outputs atomically, print the
+compiler's messages and exit with its status.  Infrastructure failures
+(no ticket, refused, unreachable, server gone mid-job) print one
+``securecc:`` line and compile locally; a compile error is returned as is
+and never retried.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from securecc import args as argpolicy
+
+MASQUERADE_NAMES = frozenset({"gcc", "cc", "g++", "c++"})
+CONNECT_TIMEOUT = float(os.environ.get("SECURECC_CONNECT_TIMEOUT", "3"))
+HANDSHAKE_TIMEOUT = 10.0
+RESULT_TIMEOUT = float(os.environ.get("SECURECC_RESULT_TIMEOUT", "1260"))
+
+
+class Unreachable(Exception):
+    """The host could not be reached; another host may do."""
+
+
+class RemoteFailure(Exception):
+    """The job could not be done remotely; compile locally and say why."""
+
+
+def _say(message: str) -> None:
+    sys.stderr.write(f"securecc: {message}\n")
+    sys.stderr.flush()
+
+
+def _verbose(message: str) -> None:
+    if os.environ.get("SECURECC_VERBOSE"):
+        _say(message)
+
+
+def find_compiler(name: str) -> str | None:
+    """The real compiler: ``name`` if it is a path, else the first one in PATH that is not us."""
+    if "/" in name:
+        return name if os.access(name, os.X_OK) else None
+    me = os.path.realpath(sys.argv[0] if "/" in sys.argv[0] else (_which(sys.argv[0]) or sys.argv[0]))
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK) and os.path.realpath(candidate) != me:
+            return candidate
+    return None
+
+
+def _which(name: str) -> str | None:
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def exec_local(compiler: str, path: str, args: list[str]) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(path, [compiler, *args])
+    except OSError as e:
+        _say(f"cannot run {path}: {e.strerror or e}")
+        sys.exit(127)
+
+
+def working_directory() -> str:
+    """The directory gcc would record: $PWD when it is this directory (as getpwd() does)."""
+    pwd = os.environ.get("PWD")
+    if pwd and os.path.isabs(pwd):
+        try:
+            if os.path.samestat(os.stat(pwd), os.stat(".")):
+                return pwd
+        except OSError:
+            pass
+    return os.getcwd()
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write next to ``path`` and rename over it: a reader never sees half an object."""
+    directory, base = os.path.split(path)
+    temp = os.path.join(directory, f".{base}.securecc-{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+
+
+class Channel:
+    """One authenticated, sealed connection to a server (blocking sockets)."""
+
+    def __init__(self, host) -> None:  # type: ignore[no-untyped-def]
+        import socket
+
+        from securecc import protocol as wire
+
+        self.host = host
+        self.wire = wire.Connection()
+        try:
+            self.sock = socket.create_connection((host.name, host.port), timeout=CONNECT_TIMEOUT)
+        except OSError as e:
+            raise Unreachable(f"cannot connect to {host.name}:{host.port}: {e.strerror or e}") from None
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _events(self, timeout: float) -> list:  # type: ignore[type-arg]
+        from securecc import protocol as wire
+
+        self.sock.settimeout(timeout)
+        while True:
+            try:
+                data = self.sock.recv(1 << 20)
+            except TimeoutError:
+                raise RemoteFailure(f"{self.host.name} did not answer within {timeout:g} s") from None
+            except OSError as e:
+                raise RemoteFailure(f"connection to {self.host.name} failed: {e.strerror or e}") from None
+            if not data:
+                raise RemoteFailure(f"{self.host.name} closed the connection")
+            try:
+                events = self.wire.receive_data(data)
+            except wire.ProtocolError as e:
+                raise RemoteFailure(f"bad reply from {self.host.name}: {e}") from None
+            if events:
+                return events
+
+    def authenticate(self) -> None:
+        from securecc import protocol as wire
+        from securecc.gss import GSSFailure, Initiator
+
+        try:
+            initiator = Initiator(self.host.target)
+            first = initiator.step()
+            self.sock.sendall(wire.hello() + wire.token(first or b""))
+            greeted = False
+            while not (greeted and initiator.complete):
+                for event in self._events(HANDSHAKE_TIMEOUT):
+                    if isinstance(event, wire.HelloReceived):
+                        greeted = wire.choose_version(event) is not None
+                        if not greeted:
+                            raise RemoteFailure(f"{self.host.name} speaks protocol version {event.max_version} only")
+                    elif isinstance(event, wire.TokenReceived):
+                        reply = initiator.step(event.token)
+                        if reply:
+                            self.sock.sendall(wire.token(reply))
+                    elif isinstance(event, wire.ErrorReceived):
+                        raise RemoteFailure(f"{self.host.name} refused the connection: {event.message}")
+        except GSSFailure as e:
+            raise RemoteFailure(str(e)) from None
+        session = initiator.session()
+        self.wire.secure(session.wrap, session.unwrap)
+
+    def call(self, job):  # type: ignore[no-untyped-def]
+        from securecc import protocol as wire
+
+        try:
+            self.sock.settimeout(RESULT_TIMEOUT)
+            self.sock.sendall(self.wire.seal(job))
+        except OSError as e:
+            raise RemoteFailure(f"sending the job to {self.host.name} failed: {e.strerror or e}") from None
+        while True:
+            for event in self._events(RESULT_TIMEOUT):
+                if isinstance(event, wire.MessageReceived):
+                    return event.message
+                raise RemoteFailure(f"unexpected {type(event).__name__} from {self.host.name}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def preprocess(compiler_path: str, plan: argpolicy.Plan) -> tuple[int, bytes]:
+    """Run the local preprocessor; its messages go straight to our stderr."""
+    if plan.preprocessed:
+        with open(plan.source, "rb") as f:
+            return 0, f.read()
+    import subprocess
+
+    done = subprocess.run(argpolicy.preprocess_command(compiler_path, plan), stdout=subprocess.PIPE)
+    text = done.stdout
+    if done.returncode == 0 and not plan.pedantic:
+        stripped = argpolicy.strip_builtins(text)
+        if stripped is None:
+            raise argpolicy.NotDistributable("unexpected preprocessor output (not gcc?)")
+        text = stripped
+    return done.returncode, text
+
+
+def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) -> int:
+    """Returns the remote compiler's status; raises RemoteFailure to fall back."""
+    from securecc import protocol as wire
+    from securecc.hosts import HostsError, configured_hosts
+
+    try:
+        hosts = [h for h in configured_hosts() if not h.is_local]
+    except HostsError as e:
+        raise RemoteFailure(f"cannot parse the host list ({e}); fix SECURECC_HOSTS") from None
+    if not hosts:
+        raise RemoteFailure("no compile servers configured (set SECURECC_HOSTS)")
+    status, text = preprocess(compiler_path, plan)
+    if status != 0:
+        return status  # a preprocessing error is the user's, already printed
+    job = wire.Job(
+        compiler=os.path.basename(compiler),
+        args=plan.remote_args,
+        language=argpolicy.remote_language(plan),
+        mode=plan.mode,
+        cwd=working_directory(),
+        source_path=plan.source,
+        source=text,
+    )
+    unreachable = []
+    for host in hosts:
+        try:
+            channel = Channel(host)
+        except Unreachable as e:
+            unreachable.append(str(e))
+            continue
+        try:
+            channel.authenticate()
+            reply = channel.call(job)
+        finally:
+            channel.close()
+        if isinstance(reply, wire.Refused):
+            raise RemoteFailure(f"{host.name} refused the job: {reply.message}")
+        if not isinstance(reply, wire.Result):
+            raise RemoteFailure(f"unexpected reply from {host.name}")
+        if reply.exit_status == 0:
+            if reply.output is None:
+                raise RemoteFailure(f"{host.name} returned no output file")
+            try:
+                write_atomically(plan.output, reply.output)
+            except OSError as e:
+                raise RemoteFailure(f"cannot write {plan.output}: {e.strerror or e}") from None
+        sys.stdout.buffer.write(reply.stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(reply.stderr)
+        sys.stderr.flush()
+        _verbose(f"compiled {plan.source} on {host.name} (job {reply.job_id})")
+        return reply.exit_status
+    raise RemoteFailure("; ".join(unreachable))
+
+
+USAGE = "usage: securecc COMPILER [ARGS...]   (or call it through a symlink named gcc, cc, g++ or c++)"
+
+
+def run(argv: list[str]) -> int:
+    name = os.path.basename(argv[0])
+    if name in MASQUERADE_NAMES:
+        compiler, args = name, argv[1:]
+    elif len(argv) < 2 or argv[1] in ("-h", "--help"):
+        _say(USAGE)
+        return 2 if len(argv) < 2 else 0
+    else:
+        compiler, args = argv[1], argv[2:]
+    path = find_compiler(compiler)
+    if path is None:
+        _say(f"compiler {compiler!r} not found in PATH; install it or give its full path")
+        return 127
+    try:
+        plan = argpolicy.plan(args)
+    except argpolicy.NotDistributable as e:
+        _verbose(f"compiling locally: {e}")
+        exec_local(compiler, path, args)
+        return 127  # not reached
+    try:
+        return compile_remotely(compiler, path, plan)
+    except argpolicy.NotDistributable as e:
+        _verbose(f"compiling locally: {e}")
+    except RemoteFailure as e:
+        _say(f"{e}; compiling locally")
+    exec_local(compiler, path, args)
+    return 127
+
+
+def main() -> None:
+    try:
+        sys.exit(run(sys.argv))
+    except KeyboardInterrupt:
+        sys.exit(130)

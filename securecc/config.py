@@ -1,0 +1,143 @@
+"""The server configuration file (YAML): loaded once, validated strictly.
+
+Unknown keys and wrong types are errors that name the file and the key, so
+a typo never silently turns a setting off.  See ``etc/securecc.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from securecc.acl import LdapConfig
+from securecc.sandbox import Limits
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen_host: str
+    listen_port: int
+    principal: str
+    keytab: str
+    acl: Path
+    audit: Path
+    ldap: LdapConfig
+    compilers: dict[str, str]
+    scratch: Path
+    sandbox_uid: int | None  # None: run as ourselves (non-root servers)
+    sandbox_gid: int | None
+    limits: Limits
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    max_input: int = 128 << 20
+
+
+_TOP = {"listen", "principal", "keytab", "acl", "audit", "ldap", "compilers", "sandbox", "limits", "timeouts"}
+_LDAP = {"uris", "base", "users", "groups", "bind", "bind_dn", "password_file", "timeout", "cache_ttl"}
+_SANDBOX = {"scratch", "uid", "gid", "timeout"}
+_LIMITS = {"cpu_seconds", "address_space", "file_size", "open_files", "processes", "max_input"}
+_TIMEOUTS = {"handshake", "idle"}
+
+
+def _section(data: dict[str, Any], name: str, keys: set[str], where: str) -> dict[str, Any]:
+    value = data.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: '{name}' must be a mapping")
+    unknown = set(value) - keys
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{name}.{sorted(unknown)[0]}' (known: {', '.join(sorted(keys))})")
+    return value
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], where: str, key: str) -> Any:
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"{where}: '{key}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def load_config(path: Path) -> ServerConfig:
+    where = str(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
+    unknown = set(data) - _TOP
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(_TOP))})")
+    for key in ("listen", "principal", "keytab", "acl", "audit", "compilers"):
+        if key not in data:
+            raise ConfigError(f"{where}: missing '{key}'")
+    host, _, port = _typed(data["listen"], str, where, "listen").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{where}: 'listen' must be HOST:PORT")
+    base = path.parent
+
+    def resolve(value: Any, key: str) -> Path:
+        return (base / _typed(value, str, where, key)).resolve()
+
+    ldap = _section(data, "ldap", _LDAP, where)
+    uris = ldap.get("uris", [])
+    if not isinstance(uris, list) or not uris or not all(isinstance(u, str) for u in uris):
+        raise ConfigError(f"{where}: 'ldap.uris' must list at least one LDAP URI")
+    for key in ("base", "users", "groups"):
+        _typed(ldap.get(key), str, where, f"ldap.{key}")
+    if ldap.get("bind", "gssapi") not in ("gssapi", "simple", "none"):
+        raise ConfigError(f"{where}: 'ldap.bind' must be gssapi, simple or none")
+    ldap_config = LdapConfig(
+        uris=tuple(uris),
+        base=ldap["base"],
+        users=ldap["users"],
+        groups=ldap["groups"],
+        bind=ldap.get("bind", "gssapi"),
+        bind_dn=_typed(ldap.get("bind_dn", ""), str, where, "ldap.bind_dn"),
+        password_file=str(resolve(ldap["password_file"], "ldap.password_file")) if "password_file" in ldap else "",
+        timeout=float(_typed(ldap.get("timeout", 5), (int, float), where, "ldap.timeout")),
+        cache_ttl=float(_typed(ldap.get("cache_ttl", 60), (int, float), where, "ldap.cache_ttl")),
+    )
+
+    compilers = _typed(data["compilers"], dict, where, "compilers")
+    for name, target in compilers.items():
+        if not isinstance(name, str) or not isinstance(target, str) or not os.path.isabs(target):
+            raise ConfigError(f"{where}: compiler '{name}' must map to an absolute path")
+        if not os.access(target, os.X_OK):
+            raise ConfigError(f"{where}: compiler '{name}': {target} is not executable")
+
+    sandbox = _section(data, "sandbox", _SANDBOX, where)
+    limits = _section(data, "limits", _LIMITS, where)
+    timeouts = _section(data, "timeouts", _TIMEOUTS, where)
+    root = os.geteuid() == 0
+    uid = _typed(sandbox.get("uid", 65534), int, where, "sandbox.uid")
+    gid = _typed(sandbox.get("gid", 65534), int, where, "sandbox.gid")
+    if root and (uid == 0 or gid == 0):
+        raise ConfigError(f"{where}: the sandbox must not run as uid or gid 0")
+    defaults = Limits()
+    return ServerConfig(
+        listen_host=host,
+        listen_port=int(port),
+        principal=_typed(data["principal"], str, where, "principal"),
+        keytab=str(resolve(data["keytab"], "keytab")),
+        acl=resolve(data["acl"], "acl"),
+        audit=resolve(data["audit"], "audit"),
+        ldap=ldap_config,
+        compilers=dict(compilers),
+        scratch=resolve(sandbox.get("scratch", "scratch"), "sandbox.scratch"),
+        sandbox_uid=uid if root else None,
+        sandbox_gid=gid if root else None,
+        limits=Limits(
+            timeout=float(_typed(sandbox.get("timeout", defaults.timeout), (int, float), where, "sandbox.timeout")),
+            **{k: _typed(limits.get(k, getattr(defaults, k)), int, where, f"limits.{k}") for k in _LIMITS - {"max_input"}},
+        ),
+        handshake_timeout=float(_typed(timeouts.get("handshake", 10), (int, float), where, "timeouts.handshake")),
+        idle_timeout=float(_typed(timeouts.get("idle", 60), (int, float), where, "timeouts.idle")),
+        max_input=_typed(limits.get("max_input", 128 << 20), int, where, "limits.max_input"),
+    )

@@ -1,0 +1,316 @@
+"""The securecc wire protocol, sans-IO: bytes in, events out; no sockets, no gssapi.
+
+Every frame is ``u32 length | u8 kind | payload`` (length counts kind and
+payload, big-endian) and is refused before any buffering if it is larger than
+``MAX_FRAME``, so an unauthenticated peer cannot make us allocate.
+
+A connection has two phases:
+
+1. Handshake, in the clear: the client sends ``HELLO`` (magic, lowest and
+   highest version it speaks) and its first GSS token in one write; the server
+   answers ``HELLO`` (chosen version) and its token.  ``TOKEN`` frames go back
+   and forth until both GSS contexts are complete.  ``ERROR`` carries a reason
+   code and a sentence when the server gives up (bad version, failed
+   authentication); the connection is then closed.
+2. Session: only ``SEALED`` frames.  Each holds one GSS ``wrap`` token of a
+   chunk (``u8 flags | data``; bit 0 marks a message's last chunk).  The
+   caller installs wrap/unwrap with :meth:`Connection.secure`; this module
+   never sees keys.  A frame that does not unwrap (tampered, replayed, out of
+   order) is a :class:`ProtocolError` and the caller drops the connection.
+
+Messages (the reassembled chunks) are ``u8 type | u32 header length | JSON
+header | blobs``; the header lists the blob lengths, and every field is
+type-checked on decode.  One authenticated connection can carry several jobs
+one after another: nothing here is per-job state.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+MAGIC = b"securecc"
+VERSION = 1
+MIN_VERSION = 1
+
+MAX_FRAME = 512 * 1024
+"""Largest frame, header excluded.  GSS tokens (even with a large PAC) fit."""
+CHUNK = 256 * 1024
+"""Plaintext bytes per sealed frame: wrap overhead is ~60 bytes per token."""
+MAX_MESSAGE = 256 * 1024 * 1024
+"""Default largest message (sum of a message's chunks)."""
+MAX_HEADER = 64 * 1024
+"""Largest JSON header inside a message."""
+
+_FRAME = struct.Struct(">IB")
+_HEADER = struct.Struct(">BI")
+
+
+class Kind:
+    HELLO = 1
+    TOKEN = 2
+    ERROR = 3
+    SEALED = 4
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the connection must be dropped."""
+
+
+# --- messages ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """A compile request: run ``compiler`` with ``args`` on ``source``.
+
+    ``args`` hold neither input nor output: the server names those itself.
+    ``cwd`` and ``source_path`` are where the client compiles; the sandbox
+    mounts the source there so debug info matches a local build.
+    """
+
+    compiler: str
+    args: list[str]
+    language: str  # how to compile the text: "c", "c++", "cpp-output", "c++-cpp-output"
+    mode: str  # "-c" (object) or "-S" (assembler)
+    cwd: str
+    source_path: str  # as given on the command line
+    source: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Result:
+    """What the compiler did: its exit status, its streams and its output file."""
+
+    exit_status: int
+    stdout: bytes = field(repr=False)
+    stderr: bytes = field(repr=False)
+    output: bytes | None = field(repr=False)  # None when the compile failed
+    job_id: str = ""
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The server will not run this job; ``reason`` is a stable code."""
+
+    reason: str
+    message: str
+    job_id: str = ""
+
+
+Message = Union[Job, Result, Refused]
+
+_TYPE_CODES: dict[type, int] = {Job: 1, Result: 2, Refused: 3}
+_BLOB_FIELDS: dict[type, tuple[str, ...]] = {
+    Job: ("source",),
+    Result: ("stdout", "stderr", "output"),
+    Refused: (),
+}
+_HEADER_FIELDS: dict[type, dict[str, type | tuple[type, ...]]] = {
+    Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str},
+    Result: {"exit_status": int, "job_id": str},
+    Refused: {"reason": str, "message": str, "job_id": str},
+}
+
+
+def encode_message(message: Message) -> bytes:
+    """Serialize one message (before chunking and sealing)."""
+    kind = type(message)
+    header: dict[str, object] = {name: getattr(message, name) for name in _HEADER_FIELDS[kind]}
+    blobs = [getattr(message, name) for name in _BLOB_FIELDS[kind]]
+    header["blobs"] = [None if b is None else len(b) for b in blobs]
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join([_HEADER.pack(_TYPE_CODES[kind], len(encoded)), encoded, *(b for b in blobs if b)])
+
+
+def decode_message(data: bytes) -> Message:
+    """Parse one message, checking every field's type and every length."""
+    if len(data) < _HEADER.size:
+        raise ProtocolError("message too short")
+    code, header_len = _HEADER.unpack_from(data)
+    kind = next((k for k, c in _TYPE_CODES.items() if c == code), None)
+    if kind is None:
+        raise ProtocolError(f"unknown message type {code}")
+    if header_len > MAX_HEADER or _HEADER.size + header_len > len(data):
+        raise ProtocolError("bad message header length")
+    try:
+        header = json.loads(data[_HEADER.size : _HEADER.size + header_len])
+    except ValueError as e:
+        raise ProtocolError(f"bad message header: {e}") from None
+    fields = _HEADER_FIELDS[kind]
+    if not isinstance(header, dict) or set(header) != {*fields, "blobs"}:
+        raise ProtocolError(f"bad {kind.__name__} header fields")
+    for name, expected in fields.items():
+        value = header[name]
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise ProtocolError(f"bad {kind.__name__}.{name}")
+    if "args" in fields and not all(isinstance(a, str) for a in header["args"]):
+        raise ProtocolError("bad Job.args")
+    lengths = header.pop("blobs")
+    names = _BLOB_FIELDS[kind]
+    if not isinstance(lengths, list) or len(lengths) != len(names):
+        raise ProtocolError("bad blob list")
+    offset = _HEADER.size + header_len
+    for name, length in zip(names, lengths):
+        if length is None and name == "output":
+            header[name] = None
+            continue
+        if not isinstance(length, int) or isinstance(length, bool) or length < 0:
+            raise ProtocolError(f"bad length for {name}")
+        header[name] = data[offset : offset + length]
+        offset += length
+    if offset != len(data):
+        raise ProtocolError("message length does not match its blobs")
+    return kind(**header)
+
+
+# --- events -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HelloReceived:
+    min_version: int
+    max_version: int
+
+
+@dataclass(frozen=True)
+class TokenReceived:
+    token: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class ErrorReceived:
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class MessageReceived:
+    message: Message
+
+
+Event = Union[HelloReceived, TokenReceived, ErrorReceived, MessageReceived]
+
+Wrap = Callable[[bytes], bytes]
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    if len(payload) + 1 > MAX_FRAME:
+        raise ValueError(f"frame of {len(payload)} bytes exceeds MAX_FRAME")
+    return _FRAME.pack(len(payload) + 1, kind) + payload
+
+
+def hello(min_version: int = MIN_VERSION, max_version: int = VERSION) -> bytes:
+    """The client's opening frame (the server answers with min == max == chosen)."""
+    return frame(Kind.HELLO, MAGIC + bytes([min_version, max_version]))
+
+
+def token(gss_token: bytes) -> bytes:
+    if not gss_token:
+        # An empty token makes MIT's acceptor answer a SPNEGO hint, not an error.
+        raise ValueError("empty GSS token")
+    return frame(Kind.TOKEN, gss_token)
+
+
+def error(reason: str, message: str) -> bytes:
+    return frame(Kind.ERROR, json.dumps({"reason": reason, "message": message[:1000]}).encode())
+
+
+def choose_version(event: HelloReceived) -> int | None:
+    """The highest version both sides speak, or None."""
+    best = min(event.max_version, VERSION)
+    return best if best >= max(event.min_version, MIN_VERSION) else None
+
+
+class Connection:
+    """Parses one side of a connection; emits events, builds outgoing bytes.
+
+    ``max_message`` bounds what the peer may send us in one message (the server
+    sets it from its input limit, the client from the largest object it will
+    accept).
+    """
+
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+        self.max_message = max_message
+        self._buffer = bytearray()
+        self._wrap: Wrap | None = None
+        self._unwrap: Wrap | None = None
+        self._chunks: list[bytes] = []
+        self._chunked = 0
+
+    @property
+    def is_secure(self) -> bool:
+        return self._unwrap is not None
+
+    def secure(self, wrap: Wrap, unwrap: Wrap) -> None:
+        """Enter the session phase: from now on only sealed frames are valid."""
+        self._wrap, self._unwrap = wrap, unwrap
+
+    def seal(self, message: Message) -> bytes:
+        """Encode, chunk and wrap one message: the bytes to write, all at once."""
+        if self._wrap is None:
+            raise ProtocolError("cannot send a message before the handshake completes")
+        data = encode_message(message)
+        out = []
+        for start in range(0, max(len(data), 1), CHUNK):
+            last = start + CHUNK >= len(data)
+            out.append(frame(Kind.SEALED, self._wrap(bytes([last]) + data[start : start + CHUNK])))
+        return b"".join(out)
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the peer; returns the events they complete."""
+        self._buffer += data
+        events: list[Event] = []
+        while len(self._buffer) >= _FRAME.size:
+            length, kind = _FRAME.unpack_from(self._buffer)
+            if length < 1 or length > MAX_FRAME:
+                raise ProtocolError(f"frame length {length} out of bounds")
+            if len(self._buffer) < 4 + length:
+                break
+            payload = bytes(self._buffer[_FRAME.size : 4 + length])
+            del self._buffer[: 4 + length]
+            event = self._frame_received(kind, payload)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _frame_received(self, kind: int, payload: bytes) -> Event | None:
+        if self._unwrap is not None:
+            if kind != Kind.SEALED:
+                raise ProtocolError(f"unexpected frame kind {kind} after the handshake")
+            return self._sealed_received(payload)
+        if kind == Kind.HELLO:
+            if len(payload) != len(MAGIC) + 2 or not payload.startswith(MAGIC):
+                raise ProtocolError("not a securecc peer (bad hello)")
+            return HelloReceived(payload[-2], payload[-1])
+        if kind == Kind.TOKEN:
+            if not payload:
+                raise ProtocolError("empty GSS token")
+            return TokenReceived(payload)
+        if kind == Kind.ERROR:
+            try:
+                body = json.loads(payload)
+                return ErrorReceived(str(body["reason"]), str(body["message"]))
+            except (ValueError, KeyError, TypeError):
+                raise ProtocolError("malformed error frame") from None
+        raise ProtocolError(f"unexpected frame kind {kind} during the handshake")
+
+    def _sealed_received(self, payload: bytes) -> Event | None:
+        assert self._unwrap is not None
+        try:
+            plain = self._unwrap(payload)
+        except Exception as e:  # any failure to unwrap is a rejected frame
+            raise ProtocolError(f"sealed frame rejected: {e}") from None
+        if not plain or plain[0] not in (0, 1):
+            raise ProtocolError("bad chunk flags")
+        self._chunked += len(plain) - 1
+        if self._chunked > self.max_message:
+            raise ProtocolError(f"message exceeds {self.max_message} bytes")
+        self._chunks.append(plain[1:])
+        if plain[0] == 0:
+            return None
+        data = b"".join(self._chunks)
+        self._chunks, self._chunked = [], 0
+        return MessageReceived(decode_message(data))

@@ -1,0 +1,213 @@
+"""Running one compile: scratch directory, bubblewrap command line, limits, kill.
+
+:func:`command` is the one place the sandbox is defined; read it whole.  The
+compiler sees a read-only ``/usr`` (and the ``/lib``, ``/bin`` links of a
+merged-/usr system), a fresh ``/proc``, a minimal ``/dev``, an empty ``/tmp``,
+the job directory at ``/job`` and, read-only, the job's source mounted at the
+client's own source path inside an otherwise empty tree (so debug info names
+the same directories as a local build).  No network, no other pids, no
+capabilities, a clean environment, rlimits, and - when the server runs as
+root - an unprivileged uid taken before bubblewrap starts (``bwrap --uid``
+as root would map to root outside; see notes/infra.md).
+
+Killing the top process (bwrap) tears down the pid namespace, so a timeout or
+a vanished client takes every child with it.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.python.failure import Failure
+
+# Sandbox paths a client-chosen path may neither be, nor lie under.
+_RESERVED = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev", "/job", "/sys", "/run")
+_OUTPUT = "/job/output"
+MAX_STREAM = 4 * 1024 * 1024
+"""Bytes of compiler stdout/stderr kept; more is cut with a note."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    timeout: float = 1200.0  # wall clock, seconds
+    cpu_seconds: int = 1200
+    address_space: int = 4 << 30
+    file_size: int = 256 << 20
+    open_files: int = 256
+    processes: int = 256  # only enforced when we can give each job its own uid (root)
+
+
+def check_client_path(path: str) -> str | None:
+    """Why ``path`` cannot be a mount point inside the sandbox, or None if it can."""
+    if not path.startswith("/") or "\0" in path or "\n" in path:
+        return "not an absolute path"
+    if posixpath.normpath(path) != path.rstrip("/") and path != "/":
+        return "not a normalized path"
+    if len(path) > 4096:
+        return "path too long"
+    for reserved in _RESERVED:
+        if path == reserved or path.startswith(reserved + "/"):
+            return f"inside the sandbox's {reserved}"
+    return None
+
+
+def mount_point(cwd: str, source_path: str) -> str:
+    """Where the client's source lives, as an absolute normalized path."""
+    return posixpath.normpath(posixpath.join(cwd, source_path))
+
+
+def _system_binds() -> list[str]:
+    """Read-only /usr plus /lib*, /bin, /sbin as links (merged /usr) or binds."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    return args
+
+
+def command(
+    compiler: str,
+    args: list[str],
+    job_dir: Path,
+    cwd: str,
+    source_path: str,
+    limits: Limits,
+    uid: int | None,
+    gid: int | None,
+) -> list[str]:
+    """The complete command line for one sandboxed compile.
+
+    ``cwd`` and ``source_path`` (as the client wrote it, maybe relative) must
+    have passed :func:`check_client_path`; the source's bytes are
+    ``job_dir/source`` and the compiler writes ``/job/output``.
+    """
+    drop: list[str] = []
+    if uid is not None and gid is not None:
+        drop = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs", "--"]
+    rlimits = [
+        "prlimit",
+        f"--cpu={limits.cpu_seconds}",
+        f"--as={limits.address_space}",
+        f"--fsize={limits.file_size}",
+        f"--nofile={limits.open_files}",
+        "--core=0",
+        *([f"--nproc={limits.processes}"] if drop else []),
+        "--",
+    ]
+    bwrap = [
+        "bwrap",
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop", "ALL",
+        *_system_binds(),
+        "--proc", "/proc",
+        "--dev", "/dev",
+        "--perms", "1777", "--tmpfs", "/tmp",
+        "--bind", str(job_dir), "/job",
+        "--dir", cwd,
+        "--ro-bind", str(job_dir / "source"), mount_point(cwd, source_path),
+        "--chdir", cwd,
+        "--clearenv",
+        "--setenv", "PATH", "/usr/bin:/bin",
+        "--setenv", "TMPDIR", "/tmp",
+        "--setenv", "LANG", "C.UTF-8",
+        "--",
+    ]  # fmt: skip
+    return [*drop, *rlimits, *bwrap, compiler, *args, "-o", _OUTPUT, source_path]
+
+
+@dataclass
+class Outcome:
+    exit_status: int  # the compiler's status; 128+N when killed by signal N
+    stdout: bytes
+    stderr: bytes
+    output: bytes | None
+    ended_by: str | None = None  # "timeout" / "disconnect" / "shutdown" when we killed it
+
+
+class _Collector(protocol.ProcessProtocol):
+    def __init__(self, done: defer.Deferred[int]) -> None:
+        self.done = done
+        self.streams: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        stream = self.streams.get(fd)
+        if stream is not None and len(stream) < MAX_STREAM:
+            stream += data[: MAX_STREAM - len(stream)]
+
+    def processEnded(self, reason: Failure) -> None:
+        status = getattr(reason.value, "status", None)
+        code = 0
+        if status is not None:
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+        self.done.callback(code)
+
+
+class RunningJob:
+    """A compile in progress: ``result`` fires with an :class:`Outcome`."""
+
+    def __init__(self, reactor: IReactorProcess, clock: IReactorTime, argv: list[str], job_dir: Path, timeout: float) -> None:
+        self._job_dir = job_dir
+        self.ended_by: str | None = None
+        done: defer.Deferred[int] = defer.Deferred()
+        self._collector = _Collector(done)
+        self._process = reactor.spawnProcess(
+            self._collector, shutil.which(argv[0]) or argv[0], argv, env={"PATH": "/usr/bin:/bin"},
+            path=str(job_dir), childFDs={0: "w", 1: "r", 2: "r"},
+        )  # fmt: skip
+        self._process.closeStdin()
+        self._timer = clock.callLater(timeout, self.kill, "timeout")
+        self.result: defer.Deferred[Outcome] = done.addCallback(self._finished)
+
+    def kill(self, why: str) -> None:
+        """Kill the whole sandbox (the pid namespace dies with bwrap)."""
+        if self.ended_by is None:
+            self.ended_by = why
+        try:
+            self._process.signalProcess(signal.SIGKILL)
+        except Exception:  # already gone: ProcessExitedAlready
+            pass
+
+    def _finished(self, code: int) -> Outcome:
+        if self._timer.active():
+            self._timer.cancel()
+        output = None
+        path = self._job_dir / "output"
+        if code == 0 and self.ended_by is None and path.is_file():
+            output = path.read_bytes()
+        streams = self._collector.streams
+        return Outcome(code, bytes(streams[1]), bytes(streams[2]), output, self.ended_by)
+
+
+def make_job_dir(scratch: Path, job_id: str, source: bytes, uid: int | None, gid: int | None) -> Path:
+    """A private directory holding only this job's source; owned by the sandbox uid."""
+    job_dir = scratch / job_id
+    job_dir.mkdir(mode=0o700)
+    (job_dir / "source").write_bytes(source)
+    if uid is not None and gid is not None:
+        for path in (job_dir, job_dir / "source"):
+            os.chown(path, uid, gid)
+    return job_dir
+
+
+def prepare_scratch(scratch: Path, sandbox_uid: int | None) -> None:
+    """The scratch root: traversable (not listable) by the sandbox uid only."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    os.chmod(scratch, 0o711 if sandbox_uid is not None else 0o700)
+    for stale in scratch.iterdir():  # left behind by a crash
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def remove_job_dir(job_dir: Path) -> None:
+    shutil.rmtree(job_dir, ignore_errors=True)
+

@@ -1,0 +1,349 @@
+"""securecc-server: Twisted glue from a TCP connection to a sandboxed compile.
+
+Per connection: handshake under a deadline (:mod:`securecc.protocol`,
+:mod:`securecc.gss`) → principal → per job: compiler allowlist, argument
+policy (:mod:`securecc.args`), authorization (:func:`securecc.acl.decide`
+with LDAP groups fetched on a bounded thread pool) → sandboxed compile
+(:mod:`securecc.sandbox`) → sealed reply → one audit record.  A refusal is a
+reply and an audit record too.  This module holds no policy of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twisted.internet import defer, error, protocol, threads
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from securecc import args as argpolicy
+from securecc import sandbox
+from securecc import protocol as wire
+from securecc.acl import Acl, AclError, Directory, DirectoryUnavailable, decide, load_acl, split_principal
+from securecc.audit import AuditLog, sha256
+from securecc.config import ConfigError, ServerConfig, load_config
+from securecc.gss import Acceptor, GSSFailure
+
+LDAP_THREADS = 4
+
+
+class _Refusal(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class AclFile:
+    """acl.yaml, re-read when it changes; a broken edit keeps the last good ACL."""
+
+    _log = Logger()
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp = self._stat()
+        self.acl: Acl = load_acl(path)  # a bad file at start-up is fatal
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+            return (st.st_mtime_ns, st.st_size)
+        except OSError:
+            return None
+
+    def current(self) -> Acl:
+        stamp = self._stat()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self.acl = load_acl(self.path)
+                self._log.info("reloaded ACL {path}", path=str(self.path))
+            except AclError as e:
+                self._log.error("ACL not reloaded, keeping the previous one: {error}", error=str(e))
+        return self.acl
+
+
+@dataclass
+class CompileService:
+    """The stages of a job, in order; each refusal names a stable reason."""
+
+    config: ServerConfig
+    reactor: IReactorProcess
+    clock: IReactorTime
+    acl: AclFile
+    directory: Directory
+    pool: ThreadPool
+    audit: AuditLog
+    host: str = field(default_factory=socket.getfqdn)
+    running: set[sandbox.RunningJob] = field(default_factory=set)
+    _log = Logger()
+
+    def stop(self) -> None:
+        """Server shutdown: no compile outlives the server."""
+        for job in list(self.running):
+            job.kill("shutdown")
+
+    @defer.inlineCallbacks
+    def run(self, principal: str, peer: str, job: wire.Job, session: "JobProtocol"):  # type: ignore[no-untyped-def]
+        """Authorize and run one job; returns the reply message."""
+        job_id = secrets.token_hex(8)
+        started = time.monotonic()
+        record = dict(
+            event="job", job_id=job_id, server=self.host, principal=principal, peer=peer,
+            compiler=job.compiler, args=job.args, source=job.source_path, cwd=job.cwd,
+            input_sha256=sha256(job.source), bytes_in=len(job.source),
+        )  # fmt: skip
+        try:
+            compiler_path = self._check_job(job)
+            decision = yield self._authorize(principal)
+            record.update(compiler_path=compiler_path, reason=decision.reason)
+            if not decision.allowed:
+                raise _Refusal(decision.reason, f"{principal} may not compile here ({decision.reason})")
+            outcome = yield self._compile(job_id, compiler_path, job, session)
+        except _Refusal as refusal:
+            record.update(decision="refused", reason=refusal.reason, detail=str(refusal))
+            self.audit.write(**record, duration=round(time.monotonic() - started, 4))
+            return wire.Refused(refusal.reason, str(refusal), job_id)
+        record.update(
+            decision="allowed", exit_status=outcome.exit_status, ended_by=outcome.ended_by,
+            output_sha256=sha256(outcome.output), duration=round(time.monotonic() - started, 4),
+            bytes_out=len(outcome.output or b"") + len(outcome.stdout) + len(outcome.stderr),
+        )  # fmt: skip
+        self.audit.write(**record)
+        if outcome.ended_by == "timeout":
+            return wire.Refused("timeout", f"compile killed after {self.config.limits.timeout:g} s", job_id)
+        return wire.Result(outcome.exit_status, outcome.stdout, outcome.stderr, outcome.output, job_id)
+
+    def _check_job(self, job: wire.Job) -> str:
+        compiler_path = self.config.compilers.get(job.compiler)
+        if compiler_path is None:
+            raise _Refusal("compiler-not-allowed", f"compiler {job.compiler!r} is not offered by this server")
+        if job.mode not in ("-c", "-S") or job.language not in argpolicy.LANGUAGES:
+            raise _Refusal("argument-refused", f"unsupported mode {job.mode} or language {job.language}")
+        bad = argpolicy.refused_argument(job.args)
+        if bad is not None:
+            raise _Refusal("argument-refused", f"argument {bad!r} is not allowed on a compile server")
+        for path in (job.cwd, sandbox.mount_point(job.cwd, job.source_path)):
+            why = sandbox.check_client_path(path)
+            if why:
+                raise _Refusal("bad-path", f"path {path!r} cannot be used: {why}")
+        return compiler_path
+
+    @defer.inlineCallbacks
+    def _authorize(self, principal: str):  # type: ignore[no-untyped-def]
+        acl = self.acl.current()
+        name, realm = split_principal(principal)
+        groups: frozenset[str] = frozenset()
+        if realm in acl.realms and acl.groups:
+            try:
+                groups = yield threads.deferToThreadPool(self.clock, self.pool, self.directory.groups_of, name)
+            except DirectoryUnavailable as e:
+                raise _Refusal("ldap-unavailable", str(e)) from None
+        return decide(acl, principal, groups)
+
+    @defer.inlineCallbacks
+    def _compile(self, job_id: str, compiler_path: str, job: wire.Job, session: "JobProtocol"):  # type: ignore[no-untyped-def]
+        cfg = self.config
+        job_dir = sandbox.make_job_dir(cfg.scratch, job_id, job.source, cfg.sandbox_uid, cfg.sandbox_gid)
+        running = None
+        try:
+            argv = sandbox.command(
+                compiler_path, ["-x", job.language, *job.args, job.mode], job_dir, job.cwd, job.source_path,
+                cfg.limits, cfg.sandbox_uid, cfg.sandbox_gid,
+            )  # fmt: skip
+            running = sandbox.RunningJob(self.reactor, self.clock, argv, job_dir, cfg.limits.timeout)
+            session.running = running
+            self.running.add(running)
+            outcome = yield running.result
+        finally:
+            session.running = None
+            self.running.discard(running)
+            sandbox.remove_job_dir(job_dir)
+        return outcome
+
+
+class JobProtocol(protocol.Protocol):
+    """One client connection: handshake, then jobs one after another."""
+
+    _log = Logger()
+
+    def __init__(self, service: CompileService, acceptor: Acceptor) -> None:
+        self.service = service
+        self.config = service.config
+        self.wire = wire.Connection(max_message=service.config.max_input + 1024 * 1024)
+        self.context = acceptor.new_context()
+        self.principal: str | None = None
+        self.running: sandbox.RunningJob | None = None
+        self.busy = False
+        self.said_hello = False
+        self.lost = False
+        self.peer = "?"
+        self._timer = None
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass
+        self._timer = self.service.clock.callLater(self.config.handshake_timeout, self._expired, "handshake")
+
+    def _expired(self, phase: str) -> None:
+        self._log.info("{peer}: {phase} timed out; dropping", peer=self.peer, phase=phase)
+        self._timer = None
+        self.transport.abortConnection()
+
+    def _rearm(self, seconds: float | None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.service.clock.callLater(seconds, self._expired, "idle") if seconds else None
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            for event in self.wire.receive_data(data):
+                self._event(event)
+        except wire.ProtocolError as e:
+            self._log.info("{peer}: protocol error: {error}; dropping", peer=self.peer, error=str(e))
+            self.transport.abortConnection()
+
+    def _event(self, event: wire.Event) -> None:
+        if isinstance(event, wire.HelloReceived) and not self.said_hello:
+            version = wire.choose_version(event)
+            if version is None:
+                self.transport.write(wire.error("unsupported-version", f"this server speaks version {wire.VERSION}"))
+                self.transport.loseConnection()
+                return
+            self.said_hello = True
+            self.transport.write(wire.hello(version, version))
+        elif isinstance(event, wire.TokenReceived) and self.said_hello and self.principal is None:
+            self._authenticate(event.token)
+        elif isinstance(event, wire.MessageReceived) and isinstance(event.message, wire.Job) and not self.busy:
+            self._start_job(event.message)
+        else:
+            raise wire.ProtocolError(f"unexpected {type(event).__name__}")
+
+    def _authenticate(self, token: bytes) -> None:
+        try:
+            reply = self.context.step(token)
+        except GSSFailure as e:
+            self._log.info("{peer}: authentication failed: {error}", peer=self.peer, error=str(e))
+            self.service.audit.write(event="auth", server=self.service.host, peer=self.peer,
+                                     decision="refused", reason="authentication-failed", detail=str(e))  # fmt: skip
+            self.transport.write((wire.token(e.token) if e.token else b"") + wire.error("authentication-failed", str(e)))
+            self.transport.loseConnection()
+            return
+        if reply:
+            self.transport.write(wire.token(reply))
+        if self.context.complete:
+            self.principal = self.context.principal
+            session = self.context.session()
+            self.wire.secure(session.wrap, session.unwrap)
+            self._rearm(self.config.idle_timeout)
+
+    def _start_job(self, job: wire.Job) -> None:
+        assert self.principal is not None
+        self.busy = True
+        self._rearm(None)
+        d = self.service.run(self.principal, self.peer, job, self)
+        d.addCallback(self._reply)
+        d.addErrback(self._failed)
+
+    def _reply(self, message: wire.Message) -> None:
+        self.busy = False
+        if self.lost:
+            return
+        self.transport.write(self.wire.seal(message))
+        self._rearm(self.config.idle_timeout)
+
+    def _failed(self, failure: Failure) -> None:
+        self._log.failure("{peer}: job failed", failure, peer=self.peer)
+        self.busy = False
+        if not self.lost:
+            self.transport.write(self.wire.seal(wire.Refused("server-error", "internal server error")))
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.lost = True
+        self._rearm(None)
+        if self.running is not None:
+            self._log.info("{peer}: client went away; killing its compile", peer=self.peer)
+            self.running.kill("disconnect")
+
+
+class JobFactory(protocol.Factory):
+    def __init__(self, service: CompileService, acceptor: Acceptor) -> None:
+        self.service = service
+        self.acceptor = acceptor
+
+    def buildProtocol(self, addr: object) -> JobProtocol:
+        return JobProtocol(self.service, self.acceptor)
+
+
+def self_test(config: ServerConfig) -> None:
+    """Compile a trivial file in the sandbox once, so a broken setup fails at start-up."""
+    probe_dir = config.scratch / "self-test"
+    job_dir = sandbox.make_job_dir(config.scratch, "self-test", b"int securecc_probe;\n", config.sandbox_uid, config.sandbox_gid)
+    try:
+        compiler = next(iter(config.compilers.values()))
+        argv = sandbox.command(compiler, ["-x", "c", "-c"], job_dir, "/build", "probe.c", config.limits,
+                               config.sandbox_uid, config.sandbox_gid)  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, timeout=60)
+        if done.returncode != 0 or not (job_dir / "output").is_file():
+            detail = done.stderr.decode(errors="replace").strip().splitlines()
+            raise ConfigError(f"the sandbox cannot compile ({detail[-1] if detail else done.returncode}); "
+                              "check that bubblewrap works here and that the scratch directory is reachable by the sandbox uid")  # fmt: skip
+    finally:
+        sandbox.remove_job_dir(probe_dir)
+
+
+def build(config: ServerConfig, reactor) -> tuple[JobFactory, ThreadPool]:  # type: ignore[no-untyped-def]
+    """Everything the listener needs; fails (ConfigError, AclError, GSSFailure) before listening."""
+    if config.ldap.bind == "gssapi":
+        # LDAP SASL binds as the service itself, from its own keytab, into a
+        # private in-memory cache: never a user's ccache inherited from a shell.
+        os.environ["KRB5_CLIENT_KTNAME"] = config.keytab
+        os.environ["KRB5CCNAME"] = "MEMORY:securecc-ldap"
+    acceptor = Acceptor(config.principal, config.keytab)
+    acl = AclFile(config.acl)
+    sandbox.prepare_scratch(config.scratch, config.sandbox_uid)
+    self_test(config)
+    pool = ThreadPool(minthreads=0, maxthreads=LDAP_THREADS, name="ldap")
+    service = CompileService(config, reactor, reactor, acl, Directory(config.ldap), pool, AuditLog(config.audit))
+    return JobFactory(service, acceptor), pool
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="securecc-server", description="Kerberos-secured compile server.")
+    parser.add_argument("--config", required=True, type=Path, help="the server's YAML configuration")
+    options = parser.parse_args(argv)
+    if os.environ.get("KRB5RCACHETYPE") == "none" or os.environ.get("KRB5RCACHENAME", "").startswith("none"):
+        sys.exit("securecc-server: KRB5RCACHETYPE/KRB5RCACHENAME=none would accept replayed authenticators; unset it")
+
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    try:
+        config = load_config(options.config)
+        factory, pool = build(config, reactor)
+        port = reactor.listenTCP(config.listen_port, factory, interface=config.listen_host)
+    except (ConfigError, AclError, GSSFailure, OSError, error.CannotListenError) as e:
+        sys.exit(f"securecc-server: {e}")
+    pool.start()
+    reactor.addSystemEventTrigger("before", "shutdown", factory.service.stop)
+    reactor.addSystemEventTrigger("before", "shutdown", pool.stop)
+    factory.service.audit.write(event="server-start", server=factory.service.host, principal=config.principal,
+                                listen=f"{config.listen_host}:{port.getHost().port}")  # fmt: skip
+    Logger().info("securecc-server listening on {host}:{port} as {principal}",
+                  host=config.listen_host, port=port.getHost().port, principal=config.principal)  # fmt: skip
+    reactor.run()
