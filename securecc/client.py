@@ -85,6 +85,11 @@ def working_directory() -> str:
     return os.getcwd()
 
 
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def write_atomically(path: str, data: bytes) -> None:
     """Write next to ``path`` and rename over it: a reader never sees half an object."""
     directory, base = os.path.split(path)
@@ -182,11 +187,19 @@ class Channel:
         self.sock.close()
 
 
+def message_locale() -> str:
+    """The locale gcc would print its messages in here (it picks the quote characters)."""
+    for name in ("LC_ALL", "LC_MESSAGES", "LANG"):
+        value = os.environ.get(name)
+        if value:
+            return value
+    return "C"
+
+
 def preprocess(compiler_path: str, plan: argpolicy.Plan) -> tuple[int, bytes]:
     """Run the local preprocessor; its messages go straight to our stderr."""
     if plan.preprocessed:
-        with open(plan.source, "rb") as f:
-            return 0, f.read()
+        return 0, read_file(plan.source)
     import subprocess
 
     done = subprocess.run(argpolicy.preprocess_command(compiler_path, plan), stdout=subprocess.PIPE)
@@ -213,14 +226,19 @@ def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) ->
     status, text = preprocess(compiler_path, plan)
     if status != 0:
         return status  # a preprocessing error is the user's, already printed
+    remote_args = plan.remote_args
+    if sys.stderr.isatty() and not any("diagnostics-color" in a for a in remote_args):
+        remote_args = [*remote_args, "-fdiagnostics-color=always"]  # gcc would colour a terminal
     job = wire.Job(
         compiler=os.path.basename(compiler),
-        args=plan.remote_args,
+        args=remote_args,
         language=argpolicy.remote_language(plan),
         mode=plan.mode,
         cwd=working_directory(),
         source_path=plan.source,
         source=text,
+        original=b"" if plan.preprocessed else read_file(plan.source),
+        locale=message_locale(),
     )
     unreachable = []
     for host in hosts:

@@ -67,8 +67,10 @@ class Job:
     """A compile request: run ``compiler`` with ``args`` on ``source``.
 
     ``args`` hold neither input nor output: the server names those itself.
-    ``cwd`` and ``source_path`` are where the client compiles; the sandbox
-    mounts the source there so debug info matches a local build.
+    ``cwd`` and ``source_path`` are where the client compiles: debug info
+    names them, and the sandbox mounts ``original`` (the unpreprocessed main
+    file) there so diagnostics quote the same source lines as a local build.
+    ``locale`` is the client's message locale (quotes in diagnostics).
     """
 
     compiler: str
@@ -77,7 +79,9 @@ class Job:
     mode: str  # "-c" (object) or "-S" (assembler)
     cwd: str
     source_path: str  # as given on the command line
-    source: bytes = field(repr=False)
+    source: bytes = field(repr=False)  # the text to compile
+    original: bytes = field(default=b"", repr=False)
+    locale: str = "C"
 
 
 @dataclass(frozen=True)
@@ -104,12 +108,12 @@ Message = Union[Job, Result, Refused]
 
 _TYPE_CODES: dict[type, int] = {Job: 1, Result: 2, Refused: 3}
 _BLOB_FIELDS: dict[type, tuple[str, ...]] = {
-    Job: ("source",),
+    Job: ("source", "original"),
     Result: ("stdout", "stderr", "output"),
     Refused: (),
 }
 _HEADER_FIELDS: dict[type, dict[str, type | tuple[type, ...]]] = {
-    Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str},
+    Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str, "locale": str},
     Result: {"exit_status": int, "job_id": str},
     Refused: {"reason": str, "message": str, "job_id": str},
 }

@@ -3,9 +3,11 @@
 :func:`command` is the one place the sandbox is defined; read it whole.  The
 compiler sees a read-only ``/usr`` (and the ``/lib``, ``/bin`` links of a
 merged-/usr system), a fresh ``/proc``, a minimal ``/dev``, an empty ``/tmp``,
-the job directory at ``/job`` and, read-only, the job's source mounted at the
-client's own source path inside an otherwise empty tree (so debug info names
-the same directories as a local build).  No network, no other pids, no
+the job directory at ``/job`` (``input``, the text to compile; ``output``),
+and it runs in the client's working directory, recreated empty, where the
+client's unpreprocessed main file is mounted read-only at its own path:
+debug info then names the same directories as a local build and
+diagnostics quote the same lines.  No network, no other pids, no
 capabilities, a clean environment, rlimits, and - when the server runs as
 root - an unprivileged uid taken before bubblewrap starts (``bwrap --uid``
 as root would map to root outside; see notes/infra.md).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -29,7 +32,9 @@ from twisted.python.failure import Failure
 
 # Sandbox paths a client-chosen path may neither be, nor lie under.
 _RESERVED = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev", "/job", "/sys", "/run")
+_INPUT = "/job/input"
 _OUTPUT = "/job/output"
+_LOCALE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 MAX_STREAM = 4 * 1024 * 1024
 """Bytes of compiler stdout/stderr kept; more is cut with a note."""
 
@@ -83,12 +88,13 @@ def command(
     limits: Limits,
     uid: int | None,
     gid: int | None,
+    locale: str = "C",
 ) -> list[str]:
     """The complete command line for one sandboxed compile.
 
     ``cwd`` and ``source_path`` (as the client wrote it, maybe relative) must
-    have passed :func:`check_client_path`; the source's bytes are
-    ``job_dir/source`` and the compiler writes ``/job/output``.
+    have passed :func:`check_client_path`.  The compiler reads ``/job/input``
+    (mapped back to ``source_path`` in debug info) and writes ``/job/output``.
     """
     drop: list[str] = []
     if uid is not None and gid is not None:
@@ -115,15 +121,17 @@ def command(
         "--perms", "1777", "--tmpfs", "/tmp",
         "--bind", str(job_dir), "/job",
         "--dir", cwd,
-        "--ro-bind", str(job_dir / "source"), mount_point(cwd, source_path),
+        *(["--ro-bind", str(job_dir / "original"), mount_point(cwd, source_path)]
+          if (job_dir / "original").exists() else []),
         "--chdir", cwd,
         "--clearenv",
         "--setenv", "PATH", "/usr/bin:/bin",
         "--setenv", "TMPDIR", "/tmp",
-        "--setenv", "LANG", "C.UTF-8",
+        "--setenv", "LC_ALL", locale if _LOCALE.fullmatch(locale) else "C",
         "--",
     ]  # fmt: skip
-    return [*drop, *rlimits, *bwrap, compiler, *args, "-o", _OUTPUT, source_path]
+    names = [f"-fdebug-prefix-map={_INPUT}={source_path}", "-o", _OUTPUT, _INPUT]
+    return [*drop, *rlimits, *bwrap, compiler, *args, *names]
 
 
 @dataclass
@@ -189,14 +197,16 @@ class RunningJob:
         return Outcome(code, bytes(streams[1]), bytes(streams[2]), output, self.ended_by)
 
 
-def make_job_dir(scratch: Path, job_id: str, source: bytes, uid: int | None, gid: int | None) -> Path:
-    """A private directory holding only this job's source; owned by the sandbox uid."""
+def make_job_dir(scratch: Path, job_id: str, files: dict[str, bytes], uid: int | None, gid: int | None) -> Path:
+    """A private directory holding only this job's files; owned by the sandbox uid."""
     job_dir = scratch / job_id
     job_dir.mkdir(mode=0o700)
-    (job_dir / "source").write_bytes(source)
+    for name, data in files.items():
+        (job_dir / name).write_bytes(data)
+        if uid is not None and gid is not None:
+            os.chown(job_dir / name, uid, gid)
     if uid is not None and gid is not None:
-        for path in (job_dir, job_dir / "source"):
-            os.chown(path, uid, gid)
+        os.chown(job_dir, uid, gid)
     return job_dir
 
 

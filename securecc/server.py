@@ -100,7 +100,7 @@ class CompileService:
         record = dict(
             event="job", job_id=job_id, server=self.host, principal=principal, peer=peer,
             compiler=job.compiler, args=job.args, source=job.source_path, cwd=job.cwd,
-            input_sha256=sha256(job.source), bytes_in=len(job.source),
+            input_sha256=sha256(job.source), bytes_in=len(job.source) + len(job.original),
         )  # fmt: skip
         try:
             compiler_path = self._check_job(job)
@@ -153,12 +153,13 @@ class CompileService:
     @defer.inlineCallbacks
     def _compile(self, job_id: str, compiler_path: str, job: wire.Job, session: "JobProtocol"):  # type: ignore[no-untyped-def]
         cfg = self.config
-        job_dir = sandbox.make_job_dir(cfg.scratch, job_id, job.source, cfg.sandbox_uid, cfg.sandbox_gid)
+        files = {"input": job.source, **({"original": job.original} if job.original else {})}
+        job_dir = sandbox.make_job_dir(cfg.scratch, job_id, files, cfg.sandbox_uid, cfg.sandbox_gid)
         running = None
         try:
             argv = sandbox.command(
                 compiler_path, ["-x", job.language, *job.args, job.mode], job_dir, job.cwd, job.source_path,
-                cfg.limits, cfg.sandbox_uid, cfg.sandbox_gid,
+                cfg.limits, cfg.sandbox_uid, cfg.sandbox_gid, job.locale,
             )  # fmt: skip
             running = sandbox.RunningJob(self.reactor, self.clock, argv, job_dir, cfg.limits.timeout)
             session.running = running
@@ -291,8 +292,8 @@ class JobFactory(protocol.Factory):
 
 def self_test(config: ServerConfig) -> None:
     """Compile a trivial file in the sandbox once, so a broken setup fails at start-up."""
-    probe_dir = config.scratch / "self-test"
-    job_dir = sandbox.make_job_dir(config.scratch, "self-test", b"int securecc_probe;\n", config.sandbox_uid, config.sandbox_gid)
+    source = {"input": b"int securecc_probe;\n"}
+    job_dir = sandbox.make_job_dir(config.scratch, "self-test", source, config.sandbox_uid, config.sandbox_gid)
     try:
         compiler = next(iter(config.compilers.values()))
         argv = sandbox.command(compiler, ["-x", "c", "-c"], job_dir, "/build", "probe.c", config.limits,
@@ -303,7 +304,7 @@ def self_test(config: ServerConfig) -> None:
             raise ConfigError(f"the sandbox cannot compile ({detail[-1] if detail else done.returncode}); "
                               "check that bubblewrap works here and that the scratch directory is reachable by the sandbox uid")  # fmt: skip
     finally:
-        sandbox.remove_job_dir(probe_dir)
+        sandbox.remove_job_dir(job_dir)
 
 
 def build(config: ServerConfig, reactor) -> tuple[JobFactory, ThreadPool]:  # type: ignore[no-untyped-def]

@@ -1,0 +1,191 @@
+"""Fixtures: a real realm (MIT KDC + slapd via testrealm), real servers, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TESTREALM = REPO / "krb5-testrealm" / "testrealm"
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Realm:
+    dir: Path
+    info: dict
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The realm's environment (as env.sh exports it) over a clean base."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("KRB5", "SECURECC"))}
+        return {**base, **self.info["env"]}
+
+    def user_env(self, user: str | None, tmp: Path) -> dict[str, str]:
+        """Environment of ``user`` getting tickets from its keytab; None = no credentials at all."""
+        env = self.env
+        env["KRB5CCNAME"] = f"FILE:{tmp}/{user or 'nobody'}.ccache"
+        env["KRB5_CLIENT_KTNAME"] = str(self.dir / f"{user}.keytab") if user else str(tmp / "no.keytab")
+        return env
+
+
+@pytest.fixture(scope="session")
+def realm():
+    """TEST.REALM with alice (committer) and bob (not), in a short path for the ldapi socket."""
+    directory = Path(tempfile.mkdtemp(prefix="scc-", dir="/tmp"))
+    os.chmod(directory, 0o755)  # the sandbox uid must traverse to the scratch dir
+    subprocess.run([sys.executable, TESTREALM, "up", directory], check=True, capture_output=True)
+    info = json.loads((directory / "realm.json").read_text())
+    try:
+        yield Realm(directory, info)
+    finally:
+        subprocess.run([sys.executable, TESTREALM, "down", directory], capture_output=True)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running securecc-server process with its own config, audit log and scratch."""
+
+    config_path: Path
+    port: int
+    audit_path: Path
+    log_path: Path
+    process: subprocess.Popen
+    hosts: str = field(default="")
+
+    def audit(self) -> list[dict]:
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
+
+    def jobs(self, **match: object) -> list[dict]:
+        return [r for r in self.audit() if r.get("event") == "job" and all(r.get(k) == v for k, v in match.items())]
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_server(realm: Realm, workdir: Path, **overrides: object) -> Server:
+    """Start securecc-server on a free port with the realm's config plus ``overrides``."""
+    config = yaml.safe_load((realm.dir / "securecc.yaml").read_text())
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.chmod(workdir, 0o755)
+    config.update(listen=f"127.0.0.1:{port}", audit=str(workdir / "audit.jsonl"))
+    config["sandbox"] = {**config["sandbox"], "scratch": str(workdir / "scratch")}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    config_path = workdir / "securecc.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = workdir / "server.log"
+    env = realm.env
+    process = subprocess.Popen(
+        [BIN / "securecc-server", "--config", config_path],
+        env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"securecc-server exited: {log_path.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    else:
+        process.kill()
+        raise RuntimeError(f"securecc-server did not listen: {log_path.read_text()}")
+    hosts = f"127.0.0.1:{port},principal=securecc/localhost@TEST.REALM"
+    return Server(config_path, port, workdir / "audit.jsonl", log_path, process, hosts)
+
+
+@pytest.fixture(scope="session")
+def server(realm):
+    """One shared server for tests that do not disturb it."""
+    s = start_server(realm, realm.dir / "shared-server")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def own_server(realm, tmp_path_factory):
+    """A server of the test's own (to kill, or with special settings): call it with overrides."""
+    started: list[Server] = []
+
+    def make(**overrides: object) -> Server:
+        workdir = Path(tempfile.mkdtemp(prefix="srv-", dir=realm.dir))
+        s = start_server(realm, workdir, **overrides)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def workdir(realm):
+    """A build directory the sandbox uid can traverse (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="w-", dir=realm.dir))
+    os.chmod(path, 0o755)
+    return path
+
+
+def securecc(realm: Realm, server: Server | None, user: str | None, cwd: Path, *args: str,
+             hosts: str | None = None, **env_overrides: str) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run the real ``securecc`` CLI as ``user`` in ``cwd``."""
+    env = realm.user_env(user, cwd)
+    env["SECURECC_HOSTS"] = hosts if hosts is not None else (server.hosts if server else "")
+    env["PWD"] = str(cwd)
+    env.update(env_overrides)
+    return subprocess.run([BIN / "securecc", *args], cwd=cwd, env=env, capture_output=True, timeout=120)
+
+
+def local(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), cwd=cwd, env={**os.environ, "PWD": str(cwd), **env}, capture_output=True, timeout=120)
+
+
+def processes_of_uid(uid: int) -> list[str]:
+    """Command lines of live (non-zombie) processes owned by ``uid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            if f"\nUid:\t{uid}\t" in status and "\nState:\tZ" not in status:
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    return found

@@ -1,0 +1,282 @@
+"""The secure job path end to end: real KDC, slapd, server, sandbox, gcc and CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, local, processes_of_uid, securecc
+from securecc import protocol as wire
+from securecc.client import Channel
+from securecc.hosts import parse_host
+
+SOURCE = """\
+#include <stdio.h>
+#include "util.h"
+#define SQUARE(x) ((x) * (x))
+int main(void) { int v = SQUARE(SCALE) + twice(WIDTH); printf("%d\\n", v); return v > 0 ? 0 : 1; }
+"""
+HEADER = "#define WIDTH 21\nstatic inline int twice(int x) { return 2 * x; }\n"
+CXX_SOURCE = """\
+#include <vector>
+#include <numeric>
+#define N 10
+int total() { std::vector<int> v(N); std::iota(v.begin(), v.end(), 1); return std::accumulate(v.begin(), v.end(), 0); }
+"""
+SLOW_CXX = """\
+constexpr long spin(long n) { long s = 0; for (long i = 0; i < n; ++i) s += i % 7; return s; }
+constexpr long value = spin(SPIN);
+long get() { return value; }
+"""
+SLOW_FLAGS = ["-fconstexpr-ops-limit=4000000000", "-fconstexpr-loop-limit=2000000000"]
+
+
+def write_project(directory: Path) -> None:
+    (directory / "src").mkdir(exist_ok=True)
+    (directory / "src" / "main.c").write_text(SOURCE)
+    (directory / "util.h").write_text(HEADER)
+    (directory / "lib.cc").write_text(CXX_SOURCE)
+
+
+def sandbox_processes() -> list[str]:
+    """Compiler sandboxes still alive (bwrap's own argv names /job/output)."""
+    uid_procs = processes_of_uid(65534) if os.geteuid() == 0 else []
+    others = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"/job/output" in cmdline:
+            others.append(cmdline.replace(b"\0", b" ").decode())
+    return uid_procs + others
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.mark.parametrize("flags", [["-O2"], ["-g", "-O2"], ["-g", "-O0", "-Wall"]], ids=["O2", "g-O2", "g-O0"])
+def test_remote_object_is_byte_identical_and_audited(realm, server, workdir, flags):
+    """alice's compile runs remotely, its object equals a local gcc's byte for byte, and it is audited."""
+    write_project(workdir)
+    args = [*flags, "-DSCALE=3", "-I.", "-c", "src/main.c", "-o", "remote.o"]
+    done = securecc(realm, server, "alice", workdir, "gcc", *args, SECURECC_VERBOSE="1")
+    assert done.returncode == 0, done.stderr
+    assert b"compiled src/main.c on 127.0.0.1" in done.stderr
+    assert local(workdir, "gcc", *args[:-1], "local.o").returncode == 0
+    remote = (workdir / "remote.o").read_bytes()
+    assert remote == (workdir / "local.o").read_bytes()
+    records = server.jobs(principal="alice@TEST.REALM", cwd=str(workdir), args=flags)
+    assert records and records[-1]["decision"] == "allowed" and records[-1]["exit_status"] == 0
+    assert records[-1]["output_sha256"] == hashlib.sha256(remote).hexdigest()
+    assert records[-1]["reason"] == "group:committers"
+
+
+def test_cxx_assembler_and_dependency_files(realm, server, workdir):
+    """g++ objects and -S output are identical too; -MD files are made locally, as gcc makes them."""
+    write_project(workdir)
+    for compiler, args, out in (
+        ("g++", ["-g", "-O2", "-c", "lib.cc", "-o", "{}"], "lib.o"),
+        ("gcc", ["-O2", "-DSCALE=2", "-I.", "-S", "src/main.c", "-o", "{}"], "main.s"),
+        ("gcc", ["-O2", "-DSCALE=2", "-I.", "-MD", "-c", "src/main.c", "-o", "{}"], "main.o"),
+    ):
+        remote_args = [a.replace("{}", f"r-{out}") for a in args]
+        done = securecc(realm, server, "alice", workdir, compiler, *remote_args, SECURECC_VERBOSE="1")
+        assert done.returncode == 0 and b"compiled" in done.stderr, done.stderr
+        assert local(workdir, compiler, *[a.replace("{}", f"l-{out}") for a in args]).returncode == 0
+        assert (workdir / f"r-{out}").read_bytes() == (workdir / f"l-{out}").read_bytes(), out
+    deps = (workdir / "r-main.d").read_text()
+    assert deps.startswith("r-main.o:") and "util.h" in deps
+    assert deps.replace("r-main.o", "l-main.o") == (workdir / "l-main.d").read_text()
+
+
+def test_masquerade_symlink(realm, server, workdir):
+    """A symlink named gcc runs securecc with gcc as the compiler (and never finds itself)."""
+    write_project(workdir)
+    bindir = workdir / "masq"
+    bindir.mkdir()
+    (bindir / "gcc").symlink_to(BIN / "securecc")
+    env = realm.user_env("alice", workdir)
+    env.update(SECURECC_HOSTS=server.hosts, PATH=f"{bindir}:{os.environ['PATH']}", PWD=str(workdir), SECURECC_VERBOSE="1")
+    done = subprocess.run(["gcc", "-DSCALE=1", "-I.", "-c", "src/main.c", "-o", "m.o"], cwd=workdir, env=env,
+                          capture_output=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert b"compiled src/main.c" in done.stderr and (workdir / "m.o").exists()
+
+
+def test_bob_is_refused_audited_and_still_builds(realm, server, workdir):
+    """bob is not a committer: refused with a clear line, audited, and his object is built locally."""
+    write_project(workdir)
+    args = ["-O2", "-DSCALE=3", "-I.", "-c", "src/main.c", "-o", "bob.o"]
+    done = securecc(realm, server, "bob", workdir, "gcc", *args)
+    assert done.returncode == 0
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("securecc: ") and "not-in-allowed-group" in lines[0]
+    assert lines[0].endswith("compiling locally")
+    local(workdir, "gcc", *args[:-1], "local.o")
+    assert (workdir / "bob.o").read_bytes() == (workdir / "local.o").read_bytes()
+    refused = server.jobs(principal="bob@TEST.REALM", cwd=str(workdir))
+    assert refused and refused[-1]["decision"] == "refused" and refused[-1]["reason"] == "not-in-allowed-group"
+
+
+def test_no_ticket_compiles_locally_with_clear_message(realm, server, workdir):
+    """Without any Kerberos credentials the client says 'run kinit' once and compiles locally."""
+    write_project(workdir)
+    done = securecc(realm, server, None, workdir, "gcc", "-DSCALE=1", "-I.", "-c", "src/main.c", "-o", "n.o")
+    assert done.returncode == 0 and (workdir / "n.o").exists()
+    assert done.stderr.decode() == (
+        "securecc: no Kerberos ticket: run kinit (or point KRB5_CLIENT_KTNAME at a keytab); compiling locally\n"
+    )
+
+
+def test_compile_error_is_returned_not_retried(realm, server, workdir):
+    """A syntax error comes back as gcc printed it, with its status; no local retry, no securecc line."""
+    (workdir / "bad.c").write_text("#define ZERO 0\nint main(void) { return ZERO }\n")
+    done = securecc(realm, server, "alice", workdir, "gcc", "-c", "bad.c", "-o", "bad.o", LANG="C.UTF-8")
+    assert done.returncode == 1
+    err = done.stderr.decode()
+    here = local(workdir, "gcc", "-c", "bad.c", "-o", "bad.o", LANG="C.UTF-8")
+    assert err == here.stderr.decode()  # same text, same quotes, the same source line quoted
+    assert "return ZERO }" in err and err.count("error:") == 1 and "securecc:" not in err
+    assert not (workdir / "bad.o").exists()
+    assert server.jobs(principal="alice@TEST.REALM", cwd=str(workdir))[-1]["exit_status"] == 1
+
+
+def test_unreachable_server_compiles_locally(realm, workdir):
+    """Nothing listening: one clear line, then the local compile."""
+    write_project(workdir)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = securecc(realm, None, "alice", workdir, "gcc", "-DSCALE=1", "-I.", "-c", "src/main.c", "-o", "u.o",
+                    hosts=f"127.0.0.1:{port},principal=securecc/localhost@TEST.REALM")  # fmt: skip
+    assert done.returncode == 0 and (workdir / "u.o").exists()
+    assert done.stderr.decode().startswith(f"securecc: cannot connect to 127.0.0.1:{port}")
+
+
+def test_server_killed_mid_job_falls_back_locally(realm, own_server, workdir):
+    """The server dies while compiling: the client compiles locally and no sandbox survives."""
+    s = own_server()
+    (workdir / "slow.cc").write_text(SLOW_CXX)
+    result: dict = {}
+
+    def run() -> None:
+        result["done"] = securecc(realm, s, "alice", workdir, "g++", "-DSPIN=1000000L", *SLOW_FLAGS,
+                                  "-c", "slow.cc", "-o", "slow.o")  # fmt: skip
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert wait_until(lambda: bool(sandbox_processes()), 20), "the remote compile never started"
+    s.process.kill()
+    thread.join(120)
+    done = result["done"]
+    assert done.returncode == 0 and (workdir / "slow.o").exists()
+    assert "closed the connection; compiling locally" in done.stderr.decode()
+    assert wait_until(lambda: not sandbox_processes(), 10), sandbox_processes()
+
+
+def authenticated_channel(server, realm, monkeypatch, user: str = "alice") -> Channel:  # type: ignore[no-untyped-def]
+    """Authenticate as ``user`` with the real client code, in this process."""
+    for key, value in realm.user_env(user, realm.dir).items():
+        monkeypatch.setenv(key, value)
+    channel = Channel(parse_host(server.hosts))
+    channel.authenticate()
+    return channel
+
+
+def slow_job(workdir: Path, spin: str) -> wire.Job:
+    source = SLOW_CXX.replace("SPIN", spin).encode()
+    return wire.Job("g++", SLOW_FLAGS, "c++", "-c", str(workdir), "slow.cc", source)
+
+
+def test_timeout_kills_the_compile_and_its_children(realm, own_server, workdir, monkeypatch):
+    """A compile running past the server's timeout is killed with its whole tree and reported."""
+    s = own_server(sandbox={"timeout": 1})
+    channel = authenticated_channel(s, realm, monkeypatch)
+    started = time.monotonic()
+    reply = channel.call(slow_job(workdir, "20000000L"))
+    channel.close()
+    assert isinstance(reply, wire.Refused) and reply.reason == "timeout"
+    assert time.monotonic() - started < 5
+    assert wait_until(lambda: not sandbox_processes(), 5), sandbox_processes()
+    record = s.jobs(principal="alice@TEST.REALM")[-1]
+    assert record["ended_by"] == "timeout"
+
+
+def test_client_disconnect_kills_its_job(realm, own_server, workdir, monkeypatch):
+    """Closing the connection mid-compile kills the sandbox at once and is audited as such."""
+    s = own_server()
+    channel = authenticated_channel(s, realm, monkeypatch)
+    channel.sock.sendall(channel.wire.seal(slow_job(workdir, "20000000L")))
+    assert wait_until(lambda: bool(sandbox_processes()), 10)
+    channel.close()
+    assert wait_until(lambda: not sandbox_processes(), 5), sandbox_processes()
+    assert wait_until(lambda: bool(s.jobs(ended_by="disconnect")), 5)
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 5) -> bool:
+    """True when the server closed or reset the connection within ``timeout``."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_garbage_and_stalled_handshakes_do_not_hurt_others(realm, own_server, workdir):
+    """Garbage is dropped at once, a silent peer at the handshake deadline; alice compiles meanwhile."""
+    s = own_server(timeouts={"handshake": 1})
+    write_project(workdir)
+    garbage = socket.create_connection(("127.0.0.1", s.port))
+    garbage.sendall(b"GET / HTTP/1.0\r\n\r\n" + os.urandom(64))
+    assert closed_by_peer(garbage)
+    stalled = socket.create_connection(("127.0.0.1", s.port))
+    huge = socket.create_connection(("127.0.0.1", s.port))
+    huge.sendall(b"\xff\xff\xff\xff\x01")  # a 4 GiB frame announced: refused before any allocation
+    assert closed_by_peer(huge)
+    done = securecc(realm, s, "alice", workdir, "gcc", "-DSCALE=1", "-I.", "-c", "src/main.c", "-o", "ok.o",
+                    SECURECC_VERBOSE="1")  # fmt: skip
+    assert done.returncode == 0 and b"compiled" in done.stderr
+    assert closed_by_peer(stalled, 3)
+    assert s.alive()
+
+
+def test_flipped_byte_in_a_sealed_frame_is_rejected(realm, server, workdir, monkeypatch):
+    """One flipped byte in a wrapped frame: the server rejects it, runs nothing, and keeps serving."""
+    before = len(server.jobs())
+    channel = authenticated_channel(server, realm, monkeypatch)
+    sealed = bytearray(channel.wire.seal(wire.Job("gcc", [], "c", "-c", str(workdir), "t.c", b"int x;\n")))
+    sealed[len(sealed) // 2] ^= 0x01
+    channel.sock.sendall(bytes(sealed))
+    assert closed_by_peer(channel.sock)
+    channel.close()
+    assert len(server.jobs()) == before
+    assert "sealed frame rejected" in server.log_path.read_text()
+    write_project(workdir)
+    done = securecc(realm, server, "alice", workdir, "gcc", "-DSCALE=1", "-I.", "-c", "src/main.c", "-o", "f.o",
+                    SECURECC_VERBOSE="1")  # fmt: skip
+    assert done.returncode == 0 and b"compiled" in done.stderr
+
+
+def test_several_jobs_on_one_connection(realm, server, workdir, monkeypatch):
+    """One authenticated connection carries jobs one after another."""
+    channel = authenticated_channel(server, realm, monkeypatch)
+    for n in range(3):
+        reply = channel.call(wire.Job("gcc", ["-O2"], "c", "-c", str(workdir), f"t{n}.c", f"int x{n};\n".encode()))
+        assert isinstance(reply, wire.Result) and reply.exit_status == 0 and reply.output
+    channel.close()
