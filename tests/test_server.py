@@ -1,0 +1,99 @@
+"""The Twisted glue in-process: deadlines on an injected clock, and a job on the real reactor."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+import pytest_twisted
+from twisted.internet import task, threads
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.threadpool import ThreadPool
+
+from securecc import protocol as wire
+from securecc.acl import Directory
+from securecc.audit import AuditLog
+from securecc.client import Channel
+from securecc.config import load_config
+from securecc.gss import Acceptor
+from securecc.hosts import Host
+from securecc.server import AclFile, CompileService, JobProtocol, build
+
+
+@pytest.fixture
+def config(realm, tmp_path):
+    """The realm's config, with an ACL naming alice directly (no LDAP bind in this process)."""
+    acl = tmp_path / "acl.yaml"
+    acl.write_text("realms: [TEST.REALM]\nallow:\n  principals: [alice]\n")
+    os.chmod(tmp_path, 0o755)
+    base = load_config(realm.dir / "securecc.yaml")
+    return dataclasses.replace(base, acl=acl, audit=tmp_path / "audit.jsonl", scratch=realm.dir / f"scratch-{tmp_path.name}",
+                               ldap=dataclasses.replace(base.ldap, bind="none"))  # fmt: skip
+
+
+def connected_protocol(config) -> tuple[JobProtocol, StringTransport, task.Clock]:  # type: ignore[no-untyped-def]
+    clock = task.Clock()
+    service = CompileService(config, MemoryReactorClock(), clock, AclFile(config.acl), Directory(config.ldap),
+                             ThreadPool(), AuditLog(config.audit))  # fmt: skip
+    proto = JobProtocol(service, Acceptor(config.principal, config.keytab))
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport, clock
+
+
+def test_handshake_deadline(config):
+    """A peer that connects and says nothing is dropped when the handshake deadline passes."""
+    _proto, transport, clock = connected_protocol(config)
+    clock.advance(config.handshake_timeout - 0.1)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting
+
+
+def test_unsupported_version_gets_a_clear_error(config):
+    """A client speaking only a future version is told which version the server speaks."""
+    proto, transport, _clock = connected_protocol(config)
+    proto.dataReceived(wire.hello(7, 9))
+    events = wire.Connection().receive_data(transport.value())
+    assert events == [wire.ErrorReceived("unsupported-version", f"this server speaks version {wire.VERSION}")]
+    assert transport.disconnecting
+
+
+def test_token_before_hello_is_a_protocol_error(config):
+    """The handshake has an order: a GSS token without a hello drops the connection."""
+    proto, transport, _clock = connected_protocol(config)
+    proto.dataReceived(wire.token(b"\x60\x01\x00"))
+    assert transport.disconnecting and transport.value() == b""
+
+
+@pytest_twisted.inlineCallbacks
+def test_job_through_the_real_reactor(realm, config, monkeypatch, workdir):
+    """The server built by build() compiles alice's job in its sandbox, in this process's reactor."""
+    from twisted.internet import reactor
+
+    for key, value in realm.user_env("alice", workdir).items():
+        monkeypatch.setenv(key, value)
+    factory, pool = build(config, reactor)
+    pool.start()
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        host = Host("127.0.0.1", port.getHost().port, principal="securecc/localhost@TEST.REALM")
+
+        def submit() -> wire.Message:
+            channel = Channel(host)
+            channel.authenticate()
+            try:
+                return channel.call(wire.Job("gcc", ["-O2"], "c", "-c", str(workdir), "t.c", b"int t(void){return 7;}\n"))
+            finally:
+                channel.close()
+
+        reply = yield threads.deferToThread(submit)
+    finally:
+        yield port.stopListening()
+        pool.stop()
+    assert isinstance(reply, wire.Result) and reply.exit_status == 0
+    assert reply.output and reply.output.startswith(b"\x7fELF")
+    record = json.loads(config.audit.read_text().splitlines()[-1])
+    assert (record["principal"], record["decision"], record["reason"]) == ("alice@TEST.REALM", "allowed", "principal")
