@@ -14,9 +14,15 @@ as ordinary C/C++ at the client's own working directory and source path
 (mounted inside the sandbox).  Column numbers in the debug line table, the
 compilation directory and the file names therefore come out exactly as a
 local build.  Fully expanded ``-E`` output would shift columns after every
-macro.  ``-pedantic`` builds use the fully preprocessed form instead (the
-compiler pedwarns about line markers in ordinary source); without ``-g`` those
-objects are identical too, with ``-g`` their column numbers may differ.
+macro (and lose the comments ``-Wimplicit-fallthrough`` reads).
+
+``-pedantic`` builds cannot compile line markers as ordinary source (the
+compiler pedwarns about each), so they keep the built-ins and compile with
+``-fpreprocessed -fdirectives-only``: same diagnostics, same code, and with
+``-g`` the one difference that DW_AT_producer mentions ``-fdirectives-only``.
+
+Sources that use ``__BASE_FILE__`` or ``__TIMESTAMP__`` compile locally:
+remotely they would name the server's input file and its time.
 """
 
 from __future__ import annotations
@@ -114,6 +120,17 @@ def refused_argument(args: list[str]) -> str | None:
     return None
 
 
+# How the server compiles each language a job may name: -x and friends.
+COMPILE_LANGUAGE: dict[str, tuple[str, ...]] = {
+    "c": ("-x", "c"),
+    "c++": ("-x", "c++"),
+    "cpp-output": ("-x", "cpp-output"),
+    "c++-cpp-output": ("-x", "c++-cpp-output"),
+    "c-directives": ("-x", "cpp-output", "-fdirectives-only"),
+    "c++-directives": ("-x", "c++-cpp-output", "-fdirectives-only"),
+}
+LANGUAGES = frozenset(COMPILE_LANGUAGE)
+
 SOURCE_LANGUAGES = {
     ".c": "c",
     ".i": "cpp-output",
@@ -126,8 +143,6 @@ SOURCE_LANGUAGES = {
     ".C": "c++",
     ".ii": "c++-cpp-output",
 }
-PREPROCESSED = {"c": "cpp-output", "c++": "c++-cpp-output"}
-LANGUAGES = frozenset(SOURCE_LANGUAGES.values())
 
 
 @dataclass
@@ -148,7 +163,7 @@ class Plan:
 
     @property
     def pedantic(self) -> bool:
-        return any(a.startswith(("-pedantic", "-Wpedantic")) for a in self.remote_args)
+        return any(a.startswith(("-pedantic", "-Wpedantic", "-Werror=pedantic")) for a in self.remote_args)
 
 
 class NotDistributable(Exception):
@@ -238,31 +253,36 @@ def plan(args: list[str]) -> Plan:
 
 def preprocess_command(compiler: str, p: Plan) -> list[str]:
     """The local preprocessing command; its standard output is what we send."""
-    if p.pedantic:
-        return [compiler, *p.cpp_args, "-E"]
     return [compiler, *p.cpp_args, "-E", "-fdirectives-only"]
 
 
 def remote_language(p: Plan) -> str:
-    """The language the server compiles the preprocessed text as."""
-    if p.preprocessed or p.pedantic:
-        return PREPROCESSED.get(p.language, p.language)
-    return p.language
+    """The language the server compiles the text as (a COMPILE_LANGUAGE key)."""
+    if p.preprocessed:
+        return p.language
+    return f"{p.language}-directives" if p.pedantic else p.language
 
 
 _BUILTINS = b'\n# 0 "<built-in>"\n'
 _COMMAND_LINE = b'\n# 0 "<command-line>"\n'
+_LOCATION_MACROS = (b"__BASE_FILE__", b"__TIMESTAMP__")
 
 
-def strip_builtins(text: bytes) -> bytes | None:
-    """Drop the compiler's predefined macros from ``-fdirectives-only`` output.
+def remote_text(p: Plan, text: bytes) -> bytes:
+    """What to send for ``-fdirectives-only`` output ``text``.
 
-    The server's compiler defines them itself; left in, each would be a
-    "redefined" warning.  None when the output does not have the expected
-    shape (then the client sends fully preprocessed text instead).
+    Unless the job compiles with ``-fdirectives-only`` (pedantic), drop the
+    compiler's predefined macros: the server's compiler defines them itself,
+    and each would be a "redefined" warning.  Raises NotDistributable when
+    the text does not have the expected shape, or uses a macro that would
+    expand differently on the server.
     """
+    if any(macro in text for macro in _LOCATION_MACROS):
+        raise NotDistributable("uses __BASE_FILE__ or __TIMESTAMP__")
+    if p.pedantic:
+        return text
     start = text.find(_BUILTINS)
     end = text.find(_COMMAND_LINE, start + 1) if start >= 0 else -1
     if start < 0 or end < 0:
-        return None
+        raise NotDistributable("unexpected preprocessor output (not gcc?)")
     return text[: start + 1] + text[end + 1 :]

@@ -203,13 +203,9 @@ def preprocess(compiler_path: str, plan: argpolicy.Plan) -> tuple[int, bytes]:
     import subprocess
 
     done = subprocess.run(argpolicy.preprocess_command(compiler_path, plan), stdout=subprocess.PIPE)
-    text = done.stdout
-    if done.returncode == 0 and not plan.pedantic:
-        stripped = argpolicy.strip_builtins(text)
-        if stripped is None:
-            raise argpolicy.NotDistributable("unexpected preprocessor output (not gcc?)")
-        text = stripped
-    return done.returncode, text
+    if done.returncode != 0:
+        return done.returncode, b""
+    return 0, argpolicy.remote_text(plan, done.stdout)
 
 
 def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) -> int:

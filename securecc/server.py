@@ -158,7 +158,7 @@ class CompileService:
         running = None
         try:
             argv = sandbox.command(
-                compiler_path, ["-x", job.language, *job.args, job.mode], job_dir, job.cwd, job.source_path,
+                compiler_path, [*argpolicy.COMPILE_LANGUAGE[job.language], *job.args, job.mode], job_dir, job.cwd, job.source_path,
                 cfg.limits, cfg.sandbox_uid, cfg.sandbox_gid, job.locale,
             )  # fmt: skip
             running = sandbox.RunningJob(self.reactor, self.clock, argv, job_dir, cfg.limits.timeout)

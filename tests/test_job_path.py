@@ -103,6 +103,42 @@ def test_cxx_assembler_and_dependency_files(realm, server, workdir):
     assert deps.replace("r-main.o", "l-main.o") == (workdir / "l-main.d").read_text()
 
 
+FALLTHROUGH = """\
+#define STEP 2
+int f(int x) {
+  int r = 0;
+  switch (x) {
+  case 1:
+    r += STEP;
+    /* fall through */
+  case 2:
+    r += STEP * 2;
+    break;
+  }
+  return r;
+}
+"""
+
+
+def test_pedantic_werror_build_keeps_gccs_diagnostics(realm, server, workdir):
+    """-pedantic -Wextra -Werror with a fall-through comment: remote, silent, identical object."""
+    (workdir / "ft.c").write_text(FALLTHROUGH)
+    args = ["-std=c99", "-pedantic", "-Wall", "-Wextra", "-Werror", "-O2", "-c", "ft.c", "-o"]
+    done = securecc(realm, server, "alice", workdir, "gcc", *args, "r.o", SECURECC_VERBOSE="1")
+    assert done.returncode == 0
+    assert done.stderr.decode().startswith("securecc: compiled ft.c on 127.0.0.1"), done.stderr
+    assert local(workdir, "gcc", *args, "l.o").returncode == 0
+    assert (workdir / "r.o").read_bytes() == (workdir / "l.o").read_bytes()
+
+
+def test_base_file_macro_compiles_locally(realm, server, workdir):
+    """__BASE_FILE__ would name the server's input file: such a source stays local."""
+    (workdir / "b.c").write_text('const char *name = __BASE_FILE__;\n')
+    done = securecc(realm, server, "alice", workdir, "gcc", "-c", "b.c", "-o", "b.o", SECURECC_VERBOSE="1")
+    assert done.returncode == 0 and b"compiling locally: uses __BASE_FILE__" in done.stderr
+    assert b"b.c" in (workdir / "b.o").read_bytes()
+
+
 def test_masquerade_symlink(realm, server, workdir):
     """A symlink named gcc runs securecc with gcc as the compiler (and never finds itself)."""
     write_project(workdir)
