@@ -14,10 +14,16 @@ and never retried.
 
 from __future__ import annotations
 
-import os
-import sys
+import signal
 
-from securecc import args as argpolicy
+# ^C kills us the way it kills gcc (make expects a signal death), even while
+# the imports below run; never a KeyboardInterrupt traceback.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from securecc import args as argpolicy  # noqa: E402
 
 MASQUERADE_NAMES = frozenset({"gcc", "cc", "g++", "c++"})
 CONNECT_TIMEOUT = float(os.environ.get("SECURECC_CONNECT_TIMEOUT", "3"))
@@ -301,7 +307,4 @@ def run(argv: list[str]) -> int:
 
 
 def main() -> None:
-    try:
-        sys.exit(run(sys.argv))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    sys.exit(run(sys.argv))
