@@ -162,6 +162,12 @@ class Plan:
         return self.language.endswith("cpp-output")
 
     @property
+    def debug(self) -> bool:
+        """Whether the compile emits debug info (the last -g level wins)."""
+        levels = [a for a in self.remote_args if re.fullmatch(r"-g(gdb|dwarf(-\d)?)?\d?", a)]
+        return bool(levels) and not levels[-1].endswith("0")
+
+    @property
     def pedantic(self) -> bool:
         return any(a.startswith(("-pedantic", "-Wpedantic", "-Werror=pedantic")) for a in self.remote_args)
 
@@ -254,6 +260,14 @@ def plan(args: list[str]) -> Plan:
 def preprocess_command(compiler: str, p: Plan) -> list[str]:
     """The local preprocessing command; its standard output is what we send."""
     return [compiler, *p.cpp_args, "-E", "-fdirectives-only"]
+
+
+def full_preprocess_command(compiler: str, p: Plan) -> list[str]:
+    """Plain ``-E``: the fallback when ``-fdirectives-only`` refuses a file."""
+    return [compiler, *p.cpp_args, "-E"]
+
+
+PREPROCESSED = {"c": "cpp-output", "c++": "c++-cpp-output"}
 
 
 def remote_language(p: Plan) -> str:

@@ -202,16 +202,29 @@ def message_locale() -> str:
     return "C"
 
 
-def preprocess(compiler_path: str, plan: argpolicy.Plan) -> tuple[int, bytes]:
-    """Run the local preprocessor; its messages go straight to our stderr."""
+def preprocess(compiler_path: str, plan: argpolicy.Plan) -> tuple[int, str, bytes]:
+    """Run the local preprocessor: (status, language to compile as, text).
+
+    ``-fdirectives-only`` refuses some valid code (``__COUNTER__`` in an
+    ``#if``, as gnulib's verify.h has); then the fully preprocessed text is
+    sent instead, unless ``-g`` asks for debug columns it would shift.  A
+    failure of the full preprocessor is the user's error: its messages are
+    the ones printed.
+    """
     if plan.preprocessed:
-        return 0, read_file(plan.source)
+        return 0, plan.language, read_file(plan.source)
     import subprocess
 
-    done = subprocess.run(argpolicy.preprocess_command(compiler_path, plan), stdout=subprocess.PIPE)
-    if done.returncode != 0:
-        return done.returncode, b""
-    return 0, argpolicy.remote_text(plan, done.stdout)
+    done = subprocess.run(argpolicy.preprocess_command(compiler_path, plan), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if done.returncode == 0:
+        sys.stderr.buffer.write(done.stderr)
+        return 0, argpolicy.remote_language(plan), argpolicy.remote_text(plan, done.stdout)
+    full = subprocess.run(argpolicy.full_preprocess_command(compiler_path, plan), stdout=subprocess.PIPE)
+    if full.returncode != 0:
+        return full.returncode, "", b""
+    if plan.debug:
+        raise argpolicy.NotDistributable("gcc -fdirectives-only cannot preprocess it, and -E output would shift -g columns")
+    return 0, argpolicy.PREPROCESSED[plan.language], full.stdout
 
 
 def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) -> int:
@@ -225,7 +238,7 @@ def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) ->
         raise RemoteFailure(f"cannot parse the host list ({e}); fix SECURECC_HOSTS") from None
     if not hosts:
         raise RemoteFailure("no compile servers configured (set SECURECC_HOSTS)")
-    status, text = preprocess(compiler_path, plan)
+    status, language, text = preprocess(compiler_path, plan)
     if status != 0:
         return status  # a preprocessing error is the user's, already printed
     remote_args = plan.remote_args
@@ -234,7 +247,7 @@ def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) ->
     job = wire.Job(
         compiler=os.path.basename(compiler),
         args=remote_args,
-        language=argpolicy.remote_language(plan),
+        language=language,
         mode=plan.mode,
         cwd=working_directory(),
         source_path=plan.source,

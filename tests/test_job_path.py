@@ -131,6 +131,32 @@ def test_pedantic_werror_build_keeps_gccs_diagnostics(realm, server, workdir):
     assert (workdir / "r.o").read_bytes() == (workdir / "l.o").read_bytes()
 
 
+COUNTER_IN_IF = """\
+#if defined __COUNTER__ && __COUNTER__ != __COUNTER__
+# define UNIQUE(x) x ## __COUNTER__
+#else
+# define UNIQUE(x) x ## __LINE__
+#endif
+#define CHECK(c) extern int (*UNIQUE(check_))[(c) ? 1 : -1]
+CHECK(sizeof(int) >= 2);
+int value(void) { return 42; }
+"""
+
+
+@pytest.mark.parametrize(("flags", "remote"), [(["-O2"], True), (["-g", "-O2"], False)], ids=["O2", "g"])
+def test_counter_in_if_as_gnulib_does(realm, server, workdir, flags, remote):
+    """-fdirectives-only refuses __COUNTER__ in #if: without -g the -E text goes remote, with -g it stays local."""
+    (workdir / "verify.c").write_text(COUNTER_IN_IF)
+    args = [*flags, "-Wall", "-c", "verify.c", "-o"]
+    done = securecc(realm, server, "alice", workdir, "gcc", *args, "r.o", SECURECC_VERBOSE="1")
+    assert done.returncode == 0
+    expected = b"securecc: compiled verify.c" if remote else b"securecc: compiling locally: gcc -fdirectives-only"
+    assert done.stderr.startswith(expected), done.stderr
+    assert b"error" not in done.stderr
+    assert local(workdir, "gcc", *args, "l.o").returncode == 0
+    assert (workdir / "r.o").read_bytes() == (workdir / "l.o").read_bytes()
+
+
 def test_base_file_macro_compiles_locally(realm, server, workdir):
     """__BASE_FILE__ would name the server's input file: such a source stays local."""
     (workdir / "b.c").write_text('const char *name = __BASE_FILE__;\n')
