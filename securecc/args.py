@@ -214,6 +214,8 @@ def plan(args: list[str]) -> Plan:
             cpp += [arg, value]
             i += 2
             continue
+        if arg.startswith("@"):
+            raise NotDistributable(f"response file {arg}")
         if not arg.startswith("-") or arg == "-":
             if arg == "-":
                 raise NotDistributable("source from standard input")
@@ -229,6 +231,8 @@ def plan(args: list[str]) -> Plan:
             if value is None:
                 raise NotDistributable(f"{arg} without a value")
             group.append(value)
+        if arg == "--param" and not (value and _PARAM_VALUE.fullmatch(value)):
+            raise NotDistributable(f"--param {value}")
         if arg in ("-MD", "-MMD"):
             deps = True
         cpp += group

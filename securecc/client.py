@@ -193,13 +193,16 @@ class Channel:
         self.sock.close()
 
 
-def message_locale() -> str:
-    """The locale gcc would print its messages in here (it picks the quote characters)."""
+def compiler_environment() -> dict[str, str]:
+    """What in our environment changes gcc's output: message locale and build date."""
+    environment = {"LC_ALL": "C"}
     for name in ("LC_ALL", "LC_MESSAGES", "LANG"):
-        value = os.environ.get(name)
-        if value:
-            return value
-    return "C"
+        if os.environ.get(name):
+            environment["LC_ALL"] = os.environ[name]
+            break
+    if os.environ.get("SOURCE_DATE_EPOCH"):
+        environment["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
+    return environment
 
 
 def preprocess(compiler_path: str, plan: argpolicy.Plan) -> tuple[int, str, bytes]:
@@ -253,7 +256,7 @@ def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) ->
         source_path=plan.source,
         source=text,
         original=b"" if plan.preprocessed else read_file(plan.source),
-        locale=message_locale(),
+        environment=compiler_environment(),
     )
     unreachable = []
     for host in hosts:

@@ -70,7 +70,9 @@ class Job:
     ``cwd`` and ``source_path`` are where the client compiles: debug info
     names them, and the sandbox mounts ``original`` (the unpreprocessed main
     file) there so diagnostics quote the same source lines as a local build.
-    ``locale`` is the client's message locale (quotes in diagnostics).
+    ``environment`` carries the few variables that change gcc's output
+    (``LC_ALL`` for its quotes, ``SOURCE_DATE_EPOCH`` for ``__DATE__``);
+    the server accepts only those, see :mod:`securecc.sandbox`.
     """
 
     compiler: str
@@ -81,7 +83,7 @@ class Job:
     source_path: str  # as given on the command line
     source: bytes = field(repr=False)  # the text to compile
     original: bytes = field(default=b"", repr=False)
-    locale: str = "C"
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ _BLOB_FIELDS: dict[type, tuple[str, ...]] = {
     Refused: (),
 }
 _HEADER_FIELDS: dict[type, dict[str, type | tuple[type, ...]]] = {
-    Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str, "locale": str},
+    Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str, "environment": dict},
     Result: {"exit_status": int, "job_id": str},
     Refused: {"reason": str, "message": str, "job_id": str},
 }
@@ -152,6 +154,8 @@ def decode_message(data: bytes) -> Message:
             raise ProtocolError(f"bad {kind.__name__}.{name}")
     if "args" in fields and not all(isinstance(a, str) for a in header["args"]):
         raise ProtocolError("bad Job.args")
+    if "environment" in fields and not all(isinstance(v, str) for v in header["environment"].values()):
+        raise ProtocolError("bad Job.environment")
     lengths = header.pop("blobs")
     names = _BLOB_FIELDS[kind]
     if not isinstance(lengths, list) or len(lengths) != len(names):

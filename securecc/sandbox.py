@@ -34,7 +34,20 @@ from twisted.python.failure import Failure
 _RESERVED = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev", "/job", "/sys", "/run")
 _INPUT = "/job/input"
 _OUTPUT = "/job/output"
-_LOCALE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+# The only variables a client may set for its compiler, and their forms.
+CLIENT_ENVIRONMENT = {
+    "LC_ALL": re.compile(r"[A-Za-z0-9_.@-]{1,64}"),  # message language and quotes
+    "SOURCE_DATE_EPOCH": re.compile(r"[0-9]{1,19}"),  # reproducible __DATE__/__TIME__
+}
+
+
+def check_environment(environment: dict[str, str]) -> str | None:
+    """Why the client's environment cannot be used, or None."""
+    for key, value in environment.items():
+        form = CLIENT_ENVIRONMENT.get(key)
+        if form is None or not form.fullmatch(value):
+            return f"{key}={value!r}"
+    return None
 MAX_STREAM = 4 * 1024 * 1024
 """Bytes of compiler stdout/stderr kept; more is cut with a note."""
 
@@ -88,12 +101,12 @@ def command(
     limits: Limits,
     uid: int | None,
     gid: int | None,
-    locale: str = "C",
+    environment: dict[str, str] | None = None,
 ) -> list[str]:
     """The complete command line for one sandboxed compile.
 
     ``cwd`` and ``source_path`` (as the client wrote it, maybe relative) must
-    have passed :func:`check_client_path`.  The compiler reads ``/job/input``
+    have passed :func:`check_client_path`, ``environment`` :func:`check_environment`.  The compiler reads ``/job/input``
     (mapped back to ``source_path`` in debug info) and writes ``/job/output``.
     """
     drop: list[str] = []
@@ -127,7 +140,8 @@ def command(
         "--clearenv",
         "--setenv", "PATH", "/usr/bin:/bin",
         "--setenv", "TMPDIR", "/tmp",
-        "--setenv", "LC_ALL", locale if _LOCALE.fullmatch(locale) else "C",
+        "--setenv", "LC_ALL", "C",
+        *[arg for key, value in (environment or {}).items() for arg in ("--setenv", key, value)],
         "--",
     ]  # fmt: skip
     names = [f"-fdebug-prefix-map={_INPUT}={source_path}", "-o", _OUTPUT, _INPUT]

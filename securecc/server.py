@@ -132,6 +132,9 @@ class CompileService:
         bad = argpolicy.refused_argument(job.args)
         if bad is not None:
             raise _Refusal("argument-refused", f"argument {bad!r} is not allowed on a compile server")
+        bad = sandbox.check_environment(job.environment)
+        if bad is not None:
+            raise _Refusal("argument-refused", f"environment {bad} is not allowed on a compile server")
         for path in (job.cwd, sandbox.mount_point(job.cwd, job.source_path)):
             why = sandbox.check_client_path(path)
             if why:
@@ -159,7 +162,7 @@ class CompileService:
         try:
             argv = sandbox.command(
                 compiler_path, [*argpolicy.COMPILE_LANGUAGE[job.language], *job.args, job.mode], job_dir, job.cwd, job.source_path,
-                cfg.limits, cfg.sandbox_uid, cfg.sandbox_gid, job.locale,
+                cfg.limits, cfg.sandbox_uid, cfg.sandbox_gid, job.environment,
             )  # fmt: skip
             running = sandbox.RunningJob(self.reactor, self.clock, argv, job_dir, cfg.limits.timeout)
             session.running = running

@@ -157,6 +157,17 @@ def test_counter_in_if_as_gnulib_does(realm, server, workdir, flags, remote):
     assert (workdir / "r.o").read_bytes() == (workdir / "l.o").read_bytes()
 
 
+def test_source_date_epoch_reaches_the_compiler(realm, server, workdir):
+    """Debian builds export SOURCE_DATE_EPOCH: __DATE__ and __TIME__ expand remotely as they do here."""
+    (workdir / "d.c").write_text('const char *built = __DATE__ " " __TIME__;\n')
+    done = securecc(realm, server, "alice", workdir, "gcc", "-O2", "-c", "d.c", "-o", "r.o",
+                    SOURCE_DATE_EPOCH="86400", SECURECC_VERBOSE="1")  # fmt: skip
+    assert done.returncode == 0 and b"compiled d.c" in done.stderr
+    assert local(workdir, "gcc", "-O2", "-c", "d.c", "-o", "l.o", SOURCE_DATE_EPOCH="86400").returncode == 0
+    assert b"Jan  2 1970 00:00:00" in (workdir / "r.o").read_bytes()
+    assert (workdir / "r.o").read_bytes() == (workdir / "l.o").read_bytes()
+
+
 def test_base_file_macro_compiles_locally(realm, server, workdir):
     """__BASE_FILE__ would name the server's input file: such a source stays local."""
     (workdir / "b.c").write_text('const char *name = __BASE_FILE__;\n')
