@@ -35,6 +35,7 @@ from enum import Enum
 
 class Use(Enum):
     REMOTE = "remote"  # passed to the preprocessor here and to the compiler there
+    CPP_SEND = "cpp-send"  # preprocessing: used here, sent only to a server that preprocesses
     CPP = "cpp"  # preprocessing only: used here, never sent
     LINK = "link"  # meaningless with -c; the local preprocessor sees (and warns about) it
     LOCAL = "local"  # needs this machine, or names/runs files: compile locally
@@ -72,9 +73,9 @@ POLICY: tuple[tuple[str, Use], ...] = (
     (r"-Wa,.*|-Xassembler|-aux-info|-no-integrated-cpp|-x", Use.LOCAL),
     (r"-m(arch|tune|cpu)=native", Use.LOCAL),
     (r"-g(gdb|stabs\+?|xcoff\+?|vms)?3|-gsplit-dwarf", Use.LOCAL),  # macro info / side files
-    # Preprocessing only.
-    (r"-[IDUA].*|-include|-imacros|-isystem|-iquote|-idirafter|-iprefix|-iwithprefix(before)?", Use.CPP),
-    (r"-isysroot|-imultilib|-nostdinc|-nostdinc\+\+|-undef|-trigraphs|-H|-Wp,.*|-Xpreprocessor", Use.CPP),
+    # Preprocessing: harmless in the sandbox, which holds nothing but /usr and the job's files.
+    (r"-[IDU].*|-include|-imacros|-isystem|-iquote|-idirafter|-nostdinc|-nostdinc\+\+|-undef", Use.CPP_SEND),
+    (r"-A.*|-iprefix|-iwithprefix(before)?|-isysroot|-imultilib|-trigraphs|-H|-Wp,.*|-Xpreprocessor", Use.CPP),
     (r"-MD|-MMD|-MF|-MT|-MQ|-MP|-MG|--sysroot(=.*)?", Use.CPP),
     # Linking only.
     (r"-[lL].*|-Wl,.*|-Xlinker|-static.*|-shared|-rdynamic|-s|-nostdlib|-nostartfiles|-nodefaultlibs", Use.LINK),
@@ -102,18 +103,23 @@ def classify(arg: str) -> Use:
 
 def takes_value(arg: str) -> bool:
     """True when ``arg`` consumes the next argument as its value."""
-    return arg in SEPARATE_VALUE or (arg in ("-I", "-D", "-U", "-L", "-l", "-A"))
+    return arg in SEPARATE_VALUE
 
 
-def refused_argument(args: list[str]) -> str | None:
-    """Server side: the first argument the policy does not allow remotely, or None."""
+def refused_argument(args: list[str], preprocessing: bool = False) -> str | None:
+    """Server side: the first argument the policy does not allow remotely, or None.
+
+    ``preprocessing``: the server preprocesses this job, so CPP_SEND options
+    (include paths, macros) are allowed too.
+    """
+    allowed = {Use.REMOTE, Use.CPP_SEND} if preprocessing else {Use.REMOTE}
     i = 0
     while i < len(args):
         arg = args[i]
-        if classify(arg) is not Use.REMOTE:
+        if classify(arg) not in allowed:
             return arg
-        if arg == "--param":
-            if i + 1 >= len(args) or not _PARAM_VALUE.fullmatch(args[i + 1]):
+        if takes_value(arg):
+            if i + 1 >= len(args) or (arg == "--param" and not _PARAM_VALUE.fullmatch(args[i + 1])):
                 return arg
             i += 1
         i += 1
@@ -128,7 +134,10 @@ COMPILE_LANGUAGE: dict[str, tuple[str, ...]] = {
     "c++-cpp-output": ("-x", "c++-cpp-output"),
     "c-directives": ("-x", "cpp-output", "-fdirectives-only"),
     "c++-directives": ("-x", "c++-cpp-output", "-fdirectives-only"),
+    "c-source": ("-x", "c"),  # the server preprocesses: args may hold CPP_SEND options
+    "c++-source": ("-x", "c++"),
 }
+SERVER_PREPROCESSES = frozenset({"c-source", "c++-source"})
 LANGUAGES = frozenset(COMPILE_LANGUAGE)
 
 SOURCE_LANGUAGES = {
@@ -156,6 +165,9 @@ class Plan:
     remote_args: list[str]
     cpp_args: list[str] = field(default_factory=list)  # everything but the output, for "gcc -E"
     dependency_file: bool = False
+    # For a server that preprocesses: REMOTE and CPP_SEND options in their order,
+    # or None when a CPP-only option (-Wp, -H, ...) rules that out.
+    source_args: list[str] | None = None
 
     @property
     def preprocessed(self) -> bool:
@@ -188,6 +200,7 @@ def plan(args: list[str]) -> Plan:
     language_override = None
     remote: list[str] = []
     cpp: list[str] = []
+    source_args: list[str] | None = []
     deps = False
     i = 0
     while i < len(args):
@@ -238,6 +251,10 @@ def plan(args: list[str]) -> Plan:
         cpp += group
         if use is Use.REMOTE:
             remote += group
+        if source_args is not None and use in (Use.REMOTE, Use.CPP_SEND):
+            source_args += group
+        elif use is Use.CPP and arg not in ("-MD", "-MMD", "-MF", "-MT", "-MQ", "-MP"):
+            source_args = None
         i += len(group)
     if mode is None:
         raise NotDistributable("not a compile-only command (-c or -S)")
@@ -258,7 +275,7 @@ def plan(args: list[str]) -> Plan:
             cpp += ["-MF", os.path.splitext(output)[0] + ".d"]
         if not any(a.startswith(("-MT", "-MQ")) for a in cpp):
             cpp += ["-MQ", output]
-    return Plan(source, language, mode, output, remote, cpp, deps)
+    return Plan(source, language, mode, output, remote, cpp, deps, source_args)
 
 
 def preprocess_command(compiler: str, p: Plan) -> list[str]:
@@ -279,6 +296,27 @@ def remote_language(p: Plan) -> str:
     if p.preprocessed:
         return p.language
     return f"{p.language}-directives" if p.pedantic else p.language
+
+
+_LINE_MARKER = re.compile(rb'^# \d+ "((?:[^"\\]|\\.)*)"', re.MULTILINE)
+
+
+def included_files(text: bytes, cwd: str) -> list[str]:
+    """The project files a preprocessed text came from: absolute, outside /usr.
+
+    A server that preprocesses gets these at the same paths; it has its own
+    /usr (its compiler's headers), like the compiler itself.
+    """
+    found: dict[str, None] = {}
+    for match in _LINE_MARKER.finditer(text):
+        name = match.group(1).decode("utf-8", "surrogateescape")
+        name = re.sub(r"\\(.)", r"\1", name)
+        if name.startswith("<") or name.endswith("//"):  # <built-in>, <command-line>, the cwd marker
+            continue
+        path = os.path.normpath(os.path.join(cwd, name))
+        if not path.startswith("/usr/"):
+            found[path] = None
+    return list(found)
 
 
 _BUILTINS = b'\n# 0 "<built-in>"\n'

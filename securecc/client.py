@@ -205,29 +205,67 @@ def compiler_environment() -> dict[str, str]:
     return environment
 
 
-def preprocess(compiler_path: str, plan: argpolicy.Plan) -> tuple[int, str, bytes]:
-    """Run the local preprocessor: (status, language to compile as, text).
+def prepare_job(compiler: str, compiler_path: str, plan: argpolicy.Plan):  # type: ignore[no-untyped-def]
+    """Preprocess here and build the job, or return the preprocessor's failing status.
 
-    ``-fdirectives-only`` refuses some valid code (``__COUNTER__`` in an
-    ``#if``, as gnulib's verify.h has); then the fully preprocessed text is
-    sent instead, unless ``-g`` asks for debug columns it would shift.  A
-    failure of the full preprocessor is the user's error: its messages are
-    the ones printed.
+    The usual job is ``-fdirectives-only`` text (see :mod:`securecc.args`).
+    When that cannot reproduce a local compile exactly, the server
+    preprocesses the original files, which the job carries (main file and
+    project headers; the server's /usr has the system headers, as it has
+    the compiler):
+
+    - ``-fdirectives-only`` refuses the file (``__COUNTER__`` in an ``#if``,
+      as gnulib's verify.h has) and ``-g`` is on; without ``-g`` plain
+      ``-E`` text is exact and is sent instead;
+    - the source uses ``__BASE_FILE__``;
+    - ``-pedantic`` with ``-g`` (whose DW_AT_producer would differ).
+
+    Messages of a preprocessing run are printed only if its text is what the
+    server compiles; a server that preprocesses prints them itself.
     """
+    from securecc import protocol as wire
+
+    cwd = working_directory()
+
+    def job(language: str, text: bytes, args: list[str], includes: list[str] = ()) -> wire.Job:  # type: ignore[assignment]
+        if sys.stderr.isatty() and not any("diagnostics-color" in a for a in args):
+            args = [*args, "-fdiagnostics-color=always"]  # gcc would colour a terminal
+        main = os.path.normpath(os.path.join(cwd, plan.source))
+        paths = [p for p in includes if p != main]
+        return wire.Job(
+            compiler=os.path.basename(compiler), args=args, language=language, mode=plan.mode, cwd=cwd,
+            source_path=plan.source, source=text, original=b"" if plan.preprocessed else read_file(plan.source),
+            environment=compiler_environment(), include_paths=paths, includes=[read_file(p) for p in paths],
+        )  # fmt: skip
+
+    def server_preprocesses(text: bytes, why: str) -> wire.Job:
+        if plan.source_args is None or b"__TIMESTAMP__" in text:
+            raise argpolicy.NotDistributable(why)
+        _verbose(f"the server preprocesses {plan.source}: {why}")
+        return job(f"{plan.language}-source", b"", plan.source_args, argpolicy.included_files(text, cwd))
+
     if plan.preprocessed:
-        return 0, plan.language, read_file(plan.source)
+        return job(plan.language, read_file(plan.source), plan.remote_args)
     import subprocess
 
-    done = subprocess.run(argpolicy.preprocess_command(compiler_path, plan), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if done.returncode == 0:
-        sys.stderr.buffer.write(done.stderr)
-        return 0, argpolicy.remote_language(plan), argpolicy.remote_text(plan, done.stdout)
-    full = subprocess.run(argpolicy.full_preprocess_command(compiler_path, plan), stdout=subprocess.PIPE)
+    directives = subprocess.run(argpolicy.preprocess_command(compiler_path, plan), capture_output=True)
+    if directives.returncode == 0:
+        if plan.pedantic and plan.debug:
+            return server_preprocesses(directives.stdout, "-pedantic with -g")
+        try:
+            text = argpolicy.remote_text(plan, directives.stdout)
+        except argpolicy.NotDistributable as e:
+            return server_preprocesses(directives.stdout, str(e))
+        sys.stderr.buffer.write(directives.stderr)
+        return job(argpolicy.remote_language(plan), text, plan.remote_args)
+    full = subprocess.run(argpolicy.full_preprocess_command(compiler_path, plan), capture_output=True)
     if full.returncode != 0:
-        return full.returncode, "", b""
+        sys.stderr.buffer.write(full.stderr)
+        return full.returncode
     if plan.debug:
-        raise argpolicy.NotDistributable("gcc -fdirectives-only cannot preprocess it, and -E output would shift -g columns")
-    return 0, argpolicy.PREPROCESSED[plan.language], full.stdout
+        return server_preprocesses(full.stdout, "gcc -fdirectives-only cannot preprocess it")
+    sys.stderr.buffer.write(full.stderr)
+    return job(argpolicy.PREPROCESSED[plan.language], full.stdout, plan.remote_args)
 
 
 def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) -> int:
@@ -241,23 +279,9 @@ def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) ->
         raise RemoteFailure(f"cannot parse the host list ({e}); fix SECURECC_HOSTS") from None
     if not hosts:
         raise RemoteFailure("no compile servers configured (set SECURECC_HOSTS)")
-    status, language, text = preprocess(compiler_path, plan)
-    if status != 0:
-        return status  # a preprocessing error is the user's, already printed
-    remote_args = plan.remote_args
-    if sys.stderr.isatty() and not any("diagnostics-color" in a for a in remote_args):
-        remote_args = [*remote_args, "-fdiagnostics-color=always"]  # gcc would colour a terminal
-    job = wire.Job(
-        compiler=os.path.basename(compiler),
-        args=remote_args,
-        language=language,
-        mode=plan.mode,
-        cwd=working_directory(),
-        source_path=plan.source,
-        source=text,
-        original=b"" if plan.preprocessed else read_file(plan.source),
-        environment=compiler_environment(),
-    )
+    job = prepare_job(compiler, compiler_path, plan)
+    if isinstance(job, int):
+        return job  # a preprocessing error is the user's, already printed
     unreachable = []
     for host in hosts:
         try:

@@ -84,6 +84,9 @@ class Job:
     source: bytes = field(repr=False)  # the text to compile
     original: bytes = field(default=b"", repr=False)
     environment: dict[str, str] = field(default_factory=dict)
+    # Jobs the server preprocesses: the project headers, at their absolute paths.
+    include_paths: list[str] = field(default_factory=list)
+    includes: list[bytes] = field(default_factory=list, repr=False)
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ _BLOB_FIELDS: dict[type, tuple[str, ...]] = {
     Refused: (),
 }
 _HEADER_FIELDS: dict[type, dict[str, type | tuple[type, ...]]] = {
-    Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str, "environment": dict},
+    Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str, "environment": dict, "include_paths": list},
     Result: {"exit_status": int, "job_id": str},
     Refused: {"reason": str, "message": str, "job_id": str},
 }
@@ -126,6 +129,8 @@ def encode_message(message: Message) -> bytes:
     kind = type(message)
     header: dict[str, object] = {name: getattr(message, name) for name in _HEADER_FIELDS[kind]}
     blobs = [getattr(message, name) for name in _BLOB_FIELDS[kind]]
+    if isinstance(message, Job):
+        blobs += message.includes
     header["blobs"] = [None if b is None else len(b) for b in blobs]
     encoded = json.dumps(header, separators=(",", ":")).encode()
     return b"".join([_HEADER.pack(_TYPE_CODES[kind], len(encoded)), encoded, *(b for b in blobs if b)])
@@ -154,10 +159,16 @@ def decode_message(data: bytes) -> Message:
             raise ProtocolError(f"bad {kind.__name__}.{name}")
     if "args" in fields and not all(isinstance(a, str) for a in header["args"]):
         raise ProtocolError("bad Job.args")
-    if "environment" in fields and not all(isinstance(v, str) for v in header["environment"].values()):
-        raise ProtocolError("bad Job.environment")
+    if kind is Job and not (
+        all(isinstance(v, str) for v in header["environment"].values())
+        and all(isinstance(p, str) for p in header["include_paths"])
+    ):
+        raise ProtocolError("bad Job.environment or Job.include_paths")
     lengths = header.pop("blobs")
     names = _BLOB_FIELDS[kind]
+    if kind is Job:
+        names += ("includes",) * len(header["include_paths"])
+        header["includes"] = []
     if not isinstance(lengths, list) or len(lengths) != len(names):
         raise ProtocolError("bad blob list")
     offset = _HEADER.size + header_len
@@ -167,7 +178,11 @@ def decode_message(data: bytes) -> Message:
             continue
         if not isinstance(length, int) or isinstance(length, bool) or length < 0:
             raise ProtocolError(f"bad length for {name}")
-        header[name] = data[offset : offset + length]
+        blob = data[offset : offset + length]
+        if name == "includes":
+            header[name].append(blob)
+        else:
+            header[name] = blob
         offset += length
     if offset != len(data):
         raise ProtocolError("message length does not match its blobs")

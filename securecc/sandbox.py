@@ -5,9 +5,10 @@ compiler sees a read-only ``/usr`` (and the ``/lib``, ``/bin`` links of a
 merged-/usr system), a fresh ``/proc``, a minimal ``/dev``, an empty ``/tmp``,
 the job directory at ``/job`` (``input``, the text to compile; ``output``),
 and it runs in the client's working directory, recreated empty, where the
-client's unpreprocessed main file is mounted read-only at its own path:
-debug info then names the same directories as a local build and
-diagnostics quote the same lines.  No network, no other pids, no
+client's unpreprocessed main file (and, for jobs the server preprocesses,
+its project headers) are mounted read-only at their own paths: debug info
+then names the same directories as a local build and diagnostics quote the
+same lines.  No network, no other pids, no
 capabilities, a clean environment, rlimits, and - when the server runs as
 root - an unprivileged uid taken before bubblewrap starts (``bwrap --uid``
 as root would map to root outside; see notes/infra.md).
@@ -102,12 +103,18 @@ def command(
     uid: int | None,
     gid: int | None,
     environment: dict[str, str] | None = None,
+    mounts: list[tuple[str, str]] = (),  # type: ignore[assignment]
+    preprocessed: bool = True,
 ) -> list[str]:
     """The complete command line for one sandboxed compile.
 
-    ``cwd`` and ``source_path`` (as the client wrote it, maybe relative) must
-    have passed :func:`check_client_path`, ``environment`` :func:`check_environment`.  The compiler reads ``/job/input``
-    (mapped back to ``source_path`` in debug info) and writes ``/job/output``.
+    ``cwd``, ``source_path`` (as the client wrote it, maybe relative) and the
+    ``mounts`` targets must have passed :func:`check_client_path`, and
+    ``environment`` :func:`check_environment`.  ``mounts`` pairs a file of
+    ``job_dir`` with the absolute path it appears at, read-only.  A
+    ``preprocessed`` job compiles ``/job/input`` (named back to
+    ``source_path`` in debug info); otherwise the compiler reads the client's
+    files at their own paths and preprocesses them itself.
     """
     drop: list[str] = []
     if uid is not None and gid is not None:
@@ -134,8 +141,7 @@ def command(
         "--perms", "1777", "--tmpfs", "/tmp",
         "--bind", str(job_dir), "/job",
         "--dir", cwd,
-        *(["--ro-bind", str(job_dir / "original"), mount_point(cwd, source_path)]
-          if (job_dir / "original").exists() else []),
+        *[arg for name, target in mounts for arg in ("--ro-bind", str(job_dir / name), target)],
         "--chdir", cwd,
         "--clearenv",
         "--setenv", "PATH", "/usr/bin:/bin",
@@ -144,7 +150,10 @@ def command(
         *[arg for key, value in (environment or {}).items() for arg in ("--setenv", key, value)],
         "--",
     ]  # fmt: skip
-    names = [f"-fdebug-prefix-map={_INPUT}={source_path}", "-o", _OUTPUT, _INPUT]
+    if preprocessed:
+        names = [f"-fdebug-prefix-map={_INPUT}={source_path}", "-o", _OUTPUT, _INPUT]
+    else:
+        names = ["-o", _OUTPUT, source_path]
     return [*drop, *rlimits, *bwrap, compiler, *args, *names]
 
 

@@ -100,7 +100,8 @@ class CompileService:
         record = dict(
             event="job", job_id=job_id, server=self.host, principal=principal, peer=peer,
             compiler=job.compiler, args=job.args, source=job.source_path, cwd=job.cwd,
-            input_sha256=sha256(job.source), bytes_in=len(job.source) + len(job.original),
+            input_sha256=sha256(job.source or job.original), headers=len(job.include_paths),
+            bytes_in=len(job.source) + len(job.original) + sum(map(len, job.includes)),
         )  # fmt: skip
         try:
             compiler_path = self._check_job(job)
@@ -129,13 +130,16 @@ class CompileService:
             raise _Refusal("compiler-not-allowed", f"compiler {job.compiler!r} is not offered by this server")
         if job.mode not in ("-c", "-S") or job.language not in argpolicy.LANGUAGES:
             raise _Refusal("argument-refused", f"unsupported mode {job.mode} or language {job.language}")
-        bad = argpolicy.refused_argument(job.args)
+        preprocessing = job.language in argpolicy.SERVER_PREPROCESSES
+        bad = argpolicy.refused_argument(job.args, preprocessing)
         if bad is not None:
             raise _Refusal("argument-refused", f"argument {bad!r} is not allowed on a compile server")
         bad = sandbox.check_environment(job.environment)
         if bad is not None:
             raise _Refusal("argument-refused", f"environment {bad} is not allowed on a compile server")
-        for path in (job.cwd, sandbox.mount_point(job.cwd, job.source_path)):
+        if job.include_paths and not preprocessing:
+            raise _Refusal("argument-refused", "headers sent with a preprocessed job")
+        for path in (job.cwd, sandbox.mount_point(job.cwd, job.source_path), *job.include_paths):
             why = sandbox.check_client_path(path)
             if why:
                 raise _Refusal("bad-path", f"path {path!r} cannot be used: {why}")
@@ -156,13 +160,21 @@ class CompileService:
     @defer.inlineCallbacks
     def _compile(self, job_id: str, compiler_path: str, job: wire.Job, session: "JobProtocol"):  # type: ignore[no-untyped-def]
         cfg = self.config
-        files = {"input": job.source, **({"original": job.original} if job.original else {})}
+        files = {"input": job.source}
+        mounts = []
+        if job.original:
+            files["original"] = job.original
+            mounts.append(("original", sandbox.mount_point(job.cwd, job.source_path)))
+        for n, (path, data) in enumerate(zip(job.include_paths, job.includes)):
+            files[f"include-{n}"] = data
+            mounts.append((f"include-{n}", path))
         job_dir = sandbox.make_job_dir(cfg.scratch, job_id, files, cfg.sandbox_uid, cfg.sandbox_gid)
         running = None
         try:
             argv = sandbox.command(
                 compiler_path, [*argpolicy.COMPILE_LANGUAGE[job.language], *job.args, job.mode], job_dir, job.cwd, job.source_path,
-                cfg.limits, cfg.sandbox_uid, cfg.sandbox_gid, job.environment,
+                cfg.limits, cfg.sandbox_uid, cfg.sandbox_gid, job.environment, mounts,
+                job.language not in argpolicy.SERVER_PREPROCESSES,
             )  # fmt: skip
             running = sandbox.RunningJob(self.reactor, self.clock, argv, job_dir, cfg.limits.timeout)
             session.running = running

@@ -143,18 +143,34 @@ int value(void) { return 42; }
 """
 
 
-@pytest.mark.parametrize(("flags", "remote"), [(["-O2"], True), (["-g", "-O2"], False)], ids=["O2", "g"])
-def test_counter_in_if_as_gnulib_does(realm, server, workdir, flags, remote):
-    """-fdirectives-only refuses __COUNTER__ in #if: without -g the -E text goes remote, with -g it stays local."""
-    (workdir / "verify.c").write_text(COUNTER_IN_IF)
-    args = [*flags, "-Wall", "-c", "verify.c", "-o"]
+@pytest.mark.parametrize(
+    ("flags", "server_preprocesses"),
+    [(["-O2"], False), (["-g", "-O2"], True), (["-g", "-O2", "-std=c99", "-pedantic"], True)],
+    ids=["O2", "g", "g-pedantic"],
+)
+def test_sources_directives_only_cannot_carry(realm, server, workdir, flags, server_preprocesses):
+    """__COUNTER__ in #if (gnulib's verify.h), -pedantic -g: remote all the same, objects identical.
+
+    Without -g plain -E text is exact; with -g the server preprocesses the
+    original files, project headers shipped at their own paths.
+    """
+    (workdir / "inc").mkdir()
+    (workdir / "inc" / "verify.h").write_text(COUNTER_IN_IF.split("CHECK(sizeof")[0])
+    (workdir / "src").mkdir()
+    (workdir / "src" / "v.c").write_text(
+        '#include "verify.h"\n#warning checked\nCHECK(sizeof(int) >= 2);\nint value(void) { return 42; }\n'
+    )
+    args = [*flags, "-Wall", "-Iinc", "-c", "src/v.c", "-o"]
     done = securecc(realm, server, "alice", workdir, "gcc", *args, "r.o", SECURECC_VERBOSE="1")
-    assert done.returncode == 0
-    expected = b"securecc: compiled verify.c" if remote else b"securecc: compiling locally: gcc -fdirectives-only"
-    assert done.stderr.startswith(expected), done.stderr
-    assert b"error" not in done.stderr
-    assert local(workdir, "gcc", *args, "l.o").returncode == 0
+    here = local(workdir, "gcc", *args, "l.o")
+    assert done.returncode == 0 and here.returncode == 0
+    lines = done.stderr.decode().splitlines()
+    assert lines[-1].startswith("securecc: compiled src/v.c on 127.0.0.1"), lines
+    assert any(line.startswith("securecc: the server preprocesses") for line in lines) == server_preprocesses
+    messages = "\n".join(line for line in lines if not line.startswith("securecc:"))
+    assert messages == here.stderr.decode().strip()  # the #warning, exactly once
     assert (workdir / "r.o").read_bytes() == (workdir / "l.o").read_bytes()
+    assert server.jobs(cwd=str(workdir))[-1]["headers"] == (1 if server_preprocesses else 0)
 
 
 def test_source_date_epoch_reaches_the_compiler(realm, server, workdir):
@@ -168,12 +184,13 @@ def test_source_date_epoch_reaches_the_compiler(realm, server, workdir):
     assert (workdir / "r.o").read_bytes() == (workdir / "l.o").read_bytes()
 
 
-def test_base_file_macro_compiles_locally(realm, server, workdir):
-    """__BASE_FILE__ would name the server's input file: such a source stays local."""
+def test_base_file_macro(realm, server, workdir):
+    """__BASE_FILE__ names the main file: the server preprocesses, so it expands as it does here."""
     (workdir / "b.c").write_text('const char *name = __BASE_FILE__;\n')
-    done = securecc(realm, server, "alice", workdir, "gcc", "-c", "b.c", "-o", "b.o", SECURECC_VERBOSE="1")
-    assert done.returncode == 0 and b"compiling locally: uses __BASE_FILE__" in done.stderr
-    assert b"b.c" in (workdir / "b.o").read_bytes()
+    done = securecc(realm, server, "alice", workdir, "gcc", "-c", "b.c", "-o", "r.o", SECURECC_VERBOSE="1")
+    assert done.returncode == 0 and b"the server preprocesses b.c: uses __BASE_FILE__" in done.stderr
+    local(workdir, "gcc", "-c", "b.c", "-o", "l.o")
+    assert (workdir / "r.o").read_bytes() == (workdir / "l.o").read_bytes()
 
 
 def test_masquerade_symlink(realm, server, workdir):
