@@ -237,6 +237,13 @@ def prepare_scratch(scratch: Path, sandbox_uid: int | None) -> None:
     """The scratch root: traversable (not listable) by the sandbox uid only."""
     scratch.mkdir(parents=True, exist_ok=True)
     os.chmod(scratch, 0o711 if sandbox_uid is not None else 0o700)
+    if sandbox_uid is not None:
+        for parent in scratch.parents:
+            if not os.stat(parent).st_mode & 0o001:
+                raise PermissionError(
+                    f"scratch directory {scratch} is out of the sandbox uid's reach ({parent} is closed to "
+                    "other users): choose one under /var/lib/securecc, or open that directory (chmod o+x)"
+                )
     for stale in scratch.iterdir():  # left behind by a crash
         shutil.rmtree(stale, ignore_errors=True)
 
