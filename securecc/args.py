@@ -93,6 +93,23 @@ _COMPILED = tuple((re.compile(pattern), use) for pattern, use in POLICY)
 _PARAM_VALUE = re.compile(r"[a-z0-9-]+=[0-9a-z-]+")
 
 
+# The only variables a client may set for its compiler, and their forms.
+CLIENT_ENVIRONMENT = {
+    "LC_ALL": re.compile(r"[A-Za-z0-9_.@-]{1,64}"),  # message language and quotes
+    "SOURCE_DATE_EPOCH": re.compile(r"[0-9]{1,19}"),  # reproducible __DATE__/__TIME__
+    "TZ": re.compile(r"(?!.*\.\.)[A-Za-z0-9_+,:<>./-]{1,64}"),  # __TIME__ in local time
+}
+
+
+def check_environment(environment: dict[str, str]) -> str | None:
+    """Why a job's environment cannot be used (the first bad variable), or None."""
+    for key, value in environment.items():
+        form = CLIENT_ENVIRONMENT.get(key)
+        if form is None or not form.fullmatch(value):
+            return f"{key}={value!r}"
+    return None
+
+
 def classify(arg: str) -> Use:
     """The policy's verdict on one option (not on a separate value)."""
     for pattern, use in _COMPILED:
@@ -175,9 +192,10 @@ class Plan:
 
     @property
     def debug(self) -> bool:
-        """Whether the compile emits debug info (the last -g level wins)."""
+        """Whether the compile emits debug info: the last -g level, flipped by each -gtoggle."""
         levels = [a for a in self.remote_args if re.fullmatch(r"-g(gdb|dwarf(-\d)?)?\d?", a)]
-        return bool(levels) and not levels[-1].endswith("0")
+        on = bool(levels) and not levels[-1].endswith("0")
+        return on != (self.remote_args.count("-gtoggle") % 2 == 1)
 
     @property
     def pedantic(self) -> bool:
@@ -298,25 +316,36 @@ def remote_language(p: Plan) -> str:
     return f"{p.language}-directives" if p.pedantic else p.language
 
 
-_LINE_MARKER = re.compile(rb'^# \d+ "((?:[^"\\]|\\.)*)"', re.MULTILINE)
+_INCLUDE_MARKER = re.compile(rb'^# \d+ "((?:[^"\\]|\\.)*)" 1', re.MULTILINE)
 
 
 def included_files(text: bytes, cwd: str) -> list[str]:
-    """The project files a preprocessed text came from: absolute, outside /usr.
+    """The files a preprocessed text entered by #include (or -include), absolute.
 
-    A server that preprocesses gets these at the same paths; it has its own
-    /usr (its compiler's headers), like the compiler itself.
+    Only markers that enter a file count (flag 1), not ``#line`` renames.
     """
     found: dict[str, None] = {}
-    for match in _LINE_MARKER.finditer(text):
-        name = match.group(1).decode("utf-8", "surrogateescape")
-        name = re.sub(r"\\(.)", r"\1", name)
-        if name.startswith("<") or name.endswith("//"):  # <built-in>, <command-line>, the cwd marker
-            continue
-        path = os.path.normpath(os.path.join(cwd, name))
-        if not path.startswith("/usr/"):
-            found[path] = None
+    for match in _INCLUDE_MARKER.finditer(text):
+        name = re.sub(rb"\\(.)", rb"\1", match.group(1)).decode("utf-8", "surrogateescape")
+        found[os.path.normpath(os.path.join(cwd, name))] = None
     return list(found)
+
+
+def project_files(included: list[str]) -> list[str]:
+    """What a server that preprocesses needs besides its own /usr (as it has its own compiler).
+
+    Raises NotDistributable for headers under /usr/local, which that server
+    may well not have.
+    """
+    local = [p for p in included if p.startswith("/usr/local/")]
+    if local:
+        raise NotDistributable(f"includes {local[0]}")
+    return [p for p in included if not p.startswith("/usr/")]
+
+
+def uses_push_macro(files: list[bytes]) -> bool:
+    """``#pragma push_macro``: -fdirectives-only runs it and leaves a bare #undef (gcc 12)."""
+    return any(b"push_macro" in data or b"pop_macro" in data for data in files)
 
 
 _BUILTINS = b'\n# 0 "<built-in>"\n'

@@ -194,7 +194,7 @@ class Channel:
 
 
 def compiler_environment() -> dict[str, str]:
-    """What in our environment changes gcc's output: message locale and build date."""
+    """What in our environment changes gcc's output: message locale, build date, time zone."""
     environment = {"LC_ALL": "C"}
     for name in ("LC_ALL", "LC_MESSAGES", "LANG"):
         if os.environ.get(name):
@@ -202,11 +202,19 @@ def compiler_environment() -> dict[str, str]:
             break
     if os.environ.get("SOURCE_DATE_EPOCH"):
         environment["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
-    return environment
+    zone = os.environ.get("TZ")
+    if zone is None:
+        try:
+            zone = read_file("/etc/timezone").decode().strip()  # __TIME__ is local time
+        except (OSError, UnicodeDecodeError):
+            pass
+    if zone:
+        environment["TZ"] = zone
+    return {k: v for k, v in environment.items() if argpolicy.check_environment({k: v}) is None}
 
 
 def prepare_job(compiler: str, compiler_path: str, plan: argpolicy.Plan):  # type: ignore[no-untyped-def]
-    """Preprocess here and build the job, or return the preprocessor's failing status.
+    """Preprocess here; return (job, the preprocessor's messages) or its failing status.
 
     The usual job is ``-fdirectives-only`` text (see :mod:`securecc.args`).
     When that cannot reproduce a local compile exactly, the server
@@ -217,55 +225,77 @@ def prepare_job(compiler: str, compiler_path: str, plan: argpolicy.Plan):  # typ
     - ``-fdirectives-only`` refuses the file (``__COUNTER__`` in an ``#if``,
       as gnulib's verify.h has) and ``-g`` is on; without ``-g`` plain
       ``-E`` text is exact and is sent instead;
-    - the source uses ``__BASE_FILE__``;
+    - the source uses ``__BASE_FILE__``, or ``#pragma push_macro``;
     - ``-pedantic`` with ``-g`` (whose DW_AT_producer would differ).
 
-    Messages of a preprocessing run are printed only if its text is what the
-    server compiles; a server that preprocesses prints them itself.
+    The messages are held back until the reply: a local fallback compile
+    prints its own, and a server that preprocesses prints them itself.
     """
     from securecc import protocol as wire
 
     cwd = working_directory()
+    original = read_file(plan.source)
 
-    def job(language: str, text: bytes, args: list[str], includes: list[str] = ()) -> wire.Job:  # type: ignore[assignment]
+    def job(language: str, text: bytes, args: list[str], files: dict[str, bytes] | None = None) -> wire.Job:
         if sys.stderr.isatty() and not any("diagnostics-color" in a for a in args):
             args = [*args, "-fdiagnostics-color=always"]  # gcc would colour a terminal
-        main = os.path.normpath(os.path.join(cwd, plan.source))
-        paths = [p for p in includes if p != main]
+        files = files or {}
         return wire.Job(
             compiler=os.path.basename(compiler), args=args, language=language, mode=plan.mode, cwd=cwd,
-            source_path=plan.source, source=text, original=b"" if plan.preprocessed else read_file(plan.source),
-            environment=compiler_environment(), include_paths=paths, includes=[read_file(p) for p in paths],
+            source_path=plan.source, source=text, original=b"" if plan.preprocessed else original,
+            environment=compiler_environment(), include_paths=list(files), includes=list(files.values()),
         )  # fmt: skip
 
-    def server_preprocesses(text: bytes, why: str) -> wire.Job:
+    def headers(text: bytes) -> dict[str, bytes]:
+        main = os.path.normpath(os.path.join(cwd, plan.source))
+        paths = argpolicy.project_files(argpolicy.included_files(text, cwd))
+        return {p: read_file(p) for p in paths if p != main}
+
+    def server_preprocesses(text: bytes, why: str, files: dict[str, bytes] | None = None) -> tuple[wire.Job, bytes]:
         if plan.source_args is None or b"__TIMESTAMP__" in text:
             raise argpolicy.NotDistributable(why)
         _verbose(f"the server preprocesses {plan.source}: {why}")
-        return job(f"{plan.language}-source", b"", plan.source_args, argpolicy.included_files(text, cwd))
+        return job(f"{plan.language}-source", b"", plan.source_args, headers(text) if files is None else files), b""
 
     if plan.preprocessed:
-        return job(plan.language, read_file(plan.source), plan.remote_args)
+        return job(plan.language, original, plan.remote_args), b""
     import subprocess
 
     directives = subprocess.run(argpolicy.preprocess_command(compiler_path, plan), capture_output=True)
     if directives.returncode == 0:
         if plan.pedantic and plan.debug:
             return server_preprocesses(directives.stdout, "-pedantic with -g")
+        files = headers(directives.stdout)
+        if argpolicy.uses_push_macro([original, *files.values()]):
+            return server_preprocesses(directives.stdout, "#pragma push_macro", files)
         try:
             text = argpolicy.remote_text(plan, directives.stdout)
         except argpolicy.NotDistributable as e:
-            return server_preprocesses(directives.stdout, str(e))
-        sys.stderr.buffer.write(directives.stderr)
-        return job(argpolicy.remote_language(plan), text, plan.remote_args)
+            return server_preprocesses(directives.stdout, str(e), files)
+        return job(argpolicy.remote_language(plan), text, plan.remote_args), directives.stderr
     full = subprocess.run(argpolicy.full_preprocess_command(compiler_path, plan), capture_output=True)
     if full.returncode != 0:
         sys.stderr.buffer.write(full.stderr)
         return full.returncode
     if plan.debug:
         return server_preprocesses(full.stdout, "gcc -fdirectives-only cannot preprocess it")
-    sys.stderr.buffer.write(full.stderr)
-    return job(argpolicy.PREPROCESSED[plan.language], full.stdout, plan.remote_args)
+    return job(argpolicy.PREPROCESSED[plan.language], full.stdout, plan.remote_args), full.stderr
+
+
+def unrepeated(local: bytes, remote: bytes) -> bytes:
+    """The local preprocessor's messages that the server's compile did not print again.
+
+    Macro definitions travel in the text, so their diagnostics ("X redefined")
+    come back from the server; #warning and #include messages do not.
+    A message is a line that starts a diagnostic plus its indented lines.
+    """
+    blocks: list[list[bytes]] = []
+    for line in local.splitlines(keepends=True):
+        if blocks and (line[:1].isspace() or blocks[-1][-1].rstrip().endswith((b",", b":"))):
+            blocks[-1].append(line)
+        else:
+            blocks.append([line])
+    return b"".join(b"".join(block) for block in blocks if b"".join(block) not in remote)
 
 
 def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) -> int:
@@ -279,9 +309,10 @@ def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) ->
         raise RemoteFailure(f"cannot parse the host list ({e}); fix SECURECC_HOSTS") from None
     if not hosts:
         raise RemoteFailure("no compile servers configured (set SECURECC_HOSTS)")
-    job = prepare_job(compiler, compiler_path, plan)
-    if isinstance(job, int):
-        return job  # a preprocessing error is the user's, already printed
+    prepared = prepare_job(compiler, compiler_path, plan)
+    if isinstance(prepared, int):
+        return prepared  # a preprocessing error is the user's, already printed
+    job, messages = prepared
     unreachable = []
     for host in hosts:
         try:
@@ -307,7 +338,7 @@ def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) ->
                 raise RemoteFailure(f"cannot write {plan.output}: {e.strerror or e}") from None
         sys.stdout.buffer.write(reply.stdout)
         sys.stdout.flush()
-        sys.stderr.buffer.write(reply.stderr)
+        sys.stderr.buffer.write(unrepeated(messages, reply.stderr) + reply.stderr)
         sys.stderr.flush()
         _verbose(f"compiled {plan.source} on {host.name} (job {reply.job_id})")
         return reply.exit_status

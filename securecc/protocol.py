@@ -15,7 +15,8 @@ A connection has two phases:
 2. Session: only ``SEALED`` frames.  Each holds one GSS ``wrap`` token of a
    chunk (``u8 flags | data``; bit 0 marks a message's last chunk).  The
    caller installs wrap/unwrap with :meth:`Connection.secure`; this module
-   never sees keys.  A frame that does not unwrap (tampered, replayed, out of
+   never sees keys.  Every chunk but a message's last is exactly ``CHUNK``
+   bytes, so the number of chunks, too, is bounded by the message cap.  A frame that does not unwrap (tampered, replayed, out of
    order) is a :class:`ProtocolError` and the caller drops the connection.
 
 Messages (the reassembled chunks) are ``u8 type | u32 header length | JSON
@@ -328,6 +329,8 @@ class Connection:
             raise ProtocolError(f"sealed frame rejected: {e}") from None
         if not plain or plain[0] not in (0, 1):
             raise ProtocolError("bad chunk flags")
+        if plain[0] == 0 and len(plain) - 1 != CHUNK:
+            raise ProtocolError("short chunk before a message's last")  # else empty chunks could pile up
         self._chunked += len(plain) - 1
         if self._chunked > self.max_message:
             raise ProtocolError(f"message exceeds {self.max_message} bytes")

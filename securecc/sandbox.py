@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -35,22 +34,8 @@ from twisted.python.failure import Failure
 _RESERVED = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev", "/job", "/sys", "/run")
 _INPUT = "/job/input"
 _OUTPUT = "/job/output"
-# The only variables a client may set for its compiler, and their forms.
-CLIENT_ENVIRONMENT = {
-    "LC_ALL": re.compile(r"[A-Za-z0-9_.@-]{1,64}"),  # message language and quotes
-    "SOURCE_DATE_EPOCH": re.compile(r"[0-9]{1,19}"),  # reproducible __DATE__/__TIME__
-}
-
-
-def check_environment(environment: dict[str, str]) -> str | None:
-    """Why the client's environment cannot be used, or None."""
-    for key, value in environment.items():
-        form = CLIENT_ENVIRONMENT.get(key)
-        if form is None or not form.fullmatch(value):
-            return f"{key}={value!r}"
-    return None
 MAX_STREAM = 4 * 1024 * 1024
-"""Bytes of compiler stdout/stderr kept; more is cut with a note."""
+"""Bytes of compiler stdout/stderr kept; the rest is dropped."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +95,7 @@ def command(
 
     ``cwd``, ``source_path`` (as the client wrote it, maybe relative) and the
     ``mounts`` targets must have passed :func:`check_client_path`, and
-    ``environment`` :func:`check_environment`.  ``mounts`` pairs a file of
+    ``environment`` :func:`securecc.args.check_environment`.  ``mounts`` pairs a file of
     ``job_dir`` with the absolute path it appears at, read-only.  A
     ``preprocessed`` job compiles ``/job/input`` (named back to
     ``source_path`` in debug info); otherwise the compiler reads the client's

@@ -134,7 +134,7 @@ class CompileService:
         bad = argpolicy.refused_argument(job.args, preprocessing)
         if bad is not None:
             raise _Refusal("argument-refused", f"argument {bad!r} is not allowed on a compile server")
-        bad = sandbox.check_environment(job.environment)
+        bad = argpolicy.check_environment(job.environment)
         if bad is not None:
             raise _Refusal("argument-refused", f"environment {bad} is not allowed on a compile server")
         if job.include_paths and not preprocessing:

@@ -184,6 +184,22 @@ def test_source_date_epoch_reaches_the_compiler(realm, server, workdir):
     assert (workdir / "r.o").read_bytes() == (workdir / "l.o").read_bytes()
 
 
+def test_push_macro_and_redefinition_messages(realm, server, workdir):
+    """#pragma push_macro (which -fdirectives-only mangles) compiles remotely and right; a redefinition warns once."""
+    (workdir / "pm.c").write_text(
+        '#define X 1\n#pragma push_macro("X")\n#undef X\n#define X 2\nint a = X;\n#pragma pop_macro("X")\nint b = X;\n'
+    )
+    (workdir / "rd.c").write_text("#define Y 1\n#define Y 2\nint y = Y;\n")
+    for name in ("pm", "rd"):
+        done = securecc(realm, server, "alice", workdir, "gcc", "-O2", "-c", f"{name}.c", "-o", f"r-{name}.o",
+                        SECURECC_VERBOSE="1")  # fmt: skip
+        here = local(workdir, "gcc", "-O2", "-c", f"{name}.c", "-o", f"l-{name}.o")
+        assert done.returncode == 0 and f"compiled {name}.c".encode() in done.stderr, done.stderr
+        messages = b"".join(line for line in done.stderr.splitlines(keepends=True) if not line.startswith(b"securecc:"))
+        assert messages == here.stderr
+        assert (workdir / f"r-{name}.o").read_bytes() == (workdir / f"l-{name}.o").read_bytes()
+
+
 def test_base_file_macro(realm, server, workdir):
     """__BASE_FILE__ names the main file: the server preprocesses, so it expands as it does here."""
     (workdir / "b.c").write_text('const char *name = __BASE_FILE__;\n')
