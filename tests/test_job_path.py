@@ -386,3 +386,46 @@ def test_several_jobs_on_one_connection(realm, server, workdir, monkeypatch):
         reply = channel.call(wire.Job("gcc", ["-O2"], "c", "-c", str(workdir), f"t{n}.c", f"int x{n};\n".encode()))
         assert isinstance(reply, wire.Result) and reply.exit_status == 0 and reply.output
     channel.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"compiler": "sh"}, "compiler-not-allowed"),
+        ({"compiler": "/usr/bin/gcc"}, "compiler-not-allowed"),
+        ({"args": ["-fplugin=/tmp/evil.so"]}, "argument-refused"),
+        ({"args": ["-B/tmp/evil"]}, "argument-refused"),
+        ({"args": ["-wrapper", "/bin/sh,-c,id"]}, "argument-refused"),
+        ({"args": ["-I/etc"]}, "argument-refused"),  # preprocessing options only where the server preprocesses
+        ({"args": ["/etc/passwd"]}, "argument-refused"),
+        ({"language": "assembler"}, "argument-refused"),
+        ({"environment": {"LD_PRELOAD": "/tmp/evil.so"}}, "argument-refused"),
+        ({"environment": {"TZ": "../../etc/shadow"}}, "argument-refused"),
+        ({"cwd": "/usr/bin"}, "bad-path"),
+        ({"source_path": "../../../../../../proc/1/environ"}, "bad-path"),
+        ({"language": "c-source", "include_paths": ["/etc/passwd"], "includes": [b"x"]}, "bad-path"),
+        ({"include_paths": ["/tmp/x.h"], "includes": [b"x"]}, "argument-refused"),
+    ],
+)
+def test_hostile_jobs_are_refused_and_audited(realm, server, workdir, monkeypatch, change, reason):
+    """A committer's hand-made job asking for code execution, secret paths or odd environments is refused."""
+    import dataclasses
+
+    channel = authenticated_channel(server, realm, monkeypatch)
+    job = dataclasses.replace(wire.Job("gcc", ["-O2"], "c", "-c", str(workdir), "t.c", b"int t;\n"), **change)
+    reply = channel.call(job)
+    channel.close()
+    assert isinstance(reply, wire.Refused) and reply.reason == reason, reply
+    record = server.jobs(job_id=reply.job_id)[0]
+    assert record["decision"] == "refused" and record["reason"] == reason
+
+
+def test_incbin_of_the_server_keytab_finds_nothing(realm, server, workdir, monkeypatch):
+    """The assembler cannot .incbin the server's keytab: the sandbox does not contain it."""
+    keytab = realm.dir / "service.keytab"
+    channel = authenticated_channel(server, realm, monkeypatch)
+    source = f'asm(".section .rodata\\n.incbin \\"{keytab}\\"\\n.previous");\n'.encode()
+    reply = channel.call(wire.Job("gcc", ["-O2"], "c", "-c", str(workdir), "steal.c", source))
+    channel.close()
+    assert isinstance(reply, wire.Result) and reply.exit_status != 0 and reply.output is None
+    assert b"file not found: " + str(keytab).encode() in reply.stderr
