@@ -232,9 +232,14 @@ def prepare_job(compiler: str, compiler_path: str, plan: argpolicy.Plan):  # typ
     prints its own, and a server that preprocesses prints them itself.
     """
     from securecc import protocol as wire
+    from securecc.toolchain import ProbeError, cached_identity
 
     cwd = working_directory()
     original = read_file(plan.source)
+    try:
+        identity = cached_identity(compiler_path)
+    except (ProbeError, OSError) as e:
+        raise RemoteFailure(str(e)) from None
 
     def job(language: str, text: bytes, args: list[str], files: dict[str, bytes] | None = None) -> wire.Job:
         if sys.stderr.isatty() and not any("diagnostics-color" in a for a in args):
@@ -244,6 +249,7 @@ def prepare_job(compiler: str, compiler_path: str, plan: argpolicy.Plan):  # typ
             compiler=os.path.basename(compiler), args=args, language=language, mode=plan.mode, cwd=cwd,
             source_path=plan.source, source=text, original=b"" if plan.preprocessed else original,
             environment=compiler_environment(), include_paths=list(files), includes=list(files.values()),
+            compiler_identity=identity,
         )  # fmt: skip
 
     def headers(text: bytes) -> dict[str, bytes]:

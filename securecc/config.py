@@ -14,11 +14,20 @@ from typing import Any
 import yaml
 
 from securecc.acl import LdapConfig
-from securecc.sandbox import Limits
+from securecc.sandbox import Limits, Settings
 
 
 class ConfigError(Exception):
     """The configuration is unusable; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Compiler:
+    """One compiler a client may name; nothing else ever runs."""
+
+    path: str  # absolute
+    timeout: float  # wall clock, seconds
+    root: str | None = None  # bound read-only into the sandbox, for compilers outside /usr
 
 
 @dataclass(frozen=True)
@@ -30,11 +39,9 @@ class ServerConfig:
     acl: Path
     audit: Path
     ldap: LdapConfig
-    compilers: dict[str, str]
+    compilers: dict[str, Compiler]
     scratch: Path
-    sandbox_uid: int | None  # None: run as ourselves (non-root servers)
-    sandbox_gid: int | None
-    limits: Limits
+    sandbox: Settings
     handshake_timeout: float = 10.0
     idle_timeout: float = 60.0
     max_input: int = 128 << 20
@@ -42,7 +49,8 @@ class ServerConfig:
 
 _TOP = {"listen", "principal", "keytab", "acl", "audit", "ldap", "compilers", "sandbox", "limits", "timeouts"}
 _LDAP = {"uris", "base", "users", "groups", "bind", "bind_dn", "password_file", "timeout", "cache_ttl"}
-_SANDBOX = {"scratch", "uid", "gid", "timeout"}
+_SANDBOX = {"scratch", "uid", "gid", "timeout", "mode"}
+_COMPILER = {"path", "timeout", "root"}
 _LIMITS = {"cpu_seconds", "address_space", "file_size", "open_files", "processes", "max_input"}
 _TIMEOUTS = {"handshake", "idle"}
 
@@ -61,6 +69,23 @@ def _typed(value: Any, kind: type | tuple[type, ...], where: str, key: str) -> A
     if not isinstance(value, kind) or isinstance(value, bool):
         raise ConfigError(f"{where}: '{key}' has the wrong type ({type(value).__name__})")
     return value
+
+
+def _compiler(name: object, value: object, default_timeout: float, where: str) -> Compiler:
+    """``gcc: /usr/bin/gcc`` or ``armcc: {path: ..., timeout: 3600, root: /opt/cross}``."""
+    if isinstance(value, str):
+        value = {"path": value}
+    if not isinstance(name, str) or not isinstance(value, dict) or not set(value) <= _COMPILER:
+        raise ConfigError(f"{where}: compiler '{name}' must be a path or a mapping with keys {sorted(_COMPILER)}")
+    path, root = value.get("path"), value.get("root")
+    if not isinstance(path, str) or not os.path.isabs(path) or not os.access(path, os.X_OK):
+        raise ConfigError(f"{where}: compiler '{name}': {path!r} is not an executable absolute path")
+    if root is not None and not (isinstance(root, str) and os.path.isabs(root) and path.startswith(root.rstrip("/") + "/")):
+        raise ConfigError(f"{where}: compiler '{name}': root must be an absolute directory holding {path}")
+    if root is None and not path.startswith("/usr/"):
+        raise ConfigError(f"{where}: compiler '{name}': {path} is outside /usr; give the directory to bind as 'root'")
+    timeout = _typed(value.get("timeout", default_timeout), (int, float), where, f"compilers.{name}.timeout")
+    return Compiler(path, float(timeout), root)
 
 
 def load_config(path: Path) -> ServerConfig:
@@ -105,14 +130,17 @@ def load_config(path: Path) -> ServerConfig:
         cache_ttl=float(_typed(ldap.get("cache_ttl", 60), (int, float), where, "ldap.cache_ttl")),
     )
 
-    compilers = _typed(data["compilers"], dict, where, "compilers")
-    for name, target in compilers.items():
-        if not isinstance(name, str) or not isinstance(target, str) or not os.path.isabs(target):
-            raise ConfigError(f"{where}: compiler '{name}' must map to an absolute path")
-        if not os.access(target, os.X_OK):
-            raise ConfigError(f"{where}: compiler '{name}': {target} is not executable")
-
     sandbox = _section(data, "sandbox", _SANDBOX, where)
+    default_timeout = float(_typed(sandbox.get("timeout", Limits().timeout), (int, float), where, "sandbox.timeout"))
+    compilers = {
+        name: _compiler(name, value, default_timeout, where)
+        for name, value in _typed(data["compilers"], dict, where, "compilers").items()
+    }
+    if not compilers:
+        raise ConfigError(f"{where}: 'compilers' must name at least one compiler")
+    mode = sandbox.get("mode", "bwrap")
+    if mode not in ("bwrap", "rlimits-only"):
+        raise ConfigError(f"{where}: 'sandbox.mode' must be bwrap or rlimits-only")
     limits = _section(data, "limits", _LIMITS, where)
     timeouts = _section(data, "timeouts", _TIMEOUTS, where)
     root = os.geteuid() == 0
@@ -129,13 +157,16 @@ def load_config(path: Path) -> ServerConfig:
         acl=resolve(data["acl"], "acl"),
         audit=resolve(data["audit"], "audit"),
         ldap=ldap_config,
-        compilers=dict(compilers),
+        compilers=compilers,
         scratch=resolve(sandbox.get("scratch", "scratch"), "sandbox.scratch"),
-        sandbox_uid=uid if root else None,
-        sandbox_gid=gid if root else None,
-        limits=Limits(
-            timeout=float(_typed(sandbox.get("timeout", defaults.timeout), (int, float), where, "sandbox.timeout")),
-            **{k: _typed(limits.get(k, getattr(defaults, k)), int, where, f"limits.{k}") for k in _LIMITS - {"max_input"}},
+        sandbox=Settings(
+            limits=Limits(
+                timeout=default_timeout,
+                **{k: _typed(limits.get(k, getattr(defaults, k)), int, where, f"limits.{k}") for k in _LIMITS - {"max_input"}},
+            ),
+            uid=uid if root else None,
+            gid=gid if root else None,
+            mode=mode,
         ),
         handshake_timeout=float(_typed(timeouts.get("handshake", 10), (int, float), where, "timeouts.handshake")),
         idle_timeout=float(_typed(timeouts.get("idle", 60), (int, float), where, "timeouts.idle")),

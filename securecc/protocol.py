@@ -85,6 +85,7 @@ class Job:
     source: bytes = field(repr=False)  # the text to compile
     original: bytes = field(default=b"", repr=False)
     environment: dict[str, str] = field(default_factory=dict)
+    compiler_identity: str = ""  # what the client's compiler says of itself (securecc.toolchain)
     # Jobs the server preprocesses: the project headers, at their absolute paths.
     include_paths: list[str] = field(default_factory=list)
     includes: list[bytes] = field(default_factory=list, repr=False)
@@ -119,7 +120,8 @@ _BLOB_FIELDS: dict[type, tuple[str, ...]] = {
     Refused: (),
 }
 _HEADER_FIELDS: dict[type, dict[str, type | tuple[type, ...]]] = {
-    Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str, "environment": dict, "include_paths": list},
+    Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str, "environment": dict, "include_paths": list,
+          "compiler_identity": str},
     Result: {"exit_status": int, "job_id": str},
     Refused: {"reason": str, "message": str, "job_id": str},
 }

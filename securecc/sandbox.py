@@ -8,13 +8,17 @@ and it runs in the client's working directory, recreated empty, where the
 client's unpreprocessed main file (and, for jobs the server preprocesses,
 its project headers) are mounted read-only at their own paths: debug info
 then names the same directories as a local build and diagnostics quote the
-same lines.  No network, no other pids, no
-capabilities, a clean environment, rlimits, and - when the server runs as
-root - an unprivileged uid taken before bubblewrap starts (``bwrap --uid``
-as root would map to root outside; see notes/infra.md).
+same lines.  No network, no other pids, no capabilities, a clean
+environment, rlimits, and - when the server runs as root - an unprivileged
+uid taken before bubblewrap starts (``bwrap --uid`` as root would map to
+root outside; see notes/infra.md).  Nothing else of the host is there: no
+keytab, config, ACL, audit log, home directory or other job.
 
 Killing the top process (bwrap) tears down the pid namespace, so a timeout or
-a vanished client takes every child with it.
+a vanished client takes every child with it.  Where bubblewrap cannot run,
+an admin may choose ``rlimits-only``: uid, rlimits, a clean environment and
+a process group, and nothing more, which the server says at start and in
+every audit record.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.python.failure import Failure
 
@@ -78,32 +82,43 @@ def _system_binds() -> list[str]:
     return args
 
 
-def command(
-    compiler: str,
-    args: list[str],
-    job_dir: Path,
-    cwd: str,
-    source_path: str,
-    limits: Limits,
-    uid: int | None,
-    gid: int | None,
-    environment: dict[str, str] | None = None,
-    mounts: list[tuple[str, str]] = (),  # type: ignore[assignment]
-    preprocessed: bool = True,
-) -> list[str]:
+@dataclass(frozen=True)
+class Settings:
+    """How this server sandboxes every job (from its config)."""
+
+    limits: Limits
+    uid: int | None  # None: run as ourselves (a non-root server)
+    gid: int | None
+    mode: str = "bwrap"  # or "rlimits-only": no filesystem, network or pid isolation
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One compile.  Client-chosen paths must have passed :func:`check_client_path`."""
+
+    compiler: str  # absolute path from the server's allowlist
+    args: list[str]  # vetted by securecc.args; no input or output names
+    job_dir: Path
+    cwd: str
+    source_path: str  # as the client wrote it, maybe relative to cwd
+    environment: dict[str, str]  # vetted by securecc.args.check_environment
+    mounts: tuple[tuple[str, str], ...] = ()  # (file in job_dir, absolute path inside), read-only
+    preprocessed: bool = True  # compile job_dir/input; else the client's files at their paths
+    compiler_root: str | None = None  # directory bound read-only for a compiler outside /usr
+
+
+def command(spec: Spec, settings: Settings) -> list[str]:
     """The complete command line for one sandboxed compile.
 
-    ``cwd``, ``source_path`` (as the client wrote it, maybe relative) and the
-    ``mounts`` targets must have passed :func:`check_client_path`, and
-    ``environment`` :func:`securecc.args.check_environment`.  ``mounts`` pairs a file of
-    ``job_dir`` with the absolute path it appears at, read-only.  A
-    ``preprocessed`` job compiles ``/job/input`` (named back to
-    ``source_path`` in debug info); otherwise the compiler reads the client's
-    files at their own paths and preprocesses them itself.
+    A ``preprocessed`` job compiles ``/job/input`` (named back to
+    ``source_path`` in debug info); otherwise the compiler reads the
+    client's files at their own paths and preprocesses them itself.
     """
+    limits = settings.limits
     drop: list[str] = []
-    if uid is not None and gid is not None:
-        drop = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs", "--"]
+    if settings.uid is not None and settings.gid is not None:
+        drop = ["setpriv", f"--reuid={settings.uid}", f"--regid={settings.gid}", "--clear-groups",
+                "--no-new-privs", "--"]  # fmt: skip
     rlimits = [
         "prlimit",
         f"--cpu={limits.cpu_seconds}",
@@ -114,6 +129,14 @@ def command(
         *([f"--nproc={limits.processes}"] if drop else []),
         "--",
     ]
+    environment = {"PATH": "/usr/bin:/bin", "TMPDIR": "/tmp", "LC_ALL": "C", **spec.environment}
+    if settings.mode == "rlimits-only":
+        # Degraded: a process group to kill, a clean environment, the job
+        # directory as cwd; the whole host filesystem stays visible.
+        job = str(spec.job_dir)
+        names = [f"-fdebug-prefix-map={job}/input={spec.source_path}", "-o", f"{job}/output", f"{job}/input"]
+        env = ["env", "-i", *[f"{k}={v}" for k, v in environment.items() if k != "TMPDIR"], f"TMPDIR={job}"]
+        return [*drop, *rlimits, "setsid", *env, spec.compiler, *spec.args, *names]
     bwrap = [
         "bwrap",
         "--unshare-all",
@@ -121,25 +144,46 @@ def command(
         "--new-session",
         "--cap-drop", "ALL",
         *_system_binds(),
+        *(["--ro-bind", spec.compiler_root, spec.compiler_root] if spec.compiler_root else []),
         "--proc", "/proc",
         "--dev", "/dev",
         "--perms", "1777", "--tmpfs", "/tmp",
-        "--bind", str(job_dir), "/job",
-        "--dir", cwd,
-        *[arg for name, target in mounts for arg in ("--ro-bind", str(job_dir / name), target)],
-        "--chdir", cwd,
+        "--bind", str(spec.job_dir), "/job",
+        "--dir", spec.cwd,
+        *[arg for name, target in spec.mounts for arg in ("--ro-bind", str(spec.job_dir / name), target)],
+        "--chdir", spec.cwd,
         "--clearenv",
-        "--setenv", "PATH", "/usr/bin:/bin",
-        "--setenv", "TMPDIR", "/tmp",
-        "--setenv", "LC_ALL", "C",
-        *[arg for key, value in (environment or {}).items() for arg in ("--setenv", key, value)],
+        *[arg for key, value in environment.items() for arg in ("--setenv", key, value)],
         "--",
     ]  # fmt: skip
-    if preprocessed:
-        names = [f"-fdebug-prefix-map={_INPUT}={source_path}", "-o", _OUTPUT, _INPUT]
+    if spec.preprocessed:
+        names = [f"-fdebug-prefix-map={_INPUT}={spec.source_path}", "-o", _OUTPUT, _INPUT]
     else:
-        names = ["-o", _OUTPUT, source_path]
-    return [*drop, *rlimits, *bwrap, compiler, *args, *names]
+        names = ["-o", _OUTPUT, spec.source_path]
+    return [*drop, *rlimits, *bwrap, spec.compiler, *spec.args, *names]
+
+
+# Signals and messages by which a limit ends a compile (the driver reports its cc1's death).
+_LIMIT_SIGNALS = {signal.SIGXCPU: "cpu-limit", signal.SIGXFSZ: "file-size-limit"}
+_LIMIT_MESSAGES = (
+    (b"CPU time limit exceeded", "cpu-limit"),
+    (b"File size limit exceeded", "file-size-limit"),
+    (b"virtual memory exhausted", "memory-limit"),
+    (b"out of memory", "memory-limit"),
+    (b"Cannot allocate memory", "memory-limit"),
+    (b"Resource temporarily unavailable", "process-limit"),
+)
+
+
+def limit_reached(exit_status: int, stderr: bytes) -> str | None:
+    """Which rlimit ended a compile, as far as its status and messages tell."""
+    if exit_status > 128 and exit_status - 128 in _LIMIT_SIGNALS:
+        return _LIMIT_SIGNALS[signal.Signals(exit_status - 128)]
+    if exit_status != 0:
+        for message, limit in _LIMIT_MESSAGES:
+            if message in stderr:
+                return limit
+    return None
 
 
 @dataclass
@@ -148,7 +192,7 @@ class Outcome:
     stdout: bytes
     stderr: bytes
     output: bytes | None
-    ended_by: str | None = None  # "timeout" / "disconnect" / "shutdown" when we killed it
+    ended_by: str | None = None  # timeout / disconnect / shutdown (we killed it), or the rlimit that did
 
 
 class _Collector(protocol.ProcessProtocol):
@@ -172,8 +216,12 @@ class _Collector(protocol.ProcessProtocol):
 class RunningJob:
     """A compile in progress: ``result`` fires with an :class:`Outcome`."""
 
-    def __init__(self, reactor: IReactorProcess, clock: IReactorTime, argv: list[str], job_dir: Path, timeout: float) -> None:
+    def __init__(
+        self, reactor: IReactorProcess, clock: IReactorTime, argv: list[str], job_dir: Path, timeout: float,
+        process_group: bool = False,
+    ) -> None:  # fmt: skip
         self._job_dir = job_dir
+        self._process_group = process_group
         self.ended_by: str | None = None
         done: defer.Deferred[int] = defer.Deferred()
         self._collector = _Collector(done)
@@ -186,12 +234,15 @@ class RunningJob:
         self.result: defer.Deferred[Outcome] = done.addCallback(self._finished)
 
     def kill(self, why: str) -> None:
-        """Kill the whole sandbox (the pid namespace dies with bwrap)."""
+        """Kill the whole sandbox: the pid namespace dies with bwrap (rlimits-only: the process group)."""
         if self.ended_by is None:
             self.ended_by = why
         try:
-            self._process.signalProcess(signal.SIGKILL)
-        except Exception:  # already gone: ProcessExitedAlready
+            if self._process_group and self._process.pid:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            else:
+                self._process.signalProcess(signal.SIGKILL)
+        except (OSError, error.ProcessExitedAlready):
             pass
 
     def _finished(self, code: int) -> Outcome:
@@ -201,8 +252,8 @@ class RunningJob:
         path = self._job_dir / "output"
         if code == 0 and self.ended_by is None and path.is_file():
             output = path.read_bytes()
-        streams = self._collector.streams
-        return Outcome(code, bytes(streams[1]), bytes(streams[2]), output, self.ended_by)
+        stdout, stderr = bytes(self._collector.streams[1]), bytes(self._collector.streams[2])
+        return Outcome(code, stdout, stderr, output, self.ended_by or limit_reached(code, stderr))
 
 
 def make_job_dir(scratch: Path, job_id: str, files: dict[str, bytes], uid: int | None, gid: int | None) -> Path:

@@ -29,9 +29,10 @@ from twisted.python.threadpool import ThreadPool
 from securecc import args as argpolicy
 from securecc import sandbox
 from securecc import protocol as wire
+from securecc import toolchain
 from securecc.acl import Acl, AclError, Directory, DirectoryUnavailable, decide, load_acl, split_principal
 from securecc.audit import AuditLog, sha256
-from securecc.config import ConfigError, ServerConfig, load_config
+from securecc.config import Compiler, ConfigError, ServerConfig, load_config
 from securecc.gss import Acceptor, GSSFailure
 
 LDAP_THREADS = 4
@@ -83,6 +84,7 @@ class CompileService:
     directory: Directory
     pool: ThreadPool
     audit: AuditLog
+    identities: dict[str, str]  # compiler path -> what it says of itself (securecc.toolchain)
     host: str = field(default_factory=socket.getfqdn)
     running: set[sandbox.RunningJob] = field(default_factory=set)
     _log = Logger()
@@ -103,13 +105,15 @@ class CompileService:
             input_sha256=sha256(job.source or job.original), headers=len(job.include_paths),
             bytes_in=len(job.source) + len(job.original) + sum(map(len, job.includes)),
         )  # fmt: skip
+        if self.config.sandbox.mode != "bwrap":
+            record["sandbox"] = self.config.sandbox.mode
         try:
-            compiler_path = self._check_job(job)
+            compiler = self._check_job(job)
             decision = yield self._authorize(principal)
-            record.update(compiler_path=compiler_path, reason=decision.reason)
+            record.update(compiler_path=compiler.path, reason=decision.reason)
             if not decision.allowed:
                 raise _Refusal(decision.reason, f"{principal} may not compile here ({decision.reason})")
-            outcome = yield self._compile(job_id, compiler_path, job, session)
+            outcome = yield self._compile(job_id, compiler, job, session)
         except _Refusal as refusal:
             record.update(decision="refused", reason=refusal.reason, detail=str(refusal))
             self.audit.write(**record, duration=round(time.monotonic() - started, 4))
@@ -121,13 +125,17 @@ class CompileService:
         )  # fmt: skip
         self.audit.write(**record)
         if outcome.ended_by == "timeout":
-            return wire.Refused("timeout", f"compile killed after {self.config.limits.timeout:g} s", job_id)
+            return wire.Refused("timeout", f"compile killed after {compiler.timeout:g} s", job_id)
         return wire.Result(outcome.exit_status, outcome.stdout, outcome.stderr, outcome.output, job_id)
 
-    def _check_job(self, job: wire.Job) -> str:
-        compiler_path = self.config.compilers.get(job.compiler)
-        if compiler_path is None:
+    def _check_job(self, job: wire.Job) -> Compiler:
+        compiler = self.config.compilers.get(job.compiler)
+        if compiler is None:
             raise _Refusal("compiler-not-allowed", f"compiler {job.compiler!r} is not offered by this server")
+        identity = self.identities.get(compiler.path)
+        if job.compiler_identity != identity:
+            raise _Refusal("compiler-mismatch", f"this server's {job.compiler} is {identity}, yours is "
+                           f"{job.compiler_identity or 'unknown'}; objects would differ")  # fmt: skip
         if job.mode not in ("-c", "-S") or job.language not in argpolicy.LANGUAGES:
             raise _Refusal("argument-refused", f"unsupported mode {job.mode} or language {job.language}")
         preprocessing = job.language in argpolicy.SERVER_PREPROCESSES
@@ -143,7 +151,9 @@ class CompileService:
             why = sandbox.check_client_path(path)
             if why:
                 raise _Refusal("bad-path", f"path {path!r} cannot be used: {why}")
-        return compiler_path
+        if self.config.sandbox.mode != "bwrap" and preprocessing:
+            raise _Refusal("unsupported", "this server runs without bubblewrap and cannot preprocess")
+        return compiler
 
     @defer.inlineCallbacks
     def _authorize(self, principal: str):  # type: ignore[no-untyped-def]
@@ -158,8 +168,8 @@ class CompileService:
         return decide(acl, principal, groups)
 
     @defer.inlineCallbacks
-    def _compile(self, job_id: str, compiler_path: str, job: wire.Job, session: "JobProtocol"):  # type: ignore[no-untyped-def]
-        cfg = self.config
+    def _compile(self, job_id: str, compiler: Compiler, job: wire.Job, session: "JobProtocol"):  # type: ignore[no-untyped-def]
+        settings = self.config.sandbox
         files = {"input": job.source}
         mounts = []
         if job.original:
@@ -168,15 +178,16 @@ class CompileService:
         for n, (path, data) in enumerate(zip(job.include_paths, job.includes)):
             files[f"include-{n}"] = data
             mounts.append((f"include-{n}", path))
-        job_dir = sandbox.make_job_dir(cfg.scratch, job_id, files, cfg.sandbox_uid, cfg.sandbox_gid)
+        job_dir = sandbox.make_job_dir(self.config.scratch, job_id, files, settings.uid, settings.gid)
         running = None
         try:
-            argv = sandbox.command(
-                compiler_path, [*argpolicy.COMPILE_LANGUAGE[job.language], *job.args, job.mode], job_dir, job.cwd, job.source_path,
-                cfg.limits, cfg.sandbox_uid, cfg.sandbox_gid, job.environment, mounts,
-                job.language not in argpolicy.SERVER_PREPROCESSES,
+            spec = sandbox.Spec(
+                compiler.path, [*argpolicy.COMPILE_LANGUAGE[job.language], *job.args, job.mode], job_dir, job.cwd,
+                job.source_path, job.environment, tuple(mounts), job.language not in argpolicy.SERVER_PREPROCESSES,
+                compiler.root,
             )  # fmt: skip
-            running = sandbox.RunningJob(self.reactor, self.clock, argv, job_dir, cfg.limits.timeout)
+            running = sandbox.RunningJob(self.reactor, self.clock, sandbox.command(spec, settings), job_dir,
+                                         compiler.timeout, process_group=settings.mode != "bwrap")  # fmt: skip
             session.running = running
             self.running.add(running)
             outcome = yield running.result
@@ -307,17 +318,18 @@ class JobFactory(protocol.Factory):
 
 def self_test(config: ServerConfig) -> None:
     """Compile a trivial file in the sandbox once, so a broken setup fails at start-up."""
+    settings = config.sandbox
     source = {"input": b"int securecc_probe;\n"}
-    job_dir = sandbox.make_job_dir(config.scratch, "self-test", source, config.sandbox_uid, config.sandbox_gid)
+    job_dir = sandbox.make_job_dir(config.scratch, "self-test", source, settings.uid, settings.gid)
     try:
         compiler = next(iter(config.compilers.values()))
-        argv = sandbox.command(compiler, ["-x", "c", "-c"], job_dir, "/build", "probe.c", config.limits,
-                               config.sandbox_uid, config.sandbox_gid)  # fmt: skip
-        done = subprocess.run(argv, capture_output=True, timeout=60)
+        spec = sandbox.Spec(compiler.path, ["-x", "c", "-c"], job_dir, "/build", "probe.c", {}, compiler_root=compiler.root)
+        done = subprocess.run(sandbox.command(spec, settings), capture_output=True, timeout=60)
         if done.returncode != 0 or not (job_dir / "output").is_file():
             detail = done.stderr.decode(errors="replace").strip().splitlines()
             raise ConfigError(f"the sandbox cannot compile ({detail[-1] if detail else done.returncode}); "
-                              "check that bubblewrap works here and that the scratch directory is reachable by the sandbox uid")  # fmt: skip
+                              "check that bubblewrap works here (or, knowing what it costs, set sandbox.mode: "
+                              "rlimits-only) and that the scratch directory is reachable by the sandbox uid")  # fmt: skip
     finally:
         sandbox.remove_job_dir(job_dir)
 
@@ -331,10 +343,20 @@ def build(config: ServerConfig, reactor) -> tuple[JobFactory, ThreadPool]:  # ty
         os.environ["KRB5CCNAME"] = "MEMORY:securecc-ldap"
     acceptor = Acceptor(config.principal, config.keytab)
     acl = AclFile(config.acl)
-    sandbox.prepare_scratch(config.scratch, config.sandbox_uid)
+    sandbox.prepare_scratch(config.scratch, config.sandbox.uid)
     self_test(config)
+    try:
+        identities = {c.path: toolchain.probe(c.path) for c in config.compilers.values()}
+    except toolchain.ProbeError as e:
+        raise ConfigError(str(e)) from None
+    if config.sandbox.mode != "bwrap":
+        Logger().critical(
+            "SANDBOX DISABLED: sandbox.mode is {mode}: compilers run with rlimits and a separate uid only, and "
+            "see this host's whole filesystem and network; every audit record says so", mode=config.sandbox.mode,
+        )  # fmt: skip
     pool = ThreadPool(minthreads=0, maxthreads=LDAP_THREADS, name="ldap")
-    service = CompileService(config, reactor, reactor, acl, Directory(config.ldap), pool, AuditLog(config.audit))
+    service = CompileService(config, reactor, reactor, acl, Directory(config.ldap), pool, AuditLog(config.audit),
+                             identities)  # fmt: skip
     return JobFactory(service, acceptor), pool
 
 
@@ -359,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     reactor.addSystemEventTrigger("before", "shutdown", factory.service.stop)
     reactor.addSystemEventTrigger("before", "shutdown", pool.stop)
     factory.service.audit.write(event="server-start", server=factory.service.host, principal=config.principal,
-                                listen=f"{config.listen_host}:{port.getHost().port}")  # fmt: skip
+                                listen=f"{config.listen_host}:{port.getHost().port}", sandbox=config.sandbox.mode,
+                                compilers={name: factory.service.identities[c.path] for name, c in config.compilers.items()})  # fmt: skip
     Logger().info("securecc-server listening on {host}:{port} as {principal}",
                   host=config.listen_host, port=port.getHost().port, principal=config.principal)  # fmt: skip
     reactor.run()

@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from securecc import protocol as wire
+from securecc.toolchain import probe
+
 REPO = Path(__file__).resolve().parent.parent
 TESTREALM = REPO / "krb5-testrealm" / "testrealm"
 BIN = Path(sys.executable).parent
@@ -189,3 +192,12 @@ def processes_of_uid(uid: int) -> list[str]:
         except OSError:
             continue
     return found
+
+
+IDENTITIES = {"gcc": probe("/usr/bin/gcc"), "g++": probe("/usr/bin/g++")}
+
+
+def make_job(compiler: str, *fields: object, **named: object) -> wire.Job:
+    """A wire.Job as the client builds it, with the compiler identity it would send."""
+    named.setdefault("compiler_identity", IDENTITIES.get(compiler, ""))
+    return wire.Job(compiler, *fields, **named)  # type: ignore[arg-type]

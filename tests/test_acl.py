@@ -46,8 +46,9 @@ def test_shipped_acl_and_config_load():
     assert acl.realms == {"EXAMPLE.ORG"} and acl.allow_groups == {"committers"} and not acl.deny_principals
     config = load_config(REPO / "etc" / "securecc.yaml")
     assert config.acl == REPO / "etc" / "acl.yaml"
-    assert config.compilers["gcc"] == "/usr/bin/gcc" and config.listen_port == 3637
-    assert config.limits.timeout == 1200 and config.ldap.bind == "gssapi" and len(config.ldap.uris) == 2
+    assert config.compilers["gcc"].path == "/usr/bin/gcc" and config.listen_port == 3637
+    assert config.compilers["g++"].timeout == 3600 and config.sandbox.mode == "bwrap"
+    assert config.sandbox.limits.timeout == 1200 and config.compilers["gcc"].timeout == 1200 and config.ldap.bind == "gssapi" and len(config.ldap.uris) == 2
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, local, processes_of_uid, securecc
+from conftest import BIN, local, make_job, processes_of_uid, securecc
 from securecc import protocol as wire
 from securecc.client import Channel
 from securecc.hosts import parse_host
@@ -305,7 +305,7 @@ def authenticated_channel(server, realm, monkeypatch, user: str = "alice") -> Ch
 
 def slow_job(workdir: Path, spin: str) -> wire.Job:
     source = SLOW_CXX.replace("SPIN", spin).encode()
-    return wire.Job("g++", SLOW_FLAGS, "c++", "-c", str(workdir), "slow.cc", source)
+    return make_job("g++", SLOW_FLAGS, "c++", "-c", str(workdir), "slow.cc", source)
 
 
 def test_timeout_kills_the_compile_and_its_children(realm, own_server, workdir, monkeypatch):
@@ -366,7 +366,7 @@ def test_flipped_byte_in_a_sealed_frame_is_rejected(realm, server, workdir, monk
     """One flipped byte in a wrapped frame: the server rejects it, runs nothing, and keeps serving."""
     before = len(server.jobs())
     channel = authenticated_channel(server, realm, monkeypatch)
-    sealed = bytearray(channel.wire.seal(wire.Job("gcc", [], "c", "-c", str(workdir), "t.c", b"int x;\n")))
+    sealed = bytearray(channel.wire.seal(make_job("gcc", [], "c", "-c", str(workdir), "t.c", b"int x;\n")))
     sealed[len(sealed) // 2] ^= 0x01
     channel.sock.sendall(bytes(sealed))
     assert closed_by_peer(channel.sock)
@@ -383,7 +383,7 @@ def test_several_jobs_on_one_connection(realm, server, workdir, monkeypatch):
     """One authenticated connection carries jobs one after another."""
     channel = authenticated_channel(server, realm, monkeypatch)
     for n in range(3):
-        reply = channel.call(wire.Job("gcc", ["-O2"], "c", "-c", str(workdir), f"t{n}.c", f"int x{n};\n".encode()))
+        reply = channel.call(make_job("gcc", ["-O2"], "c", "-c", str(workdir), f"t{n}.c", f"int x{n};\n".encode()))
         assert isinstance(reply, wire.Result) and reply.exit_status == 0 and reply.output
     channel.close()
 
@@ -412,7 +412,7 @@ def test_hostile_jobs_are_refused_and_audited(realm, server, workdir, monkeypatc
     import dataclasses
 
     channel = authenticated_channel(server, realm, monkeypatch)
-    job = dataclasses.replace(wire.Job("gcc", ["-O2"], "c", "-c", str(workdir), "t.c", b"int t;\n"), **change)
+    job = dataclasses.replace(make_job("gcc", ["-O2"], "c", "-c", str(workdir), "t.c", b"int t;\n"), **change)
     reply = channel.call(job)
     channel.close()
     assert isinstance(reply, wire.Refused) and reply.reason == reason, reply
@@ -425,7 +425,7 @@ def test_incbin_of_the_server_keytab_finds_nothing(realm, server, workdir, monke
     keytab = realm.dir / "service.keytab"
     channel = authenticated_channel(server, realm, monkeypatch)
     source = f'asm(".section .rodata\\n.incbin \\"{keytab}\\"\\n.previous");\n'.encode()
-    reply = channel.call(wire.Job("gcc", ["-O2"], "c", "-c", str(workdir), "steal.c", source))
+    reply = channel.call(make_job("gcc", ["-O2"], "c", "-c", str(workdir), "steal.c", source))
     channel.close()
     assert isinstance(reply, wire.Result) and reply.exit_status != 0 and reply.output is None
     assert b"file not found: " + str(keytab).encode() in reply.stderr

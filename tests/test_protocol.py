@@ -160,7 +160,7 @@ def test_round_trip_through_two_connections(message):
 @pytest.mark.parametrize(("paths", "includes"), [(["/p/a.h"], []), ([], [b"x"]), (["/p/a.h", "/p/b.h"], [b"x"])])
 def test_job_with_mismatched_includes_never_round_trips(paths, includes):
     """include_paths and includes pair up: a Job where they do not is refused, not shifted."""
-    job = Job("gcc", [], "c-source", "-c", "/p", "m.c", b"", b"int x;", {}, paths, includes)
+    job = Job("gcc", [], "c-source", "-c", "/p", "m.c", b"", b"int x;", {}, include_paths=paths, includes=includes)
     with pytest.raises((ValueError, ProtocolError)):
         wire.decode_message(wire.encode_message(job))
 
@@ -437,7 +437,7 @@ def result_header(**changes: object) -> dict[str, object]:
 def job_header(**changes: object) -> dict[str, object]:
     header: dict[str, object] = {
         "compiler": "gcc", "args": ["-O2"], "language": "c", "mode": "-c", "cwd": "/",
-        "source_path": "a.c", "environment": {"LC_ALL": "C"}, "include_paths": [], "blobs": [3, 0],
+        "source_path": "a.c", "environment": {"LC_ALL": "C"}, "include_paths": [], "compiler_identity": "", "blobs": [3, 0],
     }  # fmt: skip
     header.update(changes)
     return {k: v for k, v in header.items() if v is not DROP}
@@ -452,7 +452,8 @@ def test_hand_built_messages_decode():
     assert wire.decode_message(raw_message(2, result_header(), RESULT_BLOBS)) == Result(0, b"oo", b"eee", b"O", "j")
     assert wire.decode_message(raw_message(1, job_header(), b"src")) == Job("gcc", ["-O2"], "c", "-c", "/", "a.c", b"src", b"", {"LC_ALL": "C"})
     assert wire.decode_message(raw_message(1, job_header(include_paths=["/p/a.h", "/p/b.h"], blobs=[3, 1, 2, 3]), b"srcOAABBB")) == Job(
-        "gcc", ["-O2"], "c", "-c", "/", "a.c", b"src", b"O", {"LC_ALL": "C"}, ["/p/a.h", "/p/b.h"], [b"AA", b"BBB"]
+        "gcc", ["-O2"], "c", "-c", "/", "a.c", b"src", b"O", {"LC_ALL": "C"},
+        include_paths=["/p/a.h", "/p/b.h"], includes=[b"AA", b"BBB"],
     )
     assert wire.decode_message(raw_message(3, {"reason": "r", "message": "m", "job_id": "", "blobs": []})) == Refused("r", "m")
     assert wire.decode_message(raw_message(2, result_header(blobs=[0, 0, None]))) == Result(0, b"", b"", None, "j")

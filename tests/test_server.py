@@ -12,6 +12,7 @@ from twisted.internet import task, threads
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.threadpool import ThreadPool
 
+from conftest import make_job
 from securecc import protocol as wire
 from securecc.acl import Directory
 from securecc.audit import AuditLog
@@ -36,7 +37,7 @@ def config(realm, tmp_path):
 def connected_protocol(config) -> tuple[JobProtocol, StringTransport, task.Clock]:  # type: ignore[no-untyped-def]
     clock = task.Clock()
     service = CompileService(config, MemoryReactorClock(), clock, AclFile(config.acl), Directory(config.ldap),
-                             ThreadPool(), AuditLog(config.audit))  # fmt: skip
+                             ThreadPool(), AuditLog(config.audit), {})  # fmt: skip
     proto = JobProtocol(service, Acceptor(config.principal, config.keytab))
     transport = StringTransport()
     proto.makeConnection(transport)
@@ -85,7 +86,7 @@ def test_job_through_the_real_reactor(realm, config, monkeypatch, workdir):
             channel = Channel(host)
             channel.authenticate()
             try:
-                return channel.call(wire.Job("gcc", ["-O2"], "c", "-c", str(workdir), "t.c", b"int t(void){return 7;}\n"))
+                return channel.call(make_job("gcc", ["-O2"], "c", "-c", str(workdir), "t.c", b"int t(void){return 7;}\n"))
             finally:
                 channel.close()
 
