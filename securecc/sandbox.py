@@ -121,7 +121,7 @@ def command(spec: Spec, settings: Settings) -> list[str]:
                 "--no-new-privs", "--"]  # fmt: skip
     rlimits = [
         "prlimit",
-        f"--cpu={limits.cpu_seconds}",
+        f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}",  # SIGXCPU names the limit; SIGKILL a second later
         f"--as={limits.address_space}",
         f"--fsize={limits.file_size}",
         f"--nofile={limits.open_files}",
@@ -144,10 +144,10 @@ def command(spec: Spec, settings: Settings) -> list[str]:
         "--new-session",
         "--cap-drop", "ALL",
         *_system_binds(),
-        *(["--ro-bind", spec.compiler_root, spec.compiler_root] if spec.compiler_root else []),
         "--proc", "/proc",
         "--dev", "/dev",
         "--perms", "1777", "--tmpfs", "/tmp",
+        *(["--ro-bind", spec.compiler_root, spec.compiler_root] if spec.compiler_root else []),
         "--bind", str(spec.job_dir), "/job",
         "--dir", spec.cwd,
         *[arg for name, target in spec.mounts for arg in ("--ro-bind", str(spec.job_dir / name), target)],

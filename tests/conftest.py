@@ -171,6 +171,7 @@ def securecc(realm: Realm, server: Server | None, user: str | None, cwd: Path, *
     env = realm.user_env(user, cwd)
     env["SECURECC_HOSTS"] = hosts if hosts is not None else (server.hosts if server else "")
     env["PWD"] = str(cwd)
+    env["XDG_CACHE_HOME"] = str(cwd / ".cache")  # the client's compiler-identity cache
     env.update(env_overrides)
     return subprocess.run([BIN / "securecc", *args], cwd=cwd, env=env, capture_output=True, timeout=120)
 

@@ -1,0 +1,236 @@
+"""Attacks on the sandbox, against the real server, bubblewrap and gcc.
+
+Most attacks use a test-only allowlisted "compiler" (a bash script bound in
+with the config's ``root``) that does what the first line of its input says.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import local, make_job, securecc
+from securecc import protocol as wire
+from test_job_path import authenticated_channel, sandbox_processes, wait_until
+
+EVIL_IDENTITY = "evilcc version 1.0; target x86_64-linux-gnu"
+EVILCC = r"""#!/bin/bash
+if [ "$1" = -v ]; then echo "evilcc version 1.0" >&2; echo "Target: x86_64-linux-gnu" >&2; exit 0; fi
+input="${@: -1}"
+read -r action argument < "$input"
+echo "evilcc: $action" >&2
+case "$action" in
+  connect) exec 3<>"/dev/tcp/127.0.0.1/$argument" && echo connected ;;
+  read) cat "$argument" ;;
+  write) echo pwned > "$argument" && echo wrote ;;
+  kill) kill -9 "$argument"; kill -9 -1; echo "still here" ;;
+  forkbomb) bomb() { bomb | bomb & }; bomb; sleep 60 ;;
+  bigfile) exec head -c 10G /dev/zero > /job/output ;;
+  spin) while :; do :; done ;;
+  daemon) setsid sleep 600 & disown; exit 0 ;;
+  whoami) id -u; id -g; ls /; cat /proc/self/status | grep -i cap ;;
+esac
+exit 3
+"""
+
+
+@pytest.fixture(scope="module")
+def evil(realm, tmp_path_factory):
+    """A server whose allowlist holds the evil compiler, with small limits."""
+    from conftest import start_server
+
+    root = realm.dir / "evilroot"
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    script = root / "bin" / "evilcc"
+    script.write_text(EVILCC)
+    script.chmod(0o755)
+    compilers = {"gcc": "/usr/bin/gcc", "evilcc": {"path": str(script), "root": str(root), "timeout": 4}}
+    s = start_server(realm, realm.dir / "evil-server", compilers=compilers,
+                     limits={"cpu_seconds": 2, "file_size": 10 << 20, "processes": 64})  # fmt: skip
+    yield s
+    s.stop()
+
+
+def run_evil(evil, realm, monkeypatch, workdir, action: str) -> wire.Message:
+    channel = authenticated_channel(evil, realm, monkeypatch)
+    try:
+        job = make_job("evilcc", [], "c", "-c", str(workdir), "x.c", f"{action}\n".encode(),
+                       compiler_identity=EVIL_IDENTITY)  # fmt: skip
+        reply = channel.call(job)
+    finally:
+        channel.close()
+    if isinstance(reply, wire.Result):  # proof that the attack really ran
+        assert f"evilcc: {action.split()[0]}".encode() in reply.stderr, reply.stderr
+    else:
+        assert isinstance(reply, wire.Refused) and reply.reason == "timeout", reply
+    return reply
+
+
+def assert_contained(evil, reply: wire.Message) -> None:
+    """The attack did not succeed, nothing of the job survives, the server still serves."""
+    assert isinstance(reply, (wire.Result, wire.Refused))
+    assert wait_until(lambda: not sandbox_processes(), 10), sandbox_processes()
+    assert evil.alive()
+    assert not list((Path(yaml_scratch(evil))).iterdir()), "scratch not cleaned"
+
+
+def yaml_scratch(server) -> str:
+    import yaml
+
+    return yaml.safe_load(server.config_path.read_text())["sandbox"]["scratch"]
+
+
+def test_no_network(evil, realm, monkeypatch, workdir):
+    """A TCP connection to a listener on the host's loopback is impossible."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.5)
+        reply = run_evil(evil, realm, monkeypatch, workdir, f"connect {listener.getsockname()[1]}")
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    assert isinstance(reply, wire.Result) and reply.exit_status != 0 and b"connected" not in reply.stdout
+    assert_contained(evil, reply)
+
+
+@pytest.mark.parametrize("target", ["keytab", "config", "acl", "audit", "shadow", "root", "home"])
+def test_secrets_are_invisible(evil, realm, monkeypatch, workdir, target):
+    """Keytab, server config, ACL, audit log, /etc/shadow, /root and homes do not exist inside."""
+    path = {
+        "keytab": realm.dir / "service.keytab", "config": evil.config_path, "acl": realm.dir / "acl.yaml",
+        "audit": evil.audit_path, "shadow": Path("/etc/shadow"), "root": Path("/root/.bashrc"),
+        "home": Path("/home"),
+    }[target]  # fmt: skip
+    reply = run_evil(evil, realm, monkeypatch, workdir, f"read {path}")
+    assert isinstance(reply, wire.Result) and reply.exit_status != 0 and reply.stdout == b""
+    assert b"No such file or directory" in reply.stderr
+    assert_contained(evil, reply)
+
+
+def test_writes_outside_the_job_vanish(evil, realm, monkeypatch, workdir):
+    """Writing a host path either fails or lands in the sandbox's throwaway tree: the host file never appears."""
+    target = workdir / "pwned"
+    for path in (target, Path("/usr/pwned"), Path("/tmp/pwned-by-sandbox")):
+        reply = run_evil(evil, realm, monkeypatch, workdir, f"write {path}")
+        assert not path.exists(), path
+        assert_contained(evil, reply)
+
+
+def test_cannot_see_or_kill_the_server(evil, realm, monkeypatch, workdir):
+    """kill -9 of the server's pid and of every process it can see: the server survives."""
+    reply = run_evil(evil, realm, monkeypatch, workdir, f"kill {evil.process.pid}")
+    assert isinstance(reply, wire.Result)
+    assert_contained(evil, reply)
+
+
+def test_unprivileged_and_capability_free(evil, realm, monkeypatch, workdir):
+    """The compiler runs with no capabilities, and as root servers' unprivileged uid; it sees only /usr and its job."""
+    reply = run_evil(evil, realm, monkeypatch, workdir, "whoami")
+    assert isinstance(reply, wire.Result), reply
+    lines = reply.stdout.decode().splitlines()
+    if os.geteuid() == 0:
+        assert lines[:2] == ["65534", "65534"]
+    else:
+        assert lines[0] != "0"
+    assert "CapEff:\t0000000000000000" in lines
+    listing = set(lines[2 : lines.index(next(line for line in lines if line.startswith("Cap")))])
+    assert {"usr", "job", "proc", "dev", "tmp"} <= listing
+    assert not listing & {"root", "home", "etc", "var", "srv", "opt"}
+
+
+@pytest.mark.parametrize(
+    ("action", "ended_by"),
+    [("spin", "cpu-limit"), ("bigfile", "file-size-limit"), ("forkbomb", "timeout")],
+)
+def test_limits_end_runaway_compiles(evil, realm, monkeypatch, workdir, action, ended_by):
+    """CPU, file size and a fork bomb are each ended by the right limit; nothing of them survives."""
+    started = time.monotonic()
+    reply = run_evil(evil, realm, monkeypatch, workdir, action)
+    assert time.monotonic() - started < 15
+    record = evil.jobs(job_id=reply.job_id)[0]
+    assert record["ended_by"] == ended_by, record
+    assert_contained(evil, reply)
+
+
+def test_daemonized_child_dies_with_the_job(evil, realm, monkeypatch, workdir):
+    """A compiler that leaves a setsid'd child behind: the child dies with the sandbox."""
+    reply = run_evil(evil, realm, monkeypatch, workdir, "daemon")
+    assert isinstance(reply, wire.Result)
+    assert_contained(evil, reply)
+
+
+@pytest.mark.parametrize("target", ["keytab", "config", "shadow", "other-job"])
+def test_incbin_finds_nothing(evil, realm, monkeypatch, workdir, target):
+    """The assembler's .incbin of the keytab, the config, /etc/shadow or another job's input fails."""
+    if target == "other-job":
+        blocker = threading.Thread(target=run_evil, args=(evil, realm, pytest.MonkeyPatch(), workdir, "spin"))
+        blocker.start()
+        scratch = Path(yaml_scratch(evil))
+        assert wait_until(lambda: any(scratch.iterdir()), 10)
+        path = next(scratch.iterdir()) / "input"
+    else:
+        blocker = None
+        path = {"keytab": realm.dir / "service.keytab", "config": evil.config_path, "shadow": "/etc/shadow"}[target]
+    channel = authenticated_channel(evil, realm, monkeypatch)
+    source = f'asm(".section .rodata\\n.incbin \\"{path}\\"\\n.previous");\n'.encode()
+    reply = channel.call(make_job("gcc", ["-O2"], "c", "-c", str(workdir), "steal.c", source))
+    channel.close()
+    assert isinstance(reply, wire.Result) and reply.exit_status != 0 and reply.output is None
+    assert f"file not found: {path}".encode() in reply.stderr
+    if blocker:
+        blocker.join(30)
+
+
+def test_client_with_another_compiler_version_compiles_locally(realm, server, workdir):
+    """A client whose gcc is not the server's is refused with the reason and builds locally."""
+    fake = workdir / "bin"
+    fake.mkdir()
+    (fake / "gcc").write_text(
+        '#!/bin/sh\nif [ "$1" = -v ]; then echo "gcc version 99.1.0 (Imaginary)" >&2; '
+        'echo "Target: x86_64-linux-gnu" >&2; exit 0; fi\nexec /usr/bin/gcc "$@"\n'
+    )
+    (fake / "gcc").chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    (workdir / "a.c").write_text("int a(void) { return 1; }\n")
+    done = securecc(realm, server, "alice", workdir, "gcc", "-O2", "-c", "a.c", "-o", "a.o",
+                    PATH=f"{fake}:{os.environ['PATH']}")  # fmt: skip
+    assert done.returncode == 0 and (workdir / "a.o").exists()
+    err = done.stderr.decode()
+    assert err.startswith("securecc: 127.0.0.1 refused the job: this server's gcc is gcc version 12")
+    assert "yours is gcc version 99.1.0 (Imaginary); target x86_64-linux-gnu" in err and err.endswith("compiling locally\n")
+    assert server.jobs(cwd=str(workdir))[-1]["reason"] == "compiler-mismatch"
+
+
+def test_rlimits_only_mode_is_explicit_and_marked(realm, own_server, workdir):
+    """Without bubblewrap an admin may choose rlimits-only: it works, warns at start, and marks every record."""
+    s = own_server(sandbox={"mode": "rlimits-only"})
+    (workdir / "a.c").write_text("int a(void) { return 1; }\n")
+    done = securecc(realm, s, "alice", workdir, "gcc", "-O2", "-c", "a.c", "-o", "r.o", SECURECC_VERBOSE="1")
+    assert done.returncode == 0 and b"compiled a.c" in done.stderr
+    local(workdir, "gcc", "-O2", "-c", "a.c", "-o", "l.o")
+    assert (workdir / "r.o").read_bytes() == (workdir / "l.o").read_bytes()
+    assert "SANDBOX DISABLED" in s.log_path.read_text()
+    assert s.jobs(cwd=str(workdir))[-1]["sandbox"] == "rlimits-only"
+    assert s.audit()[0]["event"] == "server-start" and s.audit()[0]["sandbox"] == "rlimits-only"
+
+
+def test_server_refuses_to_start_when_bubblewrap_fails(realm, workdir):
+    """bwrap mode with a bwrap that cannot run: the server says why and does not listen."""
+    from conftest import start_server
+
+    fake = workdir / "bin"  # reachable by the sandbox uid, which looks bwrap up in PATH
+    fake.mkdir()
+    (fake / "bwrap").write_text("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
+    (fake / "bwrap").chmod(0o755)
+    old = os.environ["PATH"]
+    os.environ["PATH"] = f"{fake}:{old}"
+    try:
+        with pytest.raises(RuntimeError, match="the sandbox cannot compile .*bwrap: No permissions"):
+            start_server(realm, realm.dir / "no-bwrap")
+    finally:
+        os.environ["PATH"] = old
