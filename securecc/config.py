@@ -31,13 +31,23 @@ class Compiler:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    path: Path
+    key: Path  # Ed25519 private key (securecc-admin audit keygen)
+    rotate_bytes: int | None = 100 << 20
+    checkpoint_every: int = 100
+    checkpoint_seconds: float = 5.0
+    syslog: str | None = None  # "/dev/log" or "HOST:PORT" (UDP): a copy of each checkpoint off the box
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen_host: str
     listen_port: int
     principal: str
     keytab: str
     acl: Path
-    audit: Path
+    audit: AuditConfig
     ldap: LdapConfig
     compilers: dict[str, Compiler]
     scratch: Path
@@ -51,6 +61,7 @@ _TOP = {"listen", "principal", "keytab", "acl", "audit", "ldap", "compilers", "s
 _LDAP = {"uris", "base", "users", "groups", "bind", "bind_dn", "password_file", "timeout", "cache_ttl"}
 _SANDBOX = {"scratch", "uid", "gid", "timeout", "mode"}
 _COMPILER = {"path", "timeout", "root"}
+_AUDIT = {"path", "key", "rotate_bytes", "checkpoint_every", "checkpoint_seconds", "syslog"}
 _LIMITS = {"cpu_seconds", "address_space", "file_size", "open_files", "processes", "max_input"}
 _TIMEOUTS = {"handshake", "idle"}
 
@@ -130,6 +141,7 @@ def load_config(path: Path) -> ServerConfig:
         cache_ttl=float(_typed(ldap.get("cache_ttl", 60), (int, float), where, "ldap.cache_ttl")),
     )
 
+    audit = _section(data, "audit", _AUDIT, where)
     sandbox = _section(data, "sandbox", _SANDBOX, where)
     default_timeout = float(_typed(sandbox.get("timeout", Limits().timeout), (int, float), where, "sandbox.timeout"))
     compilers = {
@@ -155,7 +167,14 @@ def load_config(path: Path) -> ServerConfig:
         principal=_typed(data["principal"], str, where, "principal"),
         keytab=str(resolve(data["keytab"], "keytab")),
         acl=resolve(data["acl"], "acl"),
-        audit=resolve(data["audit"], "audit"),
+        audit=AuditConfig(
+            path=resolve(audit.get("path"), "audit.path"),
+            key=resolve(audit.get("key"), "audit.key"),
+            rotate_bytes=_typed(audit.get("rotate_bytes", 100 << 20), int, where, "audit.rotate_bytes") or None,
+            checkpoint_every=_typed(audit.get("checkpoint_every", 100), int, where, "audit.checkpoint_every"),
+            checkpoint_seconds=float(_typed(audit.get("checkpoint_seconds", 5), (int, float), where, "audit.checkpoint_seconds")),
+            syslog=_typed(audit["syslog"], str, where, "audit.syslog") if audit.get("syslog") else None,
+        ),
         ldap=ldap_config,
         compilers=compilers,
         scratch=resolve(sandbox.get("scratch", "scratch"), "sandbox.scratch"),

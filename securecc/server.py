@@ -19,8 +19,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from twisted.internet import defer, error, protocol, threads
+from twisted.internet import defer, error, protocol, task, threads
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -31,7 +32,7 @@ from securecc import sandbox
 from securecc import protocol as wire
 from securecc import toolchain
 from securecc.acl import Acl, AclError, Directory, DirectoryUnavailable, decide, load_acl, split_principal
-from securecc.audit import AuditLog, sha256
+from securecc.audit import AuditError, AuditLog, forwarder, load_private_key, sha256
 from securecc.config import Compiler, ConfigError, ServerConfig, load_config
 from securecc.gss import Acceptor, GSSFailure
 
@@ -49,8 +50,9 @@ class AclFile:
 
     _log = Logger()
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, on_reload: Callable[..., None] | None = None) -> None:
         self.path = path
+        self.on_reload = on_reload
         self._stamp = self._stat()
         self.acl: Acl = load_acl(path)  # a bad file at start-up is fatal
 
@@ -68,8 +70,12 @@ class AclFile:
             try:
                 self.acl = load_acl(self.path)
                 self._log.info("reloaded ACL {path}", path=str(self.path))
+                outcome = {"accepted": True}
             except AclError as e:
                 self._log.error("ACL not reloaded, keeping the previous one: {error}", error=str(e))
+                outcome = {"accepted": False, "detail": str(e)}
+            if self.on_reload:
+                self.on_reload(event="acl-reload", acl=str(self.path), **outcome)
         return self.acl
 
 
@@ -89,10 +95,19 @@ class CompileService:
     running: set[sandbox.RunningJob] = field(default_factory=set)
     _log = Logger()
 
-    def stop(self) -> None:
-        """Server shutdown: no compile outlives the server."""
-        for job in list(self.running):
+    @defer.inlineCallbacks
+    def stop(self):  # type: ignore[no-untyped-def]
+        """Server shutdown: no compile outlives the server, each is recorded, the log ends signed."""
+        killed = list(self.running)
+        for job in killed:
             job.kill("shutdown")
+        yield defer.DeferredList([job.result for job in killed], consumeErrors=True)
+        yield task.deferLater(self.clock, 0, lambda: None)  # let their records be written first
+        try:
+            self.audit.write(event="server-stop", killed=len(killed))
+            self.audit.close()
+        except AuditError as e:
+            self._log.critical("{error}", error=str(e))
 
     @defer.inlineCallbacks
     def run(self, principal: str, peer: str, job: wire.Job, session: "JobProtocol"):  # type: ignore[no-untyped-def]
@@ -100,7 +115,7 @@ class CompileService:
         job_id = secrets.token_hex(8)
         started = time.monotonic()
         record = dict(
-            event="job", job_id=job_id, server=self.host, principal=principal, peer=peer,
+            event="job", job_id=job_id, principal=principal, peer=peer,
             compiler=job.compiler, args=job.args, source=job.source_path, cwd=job.cwd,
             input_sha256=sha256(job.source or job.original), headers=len(job.include_paths),
             bytes_in=len(job.source) + len(job.original) + sum(map(len, job.includes)),
@@ -116,19 +131,34 @@ class CompileService:
             outcome = yield self._compile(job_id, compiler, job, session)
         except _Refusal as refusal:
             record.update(decision="refused", reason=refusal.reason, detail=str(refusal))
-            self.audit.write(**record, duration=round(time.monotonic() - started, 4))
+            self._record(record, started)
             return wire.Refused(refusal.reason, str(refusal), job_id)
         record.update(
             decision="allowed", exit_status=outcome.exit_status, ended_by=outcome.ended_by,
-            output_sha256=sha256(outcome.output), duration=round(time.monotonic() - started, 4),
+            output_sha256=sha256(outcome.output),
             bytes_out=len(outcome.output or b"") + len(outcome.stdout) + len(outcome.stderr),
         )  # fmt: skip
-        self.audit.write(**record)
+        if not self._record(record, started):
+            return wire.Refused("audit-unavailable", "the server cannot write its audit log; it runs no job unrecorded", job_id)
         if outcome.ended_by == "timeout":
             return wire.Refused("timeout", f"compile killed after {compiler.timeout:g} s", job_id)
         return wire.Result(outcome.exit_status, outcome.stdout, outcome.stderr, outcome.output, job_id)
 
+    def _record(self, record: dict[str, object], started: float) -> bool:
+        """Write a job's audit record; False (and a log line) when the log cannot take it."""
+        try:
+            self.audit.write(**record, duration=round(time.monotonic() - started, 4))
+            return True
+        except AuditError as e:
+            self._log.critical("{error}; refusing jobs until it can be written", error=str(e))
+            return False
+
     def _check_job(self, job: wire.Job) -> Compiler:
+        if not self.audit.healthy:
+            try:
+                self.audit.recover()
+            except AuditError:
+                raise _Refusal("audit-unavailable", "the server cannot write its audit log; it runs no job unrecorded") from None
         compiler = self.config.compilers.get(job.compiler)
         if compiler is None:
             raise _Refusal("compiler-not-allowed", f"compiler {job.compiler!r} is not offered by this server")
@@ -264,8 +294,11 @@ class JobProtocol(protocol.Protocol):
             reply = self.context.step(token)
         except GSSFailure as e:
             self._log.info("{peer}: authentication failed: {error}", peer=self.peer, error=str(e))
-            self.service.audit.write(event="auth", server=self.service.host, peer=self.peer,
-                                     decision="refused", reason="authentication-failed", detail=str(e))  # fmt: skip
+            try:
+                self.service.audit.write(event="auth", peer=self.peer, decision="refused",
+                                         reason="authentication-failed", detail=str(e))  # fmt: skip
+            except AuditError:
+                pass  # logged above; nothing ran
             self.transport.write((wire.token(e.token) if e.token else b"") + wire.error("authentication-failed", str(e)))
             self.transport.loseConnection()
             return
@@ -342,7 +375,14 @@ def build(config: ServerConfig, reactor) -> tuple[JobFactory, ThreadPool]:  # ty
         os.environ["KRB5_CLIENT_KTNAME"] = config.keytab
         os.environ["KRB5CCNAME"] = "MEMORY:securecc-ldap"
     acceptor = Acceptor(config.principal, config.keytab)
-    acl = AclFile(config.acl)
+    try:
+        key = load_private_key(config.audit.key)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"audit key {config.audit.key}: {e}; make one with: securecc-admin audit keygen "
+                          f"--out {config.audit.key}") from None  # fmt: skip
+    audit = AuditLog(config.audit.path, key, socket.getfqdn(), config.audit.rotate_bytes, config.audit.checkpoint_every,
+                     config.audit.checkpoint_seconds, forwarder(config.audit.syslog))  # fmt: skip
+    acl = AclFile(config.acl, on_reload=audit.write)
     sandbox.prepare_scratch(config.scratch, config.sandbox.uid)
     self_test(config)
     try:
@@ -355,8 +395,7 @@ def build(config: ServerConfig, reactor) -> tuple[JobFactory, ThreadPool]:  # ty
             "see this host's whole filesystem and network; every audit record says so", mode=config.sandbox.mode,
         )  # fmt: skip
     pool = ThreadPool(minthreads=0, maxthreads=LDAP_THREADS, name="ldap")
-    service = CompileService(config, reactor, reactor, acl, Directory(config.ldap), pool, AuditLog(config.audit),
-                             identities)  # fmt: skip
+    service = CompileService(config, reactor, reactor, acl, Directory(config.ldap), pool, audit, identities)
     return JobFactory(service, acceptor), pool
 
 
@@ -375,14 +414,18 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(options.config)
         factory, pool = build(config, reactor)
         port = reactor.listenTCP(config.listen_port, factory, interface=config.listen_host)
-    except (ConfigError, AclError, GSSFailure, OSError, error.CannotListenError) as e:
+    except (ConfigError, AclError, AuditError, GSSFailure, OSError, error.CannotListenError) as e:
         sys.exit(f"securecc-server: {e}")
     pool.start()
+    task.LoopingCall(factory.service.audit.tick).start(1.0, now=False)
     reactor.addSystemEventTrigger("before", "shutdown", factory.service.stop)
     reactor.addSystemEventTrigger("before", "shutdown", pool.stop)
-    factory.service.audit.write(event="server-start", server=factory.service.host, principal=config.principal,
-                                listen=f"{config.listen_host}:{port.getHost().port}", sandbox=config.sandbox.mode,
-                                compilers={name: factory.service.identities[c.path] for name, c in config.compilers.items()})  # fmt: skip
+    audit = factory.service.audit
+    audit.write(event="server-start", principal=config.principal, listen=f"{config.listen_host}:{port.getHost().port}",
+                sandbox=config.sandbox.mode, compilers={n: factory.service.identities[c.path] for n, c in config.compilers.items()},
+                **({"torn_line": audit.torn_line} if audit.torn_line else {}))  # fmt: skip
+    if audit.torn_line:
+        Logger().warn("the audit log's last line {line} was torn by a crash; the chain continues after it", line=audit.torn_line)
     Logger().info("securecc-server listening on {host}:{port} as {principal}",
                   host=config.listen_host, port=port.getHost().port, principal=config.principal)  # fmt: skip
     reactor.run()

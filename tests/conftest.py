@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from securecc import protocol as wire
+from securecc.audit import records as audit_records
 from securecc.toolchain import probe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,7 +79,7 @@ class Server:
     def audit(self) -> list[dict]:
         if not self.audit_path.exists():
             return []
-        return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
+        return list(audit_records([self.audit_path]))  # skips a torn line
 
     def jobs(self, **match: object) -> list[dict]:
         return [r for r in self.audit() if r.get("event") == "job" and all(r.get(k) == v for k, v in match.items())]
@@ -102,7 +103,8 @@ def start_server(realm: Realm, workdir: Path, **overrides: object) -> Server:
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     os.chmod(workdir, 0o755)
-    config.update(listen=f"127.0.0.1:{port}", audit=str(workdir / "audit.jsonl"))
+    config.update(listen=f"127.0.0.1:{port}")
+    config["audit"] = {**config["audit"], "path": str(workdir / "audit.jsonl")}
     config["sandbox"] = {**config["sandbox"], "scratch": str(workdir / "scratch")}
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -130,7 +132,7 @@ def start_server(realm: Realm, workdir: Path, **overrides: object) -> Server:
         process.kill()
         raise RuntimeError(f"securecc-server did not listen: {log_path.read_text()}")
     hosts = f"127.0.0.1:{port},principal=securecc/localhost@TEST.REALM"
-    return Server(config_path, port, workdir / "audit.jsonl", log_path, process, hosts)
+    return Server(config_path, port, Path(config["audit"]["path"]), log_path, process, hosts)
 
 
 @pytest.fixture(scope="session")

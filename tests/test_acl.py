@@ -48,6 +48,7 @@ def test_shipped_acl_and_config_load():
     assert config.acl == REPO / "etc" / "acl.yaml"
     assert config.compilers["gcc"].path == "/usr/bin/gcc" and config.listen_port == 3637
     assert config.compilers["g++"].timeout == 3600 and config.sandbox.mode == "bwrap"
+    assert config.audit.key == Path("/etc/securecc/audit.key") and config.audit.checkpoint_every == 100
     assert config.sandbox.limits.timeout == 1200 and config.compilers["gcc"].timeout == 1200 and config.ldap.bind == "gssapi" and len(config.ldap.uris) == 2
 
 

@@ -15,7 +15,7 @@ from twisted.python.threadpool import ThreadPool
 from conftest import make_job
 from securecc import protocol as wire
 from securecc.acl import Directory
-from securecc.audit import AuditLog
+from securecc.audit import AuditLog, load_private_key
 from securecc.client import Channel
 from securecc.config import load_config
 from securecc.gss import Acceptor
@@ -30,14 +30,16 @@ def config(realm, tmp_path):
     acl.write_text("realms: [TEST.REALM]\nallow:\n  principals: [alice]\n")
     os.chmod(tmp_path, 0o755)
     base = load_config(realm.dir / "securecc.yaml")
-    return dataclasses.replace(base, acl=acl, audit=tmp_path / "audit.jsonl", scratch=realm.dir / f"scratch-{tmp_path.name}",
+    return dataclasses.replace(base, acl=acl, audit=dataclasses.replace(base.audit, path=tmp_path / "audit.jsonl"),
+                               scratch=realm.dir / f"scratch-{tmp_path.name}",
                                ldap=dataclasses.replace(base.ldap, bind="none"))  # fmt: skip
 
 
 def connected_protocol(config) -> tuple[JobProtocol, StringTransport, task.Clock]:  # type: ignore[no-untyped-def]
     clock = task.Clock()
+    audit = AuditLog(config.audit.path, load_private_key(config.audit.key), "test")
     service = CompileService(config, MemoryReactorClock(), clock, AclFile(config.acl), Directory(config.ldap),
-                             ThreadPool(), AuditLog(config.audit), {})  # fmt: skip
+                             ThreadPool(), audit, {})  # fmt: skip
     proto = JobProtocol(service, Acceptor(config.principal, config.keytab))
     transport = StringTransport()
     proto.makeConnection(transport)
@@ -96,5 +98,5 @@ def test_job_through_the_real_reactor(realm, config, monkeypatch, workdir):
         pool.stop()
     assert isinstance(reply, wire.Result) and reply.exit_status == 0
     assert reply.output and reply.output.startswith(b"\x7fELF")
-    record = json.loads(config.audit.read_text().splitlines()[-1])
+    record = json.loads(config.audit.path.read_text().splitlines()[-1])
     assert (record["principal"], record["decision"], record["reason"]) == ("alice@TEST.REALM", "allowed", "principal")

@@ -1,0 +1,130 @@
+"""securecc-audit: the auditor's tool.  Read-only; needs the log files and the public key, never the server.
+
+  securecc-audit verify --key audit.key.pub LOG...       the chain, order and signatures; exit 1 at the first problem
+  securecc-audit show LOG... [filters] [--json]          records as a table (or JSON lines for jq)
+  securecc-audit stats LOG... [filters]                  jobs, refusals by reason, top principals, bytes, time
+  securecc-audit show --follow LOG                       a live log, as it grows
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from securecc.audit import load_public_key, records, verify
+
+
+def _filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("logs", nargs="+", type=Path, help="the log and its rotated files, in any order")
+    parser.add_argument("--principal")
+    parser.add_argument("--decision", choices=["allowed", "refused"])
+    parser.add_argument("--reason")
+    parser.add_argument("--compiler")
+    parser.add_argument("--host", help="the server that wrote the record")
+    parser.add_argument("--since", help="RFC 3339 time or date, e.g. 2026-11-25 or 2026-11-25T10:00")
+    parser.add_argument("--until")
+    parser.add_argument("--all", action="store_true", help="server events and checkpoints too, not only jobs")
+
+
+def _matches(record: dict[str, Any], options: argparse.Namespace) -> bool:
+    if not options.all and record.get("event") not in ("job", "auth"):
+        return False
+    for name in ("principal", "decision", "reason", "compiler"):
+        wanted = getattr(options, name)
+        if wanted is not None and record.get(name) != wanted:
+            return False
+    if options.host and record.get("server") != options.host:
+        return False
+    stamp = str(record.get("time", ""))
+    return (not options.since or stamp >= options.since) and (not options.until or stamp < options.until)
+
+
+def _selected(options: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    return (r for r in records(options.logs) if _matches(r, options))
+
+
+def _row(r: dict[str, Any]) -> str:
+    status = r.get("ended_by") or ("-" if r.get("exit_status") is None else str(r["exit_status"]))
+    return (f"{r.get('time', ''):24}  {str(r.get('principal', '-')):22}  {r.get('event', ''):6}  "
+            f"{str(r.get('decision', '-')):8}  {str(r.get('reason', '-')):24}  {str(r.get('source', '-')):24}  {status}")  # fmt: skip
+
+
+HEADER = f"{'time (UTC)':24}  {'principal':22}  {'event':6}  {'decision':8}  {'reason':24}  {'source':24}  exit"
+
+
+def _follow(path: Path, options: argparse.Namespace) -> None:
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        buffer = b""
+        while True:
+            chunk = f.read()
+            if not chunk:
+                time.sleep(0.5)
+                continue
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if _matches(record, options):
+                    print(json.dumps(record) if options.json else _row(record), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="securecc-audit", description="Verify and query securecc audit logs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("verify", help="check the chain and the signed checkpoints")
+    check.add_argument("--key", type=Path, required=True, help="the server's public key (audit.key.pub)")
+    check.add_argument("--live", action="store_true", help="the log is being written: an unsigned tail is expected")
+    check.add_argument("logs", nargs="+", type=Path)
+    show = commands.add_parser("show", help="records as a table")
+    _filters(show)
+    show.add_argument("--json", action="store_true", help="one JSON record per line, for jq")
+    show.add_argument("--follow", action="store_true", help="watch the (last given) log grow")
+    stats = commands.add_parser("stats", help="totals")
+    _filters(stats)
+    options = parser.parse_args(argv)
+    try:
+        if options.command == "verify":
+            report = verify(options.logs, load_public_key(options.key), options.live)
+            if not report.ok:
+                print(f"securecc-audit: FAILED: {report.problem}")
+                sys.exit(1)
+            tail = f", {report.unsigned_tail} record(s) after the last checkpoint" if report.unsigned_tail else ""
+            start = f", chain from seq {report.first_seq}" if report.first_seq else ""
+            print(f"OK: {report.records} records, {report.checkpoints} signed checkpoints, {report.files} file(s){start}{tail}")
+        elif options.command == "show":
+            if options.follow:
+                _follow(options.logs[-1], options)
+            if not options.json:
+                print(HEADER)
+            for record in _selected(options):
+                print(json.dumps(record) if options.json else _row(record))
+        else:
+            _stats(list(_selected(options)))
+    except (OSError, ValueError) as e:
+        sys.exit(f"securecc-audit: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _stats(selected: list[dict[str, Any]]) -> None:
+    jobs = [r for r in selected if r.get("event") == "job"]
+    refused = collections.Counter(r.get("reason") for r in jobs if r.get("decision") == "refused")
+    principals = collections.Counter(r.get("principal") for r in jobs)
+    print(f"jobs: {len(jobs)}  allowed: {sum(r.get('decision') == 'allowed' for r in jobs)}  "
+          f"refused: {sum(refused.values())}  failed: {sum(bool(r.get('exit_status')) for r in jobs)}  "
+          f"killed: {sum(bool(r.get('ended_by')) for r in jobs)}")  # fmt: skip
+    print(f"bytes in: {sum(r.get('bytes_in', 0) for r in jobs)}  out: {sum(r.get('bytes_out', 0) or 0 for r in jobs)}  "
+          f"compile time: {sum(r.get('duration', 0) for r in jobs):.1f} s")  # fmt: skip
+    if refused:
+        print("refusals by reason: " + ", ".join(f"{reason} {n}" for reason, n in refused.most_common()))
+    if principals:
+        print("top principals: " + ", ".join(f"{p} {n}" for p, n in principals.most_common(10)))
