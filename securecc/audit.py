@@ -16,11 +16,13 @@ record (keys sorted, no spaces, UTF-8), so its bytes are its identity:
   the refusal's when refused), ``detail``; ``sandbox`` when not bwrap.
 - ``event: auth`` — a connection whose authentication failed (``peer``,
   ``reason``, ``detail``).
-- ``event: server-start`` / ``server-stop`` / ``acl-reload`` / ``rotation``
-  / ``audit-recovered`` (records that could not be written meanwhile), and
-  ``checkpoint``: ``sig``, an Ed25519 signature (base64) over the canonical
-  JSON of the checkpoint without ``sig``; since it includes ``prev``, it
-  signs the whole chain up to it.
+- ``event: server-start`` (``sandbox``, ``compilers`` and their identities,
+  ``torn_line`` after a crash) / ``server-stop`` / ``acl-reload`` /
+  ``rotation`` / ``key-rotation`` (``old_key``, ``new_key``) /
+  ``audit-recovered`` (``lost``: records that could not be written), and
+  ``checkpoint``: ``key`` (which key signed), ``sig``, an Ed25519 signature
+  (base64) over the canonical JSON of the checkpoint without ``sig``; since
+  it includes ``prev``, it signs the whole chain up to it.
 
 Why checkpoints, not a signature per record: hashing a record costs ~3 µs
 and signing ~30 µs, but verifying a signature ~100 µs, which would hold an
@@ -95,6 +97,12 @@ def generate_key(path: Path) -> Path:
     return public
 
 
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """A key's short name in the log: the start of the sha256 of its raw bytes."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
@@ -138,7 +146,12 @@ class AuditLog:
     checkpoint_seconds: float = 5.0
     forward: Callable[[bytes], None] | None = None  # a copy of each checkpoint line off the box
     torn_line: int | None = field(default=None, init=False)  # set when the last start found one
+    previous_key: str | None = field(default=None, init=False)  # the key of the log's last checkpoint
     healthy: bool = field(default=True, init=False)
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.key.public_key())
 
     def __post_init__(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,6 +168,7 @@ class AuditLog:
                 raise AuditError(f"{self.path} does not end with a securecc audit record (another format, or not "
                                  "an audit log); move it away to start a new chain") from None  # fmt: skip
             self._seq, self._head = seq + 1, line_hash(last)
+            self.previous_key = json.loads(last).get("key")
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._size = os.fstat(self._fd).st_size
         if torn:
@@ -215,7 +229,7 @@ class AuditLog:
         """Sign the chain head (a no-op when nothing was written since the last one)."""
         if self._unsigned == 0:
             return
-        line = self._append({"event": "checkpoint", "records": self._unsigned}, sign=True)
+        line = self._append({"event": "checkpoint", "records": self._unsigned, "key": self.key_id}, sign=True)
         self._unsigned = 0
         self._last_checkpoint = time.monotonic()
         try:
@@ -329,13 +343,17 @@ class Report:
         return self.problem is None
 
 
-def verify(paths: list[Path], public_key: Ed25519PublicKey, live: bool = False) -> Report:
+def verify(paths: list[Path], public_keys: Ed25519PublicKey | list[Ed25519PublicKey], live: bool = False) -> Report:
     """Check the chain, the order and every checkpoint's signature; stop at the first problem.
+
+    ``public_keys``: the server's key, or all its keys when the log spans a
+    key rotation (each checkpoint names the key that signed it).
 
     ``live``: the log is being written, so records after the last checkpoint
     are expected (otherwise a log must end with a checkpoint: one that does
     not was cut, or its server crashed — then the next start says so).
     """
+    keys = {key_id(k): k for k in (public_keys if isinstance(public_keys, list) else [public_keys])}
     report = Report(files=len(paths))
     prev: Line | None = None
     pending_torn: Line | None = None
@@ -381,6 +399,10 @@ def verify(paths: list[Path], public_key: Ed25519PublicKey, live: bool = False) 
                 return report
         if event == "checkpoint":
             unsigned = {k: v for k, v in record.items() if k != "sig"}
+            public_key = keys.get(record.get("key", ""))
+            if public_key is None:
+                report.problem = f"{line.where}: checkpoint signed by key {record.get('key')}, which was not given"
+                return report
             try:
                 public_key.verify(base64.b64decode(record.get("sig", ""), validate=True), canonical(unsigned))
             except (InvalidSignature, ValueError):

@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="securecc-audit", description="Verify and query securecc audit logs.")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("verify", help="check the chain and the signed checkpoints")
-    check.add_argument("--key", type=Path, required=True, help="the server's public key (audit.key.pub)")
+    check.add_argument("--key", type=Path, required=True, action="append",
+                       help="the server's public key (audit.key.pub); repeat for a log spanning a key rotation")
     check.add_argument("--live", action="store_true", help="the log is being written: an unsigned tail is expected")
     check.add_argument("logs", nargs="+", type=Path)
     show = commands.add_parser("show", help="records as a table")
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parser.parse_args(argv)
     try:
         if options.command == "verify":
-            report = verify(options.logs, load_public_key(options.key), options.live)
+            report = verify(options.logs, [load_public_key(k) for k in options.key], options.live)
             if not report.ok:
                 print(f"securecc-audit: FAILED: {report.problem}")
                 sys.exit(1)

@@ -125,7 +125,7 @@ class CompileService:
         try:
             compiler = self._check_job(job)
             decision = yield self._authorize(principal)
-            record.update(compiler_path=compiler.path, reason=decision.reason)
+            record.update(compiler_path=compiler.path, compiler_identity=job.compiler_identity, reason=decision.reason)
             if not decision.allowed:
                 raise _Refusal(decision.reason, f"{principal} may not compile here ({decision.reason})")
             outcome = yield self._compile(job_id, compiler, job, session)
@@ -424,6 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     audit.write(event="server-start", principal=config.principal, listen=f"{config.listen_host}:{port.getHost().port}",
                 sandbox=config.sandbox.mode, compilers={n: factory.service.identities[c.path] for n, c in config.compilers.items()},
                 **({"torn_line": audit.torn_line} if audit.torn_line else {}))  # fmt: skip
+    if audit.previous_key and audit.previous_key != audit.key_id:
+        audit.write(event="key-rotation", old_key=audit.previous_key, new_key=audit.key_id)
     if audit.torn_line:
         Logger().warn("the audit log's last line {line} was torn by a crash; the chain continues after it", line=audit.torn_line)
     Logger().info("securecc-server listening on {host}:{port} as {principal}",

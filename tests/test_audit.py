@@ -14,6 +14,7 @@ import pytest
 
 from conftest import BIN, securecc
 from securecc.audit import AuditLog, generate_key, load_private_key, load_public_key, verify
+from securecc.audit import key_id as load_key_id
 
 
 @pytest.fixture
@@ -96,8 +97,26 @@ def test_forged_or_foreign_signatures_are_found(tmp_path, keys):
     path.write_bytes(b"".join(lines))
     assert check(path, public) == f"{path}:{checkpoint + 1}: checkpoint signature invalid (forged, or signed by another key)"
     generate_key(tmp_path / "other.key")
-    resigned = write_log(tmp_path / "b.jsonl", load_private_key(tmp_path / "other.key"))  # a whole chain rebuilt by someone without our key
-    assert "checkpoint signature invalid" in check(resigned, public)
+    resigned = write_log(tmp_path / "b.jsonl", load_private_key(tmp_path / "other.key"))  # a chain rebuilt without our key
+    assert "which was not given" in check(resigned, public)
+    lines = lines_of(resigned)
+    checkpoint = next(i for i, line in enumerate(lines) if b'"event":"checkpoint"' in line)
+    lines[checkpoint] = reencode(lines[checkpoint], key=load_key_id(public))  # claims our key: the signature says no
+    resigned.write_bytes(b"".join(lines))
+    assert check(resigned, public) == f"{resigned}:{checkpoint + 1}: checkpoint signature invalid (forged, or signed by another key)"
+
+
+def test_key_rotation_is_recorded_and_verifiable(tmp_path, keys):
+    """A log continued under a new key verifies given both keys, and says which key it lacks otherwise."""
+    private, public, _ = keys
+    path = write_log(tmp_path / "a.jsonl", private)
+    new_public = generate_key(tmp_path / "new.key")
+    log = AuditLog(path, load_private_key(tmp_path / "new.key"), "build1")
+    assert log.previous_key == load_key_id(public) != log.key_id
+    log.write(event="key-rotation", old_key=log.previous_key, new_key=log.key_id)
+    log.close()
+    assert verify([path], [public, load_public_key(new_public)]).ok
+    assert "which was not given" in verify([path], public).problem
 
 
 def test_splicing_two_logs_is_found(tmp_path, keys):
