@@ -1,11 +1,16 @@
 """securecc-admin: the server administrator's tool.
 
-  securecc-admin audit keygen --out /etc/securecc/audit.key   a new Ed25519 signing key (+ .pub for auditors)
+  securecc-admin audit keygen --out /etc/securecc/audit.key    a new Ed25519 signing key (+ .pub for auditors)
+  securecc-admin acl lint acl.yaml                             validate an ACL before installing it
+  securecc-admin acl check PRINCIPAL [--compiler gcc]          what the server would decide, and why
+
+Exit status of ``acl``: 0 allowed (or valid), 1 denied, 2 invalid or unusable.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,15 +21,83 @@ def main(argv: list[str] | None = None) -> None:
     audit = areas.add_parser("audit", help="the audit log's signing key").add_subparsers(dest="command", required=True)
     keygen = audit.add_parser("keygen", help="make the server's Ed25519 audit signing key")
     keygen.add_argument("--out", type=Path, required=True, help="private key file to create (never overwritten)")
+    acl = areas.add_parser("acl", help="the access control list").add_subparsers(dest="command", required=True)
+    lint = acl.add_parser("lint", help="validate an acl.yaml")
+    lint.add_argument("file", type=Path)
+    check = acl.add_parser("check", help="decide for a principal as the server would, with the reason")
+    check.add_argument("principal", help="e.g. alice@EXAMPLE.ORG")
+    check.add_argument("--compiler", default="gcc", help="a compiler name from the server's list (default gcc)")
+    check.add_argument("--config", type=Path, default=Path(os.environ.get("SECURECC_CONFIG", "/etc/securecc/securecc.yaml")),
+                       help="the server's configuration (default $SECURECC_CONFIG or /etc/securecc/securecc.yaml)")  # fmt: skip
     options = parser.parse_args(argv)
+    if options.area == "audit":
+        keygen_command(options.out)
+    elif options.command == "lint":
+        lint_command(options.file)
+    else:
+        check_command(options.principal, options.compiler, options.config)
+
+
+def keygen_command(out: Path) -> None:
     from securecc.audit import generate_key
 
     try:
-        public = generate_key(options.out)
+        public = generate_key(out)
     except FileExistsError:
-        sys.exit(f"securecc-admin: {options.out} exists; a new key would orphan the old log's checkpoints — "
+        sys.exit(f"securecc-admin: {out} exists; a new key would orphan the old log's checkpoints — "
                  "move it away first if you mean to rotate the key")  # fmt: skip
     except OSError as e:
-        sys.exit(f"securecc-admin: cannot write {options.out}: {e.strerror or e}")
-    print(f"private key: {options.out} (mode 0600, for the server's audit.key)")
+        sys.exit(f"securecc-admin: cannot write {out}: {e.strerror or e}")
+    print(f"private key: {out} (mode 0600, for the server's audit.key)")
     print(f"public key:  {public} (for auditors: securecc-audit verify --key {public} LOG...)")
+
+
+def _invalid(message: str) -> None:
+    print(f"securecc-admin: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def lint_command(path: Path) -> None:
+    from securecc.acl import AclError, load_acl
+
+    try:
+        acl = load_acl(path)
+    except AclError as e:
+        _invalid(str(e))
+    print(f"{path}: OK: realms {', '.join(sorted(acl.realms))}; {len(acl.allow)} allow rule(s); "
+          f"deny {len(acl.deny_principals)} principal(s), {len(acl.deny_groups)} group(s); "
+          f"admins {len(acl.admin_principals)} principal(s), {len(acl.admin_groups)} group(s)")  # fmt: skip
+
+
+def check_command(principal: str, compiler: str, config_path: Path) -> None:
+    from securecc.acl import AclError, Directory, DirectoryUnavailable, Membership, decide, load_acl
+    from securecc.acl import split_principal, use_service_credentials
+    from securecc.config import ConfigError, load_config
+
+    try:
+        config = load_config(config_path)
+        acl = load_acl(config.acl)
+    except (ConfigError, AclError) as e:
+        _invalid(str(e))
+    if compiler not in config.compilers:
+        print(f"{principal}, compiler {compiler}: DENIED (denied:compiler-not-offered): "
+              f"this server offers {', '.join(sorted(config.compilers))}")  # fmt: skip
+        sys.exit(1)
+    membership = Membership(None, frozenset(), ["no LDAP lookup: the realm is not accepted or no rule names a group"])
+    if split_principal(principal)[1] in acl.realms and acl.groups:
+        if config.ldap.bind == "gssapi":
+            use_service_credentials(config.keytab)
+        try:
+            membership = Directory(config.ldap).membership(principal)
+        except DirectoryUnavailable as e:
+            print(f"{principal}, compiler {compiler}: DENIED (denied:ldap-unavailable): {e}")
+            sys.exit(1)
+    decision = decide(acl, principal, membership.groups, compiler)
+    verdict = "ALLOWED" if decision.allowed else "DENIED"
+    print(f"{principal}, compiler {compiler}: {verdict} ({decision.reason})")
+    if decision.rule:
+        print(f"  by the {decision.rule.describe()} of {acl.path}")
+    print(f"  groups: {', '.join(sorted(membership.groups)) or 'none'}")
+    for fact in membership.facts:
+        print(f"  LDAP: {fact}")
+    sys.exit(0 if decision.allowed else 1)

@@ -149,12 +149,12 @@ class Channel:
             if events:
                 return events
 
-    def authenticate(self) -> None:
+    def authenticate(self, credentials=None) -> None:  # type: ignore[no-untyped-def]
         from securecc import protocol as wire
         from securecc.gss import GSSFailure, Initiator
 
         try:
-            initiator = Initiator(self.host.target)
+            initiator = Initiator(self.host.target, credentials)
             first = initiator.step()
             self.sock.sendall(wire.hello() + wire.token(first or b""))
             greeted = False

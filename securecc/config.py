@@ -58,7 +58,8 @@ class ServerConfig:
 
 
 _TOP = {"listen", "principal", "keytab", "acl", "audit", "ldap", "compilers", "sandbox", "limits", "timeouts"}
-_LDAP = {"uris", "base", "users", "groups", "bind", "bind_dn", "password_file", "timeout", "cache_ttl"}
+_LDAP = {"uris", "base", "users", "groups", "bind", "bind_dn", "password_file", "starttls", "ca_file", "timeout",
+         "user_filter", "membership", "nested", "positive_ttl", "negative_ttl", "max_stale"}
 _SANDBOX = {"scratch", "uid", "gid", "timeout", "mode"}
 _COMPILER = {"path", "timeout", "root"}
 _AUDIT = {"path", "key", "rotate_bytes", "checkpoint_every", "checkpoint_seconds", "syslog"}
@@ -77,7 +78,7 @@ def _section(data: dict[str, Any], name: str, keys: set[str], where: str) -> dic
 
 
 def _typed(value: Any, kind: type | tuple[type, ...], where: str, key: str) -> Any:
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ConfigError(f"{where}: '{key}' has the wrong type ({type(value).__name__})")
     return value
 
@@ -127,8 +128,20 @@ def load_config(path: Path) -> ServerConfig:
         raise ConfigError(f"{where}: 'ldap.uris' must list at least one LDAP URI")
     for key in ("base", "users", "groups"):
         _typed(ldap.get(key), str, where, f"ldap.{key}")
-    if ldap.get("bind", "gssapi") not in ("gssapi", "simple", "none"):
-        raise ConfigError(f"{where}: 'ldap.bind' must be gssapi, simple or none")
+    if ldap.get("bind", "gssapi") not in ("gssapi", "external", "simple", "none"):
+        raise ConfigError(f"{where}: 'ldap.bind' must be gssapi, external, simple or none")
+    if ldap.get("bind") == "simple" and not ("bind_dn" in ldap and "password_file" in ldap):
+        raise ConfigError(f"{where}: 'ldap.bind: simple' needs bind_dn and password_file")
+    membership = _typed(ldap.get("membership", ["member", "memberUid"]), list, where, "ldap.membership")
+    if not membership or not set(membership) <= {"member", "memberUid", "memberOf"}:
+        raise ConfigError(f"{where}: 'ldap.membership' lists member, memberUid and/or memberOf")
+    user_filter = _typed(ldap.get("user_filter", "(uid={user})"), str, where, "ldap.user_filter")
+    if "{user}" not in user_filter and "{principal}" not in user_filter:
+        raise ConfigError(f"{where}: 'ldap.user_filter' must contain {{user}} or {{principal}}")
+
+    def seconds(key: str, default: float) -> float:
+        return float(_typed(ldap.get(key, default), (int, float), where, f"ldap.{key}"))
+
     ldap_config = LdapConfig(
         uris=tuple(uris),
         base=ldap["base"],
@@ -137,8 +150,15 @@ def load_config(path: Path) -> ServerConfig:
         bind=ldap.get("bind", "gssapi"),
         bind_dn=_typed(ldap.get("bind_dn", ""), str, where, "ldap.bind_dn"),
         password_file=str(resolve(ldap["password_file"], "ldap.password_file")) if "password_file" in ldap else "",
-        timeout=float(_typed(ldap.get("timeout", 5), (int, float), where, "ldap.timeout")),
-        cache_ttl=float(_typed(ldap.get("cache_ttl", 60), (int, float), where, "ldap.cache_ttl")),
+        starttls=_typed(ldap.get("starttls", False), bool, where, "ldap.starttls"),
+        ca_file=str(resolve(ldap["ca_file"], "ldap.ca_file")) if "ca_file" in ldap else "",
+        timeout=seconds("timeout", 5),
+        user_filter=user_filter,
+        membership=tuple(membership),
+        nested=_typed(ldap.get("nested", True), bool, where, "ldap.nested"),
+        positive_ttl=seconds("positive_ttl", 60),
+        negative_ttl=seconds("negative_ttl", 10),
+        max_stale=seconds("max_stale", 300),
     )
 
     audit = _section(data, "audit", _AUDIT, where)

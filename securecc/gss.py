@@ -107,12 +107,13 @@ def target_name(principal: str) -> gssapi.Name:
 class Initiator:
     """The client side: credentials from the default ccache or KRB5_CLIENT_KTNAME."""
 
-    def __init__(self, principal: str) -> None:
+    def __init__(self, principal: str, credentials: gssapi.Credentials | None = None) -> None:
         self.principal = principal
         self._context = gssapi.SecurityContext(
             name=target_name(principal),
             flags=list(REQUIRED_FLAGS),
             usage="initiate",
+            creds=credentials,  # None: the default ccache or KRB5_CLIENT_KTNAME
         )
 
     def step(self, in_token: bytes | None = None) -> bytes | None:

@@ -11,8 +11,10 @@ reply and an audit record too.  This module holds no policy of its own.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -31,12 +33,22 @@ from securecc import args as argpolicy
 from securecc import sandbox
 from securecc import protocol as wire
 from securecc import toolchain
-from securecc.acl import Acl, AclError, Directory, DirectoryUnavailable, decide, load_acl, split_principal
+from securecc.acl import (
+    Acl,
+    AclError,
+    Directory,
+    DirectoryUnavailable,
+    decide,
+    load_acl,
+    split_principal,
+    use_service_credentials,
+)
 from securecc.audit import AuditError, AuditLog, forwarder, load_private_key, sha256
 from securecc.config import Compiler, ConfigError, ServerConfig, load_config
 from securecc.gss import Acceptor, GSSFailure
 
 LDAP_THREADS = 4
+LISTEN_BACKLOG = 1024  # make -j64 on a few workstations connects in bursts; 50 would drop SYNs (1 s retries)
 
 
 class _Refusal(Exception):
@@ -64,19 +76,26 @@ class AclFile:
             return None
 
     def current(self) -> Acl:
-        stamp = self._stat()
-        if stamp != self._stamp:
-            self._stamp = stamp
-            try:
-                self.acl = load_acl(self.path)
-                self._log.info("reloaded ACL {path}", path=str(self.path))
-                outcome = {"accepted": True}
-            except AclError as e:
-                self._log.error("ACL not reloaded, keeping the previous one: {error}", error=str(e))
-                outcome = {"accepted": False, "detail": str(e)}
-            if self.on_reload:
-                self.on_reload(event="acl-reload", acl=str(self.path), **outcome)
+        """The ACL in force, re-read first if the file changed."""
+        if self._stat() != self._stamp:
+            self.reload()
         return self.acl
+
+    def reload(self) -> None:
+        """Re-read the file (on change, and on SIGHUP); keep the last good ACL if it is broken."""
+        self._stamp = self._stat()
+        try:
+            self.acl = load_acl(self.path)
+            self._log.info("reloaded ACL {path}", path=str(self.path))
+            outcome: dict[str, object] = {"accepted": True}
+        except AclError as e:
+            self._log.error("ACL not reloaded, keeping the previous one: {error}", error=str(e))
+            outcome = {"accepted": False, "detail": str(e)}
+        if self.on_reload:
+            try:
+                self.on_reload(event="acl-reload", acl=str(self.path), **outcome)
+            except AuditError as e:
+                self._log.critical("{error}", error=str(e))
 
 
 @dataclass
@@ -93,6 +112,7 @@ class CompileService:
     identities: dict[str, str]  # compiler path -> what it says of itself (securecc.toolchain)
     host: str = field(default_factory=socket.getfqdn)
     running: set[sandbox.RunningJob] = field(default_factory=set)
+    active: collections.Counter[str] = field(default_factory=collections.Counter)  # jobs per principal
     _log = Logger()
 
     @defer.inlineCallbacks
@@ -124,11 +144,18 @@ class CompileService:
             record["sandbox"] = self.config.sandbox.mode
         try:
             compiler = self._check_job(job)
-            decision = yield self._authorize(principal)
+            decision = yield self._authorize(principal, job, record["bytes_in"])
             record.update(compiler_path=compiler.path, compiler_identity=job.compiler_identity, reason=decision.reason)
             if not decision.allowed:
                 raise _Refusal(decision.reason, f"{principal} may not compile here ({decision.reason})")
-            outcome = yield self._compile(job_id, compiler, job, session)
+            limit = decision.rule.max_jobs if decision.rule else None
+            if limit is not None and self.active[principal] >= limit:
+                raise _Refusal("busy:principal-limit", f"{principal} already runs {limit} jobs here, the ACL's limit")
+            self.active[principal] += 1
+            try:
+                outcome = yield self._compile(job_id, compiler, job, session)
+            finally:
+                self.active[principal] -= 1
         except _Refusal as refusal:
             record.update(decision="refused", reason=refusal.reason, detail=str(refusal))
             self._record(record, started)
@@ -139,7 +166,7 @@ class CompileService:
             bytes_out=len(outcome.output or b"") + len(outcome.stdout) + len(outcome.stderr),
         )  # fmt: skip
         if not self._record(record, started):
-            return wire.Refused("audit-unavailable", "the server cannot write its audit log; it runs no job unrecorded", job_id)
+            return wire.Refused("denied:audit-unavailable", "the server cannot write its audit log; it runs no job unrecorded", job_id)
         if outcome.ended_by == "timeout":
             return wire.Refused("timeout", f"compile killed after {compiler.timeout:g} s", job_id)
         return wire.Result(outcome.exit_status, outcome.stdout, outcome.stderr, outcome.output, job_id)
@@ -158,44 +185,43 @@ class CompileService:
             try:
                 self.audit.recover()
             except AuditError:
-                raise _Refusal("audit-unavailable", "the server cannot write its audit log; it runs no job unrecorded") from None
+                raise _Refusal("denied:audit-unavailable", "the server cannot write its audit log; it runs no job unrecorded") from None
         compiler = self.config.compilers.get(job.compiler)
         if compiler is None:
-            raise _Refusal("compiler-not-allowed", f"compiler {job.compiler!r} is not offered by this server")
+            raise _Refusal("denied:compiler-not-offered", f"compiler {job.compiler!r} is not offered by this server")
         identity = self.identities.get(compiler.path)
         if job.compiler_identity != identity:
-            raise _Refusal("compiler-mismatch", f"this server's {job.compiler} is {identity}, yours is "
+            raise _Refusal("denied:compiler-mismatch", f"this server's {job.compiler} is {identity}, yours is "
                            f"{job.compiler_identity or 'unknown'}; objects would differ")  # fmt: skip
         if job.mode not in ("-c", "-S") or job.language not in argpolicy.LANGUAGES:
-            raise _Refusal("argument-refused", f"unsupported mode {job.mode} or language {job.language}")
+            raise _Refusal("denied:argument-refused", f"unsupported mode {job.mode} or language {job.language}")
         preprocessing = job.language in argpolicy.SERVER_PREPROCESSES
         bad = argpolicy.refused_argument(job.args, preprocessing)
         if bad is not None:
-            raise _Refusal("argument-refused", f"argument {bad!r} is not allowed on a compile server")
+            raise _Refusal("denied:argument-refused", f"argument {bad!r} is not allowed on a compile server")
         bad = argpolicy.check_environment(job.environment)
         if bad is not None:
-            raise _Refusal("argument-refused", f"environment {bad} is not allowed on a compile server")
+            raise _Refusal("denied:argument-refused", f"environment {bad} is not allowed on a compile server")
         if job.include_paths and not preprocessing:
-            raise _Refusal("argument-refused", "headers sent with a preprocessed job")
+            raise _Refusal("denied:argument-refused", "headers sent with a preprocessed job")
         for path in (job.cwd, sandbox.mount_point(job.cwd, job.source_path), *job.include_paths):
             why = sandbox.check_client_path(path)
             if why:
-                raise _Refusal("bad-path", f"path {path!r} cannot be used: {why}")
+                raise _Refusal("denied:bad-path", f"path {path!r} cannot be used: {why}")
         if self.config.sandbox.mode != "bwrap" and preprocessing:
-            raise _Refusal("unsupported", "this server runs without bubblewrap and cannot preprocess")
+            raise _Refusal("denied:unsupported", "this server runs without bubblewrap and cannot preprocess")
         return compiler
 
     @defer.inlineCallbacks
-    def _authorize(self, principal: str):  # type: ignore[no-untyped-def]
+    def _authorize(self, principal: str, job: wire.Job, input_size: int):  # type: ignore[no-untyped-def]
         acl = self.acl.current()
-        name, realm = split_principal(principal)
         groups: frozenset[str] = frozenset()
-        if realm in acl.realms and acl.groups:
+        if split_principal(principal)[1] in acl.realms and acl.groups:
             try:
-                groups = yield threads.deferToThreadPool(self.clock, self.pool, self.directory.groups_of, name)
+                groups = yield threads.deferToThreadPool(self.clock, self.pool, self.directory.groups_of, principal)
             except DirectoryUnavailable as e:
-                raise _Refusal("ldap-unavailable", str(e)) from None
-        return decide(acl, principal, groups)
+                raise _Refusal("denied:ldap-unavailable", str(e)) from None
+        return decide(acl, principal, groups, job.compiler, input_size)
 
     @defer.inlineCallbacks
     def _compile(self, job_id: str, compiler: Compiler, job: wire.Job, session: "JobProtocol"):  # type: ignore[no-untyped-def]
@@ -296,7 +322,7 @@ class JobProtocol(protocol.Protocol):
             self._log.info("{peer}: authentication failed: {error}", peer=self.peer, error=str(e))
             try:
                 self.service.audit.write(event="auth", peer=self.peer, decision="refused",
-                                         reason="authentication-failed", detail=str(e))  # fmt: skip
+                                         reason="denied:authentication-failed", detail=str(e))  # fmt: skip
             except AuditError:
                 pass  # logged above; nothing ran
             self.transport.write((wire.token(e.token) if e.token else b"") + wire.error("authentication-failed", str(e)))
@@ -370,10 +396,7 @@ def self_test(config: ServerConfig) -> None:
 def build(config: ServerConfig, reactor) -> tuple[JobFactory, ThreadPool]:  # type: ignore[no-untyped-def]
     """Everything the listener needs; fails (ConfigError, AclError, GSSFailure) before listening."""
     if config.ldap.bind == "gssapi":
-        # LDAP SASL binds as the service itself, from its own keytab, into a
-        # private in-memory cache: never a user's ccache inherited from a shell.
-        os.environ["KRB5_CLIENT_KTNAME"] = config.keytab
-        os.environ["KRB5CCNAME"] = "MEMORY:securecc-ldap"
+        use_service_credentials(config.keytab)
     acceptor = Acceptor(config.principal, config.keytab)
     try:
         key = load_private_key(config.audit.key)
@@ -413,11 +436,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(options.config)
         factory, pool = build(config, reactor)
-        port = reactor.listenTCP(config.listen_port, factory, interface=config.listen_host)
+        port = reactor.listenTCP(config.listen_port, factory, backlog=LISTEN_BACKLOG, interface=config.listen_host)
     except (ConfigError, AclError, AuditError, GSSFailure, OSError, error.CannotListenError) as e:
         sys.exit(f"securecc-server: {e}")
     pool.start()
     task.LoopingCall(factory.service.audit.tick).start(1.0, now=False)
+    signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(factory.service.acl.reload))
     reactor.addSystemEventTrigger("before", "shutdown", factory.service.stop)
     reactor.addSystemEventTrigger("before", "shutdown", pool.stop)
     audit = factory.service.audit

@@ -1,74 +1,111 @@
-"""Authorization: the decide() table, acl.yaml and the server config, LDAP against real slapd."""
+"""Authorization: decide(), acl.yaml, LDAP against the real slapd, hot reload, the admin tools."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, securecc
-from securecc.acl import Acl, AclError, Directory, DirectoryUnavailable, LdapConfig, decide, load_acl
+from conftest import BIN, REPO, free_port, make_job, securecc
+from securecc import protocol as wire
+from securecc.acl import Acl, AclError, Directory, DirectoryUnavailable, LdapConfig, Rule, decide, load_acl
+from securecc.client import Channel
 from securecc.config import ConfigError, load_config
+from securecc.hosts import parse_host
+
+
+def credentials_for(realm, user: str):  # type: ignore[no-untyped-def]
+    """A user's own GSS credentials (its keytab, a private memory cache): threads need not share the environment."""
+    import gssapi
+
+    name = gssapi.Name(f"{user}@TEST.REALM", gssapi.NameType.kerberos_principal)
+    store = {"ccache": f"MEMORY:{user}-{id(realm)}", "client_keytab": str(realm.dir / f"{user}.keytab")}
+    return gssapi.Credentials(name=name, usage="initiate", store=store)
 
 ACL = Acl(
     realms=frozenset({"TEST.REALM"}),
-    allow_groups=frozenset({"committers"}),
-    allow_principals=frozenset({"robot@TEST.REALM"}),
-    deny_groups=frozenset({"suspended"}),
+    allow=(
+        Rule("principal", "robot@TEST.REALM", max_jobs=4),
+        Rule("group", "committers", frozenset({"gcc", "g++"}), max_input=1000),
+        Rule("group", "cxx-team", frozenset({"clang++"})),
+    ),
     deny_principals=frozenset({"mallory"}),
+    deny_groups=frozenset({"suspended"}),
 )
 
 
 @pytest.mark.parametrize(
-    ("principal", "groups", "allowed", "reason"),
+    ("principal", "groups", "compiler", "size", "reason"),
     [
-        ("alice@TEST.REALM", {"committers"}, True, "group:committers"),
-        ("bob@TEST.REALM", set(), False, "not-in-allowed-group"),
-        ("bob@TEST.REALM", {"users"}, False, "not-in-allowed-group"),
-        ("robot@TEST.REALM", set(), True, "principal"),
-        ("alice@OTHER.REALM", {"committers"}, False, "realm-not-accepted"),
-        ("alice", {"committers"}, False, "realm-not-accepted"),
-        ("mallory@TEST.REALM", {"committers"}, False, "denied-principal"),
-        ("carol@TEST.REALM", {"committers", "suspended"}, False, "denied-group:suspended"),
-        ("robot@TEST.REALM", {"suspended"}, False, "denied-group:suspended"),
+        ("alice@TEST.REALM", {"committers"}, "gcc", 10, "allowed:group:committers"),
+        ("bob@TEST.REALM", set(), "gcc", 10, "denied:not-in-group"),
+        ("bob@TEST.REALM", {"users"}, "gcc", 10, "denied:not-in-group"),
+        ("robot@TEST.REALM", set(), "clang", 10, "allowed:principal:robot@TEST.REALM"),
+        ("alice@OTHER.REALM", {"committers"}, "gcc", 10, "denied:realm-not-accepted"),
+        ("alice", {"committers"}, "gcc", 10, "denied:realm-not-accepted"),
+        ("mallory@TEST.REALM", {"committers"}, "gcc", 10, "denied:principal-deny-list"),
+        ("carol@TEST.REALM", {"committers", "suspended"}, "gcc", 10, "denied:group-deny-list:suspended"),
+        ("robot@TEST.REALM", {"suspended"}, "gcc", 10, "denied:group-deny-list:suspended"),
+        ("alice@TEST.REALM", {"committers"}, "clang++", 10, "denied:compiler-not-allowed"),
+        ("dave@TEST.REALM", {"committers", "cxx-team"}, "clang++", 10, "allowed:group:cxx-team"),
+        ("alice@TEST.REALM", {"committers"}, "gcc", 1001, "denied:input-too-large"),
     ],
 )
-def test_decide(principal, groups, allowed, reason):
-    """Deny by default, deny beats allow, foreign realms are refused."""
-    decision = decide(ACL, principal, frozenset(groups))
-    assert (decision.allowed, decision.reason) == (allowed, reason)
+def test_decide(principal, groups, compiler, size, reason):
+    """Deny by default, deny beats allow, foreign realms refused; the first rule offering the compiler decides."""
+    decision = decide(ACL, principal, frozenset(groups), compiler, size)
+    assert (decision.allowed, decision.reason) == (reason.startswith("allowed"), reason)
+
+
+def test_deciding_rule_carries_its_limits():
+    """The rule that allowed a job comes with it: its limits are the job's."""
+    assert decide(ACL, "robot@TEST.REALM", frozenset(), "gcc").rule.max_jobs == 4
+    assert decide(ACL, "alice@TEST.REALM", frozenset({"committers"}), "gcc").rule.line == 0
 
 
 def test_shipped_acl_and_config_load():
     """etc/acl.yaml and etc/securecc.yaml are valid and say what their comments say."""
     acl = load_acl(REPO / "etc" / "acl.yaml")
-    assert acl.realms == {"EXAMPLE.ORG"} and acl.allow_groups == {"committers"} and not acl.deny_principals
+    assert acl.realms == {"EXAMPLE.ORG"} and acl.admin_groups == {"securecc-admins"}
+    (rule,) = acl.allow
+    assert (rule.kind, rule.name, rule.max_jobs, rule.max_input) == ("group", "committers", 16, 134217728)
+    assert rule.compilers == {"gcc", "cc", "g++", "c++"} and rule.line == 41
     config = load_config(REPO / "etc" / "securecc.yaml")
-    assert config.acl == REPO / "etc" / "acl.yaml"
-    assert config.compilers["gcc"].path == "/usr/bin/gcc" and config.listen_port == 3637
-    assert config.compilers["g++"].timeout == 3600 and config.sandbox.mode == "bwrap"
+    assert config.acl == REPO / "etc" / "acl.yaml" and config.listen_port == 3637
+    assert config.compilers["gcc"].path == "/usr/bin/gcc" and config.compilers["g++"].timeout == 3600
     assert config.audit.key == Path("/etc/securecc/audit.key") and config.audit.checkpoint_every == 100
-    assert config.sandbox.limits.timeout == 1200 and config.compilers["gcc"].timeout == 1200 and config.ldap.bind == "gssapi" and len(config.ldap.uris) == 2
+    assert config.sandbox.limits.timeout == 1200 and config.sandbox.mode == "bwrap"
+    assert config.ldap.membership == ("member", "memberUid") and config.ldap.positive_ttl == 60
+    assert config.ldap.bind == "gssapi" and len(config.ldap.uris) == 2 and config.ldap.user_filter == "(uid={user})"
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("realms: [A]\nallow: {groups: [x]}\nalow: {}\n", "top level must be a mapping"),
-        ("realms: []\n", "'realms' must list at least one"),
-        ("realms: [A]\nallow: {group: [x]}\n", "'allow' must be a mapping with keys"),
-        ("realms: [A]\ndeny: {principals: alice}\n", "'deny.principals' must be a list"),
-        ("realms: [A]\nallow: {groups: [x]\n", "while parsing"),
+        ("realms: [A]\nallow: []\nalow: []\n", ":3: unknown key 'alow' in acl.yaml"),
+        ("realms: []\n", ":1: 'realms' must list at least one"),
+        ("realms: [A]\nallow:\n  - group: x\n    max_job: 3\n", ":4: unknown key 'max_job' in an allow rule"),
+        ("realms: [A]\nallow:\n  - group: x\n    principal: y\n", ":3: an allow rule names exactly one group or one principal"),
+        ("realms: [A]\nallow:\n  - group: x\n    max_jobs: many\n", ":4: 'max_jobs' must be a positive whole number"),
+        ("realms: [A]\ndeny: {principals: alice}\n", ":2: 'principals' must be a list of names"),
+        ("realms: [A]\nallow: [{group: x}\n", ":3: "),
+        ("realms: [A]\nrealms: [B]\n", ":2: 'realms' appears twice"),
+        ("realms: [A]\nallow:\n  groups: [committers]\n", ":2: 'allow' must be a list of rules"),
     ],
 )
-def test_bad_acl_is_an_error(tmp_path, text, message):
-    """Typos and wrong types are errors naming the file, never a silently different policy."""
+def test_bad_acl_is_an_error_with_its_line(tmp_path, text, message):
+    """Typos and wrong types are errors naming file and line, never a silently different policy."""
     path = tmp_path / "acl.yaml"
     path.write_text(text)
-    with pytest.raises(AclError, match=message) as caught:
+    with pytest.raises(AclError) as caught:
         load_acl(path)
-    assert str(path) in str(caught.value)
+    assert str(caught.value).startswith(f"{path}{message}"), caught.value
 
 
 def test_bad_config_is_an_error(tmp_path):
@@ -80,64 +117,165 @@ def test_bad_config_is_an_error(tmp_path):
         load_config(path)
 
 
+# --- LDAP against the real slapd --------------------------------------------------------------
+
+
 @pytest.fixture
 def directory(realm, monkeypatch, tmp_path):
-    """A Directory binding with SASL GSSAPI as the service, from its keytab."""
+    """Directories binding with SASL GSSAPI as the service, from its keytab."""
     monkeypatch.setenv("KRB5_CONFIG", realm.info["env"]["KRB5_CONFIG"])
     monkeypatch.setenv("KRB5_CLIENT_KTNAME", str(realm.dir / "service.keytab"))
     monkeypatch.setenv("KRB5CCNAME", f"FILE:{tmp_path}/service.ccache")
 
-    def make(uris: tuple[str, ...] = (realm.info["ldap_uri"],), ttl: float = 60) -> Directory:
-        return Directory(LdapConfig(uris, "dc=test,dc=realm", "ou=people,dc=test,dc=realm",
-                                    "ou=groups,dc=test,dc=realm", "gssapi", cache_ttl=ttl))  # fmt: skip
+    def make(uris: tuple[str, ...] | None = None, **settings: object) -> Directory:
+        return Directory(LdapConfig(uris or (realm.info["ldap_uri"],), "dc=test,dc=realm", "ou=people,dc=test,dc=realm",
+                                    "ou=groups,dc=test,dc=realm", **settings))  # type: ignore[arg-type]  # fmt: skip
 
     return make
 
 
-def test_ldap_groups(directory):
-    """alice is in committers (groupOfNames) and committers-posix (memberUid); bob and strangers in none."""
-    d = directory()
-    assert d.groups_of("alice") == {"committers", "committers-posix"}
-    assert d.groups_of("bob") == frozenset()
-    assert d.groups_of("nosuch*)(uid=*") == frozenset()  # filter injection is escaped
+def ldap_admin(realm, ldif: str) -> None:
+    """Change the directory as its rootdn (the test plays the LDAP admin)."""
+    env = {**os.environ, "LDAPNOINIT": "1"}
+    subprocess.run(["ldapmodify", "-x", "-H", realm.info["ldap_uri"], "-D", realm.info["ldap_admin"]["dn"],
+                    "-w", realm.info["ldap_admin"]["password"]], input=ldif.encode(), env=env, check=True,
+                   capture_output=True)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("membership", "expected"),
+    [(("member",), {"committers"}), (("memberUid",), {"committers-posix"}), (("memberOf",), {"committers"})],
+)
+def test_membership_models(directory, membership, expected):
+    """groupOfNames (member DN), posixGroup (memberUid) and memberOf on the user entry each find alice; never bob."""
+    d = directory(membership=membership, nested=False)
+    assert d.groups_of("alice@TEST.REALM") == expected
+    assert d.groups_of("bob@TEST.REALM") == frozenset()
+    assert d.groups_of("nosuch*)(uid=*@TEST.REALM") == frozenset()  # filter injection is escaped
+
+
+def test_nested_groups_and_principal_attribute_mapping(realm, directory):
+    """A group holding the committers group counts; users can be found by another attribute."""
+    ldap_admin(realm, "dn: cn=release,ou=groups,dc=test,dc=realm\nchangetype: add\nobjectClass: groupOfNames\n"
+                      "cn: release\nmember: cn=committers,ou=groups,dc=test,dc=realm\n")  # fmt: skip
+    try:
+        assert "release" in directory().groups_of("alice@TEST.REALM")
+        assert "release" not in directory(nested=False).groups_of("alice@TEST.REALM")
+        by_mail = directory(user_filter="(|(uid={user})(mail={principal}))")
+        assert "committers" in by_mail.groups_of("alice@TEST.REALM")
+    finally:
+        ldap_admin(realm, "dn: cn=release,ou=groups,dc=test,dc=realm\nchangetype: delete\n")
+
+
+def test_external_bind_over_ldapi(realm):
+    """SASL EXTERNAL over ldapi:// binds as the server's own uid (here mapped to the directory admin)."""
+    d = Directory(LdapConfig((realm.info["ldapi_uri"],), "dc=test,dc=realm", "ou=people,dc=test,dc=realm",
+                             "ou=groups,dc=test,dc=realm", bind="external"))  # fmt: skip
+    assert "committers" in d.groups_of("alice@TEST.REALM")
 
 
 def test_ldap_failover_and_fail_closed(directory, realm):
     """A dead first URI is skipped; with every URI dead and nothing cached, the lookup fails closed."""
     dead = f"ldap://localhost:{free_port()}/"
-    assert directory((dead, realm.info["ldap_uri"])).groups_of("alice") == {"committers", "committers-posix"}
+    assert "committers" in directory((dead, realm.info["ldap_uri"])).groups_of("alice@TEST.REALM")
     with pytest.raises(DirectoryUnavailable, match="LDAP unavailable"):
-        directory((dead,)).groups_of("alice")
+        directory((dead,)).groups_of("alice@TEST.REALM")
 
 
-def test_ldap_answer_is_cached_for_its_ttl(directory, realm):
-    """A fresh cached answer survives an LDAP outage; after the TTL the lookup fails closed."""
-    d = directory(ttl=1.0)
-    assert "committers" in d.groups_of("alice")
-    d.config = LdapConfig((f"ldap://localhost:{free_port()}/",), *[getattr(d.config, f) for f in ("base", "users", "groups")],
-                          "gssapi", cache_ttl=1.0)  # fmt: skip
-    d._local.conn = None
-    assert "committers" in d.groups_of("alice")
-    time.sleep(1.1)
-    with pytest.raises(DirectoryUnavailable):
-        d.groups_of("alice")
+def test_removal_takes_effect_within_the_positive_ttl(realm, directory):
+    """Taking alice out of a group shows within positive_ttl, without a restart."""
+    ldap_admin(realm, "dn: cn=temp,ou=groups,dc=test,dc=realm\nchangetype: add\nobjectClass: groupOfNames\n"
+                      "cn: temp\nmember: uid=alice,ou=people,dc=test,dc=realm\n")  # fmt: skip
+    try:
+        d = directory(positive_ttl=1.0)
+        assert "temp" in d.groups_of("alice@TEST.REALM")
+        ldap_admin(realm, "dn: cn=temp,ou=groups,dc=test,dc=realm\nchangetype: modify\nreplace: member\n"
+                          "member: uid=bob,ou=people,dc=test,dc=realm\n")  # fmt: skip
+        assert "temp" in d.groups_of("alice@TEST.REALM")  # cached
+        time.sleep(1.1)
+        assert "temp" not in d.groups_of("alice@TEST.REALM")
+    finally:
+        ldap_admin(realm, "dn: cn=temp,ou=groups,dc=test,dc=realm\nchangetype: delete\n")
 
 
-def test_server_fails_closed_without_ldap(realm, own_server, workdir):
-    """LDAP down: alice is refused as ldap-unavailable, audited, and still builds locally."""
-    s = own_server(ldap={"uris": [f"ldap://localhost:{free_port()}/"], "timeout": 1})
+class Proxy:
+    """A TCP relay to slapd that a test can cut: LDAP goes away for real, mid-session."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+def test_ldap_outage_uses_a_recent_answer_then_fails_closed(realm, own_server, workdir):
+    """slapd unreachable: a cached answer younger than max_stale is used, then jobs are refused and audited."""
+    proxy = Proxy(realm.info["ldap_port"])
+    s = own_server(ldap={"uris": [f"ldap://localhost:{proxy.port}/"], "timeout": 1, "positive_ttl": 0.2,
+                         "negative_ttl": 0.2, "max_stale": 2})  # fmt: skip
     (workdir / "a.c").write_text("int a(void) { return 1; }\n")
-    done = securecc(realm, s, "alice", workdir, "gcc", "-c", "a.c", "-o", "a.o")
-    assert done.returncode == 0 and (workdir / "a.o").exists()
-    assert "refused the job: LDAP unavailable" in done.stderr.decode()
-    assert done.stderr.decode().endswith("compiling locally\n")
-    record = s.jobs(principal="alice@TEST.REALM")[-1]
-    assert record["decision"] == "refused" and record["reason"] == "ldap-unavailable"
+
+    def reason() -> tuple[str, str]:
+        done = securecc(realm, s, "alice", workdir, "gcc", "-c", "a.c", "-o", "a.o")
+        assert done.returncode == 0 and (workdir / "a.o").exists()
+        return s.jobs(principal="alice@TEST.REALM")[-1]["reason"], done.stderr.decode()
+
+    assert reason()[0] == "allowed:group:committers"
+    proxy.cut()
+    time.sleep(0.3)
+    assert reason()[0] == "allowed:group:committers"  # LDAP down, answer 0.3 s old: used
+    time.sleep(2)
+    why, stderr = reason()
+    assert why == "denied:ldap-unavailable"
+    assert "refused the job: LDAP unavailable" in stderr and stderr.endswith("compiling locally\n")
+
+
+def test_foreign_realm_refused_by_the_server(realm, own_server, workdir):
+    """A principal whose realm the ACL does not list is refused before any LDAP lookup."""
+    acl = workdir / "acl.yaml"
+    acl.write_text("realms: [OTHER.REALM]\nallow:\n  - group: committers\n")
+    s = own_server(acl=str(acl))
+    (workdir / "a.c").write_text("int a;\n")
+    securecc(realm, s, "alice", workdir, "gcc", "-c", "a.c", "-o", "a.o")
+    assert s.jobs(principal="alice@TEST.REALM")[-1]["reason"] == "denied:realm-not-accepted"
 
 
 def test_acl_edits_apply_without_restart(realm, own_server, workdir):
-    """Denying alice in acl.yaml takes effect on the next job; a broken edit keeps the last good ACL."""
-    acl_path = Path(workdir) / "acl.yaml"
+    """An edit applies to the next job; a broken edit is logged with its line and the last good ACL stays."""
+    acl_path = workdir / "acl.yaml"
     acl_path.write_text((realm.dir / "acl.yaml").read_text())
     s = own_server(acl=str(acl_path))
     (workdir / "a.c").write_text("int a(void) { return 1; }\n")
@@ -146,10 +284,124 @@ def test_acl_edits_apply_without_restart(realm, own_server, workdir):
         securecc(realm, s, "alice", workdir, "gcc", "-c", "a.c", "-o", "a.o")
         return s.jobs(principal="alice@TEST.REALM")[-1]["reason"]
 
-    assert last_reason() == "group:committers"
-    text = acl_path.read_text()
-    acl_path.write_text(text[: text.index("deny:")] + "deny:\n  principals: [alice]\n")
-    assert last_reason() == "denied-principal"
-    acl_path.write_text("realms: [TEST.REALM\n")  # broken: ignored, previous ACL stays
-    assert last_reason() == "denied-principal"
-    assert "ACL not reloaded" in s.log_path.read_text()
+    assert last_reason() == "allowed:group:committers"
+    acl_path.write_text("realms: [TEST.REALM]\ndeny:\n  principals: [alice]\nallow:\n  - group: committers\n")
+    assert last_reason() == "denied:principal-deny-list"
+    acl_path.write_text("realms: [TEST.REALM]\nallow:\n  - group: committers\n    max_jobz: 2\n")
+    assert last_reason() == "denied:principal-deny-list"
+    assert f"{acl_path}:4: unknown key 'max_jobz'" in s.log_path.read_text()
+    reloads = [r for r in s.audit() if r.get("event") == "acl-reload"]
+    assert [r["accepted"] for r in reloads] == [True, False]
+
+
+def test_sighup_reloads_an_edit_the_clock_missed(realm, own_server, workdir):
+    """SIGHUP re-reads acl.yaml even when its size and mtime did not change."""
+    acl_path = workdir / "acl.yaml"
+    acl_path.write_text("realms: [TEST.REALM]\nallow:\n  - group: committers\n")
+    s = own_server(acl=str(acl_path))
+    stat = acl_path.stat()
+    acl_path.write_text("realms: [TEST.REALM]\nallow:\n  - group: committerz\n")  # same size
+    os.utime(acl_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (workdir / "a.c").write_text("int a;\n")
+    securecc(realm, s, "alice", workdir, "gcc", "-c", "a.c", "-o", "a.o")
+    assert s.jobs(principal="alice@TEST.REALM")[-1]["reason"] == "allowed:group:committers"
+    s.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while "reloaded ACL" not in s.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    securecc(realm, s, "alice", workdir, "gcc", "-c", "a.c", "-o", "a.o")
+    assert s.jobs(principal="alice@TEST.REALM")[-1]["reason"] == "denied:not-in-group"
+
+
+def test_per_rule_limits_are_enforced(realm, own_server, workdir, monkeypatch):
+    """A rule's compilers, input size and concurrent-job limits bind the jobs it allows."""
+    from test_job_path import authenticated_channel, slow_job
+
+    acl = workdir / "acl.yaml"
+    acl.write_text("realms: [TEST.REALM]\nallow:\n  - group: committers\n    compilers: [g++]\n"
+                   "    max_jobs: 1\n    max_input: 4000\n")  # fmt: skip
+    s = own_server(acl=str(acl))
+    channel = authenticated_channel(s, realm, monkeypatch)
+    c_job = make_job("gcc", [], "c", "-c", str(workdir), "a.c", b"int a;\n")
+    assert channel.call(c_job).reason == "denied:compiler-not-allowed"
+    big = make_job("g++", [], "c++", "-c", str(workdir), "b.cc", b"int b;\n" + b"//" * 3000 + b"\n")
+    assert channel.call(big).reason == "denied:input-too-large"
+    channel.sock.sendall(channel.wire.seal(slow_job(workdir, "20000000L")))  # occupies alice's one slot
+    time.sleep(0.5)
+    second = authenticated_channel(s, realm, monkeypatch)
+    refused = second.call(make_job("g++", [], "c++", "-c", str(workdir), "c.cc", b"int c;\n"))
+    assert isinstance(refused, wire.Refused) and refused.reason == "busy:principal-limit"
+    second.close()
+    channel.close()
+
+
+def test_reactor_keeps_serving_while_ldap_hangs(realm, own_server, workdir, monkeypatch):
+    """200 jobs from several principals, cold cache, LDAP slow to answer: handshakes still complete at once."""
+    from test_job_path import authenticated_channel
+
+    blackhole = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    s = own_server(ldap={"uris": [f"ldap://localhost:{blackhole.getsockname()[1]}/", realm.info["ldap_uri"]],
+                         "timeout": 2})  # fmt: skip
+    results: list[object] = []
+
+    for key, value in realm.user_env("alice", workdir).items():
+        monkeypatch.setenv(key, value)
+    credentials = {user: credentials_for(realm, user) for user in ("alice", "bob")}
+
+    def job(user: str, n: int) -> None:
+        try:
+            channel = Channel(parse_host(s.hosts))
+            channel.authenticate(credentials[user])
+            results.append(channel.call(make_job("gcc", ["-O2"], "c", "-c", str(workdir), f"j{n}.c", b"int j;\n")))
+            channel.close()
+        except Exception as e:  # recorded, asserted below
+            results.append(e)
+
+    threads = [threading.Thread(target=job, args=(("alice", "bob")[n % 2], n)) for n in range(200)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # every LDAP thread is now stuck on the blackhole
+    started = time.monotonic()
+    probe = authenticated_channel(s, realm, monkeypatch)
+    handshake = time.monotonic() - started
+    probe.close()
+    for t in threads:
+        t.join(120)
+    blackhole.close()
+    assert handshake < 1.0, f"handshake took {handshake:.2f} s while LDAP hung"
+    assert len(results) == 200 and all(isinstance(r, (wire.Result, wire.Refused)) for r in results), results[:3]
+    assert sum(isinstance(r, wire.Result) for r in results) == 100
+
+
+def run_admin(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / "securecc-admin", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})  # fmt: skip
+
+
+def test_acl_lint(tmp_path):
+    """lint says OK with counts (exit 0), or the file, line and problem (exit 2)."""
+    good = run_admin("acl", "lint", str(REPO / "etc" / "acl.yaml"))
+    assert good.returncode == 0 and "OK: realms EXAMPLE.ORG; 1 allow rule(s)" in good.stdout
+    bad = tmp_path / "acl.yaml"
+    bad.write_text("realms: [A]\nallow:\n  - group: x\n    max_jobs: -1\n")
+    result = run_admin("acl", "lint", str(bad))
+    assert result.returncode == 2 and result.stderr == f"securecc-admin: {bad}:4: 'max_jobs' must be a positive whole number\n"
+
+
+def test_acl_check_explains(realm):
+    """acl check decides as the server would and says why: the rule and the LDAP facts."""
+    config = str(realm.dir / "securecc.yaml")
+    env = {k: v for k, v in realm.env.items() if k.startswith("KRB5")}
+    alice = run_admin("acl", "check", "alice@TEST.REALM", "--config", config, **env)
+    assert alice.returncode == 0, alice.stderr
+    assert alice.stdout.startswith("alice@TEST.REALM, compiler gcc: ALLOWED (allowed:group:committers)\n")
+    assert "rule at line 7: group committers (any compiler)" in alice.stdout
+    assert "LDAP: member of cn=committers,ou=groups,dc=test,dc=realm" in alice.stdout
+    bob = run_admin("acl", "check", "bob@TEST.REALM", "--config", config, **env)
+    assert bob.returncode == 1 and "DENIED (denied:not-in-group)" in bob.stdout and "groups: none" in bob.stdout
+    other = run_admin("acl", "check", "alice@OTHER.REALM", "--config", config, **env)
+    assert other.returncode == 1 and "denied:realm-not-accepted" in other.stdout
+    odd = run_admin("acl", "check", "alice@TEST.REALM", "--compiler", "tcc", "--config", config, **env)
+    assert odd.returncode == 1 and "denied:compiler-not-offered" in odd.stdout
+    broken = run_admin("acl", "check", "alice@TEST.REALM", "--config", "/nonexistent.yaml")
+    assert broken.returncode == 2 and broken.stderr.startswith("securecc-admin: /nonexistent.yaml")

@@ -82,7 +82,7 @@ def test_remote_object_is_byte_identical_and_audited(realm, server, workdir, fla
     records = server.jobs(principal="alice@TEST.REALM", cwd=str(workdir), args=flags)
     assert records and records[-1]["decision"] == "allowed" and records[-1]["exit_status"] == 0
     assert records[-1]["output_sha256"] == hashlib.sha256(remote).hexdigest()
-    assert records[-1]["reason"] == "group:committers"
+    assert records[-1]["reason"] == "allowed:group:committers"
 
 
 def test_cxx_assembler_and_dependency_files(realm, server, workdir):
@@ -230,12 +230,12 @@ def test_bob_is_refused_audited_and_still_builds(realm, server, workdir):
     done = securecc(realm, server, "bob", workdir, "gcc", *args)
     assert done.returncode == 0
     lines = done.stderr.decode().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("securecc: ") and "not-in-allowed-group" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("securecc: ") and "denied:not-in-group" in lines[0]
     assert lines[0].endswith("compiling locally")
     local(workdir, "gcc", *args[:-1], "local.o")
     assert (workdir / "bob.o").read_bytes() == (workdir / "local.o").read_bytes()
     refused = server.jobs(principal="bob@TEST.REALM", cwd=str(workdir))
-    assert refused and refused[-1]["decision"] == "refused" and refused[-1]["reason"] == "not-in-allowed-group"
+    assert refused and refused[-1]["decision"] == "refused" and refused[-1]["reason"] == "denied:not-in-group"
 
 
 def test_no_ticket_compiles_locally_with_clear_message(realm, server, workdir):
@@ -391,20 +391,20 @@ def test_several_jobs_on_one_connection(realm, server, workdir, monkeypatch):
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        ({"compiler": "sh"}, "compiler-not-allowed"),
-        ({"compiler": "/usr/bin/gcc"}, "compiler-not-allowed"),
-        ({"args": ["-fplugin=/tmp/evil.so"]}, "argument-refused"),
-        ({"args": ["-B/tmp/evil"]}, "argument-refused"),
-        ({"args": ["-wrapper", "/bin/sh,-c,id"]}, "argument-refused"),
-        ({"args": ["-I/etc"]}, "argument-refused"),  # preprocessing options only where the server preprocesses
-        ({"args": ["/etc/passwd"]}, "argument-refused"),
-        ({"language": "assembler"}, "argument-refused"),
-        ({"environment": {"LD_PRELOAD": "/tmp/evil.so"}}, "argument-refused"),
-        ({"environment": {"TZ": "../../etc/shadow"}}, "argument-refused"),
-        ({"cwd": "/usr/bin"}, "bad-path"),
-        ({"source_path": "../../../../../../proc/1/environ"}, "bad-path"),
-        ({"language": "c-source", "include_paths": ["/etc/passwd"], "includes": [b"x"]}, "bad-path"),
-        ({"include_paths": ["/tmp/x.h"], "includes": [b"x"]}, "argument-refused"),
+        ({"compiler": "sh"}, "denied:compiler-not-offered"),
+        ({"compiler": "/usr/bin/gcc"}, "denied:compiler-not-offered"),
+        ({"args": ["-fplugin=/tmp/evil.so"]}, "denied:argument-refused"),
+        ({"args": ["-B/tmp/evil"]}, "denied:argument-refused"),
+        ({"args": ["-wrapper", "/bin/sh,-c,id"]}, "denied:argument-refused"),
+        ({"args": ["-I/etc"]}, "denied:argument-refused"),  # preprocessing options only where the server preprocesses
+        ({"args": ["/etc/passwd"]}, "denied:argument-refused"),
+        ({"language": "assembler"}, "denied:argument-refused"),
+        ({"environment": {"LD_PRELOAD": "/tmp/evil.so"}}, "denied:argument-refused"),
+        ({"environment": {"TZ": "../../etc/shadow"}}, "denied:argument-refused"),
+        ({"cwd": "/usr/bin"}, "denied:bad-path"),
+        ({"source_path": "../../../../../../proc/1/environ"}, "denied:bad-path"),
+        ({"language": "c-source", "include_paths": ["/etc/passwd"], "includes": [b"x"]}, "denied:bad-path"),
+        ({"include_paths": ["/tmp/x.h"], "includes": [b"x"]}, "denied:argument-refused"),
     ],
 )
 def test_hostile_jobs_are_refused_and_audited(realm, server, workdir, monkeypatch, change, reason):

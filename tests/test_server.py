@@ -27,7 +27,7 @@ from securecc.server import AclFile, CompileService, JobProtocol, build
 def config(realm, tmp_path):
     """The realm's config, with an ACL naming alice directly (no LDAP bind in this process)."""
     acl = tmp_path / "acl.yaml"
-    acl.write_text("realms: [TEST.REALM]\nallow:\n  principals: [alice]\n")
+    acl.write_text("realms: [TEST.REALM]\nallow:\n  - principal: alice\n")
     os.chmod(tmp_path, 0o755)
     base = load_config(realm.dir / "securecc.yaml")
     return dataclasses.replace(base, acl=acl, audit=dataclasses.replace(base.audit, path=tmp_path / "audit.jsonl"),
@@ -99,4 +99,4 @@ def test_job_through_the_real_reactor(realm, config, monkeypatch, workdir):
     assert isinstance(reply, wire.Result) and reply.exit_status == 0
     assert reply.output and reply.output.startswith(b"\x7fELF")
     record = json.loads(config.audit.path.read_text().splitlines()[-1])
-    assert (record["principal"], record["decision"], record["reason"]) == ("alice@TEST.REALM", "allowed", "principal")
+    assert (record["principal"], record["decision"], record["reason"]) == ("alice@TEST.REALM", "allowed", "allowed:principal:alice")
