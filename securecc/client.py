@@ -22,21 +22,22 @@ signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 import os  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 from securecc import args as argpolicy  # noqa: E402
 
 MASQUERADE_NAMES = frozenset({"gcc", "cc", "g++", "c++"})
-CONNECT_TIMEOUT = float(os.environ.get("SECURECC_CONNECT_TIMEOUT", "3"))
-HANDSHAKE_TIMEOUT = 10.0
-RESULT_TIMEOUT = float(os.environ.get("SECURECC_RESULT_TIMEOUT", "1260"))
-
-
-class Unreachable(Exception):
-    """The host could not be reached; another host may do."""
+CONNECT_TIMEOUT = float(os.environ.get("SECURECC_CONNECT_TIMEOUT", "2"))
+# A server sends Alive every few seconds while it compiles: this much silence means it hung.
+IO_TIMEOUT = float(os.environ.get("SECURECC_IO_TIMEOUT", "20"))
 
 
 class RemoteFailure(Exception):
     """The job could not be done remotely; compile locally and say why."""
+
+
+class HostFailure(RemoteFailure):
+    """This host failed (unreachable, silent, gone): back it off and try another."""
 
 
 def _say(message: str) -> None:
@@ -116,17 +117,18 @@ def write_atomically(path: str, data: bytes) -> None:
 class Channel:
     """One authenticated, sealed connection to a server (blocking sockets)."""
 
-    def __init__(self, host) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, host, io_timeout: float = IO_TIMEOUT) -> None:  # type: ignore[no-untyped-def]
         import socket
 
         from securecc import protocol as wire
 
         self.host = host
+        self.io_timeout = io_timeout
         self.wire = wire.Connection()
         try:
-            self.sock = socket.create_connection((host.name, host.port), timeout=CONNECT_TIMEOUT)
+            self.sock = socket.create_connection((host.name, host.port), timeout=min(CONNECT_TIMEOUT, io_timeout))
         except OSError as e:
-            raise Unreachable(f"cannot connect to {host.name}:{host.port}: {e.strerror or e}") from None
+            raise HostFailure(f"cannot connect to {host.name}:{host.port}: {e.strerror or e}") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _events(self, timeout: float) -> list:  # type: ignore[type-arg]
@@ -137,15 +139,15 @@ class Channel:
             try:
                 data = self.sock.recv(1 << 20)
             except TimeoutError:
-                raise RemoteFailure(f"{self.host.name} did not answer within {timeout:g} s") from None
+                raise HostFailure(f"{self.host.name} did not answer within {timeout:g} s") from None
             except OSError as e:
-                raise RemoteFailure(f"connection to {self.host.name} failed: {e.strerror or e}") from None
+                raise HostFailure(f"connection to {self.host.name} failed: {e.strerror or e}") from None
             if not data:
-                raise RemoteFailure(f"{self.host.name} closed the connection")
+                raise HostFailure(f"{self.host.name} closed the connection")
             try:
                 events = self.wire.receive_data(data)
             except wire.ProtocolError as e:
-                raise RemoteFailure(f"bad reply from {self.host.name}: {e}") from None
+                raise HostFailure(f"bad reply from {self.host.name}: {e}") from None
             if events:
                 return events
 
@@ -159,7 +161,7 @@ class Channel:
             self.sock.sendall(wire.hello() + wire.token(first or b""))
             greeted = False
             while not (greeted and initiator.complete):
-                for event in self._events(HANDSHAKE_TIMEOUT):
+                for event in self._events(self.io_timeout):
                     if isinstance(event, wire.HelloReceived):
                         greeted = wire.choose_version(event) is not None
                         if not greeted:
@@ -179,15 +181,16 @@ class Channel:
         from securecc import protocol as wire
 
         try:
-            self.sock.settimeout(RESULT_TIMEOUT)
+            self.sock.settimeout(self.io_timeout)
             self.sock.sendall(self.wire.seal(job))
         except OSError as e:
-            raise RemoteFailure(f"sending the job to {self.host.name} failed: {e.strerror or e}") from None
+            raise HostFailure(f"sending the job to {self.host.name} failed: {e.strerror or e}") from None
         while True:
-            for event in self._events(RESULT_TIMEOUT):
-                if isinstance(event, wire.MessageReceived):
+            for event in self._events(self.io_timeout):
+                if not isinstance(event, wire.MessageReceived):
+                    raise HostFailure(f"unexpected {type(event).__name__} from {self.host.name}")
+                if not isinstance(event.message, wire.Alive):
                     return event.message
-                raise RemoteFailure(f"unexpected {type(event).__name__} from {self.host.name}")
 
     def close(self) -> None:
         self.sock.close()
@@ -305,36 +308,57 @@ def unrepeated(local: bytes, remote: bytes) -> bytes:
 
 
 def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) -> int:
-    """Returns the remote compiler's status; raises RemoteFailure to fall back."""
-    from securecc import protocol as wire
-    from securecc.hosts import HostsError, configured_hosts
+    """Returns the remote compiler's status; raises RemoteFailure to fall back.
 
+    Hosts are tried in the order HostState gives; a BUSY one, or one that
+    fails (unreachable, silent, gone mid-job, another compiler version),
+    passes the job to the next; a failing one is also backed off.  A
+    refusal for who we are (ticket, ACL) ends the attempt: every server
+    would say the same.
+    """
+    from securecc import protocol as wire
+    from securecc.hosts import HostsError, HostState, configured_hosts
+
+    state = HostState()
     try:
-        hosts = [h for h in configured_hosts() if not h.is_local]
+        hosts, source = configured_hosts(state)
     except HostsError as e:
         raise RemoteFailure(f"cannot parse the host list ({e}); fix SECURECC_HOSTS") from None
+    hosts = [h for h in hosts if not h.is_local]
     if not hosts:
-        raise RemoteFailure("no compile servers configured (set SECURECC_HOSTS)")
+        raise RemoteFailure(f"no compile servers configured (set SECURECC_HOSTS; found {source})")
+    candidates = state.order(hosts)
+    if not candidates:
+        raise RemoteFailure(f"every compile server is backed off after failures (see securecc --show-hosts)")
     prepared = prepare_job(compiler, compiler_path, plan)
     if isinstance(prepared, int):
         return prepared  # a preprocessing error is the user's, already printed
     job, messages = prepared
-    unreachable = []
-    for host in hosts:
+    troubles = []
+    for host in candidates:
+        started = time.monotonic()
         try:
             channel = Channel(host)
-        except Unreachable as e:
-            unreachable.append(str(e))
+            try:
+                channel.authenticate()
+                reply = channel.call(job)
+            finally:
+                channel.close()
+        except HostFailure as e:
+            state.failed(host, str(e))
+            troubles.append(str(e))
             continue
-        try:
-            channel.authenticate()
-            reply = channel.call(job)
-        finally:
-            channel.close()
+        if isinstance(reply, wire.Busy):
+            troubles.append(f"{host.name} busy ({reply.load}/{reply.slots})")
+            continue
+        if isinstance(reply, wire.Refused) and reply.reason in HOST_SPECIFIC_REFUSALS:
+            troubles.append(f"{host.name} refused the job: {reply.message}")
+            continue
         if isinstance(reply, wire.Refused):
             raise RemoteFailure(f"{host.name} refused the job: {reply.message}")
         if not isinstance(reply, wire.Result):
             raise RemoteFailure(f"unexpected reply from {host.name}")
+        state.succeeded(host, time.monotonic() - started)
         if reply.exit_status == 0:
             if reply.output is None:
                 raise RemoteFailure(f"{host.name} returned no output file")
@@ -348,7 +372,36 @@ def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) ->
         sys.stderr.flush()
         _verbose(f"compiled {plan.source} on {host.name} (job {reply.job_id})")
         return reply.exit_status
-    raise RemoteFailure("; ".join(unreachable))
+    raise RemoteFailure("; ".join(troubles))
+
+
+# Refusals that another server may not give: try the next one.
+HOST_SPECIFIC_REFUSALS = frozenset({"denied:compiler-mismatch", "denied:compiler-not-offered", "denied:unsupported",
+                                    "denied:audit-unavailable", "timeout", "server-error"})  # fmt: skip
+
+
+def show_hosts() -> int:
+    """``securecc --show-hosts``: the hosts, where they came from, and their back-off state."""
+    from securecc.hosts import HostsError, HostState, configured_hosts, host_key
+
+    state = HostState()
+    try:
+        hosts, source = configured_hosts(state)
+    except HostsError as e:
+        _say(f"cannot parse the host list ({e}); fix SECURECC_HOSTS")
+        return 2
+    print(f"hosts from {source}:")
+    for host in hosts:
+        if host.is_local:
+            print(f"  localhost (compile here) /{host.limit}")
+            continue
+        entry = state.hosts.get(host_key(host), {})
+        wait = state.backed_off(host)
+        status = f"backed off {wait:.0f} s more ({entry.get('why', '')})" if wait else "ok"
+        latency = f", latency {entry['latency'] * 1000:.0f} ms" if "latency" in entry else ""
+        print(f"  {host.name}:{host.port}/{host.limit} principal {host.target}: {status}{latency}")
+    print(f"state: {state.path}")
+    return 0
 
 
 USAGE = "usage: securecc COMPILER [ARGS...]   (or call it through a symlink named gcc, cc, g++ or c++)"
@@ -361,6 +414,8 @@ def run(argv: list[str]) -> int:
     elif len(argv) < 2 or argv[1] in ("-h", "--help"):
         _say(USAGE)
         return 2 if len(argv) < 2 else 0
+    elif argv[1] == "--show-hosts":
+        return show_hosts()
     else:
         compiler, args = argv[1], argv[2:]
     path = find_compiler(compiler)

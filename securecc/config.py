@@ -52,19 +52,21 @@ class ServerConfig:
     compilers: dict[str, Compiler]
     scratch: Path
     sandbox: Settings
+    slots: int = 1  # jobs at once; beyond, BUSY (the client tries another server)
     handshake_timeout: float = 10.0
     idle_timeout: float = 60.0
+    heartbeat: float = 5.0  # seconds between Alive messages while a job runs
     max_input: int = 128 << 20
 
 
-_TOP = {"listen", "principal", "keytab", "acl", "audit", "ldap", "compilers", "sandbox", "limits", "timeouts"}
+_TOP = {"listen", "principal", "keytab", "acl", "audit", "ldap", "compilers", "sandbox", "limits", "timeouts", "slots"}
 _LDAP = {"uris", "base", "users", "groups", "bind", "bind_dn", "password_file", "starttls", "ca_file", "timeout",
          "user_filter", "membership", "nested", "positive_ttl", "negative_ttl", "max_stale"}
 _SANDBOX = {"scratch", "uid", "gid", "timeout", "mode"}
 _COMPILER = {"path", "timeout", "root"}
 _AUDIT = {"path", "key", "rotate_bytes", "checkpoint_every", "checkpoint_seconds", "syslog"}
 _LIMITS = {"cpu_seconds", "address_space", "file_size", "open_files", "processes", "max_input"}
-_TIMEOUTS = {"handshake", "idle"}
+_TIMEOUTS = {"handshake", "idle", "heartbeat"}
 
 
 def _section(data: dict[str, Any], name: str, keys: set[str], where: str) -> dict[str, Any]:
@@ -207,7 +209,9 @@ def load_config(path: Path) -> ServerConfig:
             gid=gid if root else None,
             mode=mode,
         ),
+        slots=_typed(data.get("slots", os.cpu_count() or 1), int, where, "slots"),
         handshake_timeout=float(_typed(timeouts.get("handshake", 10), (int, float), where, "timeouts.handshake")),
+        heartbeat=float(_typed(timeouts.get("heartbeat", 5), (int, float), where, "timeouts.heartbeat")),
         idle_timeout=float(_typed(timeouts.get("idle", 60), (int, float), where, "timeouts.idle")),
         max_input=_typed(limits.get("max_input", 128 << 20), int, where, "limits.max_input"),
     )

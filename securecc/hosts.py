@@ -1,14 +1,27 @@
-"""The compile-server list, in the spirit of ``DISTCC_HOSTS``.
+"""The compile servers: where the list comes from, which are backed off, in what order to try them.
 
-``SECURECC_HOSTS`` is a whitespace-separated list of ``host[:port][/limit][,option...]``.
-``localhost`` (without a port) means "compile here".  Options:
-``principal=NAME`` names the server's Kerberos principal when it is not
-``securecc/<host>`` in the host's realm (e.g. a server reached by address).
+``SECURECC_HOSTS`` is a whitespace-separated list of ``host[:port][/limit][,option...]``
+(``#`` starts a comment).  ``localhost`` (without a port) means "compile
+here".  Options: ``principal=NAME`` names the server's Kerberos principal
+when it is not ``securecc/<host>`` in the host's realm (e.g. a server
+reached by address).  Without the variable: ``~/.config/securecc/hosts``,
+then ``/etc/securecc/hosts``, then DNS SRV ``_securecc._tcp.<domain>``
+(``SECURECC_DOMAIN``, else the resolver's search list; the principal is
+``securecc/<target>``).
+
+A host that fails (unreachable, silent, gone mid-job) is skipped for a
+back-off period that doubles with each failure up to ``MAX_BACKOFF``; the
+state lives in ``~/.cache/securecc/hosts.json`` (``securecc --show-hosts``
+prints it).  Hosts are tried in a random order weighted by their job limit
+and recent latency, so many clients do not stampede the same server.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import time
 from dataclasses import dataclass
 
 DEFAULT_PORT = 3637
@@ -79,15 +92,130 @@ def parse_hosts(text: str) -> list[Host]:
     return [parse_host(spec) for spec in specs]
 
 
-def configured_hosts() -> list[Host]:
-    """``SECURECC_HOSTS``, else ``~/.config/securecc/hosts``, else ``/etc/securecc/hosts``."""
+BASE_BACKOFF = float(os.environ.get("SECURECC_BACKOFF", "15"))  # seconds after a first failure
+MAX_BACKOFF = 300.0  # distcc's back-off never gives up on a host; ours waits at most 5 minutes
+SRV_MIN_TTL = 60.0
+
+
+def configured_hosts(state: HostState | None = None) -> tuple[list[Host], str]:
+    """The hosts and where they came from: the variable, a hosts file, or DNS SRV."""
     text = os.environ.get("SECURECC_HOSTS")
-    if text is None:
-        for path in (os.path.expanduser("~/.config/securecc/hosts"), "/etc/securecc/hosts"):
-            try:
-                with open(path) as f:
-                    text = f.read()
-                break
-            except OSError:
-                continue
-    return parse_hosts(text or "")
+    if text is not None:
+        return parse_hosts(text), "SECURECC_HOSTS"
+    for path in (os.path.expanduser("~/.config/securecc/hosts"), "/etc/securecc/hosts"):
+        try:
+            with open(path) as f:
+                return parse_hosts(f.read()), path
+        except OSError:
+            continue
+    return srv_hosts(state)
+
+
+def srv_hosts(state: HostState | None = None) -> tuple[list[Host], str]:
+    """``_securecc._tcp.<domain>`` SRV records, priority and weight honoured (RFC 2782); cached for their TTL."""
+    domain = os.environ.get("SECURECC_DOMAIN")
+    name = f"_securecc._tcp.{domain}." if domain else None
+    cached = state.srv_answer(name) if state else None
+    if cached is not None:
+        return cached, f"DNS SRV {name} (cached)"
+    try:
+        import dns.exception
+        import dns.resolver
+    except ImportError:  # pragma: no cover - dnspython is a dependency
+        return [], "nowhere (dnspython missing)"
+    resolver = dns.resolver.Resolver()
+    if os.environ.get("SECURECC_DNS"):  # HOST:PORT of the DNS server to ask (tests, split-horizon setups)
+        host, _, port = os.environ["SECURECC_DNS"].rpartition(":")
+        resolver.nameservers, resolver.port = [host], int(port)
+    resolver.lifetime = 2.0
+    names = [name] if name else [f"_securecc._tcp.{d}" for d in resolver.search or [resolver.domain]]
+    for candidate in names:
+        try:
+            answer = resolver.resolve(candidate, "SRV")
+        except dns.exception.DNSException:
+            continue
+        records = sorted(answer, key=lambda r: r.priority)
+        hosts = []
+        for priority in sorted({r.priority for r in records}):
+            group = [r for r in records if r.priority == priority]
+            while group:  # weighted random order within a priority
+                pick = random.choices(group, weights=[r.weight + 0.01 for r in group])[0]
+                group.remove(pick)
+                target = str(pick.target).rstrip(".")
+                hosts.append(Host(target, pick.port, DEFAULT_LIMIT, f"securecc/{target}"))
+        if state:
+            state.remember_srv(str(candidate), hosts, max(SRV_MIN_TTL, answer.rrset.ttl))
+        return hosts, f"DNS SRV {candidate}"
+    return [], f"nowhere (no SECURECC_HOSTS, hosts file or SRV record {' '.join(map(str, names))})"
+
+
+def host_key(host: Host) -> str:
+    return f"{host.name}:{host.port}"
+
+
+class HostState:
+    """Per-user memory of hosts: back-off after failures, recent latency, SRV answers."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "securecc", "hosts.json"
+        )
+        try:
+            with open(self.path) as f:
+                self.data = json.load(f)
+            if not isinstance(self.data, dict):
+                raise ValueError
+        except (OSError, ValueError):
+            self.data = {}
+        self.hosts: dict[str, dict] = self.data.setdefault("hosts", {})  # type: ignore[type-arg]
+
+    def backed_off(self, host: Host, now: float | None = None) -> float:
+        """Seconds this host is still skipped for (0: usable)."""
+        until = self.hosts.get(host_key(host), {}).get("until", 0)
+        return max(0.0, until - (now or time.time()))
+
+    def failed(self, host: Host, why: str) -> None:
+        entry = self.hosts.setdefault(host_key(host), {})
+        entry["failures"] = entry.get("failures", 0) + 1
+        entry["until"] = time.time() + min(MAX_BACKOFF, BASE_BACKOFF * 2 ** (entry["failures"] - 1))
+        entry["why"] = why
+        self.save()
+
+    def succeeded(self, host: Host, latency: float) -> None:
+        entry = self.hosts.setdefault(host_key(host), {})
+        previous = entry.get("latency")
+        entry.update(failures=0, until=0, latency=latency if previous is None else 0.7 * previous + 0.3 * latency)
+        entry.pop("why", None)
+        self.save()
+
+    def order(self, hosts: list[Host]) -> list[Host]:
+        """Usable hosts, weighted-random by job limit over recent latency (herds spread out)."""
+        usable = [h for h in hosts if not h.is_local and not self.backed_off(h)]
+        weights = [h.limit / (0.05 + self.hosts.get(host_key(h), {}).get("latency", 0.1)) for h in usable]
+        ordered = []
+        while usable:
+            pick = random.choices(range(len(usable)), weights=weights)[0]
+            ordered.append(usable.pop(pick))
+            weights.pop(pick)
+        return ordered
+
+    def srv_answer(self, name: str | None) -> list[Host] | None:
+        entry = self.data.get("srv", {})
+        if entry.get("expires", 0) > time.time() and (name is None or entry.get("name") == name):
+            return [Host(n, p, DEFAULT_LIMIT, pr) for n, p, pr in entry.get("hosts", [])]
+        return None
+
+    def remember_srv(self, name: str, hosts: list[Host], ttl: float) -> None:
+        self.data["srv"] = {"name": name, "expires": time.time() + ttl, "hosts": [[h.name, h.port, h.principal] for h in hosts]}
+        self.save()
+
+    def save(self) -> None:
+        """Atomically: parallel compiles share this file, and the last writer wins."""
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            temp = f"{self.path}.{os.getpid()}.tmp"
+            with open(temp, "w") as f:
+                json.dump(self.data, f)
+            os.replace(temp, self.path)
+        except OSError:
+            pass

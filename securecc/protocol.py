@@ -111,19 +111,39 @@ class Refused:
     job_id: str = ""
 
 
-Message = Union[Job, Result, Refused]
+@dataclass(frozen=True)
+class Busy:
+    """No slot for this job now: try another server.  ``load`` of ``slots`` are running."""
 
-_TYPE_CODES: dict[type, int] = {Job: 1, Result: 2, Refused: 3}
+    reason: str  # "busy:full", "busy:fair-share", "busy:principal-limit"
+    load: int
+    slots: int
+
+
+@dataclass(frozen=True)
+class Alive:
+    """Sent while a job runs, so a client can tell a long compile from a hung server."""
+
+    running: float = 0.0  # seconds so far
+
+
+Message = Union[Job, Result, Refused, Busy, Alive]
+
+_TYPE_CODES: dict[type, int] = {Job: 1, Result: 2, Refused: 3, Busy: 4, Alive: 5}
 _BLOB_FIELDS: dict[type, tuple[str, ...]] = {
     Job: ("source", "original"),
     Result: ("stdout", "stderr", "output"),
     Refused: (),
+    Busy: (),
+    Alive: (),
 }
 _HEADER_FIELDS: dict[type, dict[str, type | tuple[type, ...]]] = {
     Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str, "environment": dict, "include_paths": list,
           "compiler_identity": str},
     Result: {"exit_status": int, "job_id": str},
     Refused: {"reason": str, "message": str, "job_id": str},
+    Busy: {"reason": str, "load": int, "slots": int},
+    Alive: {"running": (int, float)},
 }
 
 

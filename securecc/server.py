@@ -48,6 +48,7 @@ from securecc.config import Compiler, ConfigError, ServerConfig, load_config
 from securecc.gss import Acceptor, GSSFailure
 
 LDAP_THREADS = 4
+FAIR_SHARE_MEMORY = 10.0  # seconds a principal turned away counts as waiting for a share
 LISTEN_BACKLOG = 1024  # make -j64 on a few workstations connects in bursts; 50 would drop SYNs (1 s retries)
 
 
@@ -113,6 +114,7 @@ class CompileService:
     host: str = field(default_factory=socket.getfqdn)
     running: set[sandbox.RunningJob] = field(default_factory=set)
     active: collections.Counter[str] = field(default_factory=collections.Counter)  # jobs per principal
+    turned_away: dict[str, float] = field(default_factory=dict)  # principal -> when it was last told BUSY
     _log = Logger()
 
     @defer.inlineCallbacks
@@ -148,9 +150,11 @@ class CompileService:
             record.update(compiler_path=compiler.path, compiler_identity=job.compiler_identity, reason=decision.reason)
             if not decision.allowed:
                 raise _Refusal(decision.reason, f"{principal} may not compile here ({decision.reason})")
-            limit = decision.rule.max_jobs if decision.rule else None
-            if limit is not None and self.active[principal] >= limit:
-                raise _Refusal("busy:principal-limit", f"{principal} already runs {limit} jobs here, the ACL's limit")
+            busy = self._admit(principal, decision.rule.max_jobs if decision.rule else None)
+            if busy is not None:
+                record.update(decision="busy", reason=busy.reason, load=busy.load)
+                self._record(record, started)
+                return busy
             self.active[principal] += 1
             try:
                 outcome = yield self._compile(job_id, compiler, job, session)
@@ -170,6 +174,27 @@ class CompileService:
         if outcome.ended_by == "timeout":
             return wire.Refused("timeout", f"compile killed after {compiler.timeout:g} s", job_id)
         return wire.Result(outcome.exit_status, outcome.stdout, outcome.stderr, outcome.output, job_id)
+
+    def _admit(self, principal: str, max_jobs: int | None) -> wire.Busy | None:
+        """A slot for this job, or BUSY: the server is full, the principal is at its ACL
+        limit, or it holds its fair share while other principals were recently turned away."""
+        now, slots = time.monotonic(), self.config.slots
+        load = sum(self.active.values())
+        waiting = {p for p, when in self.turned_away.items() if now - when < FAIR_SHARE_MEMORY and p != principal}
+        reason = None
+        if load >= slots:
+            reason = "busy:full"
+        elif max_jobs is not None and self.active[principal] >= max_jobs:
+            reason = "busy:principal-limit"
+        elif waiting:
+            sharing = {p for p, n in self.active.items() if n} | waiting | {principal}
+            if self.active[principal] >= max(1, slots // len(sharing)):
+                reason = "busy:fair-share"
+        if reason is None:
+            self.turned_away.pop(principal, None)
+            return None
+        self.turned_away[principal] = now
+        return wire.Busy(reason, load, slots)
 
     def _record(self, record: dict[str, object], started: float) -> bool:
         """Write a job's audit record; False (and a log line) when the log cannot take it."""
@@ -270,6 +295,7 @@ class JobProtocol(protocol.Protocol):
         self.said_hello = False
         self.lost = False
         self.peer = "?"
+        self._heartbeat: task.LoopingCall | None = None
         self._timer = None
 
     def connectionMade(self) -> None:
@@ -340,9 +366,19 @@ class JobProtocol(protocol.Protocol):
         assert self.principal is not None
         self.busy = True
         self._rearm(None)
+        started = time.monotonic()
+        self._heartbeat = task.LoopingCall(lambda: self.transport.write(self.wire.seal(wire.Alive(time.monotonic() - started))))
+        self._heartbeat.clock = self.service.clock
+        self._heartbeat.start(self.config.heartbeat, now=False)
         d = self.service.run(self.principal, self.peer, job, self)
+        d.addBoth(self._stop_heartbeat)
         d.addCallback(self._reply)
         d.addErrback(self._failed)
+
+    def _stop_heartbeat(self, result: object) -> object:
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        return result
 
     def _reply(self, message: wire.Message) -> None:
         self.busy = False
@@ -361,6 +397,7 @@ class JobProtocol(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.lost = True
         self._rearm(None)
+        self._stop_heartbeat(None)
         if self.running is not None:
             self._log.info("{peer}: client went away; killing its compile", peer=self.peer)
             self.running.kill("disconnect")

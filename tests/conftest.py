@@ -171,7 +171,10 @@ def securecc(realm: Realm, server: Server | None, user: str | None, cwd: Path, *
              hosts: str | None = None, **env_overrides: str) -> subprocess.CompletedProcess:  # fmt: skip
     """Run the real ``securecc`` CLI as ``user`` in ``cwd``."""
     env = realm.user_env(user, cwd)
-    env["SECURECC_HOSTS"] = hosts if hosts is not None else (server.hosts if server else "")
+    if hosts is not None or server is not None:
+        env["SECURECC_HOSTS"] = hosts if hosts is not None else server.hosts  # type: ignore[union-attr]
+    else:
+        env.pop("SECURECC_HOSTS", None)  # discovery: hosts files, then DNS SRV
     env["PWD"] = str(cwd)
     env["XDG_CACHE_HOME"] = str(cwd / ".cache")  # the client's compiler-identity cache
     env.update(env_overrides)

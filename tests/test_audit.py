@@ -161,7 +161,7 @@ def test_rotation_keeps_one_chain(tmp_path, keys):
 
 def test_server_chain_survives_concurrency_kill_and_restart(realm, own_server, workdir):
     """64 concurrent jobs, then kill -9, then a restart with a torn tail: one valid chain, every job recorded."""
-    s = own_server()
+    s = own_server(slots=64)
     (workdir / "c.c").write_text("int c(void) { return 3; }\n")
     results = []
 

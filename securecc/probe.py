@@ -1,0 +1,111 @@
+"""securecc-hosts --check: prequalify compile servers with a trivial authenticated compile.
+
+Every candidate host (the client's own list, or the ones given) is asked at
+once to compile ``int securecc_probe;`` through the real job path: connect,
+mutual GSS-API, ACL, sandbox, compiler.  Those that answer correctly within
+the deadline are printed in ``SECURECC_HOSTS`` form with their latency as a
+comment, fastest first, so a build can say
+``SECURECC_HOSTS=$(securecc-hosts --check)``.  Exit status 1 when none
+qualifies.  The cron health check (``etc/cron/``) uses ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import sys
+import time
+from typing import Any
+
+from securecc import protocol as wire
+from securecc.client import Channel, RemoteFailure, working_directory
+from securecc.hosts import Host, HostsError, HostState, configured_hosts, parse_hosts
+from securecc.toolchain import ProbeError, cached_identity
+
+PROBE_SOURCE = b"int securecc_probe;\n"
+
+
+def check_host(host: Host, identity: str, deadline: float) -> dict[str, Any]:
+    """One trivial compile on ``host``: its latency, or why it does not qualify."""
+    started = time.monotonic()
+    spec = f"{host.name}:{host.port}/{host.limit}" + (f",principal={host.principal}" if host.principal else "")
+    result: dict[str, Any] = {"host": spec, "ok": False}
+    try:
+        channel = Channel(host, io_timeout=deadline)
+        try:
+            channel.authenticate()
+            job = wire.Job("gcc", ["-O2"], "c", "-c", working_directory(), "securecc-probe.c", PROBE_SOURCE,
+                           compiler_identity=identity)  # fmt: skip
+            reply = channel.call(job)
+        finally:
+            channel.close()
+    except RemoteFailure as e:
+        result["error"] = str(e)
+        return result
+    latency = time.monotonic() - started
+    result["latency_ms"] = round(latency * 1000, 1)
+    if isinstance(reply, wire.Result) and reply.exit_status == 0 and reply.output:
+        result["ok"] = latency <= deadline
+        if not result["ok"]:
+            result["error"] = f"answered after the {deadline:g} s deadline"
+    elif isinstance(reply, wire.Busy):
+        result["error"] = f"busy ({reply.load}/{reply.slots})"
+    elif isinstance(reply, wire.Refused):
+        result["error"] = f"refused: {reply.message}"
+    else:
+        result["error"] = f"compile failed: {getattr(reply, 'stderr', b'').decode(errors='replace').strip()}"
+    return result
+
+
+def check(hosts: list[Host], deadline: float) -> list[dict[str, Any]]:
+    """Every host at once; results fastest first, failures last."""
+    try:
+        identity = cached_identity("/usr/bin/gcc")
+    except (ProbeError, OSError):
+        identity = ""
+    results: list[dict[str, Any]] = []
+    threads = [threading.Thread(target=lambda h=h: results.append(check_host(h, identity, deadline)), daemon=True)
+               for h in hosts if not h.is_local]  # fmt: skip
+    ends = time.monotonic() + deadline + 0.5
+    for thread in threads:
+        thread.start()
+    for thread in threads:  # a hung host's thread is left behind (daemon): we answer by the deadline
+        thread.join(max(0.0, ends - time.monotonic()))
+    results = list(results)
+    checked = {r["host"] for r in results}
+    for host in hosts:
+        spec = f"{host.name}:{host.port}/{host.limit}" + (f",principal={host.principal}" if host.principal else "")
+        if not host.is_local and spec not in checked:
+            results.append({"host": spec, "ok": False, "error": f"no answer within {deadline:g} s"})
+    return sorted(results, key=lambda r: (not r["ok"], r.get("latency_ms", 1e9)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="securecc-hosts", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="compile a trivial file on every host (the only mode)")
+    parser.add_argument("--deadline", default="1s", help="how long a host may take, e.g. 500ms, 2s (default 1s)")
+    parser.add_argument("--json", action="store_true", help="every host's result as JSON")
+    parser.add_argument("hosts", nargs="*", help="hosts to check (default: the client's list)")
+    options = parser.parse_args(argv)
+    if not options.check:
+        parser.error("say --check")
+    text = options.deadline.strip()
+    try:
+        deadline = float(text[:-2]) / 1000 if text.endswith("ms") else float(text.rstrip("s"))
+        hosts = parse_hosts(" ".join(options.hosts)) if options.hosts else configured_hosts(HostState())[0]
+    except (ValueError, HostsError) as e:
+        sys.exit(f"securecc-hosts: {e}")
+    if not hosts:
+        sys.exit("securecc-hosts: no hosts to check (set SECURECC_HOSTS or give them)")
+    results = check(hosts, deadline)
+    if options.json:
+        print(json.dumps(results, indent=1))
+    else:
+        for r in results:
+            if r["ok"]:
+                print(f"{r['host']}  # {r['latency_ms']} ms")
+            else:
+                print(f"securecc-hosts: {r['host']} left out: {r['error']}", file=sys.stderr)
+    sys.exit(0 if any(r["ok"] for r in results) else 1)
+
