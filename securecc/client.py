@@ -30,6 +30,8 @@ MASQUERADE_NAMES = frozenset({"gcc", "cc", "g++", "c++"})
 CONNECT_TIMEOUT = float(os.environ.get("SECURECC_CONNECT_TIMEOUT", "2"))
 # A server sends Alive every few seconds while it compiles: this much silence means it hung.
 IO_TIMEOUT = float(os.environ.get("SECURECC_IO_TIMEOUT", "20"))
+# A healthy server answers a handshake in milliseconds.
+HANDSHAKE_TIMEOUT = min(IO_TIMEOUT, float(os.environ.get("SECURECC_HANDSHAKE_TIMEOUT", "5")))
 
 
 class RemoteFailure(Exception):
@@ -161,7 +163,7 @@ class Channel:
             self.sock.sendall(wire.hello() + wire.token(first or b""))
             greeted = False
             while not (greeted and initiator.complete):
-                for event in self._events(self.io_timeout):
+                for event in self._events(min(self.io_timeout, HANDSHAKE_TIMEOUT)):
                     if isinstance(event, wire.HelloReceived):
                         greeted = wire.choose_version(event) is not None
                         if not greeted:

@@ -112,7 +112,9 @@ def test_backoff_expires_and_is_shown(realm, own_server, workdir):
     down = f"127.0.0.1:{port}/4,principal={PRINCIPAL}"
     (workdir / "a.c").write_text("int a;\n")
     hosts = f"{down} {spec(s)}"
-    securecc(realm, None, "alice", workdir, "gcc", "-c", "a.c", hosts=hosts, SECURECC_BACKOFF="1")
+    securecc(realm, None, "alice", workdir, "gcc", "-c", "a.c", hosts=down, SECURECC_BACKOFF="1")  # fails, built here
+    done = securecc(realm, None, "alice", workdir, "gcc", "-c", "a.c", hosts=hosts, SECURECC_VERBOSE="1")
+    assert b"compiled a.c" in done.stderr and b"cannot connect" not in done.stderr  # the down host was skipped
     shown = securecc(realm, None, "alice", workdir, "--show-hosts", hosts=hosts)
     lines = shown.stdout.decode().splitlines()
     assert lines[0] == "hosts from SECURECC_HOSTS:"
