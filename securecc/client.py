@@ -336,8 +336,10 @@ def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) ->
     if isinstance(prepared, int):
         return prepared  # a preprocessing error is the user's, already printed
     job, messages = prepared
+    from securecc.cache import cache_key
+
     troubles = []
-    for host in candidates:
+    for host in state.with_affinity(candidates, cache_key(job.compiler_identity, job)):
         started = time.monotonic()
         try:
             channel = Channel(host)

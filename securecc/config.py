@@ -41,6 +41,12 @@ class AuditConfig:
 
 
 @dataclass(frozen=True)
+class CacheConfig:
+    path: Path
+    max_bytes: int = 10 << 30
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen_host: str
     listen_port: int
@@ -52,6 +58,7 @@ class ServerConfig:
     compilers: dict[str, Compiler]
     scratch: Path
     sandbox: Settings
+    cache: CacheConfig | None = None  # the shared result cache; None: off
     slots: int = 1  # jobs at once; beyond, BUSY (the client tries another server)
     handshake_timeout: float = 10.0
     idle_timeout: float = 60.0
@@ -59,7 +66,9 @@ class ServerConfig:
     max_input: int = 128 << 20
 
 
-_TOP = {"listen", "principal", "keytab", "acl", "audit", "ldap", "compilers", "sandbox", "limits", "timeouts", "slots"}
+_TOP = {"listen", "principal", "keytab", "acl", "audit", "ldap", "compilers", "sandbox", "limits", "timeouts", "slots",
+        "cache"}
+_CACHE = {"path", "max_bytes"}
 _LDAP = {"uris", "base", "users", "groups", "bind", "bind_dn", "password_file", "starttls", "ca_file", "timeout",
          "user_filter", "membership", "nested", "positive_ttl", "negative_ttl", "max_stale"}
 _SANDBOX = {"scratch", "uid", "gid", "timeout", "mode"}
@@ -164,6 +173,9 @@ def load_config(path: Path) -> ServerConfig:
     )
 
     audit = _section(data, "audit", _AUDIT, where)
+    cache = _section(data, "cache", _CACHE, where)
+    if cache and "path" not in cache:
+        raise ConfigError(f"{where}: 'cache' needs a path")
     sandbox = _section(data, "sandbox", _SANDBOX, where)
     default_timeout = float(_typed(sandbox.get("timeout", Limits().timeout), (int, float), where, "sandbox.timeout"))
     compilers = {
@@ -210,6 +222,8 @@ def load_config(path: Path) -> ServerConfig:
             mode=mode,
         ),
         slots=_typed(data.get("slots", os.cpu_count() or 1), int, where, "slots"),
+        cache=CacheConfig(resolve(cache["path"], "cache.path"),
+                          _typed(cache.get("max_bytes", 10 << 30), int, where, "cache.max_bytes")) if cache else None,
         handshake_timeout=float(_typed(timeouts.get("handshake", 10), (int, float), where, "timeouts.handshake")),
         heartbeat=float(_typed(timeouts.get("heartbeat", 5), (int, float), where, "timeouts.heartbeat")),
         idle_timeout=float(_typed(timeouts.get("idle", 60), (int, float), where, "timeouts.idle")),

@@ -199,6 +199,20 @@ class HostState:
             weights.pop(pick)
         return ordered
 
+    def with_affinity(self, ordered: list[Host], key: str) -> list[Host]:
+        """Rendezvous hashing: the host that owns ``key`` first (it may hold the cached result), then the rest.
+
+        Every client ranks hosts the same way for the same job, without a
+        shared store; when that host is busy the job falls through to the
+        load-based order.
+        """
+        if not ordered:
+            return ordered
+        import hashlib
+
+        owner = max(ordered, key=lambda h: hashlib.sha256(f"{key}|{host_key(h)}".encode()).digest())
+        return [owner, *(h for h in ordered if h is not owner)]
+
     def srv_answer(self, name: str | None) -> list[Host] | None:
         entry = self.data.get("srv", {})
         if entry.get("expires", 0) > time.time() and (name is None or entry.get("name") == name):

@@ -43,7 +43,8 @@ from securecc.acl import (
     split_principal,
     use_service_credentials,
 )
-from securecc.audit import AuditError, AuditLog, forwarder, load_private_key, sha256
+from securecc.audit import AuditError, AuditLog, forwarder, load_private_key, now_rfc3339, sha256
+from securecc.cache import Entry, ResultCache, cache_key
 from securecc.config import Compiler, ConfigError, ServerConfig, load_config
 from securecc.gss import Acceptor, GSSFailure
 
@@ -115,6 +116,8 @@ class CompileService:
     running: set[sandbox.RunningJob] = field(default_factory=set)
     active: collections.Counter[str] = field(default_factory=collections.Counter)  # jobs per principal
     turned_away: dict[str, float] = field(default_factory=dict)  # principal -> when it was last told BUSY
+    cache: ResultCache | None = None
+    inflight: dict[str, list[defer.Deferred]] = field(default_factory=dict)  # key -> jobs waiting for its compile
     _log = Logger()
 
     @defer.inlineCallbacks
@@ -150,16 +153,36 @@ class CompileService:
             record.update(compiler_path=compiler.path, compiler_identity=job.compiler_identity, reason=decision.reason)
             if not decision.allowed:
                 raise _Refusal(decision.reason, f"{principal} may not compile here ({decision.reason})")
+            key = cache_key(job.compiler_identity, job) if self.cache else None
+            hit = yield self._cached(key)
+            if hit is not None:
+                record.update(decision="allowed", cache="hit", cached_from=hit.producer.get("job_id"), exit_status=0,
+                              output_sha256=sha256(hit.output), bytes_out=len(hit.output) + len(hit.stderr))  # fmt: skip
+                if not self._record(record, started):
+                    return wire.Refused("denied:audit-unavailable", "the server cannot write its audit log", job_id)
+                return wire.Result(0, hit.stdout, hit.stderr, hit.output, job_id)
             busy = self._admit(principal, decision.rule.max_jobs if decision.rule else None)
             if busy is not None:
                 record.update(decision="busy", reason=busy.reason, load=busy.load)
                 self._record(record, started)
                 return busy
             self.active[principal] += 1
+            if key:
+                self.inflight[key] = []
             try:
                 outcome = yield self._compile(job_id, compiler, job, session)
             finally:
                 self.active[principal] -= 1
+            if key:
+                entry = None
+                if outcome.exit_status == 0 and outcome.output is not None and outcome.ended_by is None:
+                    entry = Entry(outcome.stdout, outcome.stderr, outcome.output,
+                                  {"job_id": job_id, "principal": principal, "server": self.host, "time": now_rfc3339()})
+                    record["cache"] = "stored"
+                    threads.deferToThread(self.cache.put, key, entry).addErrback(  # type: ignore[union-attr]
+                        lambda f: self._log.failure("cache write failed", f))
+                for waiter in self.inflight.pop(key, []):
+                    waiter.callback(entry)
         except _Refusal as refusal:
             record.update(decision="refused", reason=refusal.reason, detail=str(refusal))
             self._record(record, started)
@@ -174,6 +197,19 @@ class CompileService:
         if outcome.ended_by == "timeout":
             return wire.Refused("timeout", f"compile killed after {compiler.timeout:g} s", job_id)
         return wire.Result(outcome.exit_status, outcome.stdout, outcome.stderr, outcome.output, job_id)
+
+    @defer.inlineCallbacks
+    def _cached(self, key: str | None):  # type: ignore[no-untyped-def]
+        """A stored result for ``key``, waiting for an identical job already compiling; or None."""
+        if key is None or self.cache is None:
+            return None
+        if key in self.inflight:
+            waiter: defer.Deferred[Entry | None] = defer.Deferred()
+            self.inflight[key].append(waiter)
+            entry = yield waiter
+            if entry is not None:
+                return entry
+        return self.cache.get(key)
 
     def _admit(self, principal: str, max_jobs: int | None) -> wire.Busy | None:
         """A slot for this job, or BUSY: the server is full, the principal is at its ACL
@@ -456,6 +492,8 @@ def build(config: ServerConfig, reactor) -> tuple[JobFactory, ThreadPool]:  # ty
         )  # fmt: skip
     pool = ThreadPool(minthreads=0, maxthreads=LDAP_THREADS, name="ldap")
     service = CompileService(config, reactor, reactor, acl, Directory(config.ldap), pool, audit, identities)
+    if config.cache:
+        service.cache = ResultCache(config.cache.path, config.cache.max_bytes)
     return JobFactory(service, acceptor), pool
 
 

@@ -105,6 +105,7 @@ def start_server(realm: Realm, workdir: Path, **overrides: object) -> Server:
     os.chmod(workdir, 0o755)
     config.update(listen=f"127.0.0.1:{port}")
     config["audit"] = {**config["audit"], "path": str(workdir / "audit.jsonl")}
+    config["cache"] = {**config["cache"], "path": str(workdir / "cache")}  # each server its own
     config["sandbox"] = {**config["sandbox"], "scratch": str(workdir / "scratch")}
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):

@@ -156,8 +156,8 @@ def test_two_principals_share_a_full_server(realm, own_server, workdir, monkeypa
         return c
 
     hogs = [channel("alice") for _ in range(2)]
-    for hog in hogs:
-        hog.sock.sendall(hog.wire.seal(slow_job(workdir, "40000000L")))
+    for n, hog in enumerate(hogs):  # two different jobs (identical ones would share one compile)
+        hog.sock.sendall(hog.wire.seal(slow_job(workdir, f"4000000{n}L")))
     time.sleep(0.5)
     bob = channel("bob")
     assert bob.call(make_job("gcc", [], "c", "-c", str(workdir), "b.c", b"int b;\n")).reason == "busy:full"

@@ -1,0 +1,174 @@
+"""The result cache: Bob reuses Alice's compile; keys, corruption, poisoning, concurrency, eviction."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from conftest import BIN, local, make_job, securecc
+from securecc import protocol as wire
+from securecc.cache import Entry, ResultCache, cache_key
+from test_hosts import build, project, spec
+
+JOB = wire.Job("gcc", ["-O2"], "c", "-c", "/src", "a.c", b"int a;\n", environment={"LC_ALL": "C"})
+
+
+def test_key_covers_everything_that_changes_the_output():
+    """Compiler identity, flags, macros or headers (the text), environment, paths: each changes the key."""
+    base = cache_key("gcc 12", JOB)
+    assert cache_key("gcc 12", dataclasses.replace(JOB)) == base
+    variants = [
+        cache_key("gcc 13", JOB),
+        cache_key("gcc 12", dataclasses.replace(JOB, args=["-O1"])),
+        cache_key("gcc 12", dataclasses.replace(JOB, source=b"int a = 1;\n")),  # a macro or a header changed the text
+        cache_key("gcc 12", dataclasses.replace(JOB, environment={"LC_ALL": "C", "SOURCE_DATE_EPOCH": "1"})),
+        cache_key("gcc 12", dataclasses.replace(JOB, cwd="/other")),
+        cache_key("gcc 12", dataclasses.replace(JOB, source_path="b.c")),
+        cache_key("gcc 12", dataclasses.replace(JOB, mode="-S")),
+        cache_key("gcc 12", dataclasses.replace(JOB, language="c++")),
+        cache_key("gcc 12", dataclasses.replace(JOB, include_paths=["/src/h.h"], includes=[b"x"])),
+        cache_key("gcc 12", dataclasses.replace(JOB, include_paths=["/src/h.h"], includes=[b"y"])),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+
+
+def test_entries_are_checked_bounded_and_crash_safe(tmp_path):
+    """A flipped byte or a cut entry is dropped, never served; leftovers of a crash go; LRU keeps the bound."""
+    cache = ResultCache(tmp_path / "c", max_bytes=10_000)
+    entry = Entry(b"", b"warning\n", b"\x7fELF" + b"x" * 3000, {"job_id": "j1"})
+    cache.put("aa" + "1" * 62, entry)
+    assert cache.get("aa" + "1" * 62) == entry
+    path = tmp_path / "c" / "aa" / ("aa" + "1" * 62)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 1
+    path.write_bytes(bytes(data))
+    assert cache.get("aa" + "1" * 62) is None and not path.exists() and cache.corrupt == 1
+    cache.put("bb" + "2" * 62, entry)
+    cut = tmp_path / "c" / "bb" / ("bb" + "2" * 62)
+    cut.write_bytes(cut.read_bytes()[:-100])
+    assert cache.get("bb" + "2" * 62) is None
+    (tmp_path / "c" / "bb" / "leftover.123.tmp").write_bytes(b"half")
+    ResultCache(tmp_path / "c", max_bytes=10_000)
+    assert not (tmp_path / "c" / "bb" / "leftover.123.tmp").exists()
+    for n in range(5):
+        cache.put(f"{n:02d}" + "3" * 62, entry)
+        time.sleep(0.01)
+    remaining = sorted(p.name[:2] for p in (tmp_path / "c").glob("*/*"))
+    assert remaining == ["02", "03", "04"]  # 3 x ~3 KB fit in 10 KB; the oldest went
+
+
+def acl_with_bob(directory: Path) -> str:
+    path = directory / "acl.yaml"
+    path.write_text("realms: [TEST.REALM]\nallow:\n  - group: committers\n  - principal: bob\n")
+    return str(path)
+
+
+def test_bob_reuses_alices_compiles(realm, own_server, workdir):
+    """Alice builds a tree; Bob's build of it is served from the cache, audited as hits, objects exact."""
+    names = project(workdir, files=8)
+    s = own_server(acl=acl_with_bob(workdir), slots=8)
+    _, done = build(realm, workdir, spec(s))
+    assert done.returncode == 0, done.stderr
+    stored = {r["source"]: r["job_id"] for r in s.jobs(principal="alice@TEST.REALM") if r.get("cache") == "stored"}
+    assert len(stored) == len(names)
+    environment = realm.user_env("bob", workdir)
+    environment.update(SECURECC_HOSTS=spec(s), PWD=str(workdir), XDG_CACHE_HOME=str(workdir / ".cache-bob"))
+    subprocess.run(["make", "-s", "clean"], cwd=workdir)
+    for o in workdir.glob("*.o"):
+        o.unlink()
+    bob = subprocess.run(["make", "-j4", f"CC={BIN}/securecc gcc"], cwd=workdir, env=environment, capture_output=True)
+    assert bob.returncode == 0, bob.stderr
+    hits = s.jobs(principal="bob@TEST.REALM", cache="hit")
+    assert len(hits) == len(names)
+    assert {h["source"]: h["cached_from"] for h in hits} == stored
+    for n in names:
+        local(workdir, "gcc", "-g", "-O2", "-c", f"{n}.c", "-o", f"{n}.local")
+        assert (workdir / f"{n}.o").read_bytes() == (workdir / f"{n}.local").read_bytes()
+
+
+def test_corrupt_entry_is_recompiled(realm, own_server, workdir):
+    """An entry damaged on disk is detected on read and the job compiles again, correctly."""
+    s = own_server()
+    (workdir / "a.c").write_text("int a(int x) { return x * 7; }\n")
+    assert securecc(realm, s, "alice", workdir, "gcc", "-O2", "-c", "a.c", "-o", "first.o").returncode == 0
+    (entry,) = [p for p in (Path(s.config_path.parent) / "cache").glob("*/*")]
+    data = bytearray(entry.read_bytes())
+    data[-10] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    done = securecc(realm, s, "alice", workdir, "gcc", "-O2", "-c", "a.c", "-o", "second.o", SECURECC_VERBOSE="1")
+    assert b"compiled a.c" in done.stderr
+    assert (workdir / "second.o").read_bytes() == (workdir / "first.o").read_bytes()
+    records = s.jobs(principal="alice@TEST.REALM", source="a.c")
+    assert [r.get("cache") for r in records] == ["stored", "stored"]
+
+
+def test_identical_jobs_at_once_compile_once(realm, own_server, workdir, monkeypatch):
+    """Two identical jobs at the same time: one compiles, the other waits for it and is served; both exact."""
+    s = own_server()
+    source = b"".join(b"int f%d(int x) { return x * %d; }\n" % (n, n) for n in range(3000))
+    job = make_job("gcc", ["-O2"], "c", "-c", str(workdir), "big.c", source)
+    replies: list[wire.Message] = []
+
+    def run() -> None:
+        from test_acl import credentials_for
+        from securecc.client import Channel
+        from securecc.hosts import parse_hosts
+
+        channel = Channel(parse_hosts(s.hosts)[0])
+        channel.authenticate(credentials_for(realm, "alice"))
+        replies.append(channel.call(job))
+        channel.close()
+
+    for key, value in realm.user_env("alice", workdir).items():
+        monkeypatch.setenv(key, value)
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(replies) == 2 and all(isinstance(r, wire.Result) and r.exit_status == 0 for r in replies)
+    assert replies[0].output == replies[1].output
+    kinds = sorted(r.get("cache") for r in s.jobs(source="big.c"))
+    assert kinds == ["hit", "stored"]
+
+
+def test_cache_is_out_of_the_sandbox_reach(realm, own_server, workdir):
+    """Only the server writes entries: the cache is its own (0700), absent from the sandbox, closed to the sandbox uid."""
+    s = own_server()
+    (workdir / "a.c").write_text("int a;\n")
+    securecc(realm, s, "alice", workdir, "gcc", "-c", "a.c", "-o", "a.o")
+    cache_dir = Path(s.config_path.parent) / "cache"
+    assert os.stat(cache_dir).st_mode & 0o777 == 0o700 and os.stat(cache_dir).st_uid == os.geteuid()
+    if os.geteuid() == 0:
+        planted = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "touch",
+                                  str(cache_dir / "poison")], capture_output=True)  # fmt: skip
+        assert planted.returncode != 0 and not (cache_dir / "poison").exists()
+    log = s.log_path.read_text()
+    assert str(cache_dir) not in log
+    from securecc import sandbox
+
+    spec_ = sandbox.Spec("/usr/bin/gcc", ["-c"], workdir, str(workdir), "a.c", {})
+    assert not any(str(cache_dir) in arg for arg in sandbox.command(spec_, sandbox.Settings(sandbox.Limits(), None, None)))
+
+
+def test_affinity_sends_identical_jobs_to_the_same_server(realm, own_server, workdir):
+    """With several servers, each job's owner (rendezvous hash) gets it from everyone: Bob hits Alice's entries."""
+    names = project(workdir, files=8)
+    acl = acl_with_bob(workdir)
+    servers = [own_server(acl=acl, slots=8) for _ in range(3)]
+    hosts = " ".join(spec(s) for s in servers)
+    _, done = build(realm, workdir, hosts)
+    assert done.returncode == 0
+    environment = realm.user_env("bob", workdir)
+    environment.update(SECURECC_HOSTS=hosts, PWD=str(workdir), XDG_CACHE_HOME=str(workdir / ".cache-bob"))
+    for o in workdir.glob("*.o"):
+        o.unlink()
+    bob = subprocess.run(["make", "-j4", f"CC={BIN}/securecc gcc"], cwd=workdir, env=environment, capture_output=True)
+    assert bob.returncode == 0
+    hits = sum(len(s.jobs(principal="bob@TEST.REALM", cache="hit")) for s in servers)
+    assert hits == len(names)
+    assert sum(bool(s.jobs(principal="alice@TEST.REALM")) for s in servers) >= 2  # the work was spread
