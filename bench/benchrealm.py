@@ -1,0 +1,102 @@
+"""Shared by the benchmarks: a throwaway realm with securecc-servers, and timed builds through them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PRINCIPAL = ",principal=securecc/localhost@TEST.REALM"
+
+
+class Realm:
+    """testrealm up in ``directory``; servers started on demand; everything stopped by close()."""
+
+    def __init__(self, directory: Path, acl: str | None = None) -> None:
+        self.dir = directory
+        subprocess.run([sys.executable, REPO / "krb5-testrealm" / "testrealm", "up", directory], check=True,
+                       capture_output=True)  # fmt: skip
+        if acl:
+            (directory / "acl.yaml").write_text(acl)
+        self.env = json.loads((directory / "realm.json").read_text())["env"]
+        self.servers: list[subprocess.Popen] = []
+
+    def server(self, name: str, **settings: object) -> tuple[subprocess.Popen, str]:
+        """A securecc-server with the realm's config plus ``settings``; returns it and its SECURECC_HOSTS entry."""
+        config = yaml.safe_load((self.dir / "securecc.yaml").read_text())
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        work = self.dir / name
+        work.mkdir()
+        os.chmod(work, 0o755)
+        config.update(listen=f"127.0.0.1:{port}", **settings)
+        config["audit"] = {**config["audit"], "path": str(work / "audit.jsonl")}
+        config["cache"] = {**config["cache"], "path": str(work / "cache")}
+        config["sandbox"] = {**config["sandbox"], "scratch": str(work / "scratch")}
+        (work / "securecc.yaml").write_text(yaml.safe_dump(config))
+        process = subprocess.Popen([BIN / "securecc-server", "--config", work / "securecc.yaml"],
+                                   env={**os.environ, **self.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.servers.append(process)
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                return process, f"127.0.0.1:{port}/8{PRINCIPAL}"
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("securecc-server did not start")
+
+    def user_env(self, user: str, cache_home: Path) -> dict[str, str]:
+        return {**os.environ, **self.env, "KRB5CCNAME": f"FILE:{cache_home}/{user}.ccache",
+                "KRB5_CLIENT_KTNAME": str(self.dir / f"{user}.keytab"), "XDG_CACHE_HOME": str(cache_home)}  # fmt: skip
+
+    def close(self) -> None:
+        for process in self.servers:
+            process.terminate()
+            process.wait()
+        subprocess.run([sys.executable, REPO / "krb5-testrealm" / "testrealm", "down", self.dir], capture_output=True)
+
+
+def timed_make(project: Path, args: list[str], env: dict[str, str] | None = None, clean: str = "clean") -> float:
+    """Wall time of ``make ARGS`` after ``make clean``."""
+    subprocess.run(["make", "-s", clean], cwd=project, capture_output=True)
+    started = time.monotonic()
+    done = subprocess.run(["make", "-s", *args], cwd=project, env={**(env or os.environ), "PWD": str(project)},
+                          capture_output=True)  # fmt: skip
+    if done.returncode != 0 or os.environ.get("BENCH_VERBOSE"):
+        sys.stderr.write(done.stderr.decode(errors="replace")[-3000:])
+        if done.returncode != 0:
+            raise SystemExit(f"make {' '.join(args)} failed")
+    return time.monotonic() - started
+
+
+def debian_source(package: str, where: Path) -> Path:
+    """The upstream tree of a Debian source package: ``apt-get source --download-only``, then its
+    .orig tarball unpacked (the Debian-patched tree needs its packaging's configure step to build).
+    deb-src is enabled for the same suite if need be."""
+    target = where / package
+    if target.is_dir():
+        return next(p for p in target.iterdir() if p.is_dir())
+    target.mkdir(parents=True)
+    sources = Path("/etc/apt/sources.list.d/debian-src.sources")
+    if not sources.exists() and Path("/etc/apt/sources.list.d/debian.sources").exists() and os.geteuid() == 0:
+        text = Path("/etc/apt/sources.list.d/debian.sources").read_text().replace("Types: deb\n", "Types: deb-src\n")
+        sources.write_text(text)
+        subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True)
+    subprocess.run(["apt-get", "source", "-q", "--download-only", package], cwd=target, check=True, capture_output=True)
+    orig = next(p for p in target.iterdir() if ".orig.tar." in p.name and not p.name.endswith(".asc"))
+    subprocess.run(["tar", "xf", orig.name], cwd=target, check=True)
+    return next(p for p in target.iterdir() if p.is_dir())
+
+
+def shutil_rm(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
