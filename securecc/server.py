@@ -49,6 +49,7 @@ from securecc.config import Compiler, ConfigError, ServerConfig, load_config
 from securecc.gss import Acceptor, GSSFailure
 
 LDAP_THREADS = 4
+AUDIT_DOWN = "the server cannot write its audit log; it runs no job unrecorded"
 FAIR_SHARE_MEMORY = 10.0  # seconds a principal turned away counts as waiting for a share
 LISTEN_BACKLOG = 1024  # make -j64 on a few workstations connects in bursts; 50 would drop SYNs (1 s retries)
 
@@ -159,7 +160,7 @@ class CompileService:
                 record.update(decision="allowed", cache="hit", cached_from=hit.producer.get("job_id"), exit_status=0,
                               output_sha256=sha256(hit.output), bytes_out=len(hit.output) + len(hit.stderr))  # fmt: skip
                 if not self._record(record, started):
-                    return wire.Refused("denied:audit-unavailable", "the server cannot write its audit log", job_id)
+                    return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
                 return wire.Result(0, hit.stdout, hit.stderr, hit.output, job_id)
             busy = self._admit(principal, decision.rule.max_jobs if decision.rule else None)
             if busy is not None:
@@ -169,20 +170,13 @@ class CompileService:
             self.active[principal] += 1
             if key:
                 self.inflight[key] = []
+            outcome = None
             try:
                 outcome = yield self._compile(job_id, compiler, job, session)
             finally:
                 self.active[principal] -= 1
-            if key:
-                entry = None
-                if outcome.exit_status == 0 and outcome.output is not None and outcome.ended_by is None:
-                    entry = Entry(outcome.stdout, outcome.stderr, outcome.output,
-                                  {"job_id": job_id, "principal": principal, "server": self.host, "time": now_rfc3339()})
-                    record["cache"] = "stored"
-                    threads.deferToThread(self.cache.put, key, entry).addErrback(  # type: ignore[union-attr]
-                        lambda f: self._log.failure("cache write failed", f))
-                for waiter in self.inflight.pop(key, []):
-                    waiter.callback(entry)
+                if key:
+                    self._share(key, outcome, {"job_id": job_id, "principal": principal}, record)
         except _Refusal as refusal:
             record.update(decision="refused", reason=refusal.reason, detail=str(refusal))
             self._record(record, started)
@@ -193,10 +187,22 @@ class CompileService:
             bytes_out=len(outcome.output or b"") + len(outcome.stdout) + len(outcome.stderr),
         )  # fmt: skip
         if not self._record(record, started):
-            return wire.Refused("denied:audit-unavailable", "the server cannot write its audit log; it runs no job unrecorded", job_id)
+            return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
         if outcome.ended_by == "timeout":
             return wire.Refused("timeout", f"compile killed after {compiler.timeout:g} s", job_id)
         return wire.Result(outcome.exit_status, outcome.stdout, outcome.stderr, outcome.output, job_id)
+
+    def _share(self, key: str, outcome: sandbox.Outcome | None, producer: dict[str, str], record: dict[str, object]) -> None:
+        """Store a successful compile (off the reactor) and hand it to identical jobs that waited for it."""
+        entry = None
+        if outcome and outcome.exit_status == 0 and outcome.output is not None and outcome.ended_by is None:
+            entry = Entry(outcome.stdout, outcome.stderr, outcome.output,
+                          {**producer, "server": self.host, "time": now_rfc3339()})  # fmt: skip
+            record["cache"] = "stored"
+            threads.deferToThread(self.cache.put, key, entry).addErrback(  # type: ignore[union-attr]
+                lambda f: self._log.failure("cache write failed", f))
+        for waiter in self.inflight.pop(key, []):
+            waiter.callback(entry)  # None: they compile for themselves
 
     @defer.inlineCallbacks
     def _cached(self, key: str | None):  # type: ignore[no-untyped-def]
@@ -246,7 +252,7 @@ class CompileService:
             try:
                 self.audit.recover()
             except AuditError:
-                raise _Refusal("denied:audit-unavailable", "the server cannot write its audit log; it runs no job unrecorded") from None
+                raise _Refusal("denied:audit-unavailable", AUDIT_DOWN) from None
         compiler = self.config.compilers.get(job.compiler)
         if compiler is None:
             raise _Refusal("denied:compiler-not-offered", f"compiler {job.compiler!r} is not offered by this server")
