@@ -27,11 +27,26 @@ import time  # noqa: E402
 from securecc import args as argpolicy  # noqa: E402
 
 MASQUERADE_NAMES = frozenset({"gcc", "cc", "g++", "c++"})
-CONNECT_TIMEOUT = float(os.environ.get("SECURECC_CONNECT_TIMEOUT", "2"))
+
+
+def _seconds(name: str, default: float) -> float:
+    """A timeout from the environment; a value that is not a positive number is named and ignored."""
+    text = os.environ.get(name)
+    try:
+        value = float(text) if text else default
+        if value > 0:
+            return value
+    except ValueError:
+        pass
+    sys.stderr.write(f"securecc: {name}={text!r} is not a number of seconds; using {default:g}\n")
+    return default
+
+
+CONNECT_TIMEOUT = _seconds("SECURECC_CONNECT_TIMEOUT", 2)
 # A server sends Alive every few seconds while it compiles: this much silence means it hung.
-IO_TIMEOUT = float(os.environ.get("SECURECC_IO_TIMEOUT", "20"))
+IO_TIMEOUT = _seconds("SECURECC_IO_TIMEOUT", 20)
 # A healthy server answers a handshake in milliseconds.
-HANDSHAKE_TIMEOUT = min(IO_TIMEOUT, float(os.environ.get("SECURECC_HANDSHAKE_TIMEOUT", "5")))
+HANDSHAKE_TIMEOUT = min(IO_TIMEOUT, _seconds("SECURECC_HANDSHAKE_TIMEOUT", 5))
 
 
 class RemoteFailure(Exception):
@@ -328,7 +343,7 @@ def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) ->
         raise RemoteFailure(f"cannot parse the host list ({e}); fix SECURECC_HOSTS") from None
     hosts = [h for h in hosts if not h.is_local]
     if not hosts:
-        raise RemoteFailure(f"no compile servers configured (set SECURECC_HOSTS; found {source})")
+        raise RemoteFailure(f"no compile servers found in {source}; list them in SECURECC_HOSTS")
     candidates = state.order(hosts)
     if not candidates:
         raise RemoteFailure(f"every compile server is backed off after failures (see securecc --show-hosts)")

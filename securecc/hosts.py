@@ -92,7 +92,14 @@ def parse_hosts(text: str) -> list[Host]:
     return [parse_host(spec) for spec in specs]
 
 
-BASE_BACKOFF = float(os.environ.get("SECURECC_BACKOFF", "15"))  # seconds after a first failure
+def _backoff() -> float:
+    try:
+        return max(0.1, float(os.environ.get("SECURECC_BACKOFF", "15")))
+    except ValueError:
+        return 15.0
+
+
+BASE_BACKOFF = _backoff()  # seconds after a first failure (SECURECC_BACKOFF)
 MAX_BACKOFF = 300.0  # distcc's back-off never gives up on a host; ours waits at most 5 minutes
 SRV_MIN_TTL = 60.0
 
@@ -122,13 +129,16 @@ def srv_hosts(state: HostState | None = None) -> tuple[list[Host], str]:
         import dns.exception
         import dns.resolver
     except ImportError:  # pragma: no cover - dnspython is a dependency
-        return [], "nowhere (dnspython missing)"
+        return [], "SECURECC_HOSTS or the hosts files (dnspython is missing for SRV)"
     resolver = dns.resolver.Resolver()
     if os.environ.get("SECURECC_DNS"):  # HOST:PORT of the DNS server to ask (tests, split-horizon setups)
         host, _, port = os.environ["SECURECC_DNS"].rpartition(":")
         resolver.nameservers, resolver.port = [host], int(port)
     resolver.lifetime = 2.0
-    names = [name] if name else [f"_securecc._tcp.{d}" for d in resolver.search or [resolver.domain]]
+    domains = [d for d in (resolver.search or [resolver.domain]) if str(d) not in (".", "")]
+    names = [name] if name else [f"_securecc._tcp.{d}" for d in domains]
+    if not names:
+        return [], "SECURECC_HOSTS, the hosts files or DNS SRV (no DNS domain: set SECURECC_DOMAIN)"
     for candidate in names:
         try:
             answer = resolver.resolve(candidate, "SRV")
@@ -146,7 +156,7 @@ def srv_hosts(state: HostState | None = None) -> tuple[list[Host], str]:
         if state:
             state.remember_srv(str(candidate), hosts, max(SRV_MIN_TTL, answer.rrset.ttl))
         return hosts, f"DNS SRV {candidate}"
-    return [], f"nowhere (no SECURECC_HOSTS, hosts file or SRV record {' '.join(map(str, names))})"
+    return [], f"SECURECC_HOSTS, ~/.config/securecc/hosts, /etc/securecc/hosts or SRV {' '.join(map(str, names))}"
 
 
 def host_key(host: Host) -> str:
