@@ -406,3 +406,16 @@ def test_acl_check_explains(realm):
     assert odd.returncode == 1 and "denied:compiler-not-offered" in odd.stdout
     broken = run_admin("acl", "check", "alice@TEST.REALM", "--config", "/nonexistent.yaml")
     assert broken.returncode == 2 and broken.stderr.startswith("securecc-admin: /nonexistent.yaml")
+
+
+def test_shipped_systemd_unit_and_crontab_load():
+    """etc/securecc-server.service parses and runs the server with the shipped config; the crontab names the check."""
+    import configparser
+
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.read(REPO / "etc" / "securecc-server.service")
+    assert unit["Service"]["ExecStart"].split()[1:] == ["--config", "/etc/securecc/securecc.yaml"]
+    assert "HUP" in unit["Service"]["ExecReload"] and "KRB5RCACHETYPE" not in unit["Service"].get("Environment", "")
+    crontab = (REPO / "etc" / "cron" / "crontab").read_text().splitlines()
+    entry = next(line for line in crontab if line and not line.startswith("#"))
+    assert entry.split()[:5] == ["*/5", "*", "*", "*", "*"] and entry.endswith("securecc-health")
