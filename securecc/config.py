@@ -47,6 +47,15 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class DistccConfig:
+    """The optional listener for stock distcc clients (authenticated, but cleartext)."""
+
+    host: str
+    port: int
+    principal: str  # what the clients' DISTCC_PRINCIPAL@<host> names; must be in the keytab
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen_host: str
     listen_port: int
@@ -59,6 +68,7 @@ class ServerConfig:
     scratch: Path
     sandbox: Settings
     cache: CacheConfig | None = None  # the shared result cache; None: off
+    distcc: DistccConfig | None = None  # the stock-distcc listener; None: off (the default)
     slots: int = 1  # jobs at once; beyond, BUSY (the client tries another server)
     handshake_timeout: float = 10.0
     idle_timeout: float = 60.0
@@ -67,8 +77,9 @@ class ServerConfig:
 
 
 _TOP = {"listen", "principal", "keytab", "acl", "audit", "ldap", "compilers", "sandbox", "limits", "timeouts", "slots",
-        "cache"}
+        "cache", "distcc"}
 _CACHE = {"path", "max_bytes"}
+_DISTCC = {"listen", "principal", "cleartext"}
 _LDAP = {"uris", "base", "users", "groups", "bind", "bind_dn", "password_file", "starttls", "ca_file", "timeout",
          "user_filter", "membership", "nested", "positive_ttl", "negative_ttl", "max_stale"}
 _SANDBOX = {"scratch", "uid", "gid", "timeout", "mode"}
@@ -172,6 +183,14 @@ def load_config(path: Path) -> ServerConfig:
         max_stale=seconds("max_stale", 300),
     )
 
+    distcc = _section(data, "distcc", _DISTCC, where)
+    if distcc and distcc.get("cleartext") is not True:
+        raise ConfigError(f"{where}: the distcc listener carries sources and objects in the clear (stock clients never "
+                          "wrap the stream); say so with 'distcc.cleartext: true' to enable it")  # fmt: skip
+    if distcc:
+        distcc_host, _, distcc_port = _typed(distcc.get("listen"), str, where, "distcc.listen").rpartition(":")
+        if not distcc_host or not distcc_port.isdigit():
+            raise ConfigError(f"{where}: 'distcc.listen' must be HOST:PORT")
     audit = _section(data, "audit", _AUDIT, where)
     cache = _section(data, "cache", _CACHE, where)
     if cache and "path" not in cache:
@@ -222,6 +241,8 @@ def load_config(path: Path) -> ServerConfig:
             mode=mode,
         ),
         slots=_typed(data.get("slots", os.cpu_count() or 1), int, where, "slots"),
+        distcc=DistccConfig(distcc_host, int(distcc_port), _typed(distcc.get("principal", data["principal"]), str, where,
+                            "distcc.principal")) if distcc else None,  # fmt: skip
         cache=CacheConfig(resolve(cache["path"], "cache.path"),
                           _typed(cache.get("max_bytes", 10 << 30), int, where, "cache.max_bytes")) if cache else None,
         handshake_timeout=float(_typed(timeouts.get("handshake", 10), (int, float), where, "timeouts.handshake")),

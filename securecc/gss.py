@@ -73,8 +73,12 @@ def explain(error: gssapi.exceptions.GSSError, target: str = "") -> str:
     return f"Kerberos authentication failed: {detail}"
 
 
-def _check_flags(context: gssapi.SecurityContext) -> None:
-    missing = REQUIRED_FLAGS - set(context.actual_flags)
+# What a stock distcc client asks for: it authenticates the connection but never wraps the stream.
+DISTCC_FLAGS = frozenset({Flag.mutual_authentication, Flag.replay_detection, Flag.out_of_sequence_detection})
+
+
+def _check_flags(context: gssapi.SecurityContext, required: frozenset[Flag] = REQUIRED_FLAGS) -> None:
+    missing = required - set(context.actual_flags)
     if missing:
         names = ", ".join(sorted(f.name for f in missing))
         raise GSSFailure(f"the peer's security context lacks {names}: refusing it")
@@ -146,15 +150,16 @@ class Acceptor:
         except gssapi.exceptions.GSSError as e:
             raise GSSFailure(f"cannot use keytab {keytab} for {principal}: {' '.join(e.gen_message().split())}") from None
 
-    def new_context(self) -> AcceptorContext:
-        return AcceptorContext(gssapi.SecurityContext(creds=self._credentials, usage="accept"))
+    def new_context(self, required: frozenset[Flag] = REQUIRED_FLAGS) -> AcceptorContext:
+        return AcceptorContext(gssapi.SecurityContext(creds=self._credentials, usage="accept"), required)
 
 
 class AcceptorContext:
     """One connection's acceptor context."""
 
-    def __init__(self, context: gssapi.SecurityContext) -> None:
+    def __init__(self, context: gssapi.SecurityContext, required: frozenset[Flag] = REQUIRED_FLAGS) -> None:
         self._context = context
+        self._required = required
         self.principal: str | None = None
 
     def step(self, in_token: bytes) -> bytes | None:
@@ -167,7 +172,7 @@ class AcceptorContext:
         try:
             out = self._context.step(in_token)
             if self._context.complete:  # raises a deferred acceptor error
-                _check_flags(self._context)
+                _check_flags(self._context, self._required)
                 self.principal = str(self._context.initiator_name)
             return out
         except gssapi.exceptions.GSSError as e:

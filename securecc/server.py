@@ -46,7 +46,8 @@ from securecc.acl import (
 from securecc.audit import AuditError, AuditLog, forwarder, load_private_key, now_rfc3339, sha256
 from securecc.cache import Entry, ResultCache, cache_key
 from securecc.config import Compiler, ConfigError, ServerConfig, load_config
-from securecc.gss import Acceptor, GSSFailure
+from securecc import distcc
+from securecc.gss import DISTCC_FLAGS, Acceptor, GSSFailure
 
 LDAP_THREADS = 4
 AUDIT_DOWN = "the server cannot write its audit log; it runs no job unrecorded"
@@ -136,12 +137,12 @@ class CompileService:
             self._log.critical("{error}", error=str(e))
 
     @defer.inlineCallbacks
-    def run(self, principal: str, peer: str, job: wire.Job, session: "JobProtocol"):  # type: ignore[no-untyped-def]
-        """Authorize and run one job; returns the reply message."""
+    def run(self, principal: str, peer: str, job: wire.Job, session, extra: dict | None = None):  # type: ignore[no-untyped-def]
+        """Authorize and run one job; returns the reply message.  ``extra`` goes into its audit record."""
         job_id = secrets.token_hex(8)
         started = time.monotonic()
         record = dict(
-            event="job", job_id=job_id, principal=principal, peer=peer,
+            **(extra or {}), event="job", job_id=job_id, principal=principal, peer=peer,
             compiler=job.compiler, args=job.args, source=job.source_path, cwd=job.cwd,
             input_sha256=sha256(job.source or job.original), headers=len(job.include_paths),
             bytes_in=len(job.source) + len(job.original) + sum(map(len, job.includes)),
@@ -445,6 +446,149 @@ class JobProtocol(protocol.Protocol):
             self.running.kill("disconnect")
 
 
+class DistccProtocol(protocol.Protocol):
+    """A stock distcc 3.4 client: its GSS handshake, one v1/v2 job, the same stages as a native job.
+
+    Refusals close the connection without a reply, as distccd does: the
+    client then compiles locally.  The job stream is not wrapped (the stock
+    client cannot), so records say ``payload: cleartext``.
+    """
+
+    _log = Logger()
+
+    def __init__(self, service: CompileService, acceptor: Acceptor) -> None:
+        self.service = service
+        self.parser = distcc.Parser(service.config.max_input)
+        self.context = acceptor.new_context(DISTCC_FLAGS)
+        self.state = "star"
+        self.principal: str | None = None
+        self.running: sandbox.RunningJob | None = None
+        self.lost = False
+        self.peer = "?"
+        self._timer = None
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.transport.setTcpNoDelay(True)
+        self._timer = self.service.clock.callLater(self.service.config.handshake_timeout, self._drop, "handshake timed out")
+
+    def _drop(self, why: str) -> None:
+        self._log.info("distcc {peer}: {why}; dropping", peer=self.peer, why=why)
+        self._timer = None
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:  # the client's 12-byte headers come one write at a time: ACK at once, not after 40 ms
+            self.transport.getHandle().setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except (AttributeError, OSError):
+            pass
+        self.parser.feed(data)
+        try:
+            self._advance()
+        except (distcc.DistccError, GSSFailure) as e:
+            if isinstance(e, GSSFailure):
+                self._audit_auth_failure(str(e))
+            self._drop(str(e))
+
+    def _advance(self) -> None:
+        if self.state == "star" and self.parser.handshake_byte():
+            self.transport.write(b"*")  # at once: the client waits only 1 s
+            self.state = "gss"
+        while self.state == "gss":
+            token = self.parser.gss_token()
+            if token is None:
+                return
+            reply = self.context.step(token)
+            out = distcc.item(b"TLEN", len(reply), reply) if reply else b""
+            if self.context.complete:
+                self.principal = self.context.principal
+                self.transport.write(out + b"y")  # tokens and verdict in one write
+                self.state = "request"
+            elif out:
+                self.transport.write(out)
+        if self.state == "request":
+            request = self.parser.request()
+            if request is not None:
+                self.state = "running"
+                self._cancel_timer()
+                self._run(request)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _audit_auth_failure(self, detail: str) -> None:
+        try:
+            self.service.audit.write(event="auth", peer=self.peer, protocol="distcc", decision="refused",
+                                     reason="denied:authentication-failed", detail=detail)  # fmt: skip
+        except AuditError:
+            pass
+
+    def _run(self, request: distcc.Request) -> None:
+        assert self.principal is not None
+        extra = {"protocol": "distcc", "payload": "cleartext"}
+        job = distcc_job(request, self.service)
+        if isinstance(job, str):  # not something a server runs: refused and audited, like any job
+            try:
+                self.service.audit.write(**extra, event="job", principal=self.principal, peer=self.peer, args=request.argv,
+                                         decision="refused", reason="denied:argument-refused", detail=job)  # fmt: skip
+            except AuditError:
+                pass
+            self.transport.loseConnection()
+            return
+        d = self.service.run(self.principal, self.peer, job, self, extra)
+        d.addCallback(self._reply, request.version)
+        d.addErrback(lambda f: (self._log.failure("distcc job failed", f), self.transport.loseConnection()))
+
+    def _reply(self, message: wire.Message, version: int) -> None:
+        if self.lost:
+            return
+        if isinstance(message, wire.Result):
+            self.transport.write(distcc.reply(version, distcc.wait_status(message.exit_status), message.stdout,
+                                              message.stderr, message.output))  # fmt: skip
+        self.transport.loseConnection()  # refused or busy: no reply, the client compiles locally
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.lost = True
+        self._cancel_timer()
+        if self.running is not None:
+            self.running.kill("disconnect")
+
+
+def distcc_job(request: distcc.Request, service: CompileService) -> wire.Job | str:
+    """A native job from a distcc request, or why it cannot be one.
+
+    distcc sends argv with the original names (``gcc -c x.c -o x.o``) and
+    the fully preprocessed text; it rewrites ``gcc`` to ``<target>-gcc``.
+    It cannot say which compiler version it has: the server's is assumed.
+    """
+    if not request.argv:
+        return "empty argv"
+    name = request.argv[0].removeprefix("/usr/bin/").removeprefix("/bin/")
+    compilers = service.config.compilers
+    if name not in compilers:
+        name = next((n for n in compilers if name.endswith("-" + n) and n in compilers), name)
+    try:
+        plan = argpolicy.plan(request.argv[1:])
+    except argpolicy.NotDistributable as e:
+        return str(e)
+    language = argpolicy.PREPROCESSED.get(plan.language, plan.language)
+    identity = service.identities.get(compilers[name].path, "") if name in compilers else ""
+    return wire.Job(name, plan.remote_args, language, plan.mode, "/build", plan.source, request.source,
+                    compiler_identity=identity)  # fmt: skip
+
+
+class DistccFactory(protocol.Factory):
+    def __init__(self, service: CompileService, acceptor: Acceptor) -> None:
+        self.service = service
+        self.acceptor = acceptor
+
+    def buildProtocol(self, addr: object) -> DistccProtocol:
+        return DistccProtocol(self.service, self.acceptor)
+
+
 class JobFactory(protocol.Factory):
     def __init__(self, service: CompileService, acceptor: Acceptor) -> None:
         self.service = service
@@ -518,6 +662,11 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(options.config)
         factory, pool = build(config, reactor)
         port = reactor.listenTCP(config.listen_port, factory, backlog=LISTEN_BACKLOG, interface=config.listen_host)
+        if config.distcc:
+            distcc_factory = DistccFactory(factory.service, Acceptor(config.distcc.principal, config.keytab))
+            reactor.listenTCP(config.distcc.port, distcc_factory, backlog=LISTEN_BACKLOG, interface=config.distcc.host)
+            Logger().warn("distcc listener on {host}:{port} as {principal}: jobs from stock clients travel in the CLEAR",
+                          host=config.distcc.host, port=config.distcc.port, principal=config.distcc.principal)  # fmt: skip
     except (ConfigError, AclError, AuditError, GSSFailure, OSError, error.CannotListenError) as e:
         sys.exit(f"securecc-server: {e}")
     pool.start()

@@ -419,3 +419,16 @@ def test_shipped_systemd_unit_and_crontab_load():
     crontab = (REPO / "etc" / "cron" / "crontab").read_text().splitlines()
     entry = next(line for line in crontab if line and not line.startswith("#"))
     assert entry.split()[:5] == ["*/5", "*", "*", "*", "*"] and entry.endswith("securecc-health")
+
+
+def test_distcc_listener_must_be_acknowledged(tmp_path):
+    """The cleartext distcc listener is off by default and cannot be enabled without saying so."""
+    assert load_config(REPO / "etc" / "securecc.yaml").distcc is None
+    text = (REPO / "etc" / "securecc.yaml").read_text() + "distcc:\n  listen: 127.0.0.1:3632\n"
+    path = tmp_path / "securecc.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="in the clear"):
+        load_config(path)
+    path.write_text(text + "  cleartext: true\n")
+    config = load_config(path)
+    assert (config.distcc.port, config.distcc.principal) == (3632, config.principal)

@@ -1,0 +1,162 @@
+"""distcc's wire protocol (v1, v2 with LZO) and its GSS-API handshake, sans-IO.
+
+For stock distcc 3.4 clients built with GSS-API (Debian's are), so a site can
+move users over gradually.  Facts from ``notes/distcc-protocol.md``: every
+item is a 4-letter token plus 8 lowercase hex digits (a value, or the length
+of the bytes that follow); the handshake is ``*`` / ``*``, then ``TLEN``
+tokens, then ``y`` or ``n``; a request is ``DIST ARGC ARGV… DOTI``; a reply
+``DONE STAT SERR SOUT DOTO`` with ``STAT`` a wait(2) status.  In v2 every
+bulk body is one raw LZO1X-1 block.
+
+What this module adds to distccd: every length is capped before anything is
+buffered (distccd mallocs a pre-authentication ``TLEN`` of up to 2 GiB), and
+the parser raises :class:`DistccError` on anything unexpected.  The stock
+client never wraps the job stream, so it travels in the clear: the server
+marks such jobs ``payload: cleartext`` and the README says where this port
+belongs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_TOKEN = 64 * 1024  # a GSS token; krb5 AP-REQs are ~1-12 KiB
+MAX_ARGC = 4096
+MAX_ARG = 64 * 1024
+
+
+class DistccError(Exception):
+    """The peer broke the distcc protocol or a cap: drop the connection."""
+
+
+@dataclass(frozen=True)
+class Request:
+    version: int
+    argv: list[str]
+    source: bytes  # the preprocessed source, decompressed
+
+
+def item(token: bytes, value: int, body: bytes = b"") -> bytes:
+    return token + b"%08x" % value + body
+
+
+def lzo_compress(data: bytes) -> bytes:
+    import lzallright
+
+    return lzallright.LZOCompressor().compress(data) if data else b""
+
+
+def lzo_decompress(data: bytes, limit: int) -> bytes:
+    """A raw LZO1X block of unknown size: grow the buffer as distcc does, up to ``limit``."""
+    import lzallright
+
+    if not data:
+        return b""
+    size = max(4096, 8 * len(data))
+    while True:
+        try:
+            return lzallright.LZOCompressor.decompress(data, output_size_hint=min(size, limit))
+        except lzallright.LZOError as e:
+            if size >= limit:
+                raise DistccError(f"LZO body larger than {limit} bytes or corrupt ({e})") from None
+            size *= 2
+
+
+class Parser:
+    """Feed bytes; ask for the handshake byte, GSS tokens, then one request."""
+
+    def __init__(self, max_input: int) -> None:
+        self.max_input = max_input
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def _header(self, token: bytes) -> int | None:
+        if len(self._buffer) < 12:
+            return None
+        if bytes(self._buffer[:4]) != token:
+            raise DistccError(f"expected {token.decode()}, got {bytes(self._buffer[:4])!r}")
+        digits = bytes(self._buffer[4:12])
+        if len(digits) != 8 or not all(c in b"0123456789abcdef" for c in digits):
+            raise DistccError(f"bad {token.decode()} value {digits!r}")
+        return int(digits, 16)
+
+    def handshake_byte(self) -> bool | None:
+        """True once the client's ``*`` arrived; a plain (unauthenticated) client is refused."""
+        if not self._buffer:
+            return None
+        first = self._buffer[0]
+        del self._buffer[:1]
+        if first != ord("*"):
+            raise DistccError("the client did not ask for authentication (this listener requires ,auth)")
+        return True
+
+    def gss_token(self) -> bytes | None:
+        length = self._header(b"TLEN")
+        if length is None:
+            return None
+        if not 0 < length <= MAX_TOKEN:
+            raise DistccError(f"GSS token length {length} out of bounds")
+        if len(self._buffer) < 12 + length:
+            return None
+        token = bytes(self._buffer[12 : 12 + length])
+        del self._buffer[: 12 + length]
+        return token
+
+    def request(self) -> Request | None:
+        """The whole request once it has arrived (caps checked as each header comes in)."""
+        view, pos = self._buffer, 0
+
+        def header(token: bytes, cap: int) -> int | None:
+            nonlocal pos
+            if len(view) < pos + 12:
+                return None
+            if bytes(view[pos : pos + 4]) != token:
+                raise DistccError(f"expected {token.decode()}, got {bytes(view[pos:pos + 4])!r}")
+            digits = bytes(view[pos + 4 : pos + 12])
+            if not all(c in b"0123456789abcdef" for c in digits):
+                raise DistccError(f"bad {token.decode()} value {digits!r}")
+            value = int(digits, 16)
+            if value > cap:
+                raise DistccError(f"{token.decode()} {value} exceeds {cap}")
+            pos += 12
+            return value
+
+        version = header(b"DIST", 3)
+        if version is None:
+            return None
+        if version not in (1, 2):
+            raise DistccError(f"protocol version {version} is not offered (only 1 and 2; no pump mode)")
+        argc = header(b"ARGC", MAX_ARGC)
+        if argc is None:
+            return None
+        argv = []
+        for _ in range(argc):
+            length = header(b"ARGV", MAX_ARG)
+            if length is None or len(view) < pos + length:
+                return None
+            argv.append(bytes(view[pos : pos + length]).decode("utf-8", "surrogateescape"))
+            pos += length
+        length = header(b"DOTI", self.max_input)
+        if length is None or len(view) < pos + length:
+            return None
+        body = bytes(view[pos : pos + length])
+        del self._buffer[: pos + length]
+        source = lzo_decompress(body, self.max_input) if version == 2 else body
+        return Request(version, argv, source)
+
+
+def reply(version: int, wait_status: int, stdout: bytes, stderr: bytes, output: bytes | None) -> bytes:
+    """``DONE STAT SERR SOUT DOTO`` in one buffer (one write: no Nagle/delayed-ACK stall)."""
+    pack = lzo_compress if version == 2 else (lambda b: b)
+    parts = [item(b"DONE", version), item(b"STAT", wait_status)]
+    for token, body in ((b"SERR", stderr), (b"SOUT", stdout), (b"DOTO", output or b"")):
+        packed = pack(body)
+        parts.append(item(token, len(packed), packed))
+    return b"".join(parts)
+
+
+def wait_status(exit_status: int) -> int:
+    """Our exit status (128+N when killed by signal N) as the wait(2) status distcc expects."""
+    return exit_status - 128 if exit_status > 128 else exit_status << 8
