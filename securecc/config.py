@@ -7,6 +7,7 @@ a typo never silently turns a setting off.  See ``etc/securecc.yaml``.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,14 @@ class DistccConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    host: str
+    port: int
+    principal: str  # HTTP/<host>@REALM, for SPNEGO; must be in the keytab
+    scrapers: frozenset[str]  # addresses that may read /metrics
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen_host: str
     listen_port: int
@@ -69,6 +78,7 @@ class ServerConfig:
     sandbox: Settings
     cache: CacheConfig | None = None  # the shared result cache; None: off
     distcc: DistccConfig | None = None  # the stock-distcc listener; None: off (the default)
+    monitor: MonitorConfig | None = None  # the HTTP stats endpoint; None: off
     slots: int = 1  # jobs at once; beyond, BUSY (the client tries another server)
     handshake_timeout: float = 10.0
     idle_timeout: float = 60.0
@@ -77,9 +87,10 @@ class ServerConfig:
 
 
 _TOP = {"listen", "principal", "keytab", "acl", "audit", "ldap", "compilers", "sandbox", "limits", "timeouts", "slots",
-        "cache", "distcc"}
+        "cache", "distcc", "monitor"}
 _CACHE = {"path", "max_bytes"}
 _DISTCC = {"listen", "principal", "cleartext"}
+_MONITOR = {"listen", "principal", "scrape"}
 _LDAP = {"uris", "base", "users", "groups", "bind", "bind_dn", "password_file", "starttls", "ca_file", "timeout",
          "user_filter", "membership", "nested", "positive_ttl", "negative_ttl", "max_stale"}
 _SANDBOX = {"scratch", "uid", "gid", "timeout", "mode"}
@@ -191,6 +202,11 @@ def load_config(path: Path) -> ServerConfig:
         distcc_host, _, distcc_port = _typed(distcc.get("listen"), str, where, "distcc.listen").rpartition(":")
         if not distcc_host or not distcc_port.isdigit():
             raise ConfigError(f"{where}: 'distcc.listen' must be HOST:PORT")
+    monitor = _section(data, "monitor", _MONITOR, where)
+    if monitor:
+        monitor_host, _, monitor_port = _typed(monitor.get("listen", "127.0.0.1:3638"), str, where, "monitor.listen").rpartition(":")
+        if not monitor_host or not monitor_port.isdigit():
+            raise ConfigError(f"{where}: 'monitor.listen' must be HOST:PORT")
     audit = _section(data, "audit", _AUDIT, where)
     cache = _section(data, "cache", _CACHE, where)
     if cache and "path" not in cache:
@@ -241,6 +257,10 @@ def load_config(path: Path) -> ServerConfig:
             mode=mode,
         ),
         slots=_typed(data.get("slots", os.cpu_count() or 1), int, where, "slots"),
+        monitor=MonitorConfig(monitor_host, int(monitor_port),
+                              _typed(monitor.get("principal", f"HTTP/{socket.getfqdn()}"), str, where, "monitor.principal"),
+                              frozenset(_typed(monitor.get("scrape", ["127.0.0.1", "::1"]), list, where, "monitor.scrape")))
+        if monitor else None,  # fmt: skip
         distcc=DistccConfig(distcc_host, int(distcc_port), _typed(distcc.get("principal", data["principal"]), str, where,
                             "distcc.principal")) if distcc else None,  # fmt: skip
         cache=CacheConfig(resolve(cache["path"], "cache.path"),

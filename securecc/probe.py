@@ -1,4 +1,4 @@
-"""securecc-hosts --check: prequalify compile servers with a trivial authenticated compile.
+"""Client-side views of the farm: ``securecc-hosts --check`` (prequalify) and ``securecc-monitor``.
 
 Every candidate host (the client's own list, or the ones given) is asked at
 once to compile ``int securecc_probe;`` through the real job path: connect,
@@ -109,3 +109,68 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"securecc-hosts: {r['host']} left out: {r['error']}", file=sys.stderr)
     sys.exit(0 if any(r["ok"] for r in results) else 1)
 
+
+
+def server_status(host: Host, timeout: float) -> dict[str, Any]:
+    """One server's status over its authenticated compile port (principals shown to admins only)."""
+    spec = f"{host.name}:{host.port}"
+    try:
+        channel = Channel(host, io_timeout=timeout)
+        try:
+            channel.authenticate()
+            reply = channel.call(wire.StatusRequest())
+        finally:
+            channel.close()
+    except RemoteFailure as e:
+        return {"host": spec, "ok": False, "error": str(e)}
+    if not isinstance(reply, wire.Status):
+        return {"host": spec, "ok": False, "error": f"unexpected {type(reply).__name__}"}
+    return {"host": spec, "ok": True, **json.loads(reply.json)}
+
+
+def render(statuses: list[dict[str, Any]]) -> str:
+    """A distccmon-text-like screen: one line per server, one per job it runs."""
+    lines = [time.strftime("securecc-monitor  %H:%M:%S"), ""]
+    for s in statuses:
+        if not s["ok"]:
+            lines.append(f"{s['host']:28} DOWN  {s['error']}")
+            continue
+        running, totals = s["running"], s.get("totals", {})
+        lines.append(f"{s['host']:28} {len(running)}/{s['slots']} slots  allowed {totals.get('allowed', 0):.0f}  "
+                     f"refused {totals.get('refused', 0):.0f}  busy {totals.get('busy', 0):.0f}")  # fmt: skip
+        for job in running:
+            lines.append(f"    {job['principal']:24} {job['compiler']:6} {job['source']:36} {s['time'] - job['started']:5.1f} s")
+    return "\n".join(lines)
+
+
+def monitor_main(argv: list[str] | None = None) -> None:
+    """securecc-monitor: what every server the client knows is doing, refreshed in place."""
+    parser = argparse.ArgumentParser(prog="securecc-monitor", description=monitor_main.__doc__)
+    parser.add_argument("--once", action="store_true", help="print once and exit")
+    parser.add_argument("--json", action="store_true", help="with --once: JSON for scripts")
+    parser.add_argument("--interval", type=float, default=2.0)
+    options = parser.parse_args(argv)
+    try:
+        hosts = [h for h in configured_hosts(HostState())[0] if not h.is_local]
+    except HostsError as e:
+        sys.exit(f"securecc-monitor: {e}")
+    if not hosts:
+        sys.exit("securecc-monitor: no servers (set SECURECC_HOSTS)")
+    try:
+        while True:
+            statuses: list[dict[str, Any]] = [{} for _ in hosts]
+            threads = [threading.Thread(target=lambda i=i, h=h: statuses.__setitem__(i, server_status(h, 3.0)), daemon=True)
+                       for i, h in enumerate(hosts)]  # fmt: skip
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(4)
+            statuses = [s or {"host": f"{h.name}:{h.port}", "ok": False, "error": "no answer"} for s, h in zip(statuses, hosts)]
+            if options.once:
+                print(json.dumps(statuses, indent=1) if options.json else render(statuses))
+                sys.exit(0 if any(s["ok"] for s in statuses) else 1)
+            sys.stdout.write("\x1b[H\x1b[2J" + render(statuses) + "\n")
+            sys.stdout.flush()
+            time.sleep(options.interval)
+    except KeyboardInterrupt:
+        sys.exit(0)

@@ -127,15 +127,31 @@ class Alive:
     running: float = 0.0  # seconds so far
 
 
-Message = Union[Job, Result, Refused, Busy, Alive]
+@dataclass(frozen=True)
+class StatusRequest:
+    """securecc-monitor asks what the server is doing."""
 
-_TYPE_CODES: dict[type, int] = {Job: 1, Result: 2, Refused: 3, Busy: 4, Alive: 5}
+    detail: bool = True
+
+
+@dataclass(frozen=True)
+class Status:
+    """The server's status as JSON; principal names only for the ACL's admins."""
+
+    json: str
+
+
+Message = Union[Job, Result, Refused, Busy, Alive, StatusRequest, Status]
+
+_TYPE_CODES: dict[type, int] = {Job: 1, Result: 2, Refused: 3, Busy: 4, Alive: 5, StatusRequest: 6, Status: 7}
 _BLOB_FIELDS: dict[type, tuple[str, ...]] = {
     Job: ("source", "original"),
     Result: ("stdout", "stderr", "output"),
     Refused: (),
     Busy: (),
     Alive: (),
+    StatusRequest: (),
+    Status: (),
 }
 _HEADER_FIELDS: dict[type, dict[str, type | tuple[type, ...]]] = {
     Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str, "environment": dict, "include_paths": list,
@@ -144,6 +160,8 @@ _HEADER_FIELDS: dict[type, dict[str, type | tuple[type, ...]]] = {
     Refused: {"reason": str, "message": str, "job_id": str},
     Busy: {"reason": str, "load": int, "slots": int},
     Alive: {"running": (int, float)},
+    StatusRequest: {"detail": bool},
+    Status: {"json": str},
 }
 
 
@@ -178,7 +196,7 @@ def decode_message(data: bytes) -> Message:
         raise ProtocolError(f"bad {kind.__name__} header fields")
     for name, expected in fields.items():
         value = header[name]
-        if not isinstance(value, expected) or isinstance(value, bool):
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             raise ProtocolError(f"bad {kind.__name__}.{name}")
     if "args" in fields and not all(isinstance(a, str) for a in header["args"]):
         raise ProtocolError("bad Job.args")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import secrets
 import signal
@@ -39,6 +40,7 @@ from securecc.acl import (
     Directory,
     DirectoryUnavailable,
     decide,
+    is_admin,
     load_acl,
     split_principal,
     use_service_credentials,
@@ -46,7 +48,9 @@ from securecc.acl import (
 from securecc.audit import AuditError, AuditLog, forwarder, load_private_key, now_rfc3339, sha256
 from securecc.cache import Entry, ResultCache, cache_key
 from securecc.config import Compiler, ConfigError, ServerConfig, load_config
-from securecc import distcc
+from securecc import distcc, monitor
+from securecc.monitor import Metrics
+from securecc.monitor import status as monitor_status
 from securecc.gss import DISTCC_FLAGS, Acceptor, GSSFailure
 
 LDAP_THREADS = 4
@@ -120,6 +124,8 @@ class CompileService:
     turned_away: dict[str, float] = field(default_factory=dict)  # principal -> when it was last told BUSY
     cache: ResultCache | None = None
     inflight: dict[str, list[defer.Deferred]] = field(default_factory=dict)  # key -> jobs waiting for its compile
+    metrics: Metrics = field(default_factory=Metrics)
+    jobs_now: dict[str, dict[str, object]] = field(default_factory=dict)  # job id -> who compiles what, since when
     _log = Logger()
 
     @defer.inlineCallbacks
@@ -172,10 +178,13 @@ class CompileService:
             if key:
                 self.inflight[key] = []
             outcome = None
+            self.jobs_now[job_id] = {"principal": principal, "compiler": job.compiler, "source": job.source_path,
+                                     "started": time.time(), "peer": peer, "job_id": job_id}  # fmt: skip
             try:
                 outcome = yield self._compile(job_id, compiler, job, session)
             finally:
                 self.active[principal] -= 1
+                self.jobs_now.pop(job_id, None)
                 if key:
                     self._share(key, outcome, {"job_id": job_id, "principal": principal}, record)
         except _Refusal as refusal:
@@ -241,10 +250,13 @@ class CompileService:
 
     def _record(self, record: dict[str, object], started: float) -> bool:
         """Write a job's audit record; False (and a log line) when the log cannot take it."""
+        record["duration"] = round(time.monotonic() - started, 4)
+        self.metrics.observe(record)
         try:
-            self.audit.write(**record, duration=round(time.monotonic() - started, 4))
+            self.audit.write(**record)
             return True
         except AuditError as e:
+            self.metrics.audit_errors.inc()
             self._log.critical("{error}; refusing jobs until it can be written", error=str(e))
             return False
 
@@ -286,9 +298,13 @@ class CompileService:
         groups: frozenset[str] = frozenset()
         if split_principal(principal)[1] in acl.realms and acl.groups:
             try:
-                groups = yield threads.deferToThreadPool(self.clock, self.pool, self.directory.groups_of, principal)
+                membership = yield threads.deferToThreadPool(self.clock, self.pool, self.directory.membership, principal)
             except DirectoryUnavailable as e:
+                self.metrics.ldap_errors.inc()
                 raise _Refusal("denied:ldap-unavailable", str(e)) from None
+            groups = membership.groups
+            if membership.cached:
+                self.metrics.ldap_cache_hits.inc()
         return decide(acl, principal, groups, job.compiler, input_size)
 
     @defer.inlineCallbacks
@@ -349,6 +365,7 @@ class JobProtocol(protocol.Protocol):
         except (AttributeError, OSError):
             pass
         self._timer = self.service.clock.callLater(self.config.handshake_timeout, self._expired, "handshake")
+        self._connected = time.monotonic()
 
     def _expired(self, phase: str) -> None:
         self._log.info("{peer}: {phase} timed out; dropping", peer=self.peer, phase=phase)
@@ -381,6 +398,8 @@ class JobProtocol(protocol.Protocol):
             self._authenticate(event.token)
         elif isinstance(event, wire.MessageReceived) and isinstance(event.message, wire.Job) and not self.busy:
             self._start_job(event.message)
+        elif isinstance(event, wire.MessageReceived) and isinstance(event.message, wire.StatusRequest) and not self.busy:
+            self._send_status()
         else:
             raise wire.ProtocolError(f"unexpected {type(event).__name__}")
 
@@ -401,6 +420,7 @@ class JobProtocol(protocol.Protocol):
             self.transport.write(wire.token(reply))
         if self.context.complete:
             self.principal = self.context.principal
+            self.service.metrics.handshake.observe(time.monotonic() - self._connected)
             session = self.context.session()
             self.wire.secure(session.wrap, session.unwrap)
             self._rearm(self.config.idle_timeout)
@@ -417,6 +437,22 @@ class JobProtocol(protocol.Protocol):
         d.addBoth(self._stop_heartbeat)
         d.addCallback(self._reply)
         d.addErrback(self._failed)
+
+    def _send_status(self) -> None:
+        """For securecc-monitor: this server's status; principal names only for the ACL's admins."""
+        assert self.principal is not None
+        principal, acl = self.principal, self.service.acl.current()
+        d = threads.deferToThreadPool(self.service.clock, self.service.pool, self.service.directory.groups_of, principal)
+        d.addErrback(lambda f: f.trap(DirectoryUnavailable) and frozenset())
+
+        def send(groups: frozenset[str]) -> None:
+            current = monitor_status(self.service)
+            if not is_admin(acl, principal, groups):
+                current["running"] = [{**job, "principal": "(admins only)", "peer": ""} for job in current["running"]]
+            if not self.lost:
+                self.transport.write(self.wire.seal(wire.Status(json.dumps(current))))
+
+        d.addCallback(send)
 
     def _stop_heartbeat(self, result: object) -> object:
         if self._heartbeat is not None and self._heartbeat.running:
@@ -662,6 +698,10 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(options.config)
         factory, pool = build(config, reactor)
         port = reactor.listenTCP(config.listen_port, factory, backlog=LISTEN_BACKLOG, interface=config.listen_host)
+        if config.monitor:
+            monitor_site = monitor.site(factory.service, Acceptor(config.monitor.principal, config.keytab),
+                                        config.monitor.scrapers)  # fmt: skip
+            reactor.listenTCP(config.monitor.port, monitor_site, interface=config.monitor.host)
         if config.distcc:
             distcc_factory = DistccFactory(factory.service, Acceptor(config.distcc.principal, config.keytab))
             reactor.listenTCP(config.distcc.port, distcc_factory, backlog=LISTEN_BACKLOG, interface=config.distcc.host)

@@ -75,6 +75,7 @@ class Server:
     log_path: Path
     process: subprocess.Popen
     hosts: str = field(default="")
+    monitor_port: int = 0
 
     def audit(self) -> list[dict]:
         if not self.audit_path.exists():
@@ -106,6 +107,7 @@ def start_server(realm: Realm, workdir: Path, **overrides: object) -> Server:
     config.update(listen=f"127.0.0.1:{port}")
     config["audit"] = {**config["audit"], "path": str(workdir / "audit.jsonl")}
     config["cache"] = {**config["cache"], "path": str(workdir / "cache")}  # each server its own
+    config["monitor"] = {**config["monitor"], "listen": f"127.0.0.1:{free_port()}"}
     config["sandbox"] = {**config["sandbox"], "scratch": str(workdir / "scratch")}
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -133,7 +135,9 @@ def start_server(realm: Realm, workdir: Path, **overrides: object) -> Server:
         process.kill()
         raise RuntimeError(f"securecc-server did not listen: {log_path.read_text()}")
     hosts = f"127.0.0.1:{port},principal=securecc/localhost@TEST.REALM"
-    return Server(config_path, port, Path(config["audit"]["path"]), log_path, process, hosts)
+    server = Server(config_path, port, Path(config["audit"]["path"]), log_path, process, hosts)
+    server.monitor_port = int(config["monitor"]["listen"].rpartition(":")[2]) if config.get("monitor") else 0
+    return server
 
 
 @pytest.fixture(scope="session")

@@ -82,6 +82,7 @@ def test_shipped_acl_and_config_load():
     assert config.audit.key == Path("/etc/securecc/audit.key") and config.audit.checkpoint_every == 100
     assert config.sandbox.limits.timeout == 1200 and config.sandbox.mode == "bwrap" and config.slots == 8
     assert config.ldap.membership == ("member", "memberUid") and config.ldap.positive_ttl == 60
+    assert config.monitor.port == 3638 and config.monitor.scrapers == {"127.0.0.1", "::1"}
     assert config.ldap.bind == "gssapi" and len(config.ldap.uris) == 2 and config.ldap.user_filter == "(uid={user})"
 
 
