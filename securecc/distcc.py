@@ -72,15 +72,19 @@ class Parser:
     def feed(self, data: bytes) -> None:
         self._buffer += data
 
-    def _header(self, token: bytes) -> int | None:
-        if len(self._buffer) < 12:
+    def _header(self, pos: int, token: bytes, cap: int) -> int | None:
+        """The value of the ``token`` header at ``pos``, checked against ``cap`` before its body is read."""
+        if len(self._buffer) < pos + 12:
             return None
-        if bytes(self._buffer[:4]) != token:
-            raise DistccError(f"expected {token.decode()}, got {bytes(self._buffer[:4])!r}")
-        digits = bytes(self._buffer[4:12])
-        if len(digits) != 8 or not all(c in b"0123456789abcdef" for c in digits):
+        name, digits = bytes(self._buffer[pos : pos + 4]), bytes(self._buffer[pos + 4 : pos + 12])
+        if name != token:
+            raise DistccError(f"expected {token.decode()}, got {name!r}")
+        if not all(c in b"0123456789abcdef" for c in digits):
             raise DistccError(f"bad {token.decode()} value {digits!r}")
-        return int(digits, 16)
+        value = int(digits, 16)
+        if value > cap:
+            raise DistccError(f"{token.decode()} {value} exceeds {cap}")
+        return value
 
     def handshake_byte(self) -> bool | None:
         """True once the client's ``*`` arrived; a plain (unauthenticated) client is refused."""
@@ -93,11 +97,11 @@ class Parser:
         return True
 
     def gss_token(self) -> bytes | None:
-        length = self._header(b"TLEN")
+        length = self._header(0, b"TLEN", MAX_TOKEN)
         if length is None:
             return None
-        if not 0 < length <= MAX_TOKEN:
-            raise DistccError(f"GSS token length {length} out of bounds")
+        if length == 0:
+            raise DistccError("empty GSS token")
         if len(self._buffer) < 12 + length:
             return None
         token = bytes(self._buffer[12 : 12 + length])
@@ -110,17 +114,9 @@ class Parser:
 
         def header(token: bytes, cap: int) -> int | None:
             nonlocal pos
-            if len(view) < pos + 12:
-                return None
-            if bytes(view[pos : pos + 4]) != token:
-                raise DistccError(f"expected {token.decode()}, got {bytes(view[pos:pos + 4])!r}")
-            digits = bytes(view[pos + 4 : pos + 12])
-            if not all(c in b"0123456789abcdef" for c in digits):
-                raise DistccError(f"bad {token.decode()} value {digits!r}")
-            value = int(digits, 16)
-            if value > cap:
-                raise DistccError(f"{token.decode()} {value} exceeds {cap}")
-            pos += 12
+            value = self._header(pos, token, cap)
+            if value is not None:
+                pos += 12
             return value
 
         version = header(b"DIST", 3)

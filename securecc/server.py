@@ -616,22 +616,16 @@ def distcc_job(request: distcc.Request, service: CompileService) -> wire.Job | s
                     compiler_identity=identity)  # fmt: skip
 
 
-class DistccFactory(protocol.Factory):
-    def __init__(self, service: CompileService, acceptor: Acceptor) -> None:
+class ServiceFactory(protocol.Factory):
+    """One listener: each connection gets a ``kind`` (JobProtocol or DistccProtocol) on the shared service."""
+
+    def __init__(self, kind: type[JobProtocol] | type[DistccProtocol], service: CompileService, acceptor: Acceptor) -> None:
+        self.kind = kind
         self.service = service
         self.acceptor = acceptor
 
-    def buildProtocol(self, addr: object) -> DistccProtocol:
-        return DistccProtocol(self.service, self.acceptor)
-
-
-class JobFactory(protocol.Factory):
-    def __init__(self, service: CompileService, acceptor: Acceptor) -> None:
-        self.service = service
-        self.acceptor = acceptor
-
-    def buildProtocol(self, addr: object) -> JobProtocol:
-        return JobProtocol(self.service, self.acceptor)
+    def buildProtocol(self, addr: object) -> protocol.Protocol:
+        return self.kind(self.service, self.acceptor)
 
 
 def self_test(config: ServerConfig) -> None:
@@ -652,7 +646,7 @@ def self_test(config: ServerConfig) -> None:
         sandbox.remove_job_dir(job_dir)
 
 
-def build(config: ServerConfig, reactor) -> tuple[JobFactory, ThreadPool]:  # type: ignore[no-untyped-def]
+def build(config: ServerConfig, reactor) -> tuple[ServiceFactory, ThreadPool]:  # type: ignore[no-untyped-def]
     """Everything the listener needs; fails (ConfigError, AclError, GSSFailure) before listening."""
     if config.ldap.bind == "gssapi":
         use_service_credentials(config.keytab)
@@ -680,7 +674,7 @@ def build(config: ServerConfig, reactor) -> tuple[JobFactory, ThreadPool]:  # ty
     service = CompileService(config, reactor, reactor, acl, Directory(config.ldap), pool, audit, identities)
     if config.cache:
         service.cache = ResultCache(config.cache.path, config.cache.max_bytes)
-    return JobFactory(service, acceptor), pool
+    return ServiceFactory(JobProtocol, service, acceptor), pool
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -703,7 +697,7 @@ def main(argv: list[str] | None = None) -> None:
                                         config.monitor.scrapers)  # fmt: skip
             reactor.listenTCP(config.monitor.port, monitor_site, interface=config.monitor.host)
         if config.distcc:
-            distcc_factory = DistccFactory(factory.service, Acceptor(config.distcc.principal, config.keytab))
+            distcc_factory = ServiceFactory(DistccProtocol, factory.service, Acceptor(config.distcc.principal, config.keytab))
             reactor.listenTCP(config.distcc.port, distcc_factory, backlog=LISTEN_BACKLOG, interface=config.distcc.host)
             Logger().warn("distcc listener on {host}:{port} as {principal}: jobs from stock clients travel in the CLEAR",
                           host=config.distcc.host, port=config.distcc.port, principal=config.distcc.principal)  # fmt: skip

@@ -66,7 +66,7 @@ def test_decide(principal, groups, compiler, size, reason):
 def test_deciding_rule_carries_its_limits():
     """The rule that allowed a job comes with it: its limits are the job's."""
     assert decide(ACL, "robot@TEST.REALM", frozenset(), "gcc").rule.max_jobs == 4
-    assert decide(ACL, "alice@TEST.REALM", frozenset({"committers"}), "gcc").rule.line == 0
+    assert decide(ACL, "alice@TEST.REALM", frozenset({"committers"}), "gcc").rule.max_input == 1000
 
 
 def test_shipped_acl_and_config_load():
