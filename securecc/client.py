@@ -1,7 +1,10 @@
-"""securecc: the compiler wrapper (``securecc gcc ARGS`` or a symlink named gcc).
+"""securecc's client side: one compile, from argv to the outputs.
 
-Runs once per compile, so it imports only what the path taken needs: no
-Twisted, no cryptography, gssapi only when a job really goes remote.
+Direct mode runs this in the ``securecc`` process itself (``bin/securecc``
+falls back to it); the agent (:mod:`securecc.agent`) runs it for the shim
+with sessions kept open.  Either way it imports only what the path taken
+needs: no Twisted, no cryptography, gssapi only when a job really goes
+remote.
 
 Flow: anything not distributable runs the local compiler (exec, same
 arguments).  Otherwise preprocess here, authenticate to a server (mutual
@@ -23,30 +26,77 @@ signal.signal(signal.SIGINT, signal.SIG_DFL)
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import BinaryIO, Mapping, NamedTuple  # noqa: E402
 
 from securecc import args as argpolicy  # noqa: E402
 
 MASQUERADE_NAMES = frozenset({"gcc", "cc", "g++", "c++"})
 
 
-def _seconds(name: str, default: float) -> float:
+@dataclass
+class Invocation:
+    """One ``securecc`` run as its caller saw it: this process's in direct mode, the shim's in the agent."""
+
+    argv: list[str]
+    env: Mapping[str, str]
+    cwd: str  # the caller's os.getcwd()
+    stderr_tty: bool
+    out: BinaryIO
+    err: BinaryIO
+    umask: int = 0o022
+    watch: object | None = None  # a socket that turns readable when the caller has gone (the agent's shim)
+
+    @classmethod
+    def here(cls) -> Invocation:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return cls(sys.argv, os.environ, os.getcwd(), sys.stderr.isatty(), sys.stdout.buffer, sys.stderr.buffer, mask)
+
+    def say(self, message: str) -> None:
+        self.err.write(f"securecc: {message}\n".encode())
+        self.err.flush()
+
+    def verbose(self, message: str) -> None:
+        if self.env.get("SECURECC_VERBOSE"):
+            self.say(message)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.cwd, name)
+
+
+@dataclass
+class LocalCompile:
+    """Run the local compiler instead: ``exec(path, argv)`` in the caller's process."""
+
+    path: str
+    argv: list[str]
+
+
+class Timeouts(NamedTuple):
+    connect: float = 2.0
+    io: float = 20.0  # a server sends Alive every few seconds while it compiles: this much silence means it hung
+    handshake: float = 5.0  # a healthy server answers a handshake in milliseconds
+
+    @classmethod
+    def of(cls, inv: Invocation) -> Timeouts:
+        default = cls()
+        io = _seconds(inv, "SECURECC_IO_TIMEOUT", default.io)
+        return cls(_seconds(inv, "SECURECC_CONNECT_TIMEOUT", default.connect), io,
+                   min(io, _seconds(inv, "SECURECC_HANDSHAKE_TIMEOUT", default.handshake)))  # fmt: skip
+
+
+def _seconds(inv: Invocation, name: str, default: float) -> float:
     """A timeout from the environment; a value that is not a positive number is named and ignored."""
-    text = os.environ.get(name)
+    text = inv.env.get(name)
     try:
         value = float(text) if text else default
         if value > 0:
             return value
     except ValueError:
         pass
-    sys.stderr.write(f"securecc: {name}={text!r} is not a number of seconds; using {default:g}\n")
+    inv.say(f"{name}={text!r} is not a number of seconds; using {default:g}")
     return default
-
-
-CONNECT_TIMEOUT = _seconds("SECURECC_CONNECT_TIMEOUT", 2)
-# A server sends Alive every few seconds while it compiles: this much silence means it hung.
-IO_TIMEOUT = _seconds("SECURECC_IO_TIMEOUT", 20)
-# A healthy server answers a handshake in milliseconds.
-HANDSHAKE_TIMEOUT = min(IO_TIMEOUT, _seconds("SECURECC_HANDSHAKE_TIMEOUT", 5))
 
 
 class RemoteFailure(Exception):
@@ -56,57 +106,58 @@ class RemoteFailure(Exception):
 class HostFailure(RemoteFailure):
     """This host failed (unreachable, silent, gone): back it off and try another."""
 
-
-def _say(message: str) -> None:
-    sys.stderr.write(f"securecc: {message}\n")
-    sys.stderr.flush()
-
-
-def _verbose(message: str) -> None:
-    if os.environ.get("SECURECC_VERBOSE"):
-        _say(message)
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
-def find_compiler(name: str) -> str | None:
+class Cancelled(Exception):
+    """The caller went away (^C, make killed it): drop the job; closing the connection kills the compile."""
+
+
+def find_compiler(inv: Invocation, name: str) -> str | None:
     """The real compiler: ``name`` if it is a path, else the first one in PATH that is not us."""
     if "/" in name:
-        return name if os.access(name, os.X_OK) else None
-    me = os.path.realpath(sys.argv[0] if "/" in sys.argv[0] else (_which(sys.argv[0]) or sys.argv[0]))
-    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
-        candidate = os.path.join(directory or ".", name)
+        path = inv.path(name)
+        return path if os.access(path, os.X_OK) else None
+    argv0 = inv.argv[0]
+    me = os.path.realpath(inv.path(argv0) if "/" in argv0 else (_which(inv, argv0) or argv0))
+    for directory in inv.env.get("PATH", os.defpath).split(os.pathsep):
+        candidate = inv.path(os.path.join(directory or ".", name))
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK) and os.path.realpath(candidate) != me:
             return candidate
     return None
 
 
-def _which(name: str) -> str | None:
-    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
-        candidate = os.path.join(directory or ".", name)
+def _which(inv: Invocation, name: str) -> str | None:
+    for directory in inv.env.get("PATH", os.defpath).split(os.pathsep):
+        candidate = inv.path(os.path.join(directory or ".", name))
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
 
 
-def exec_local(compiler: str, path: str, args: list[str]) -> None:
+def exec_local(local: LocalCompile) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execv(path, [compiler, *args])
+        os.execv(local.path, local.argv)
     except OSError as e:
-        _say(f"cannot run {path}: {e.strerror or e}")
+        sys.stderr.write(f"securecc: cannot run {local.path}: {e.strerror or e}\n")
         sys.exit(127)
 
 
-def working_directory() -> str:
+def working_directory(env: Mapping[str, str] = os.environ, cwd: str | None = None) -> str:
     """The directory gcc would record: $PWD when it is this directory (as getpwd() does)."""
-    pwd = os.environ.get("PWD")
+    cwd = cwd or os.getcwd()
+    pwd = env.get("PWD")
     if pwd and os.path.isabs(pwd):
         try:
-            if os.path.samestat(os.stat(pwd), os.stat(".")):
+            if os.path.samestat(os.stat(pwd), os.stat(cwd)):
                 return pwd
         except OSError:
             pass
-    return os.getcwd()
+    return cwd
 
 
 def read_file(path: str) -> bytes:
@@ -114,12 +165,13 @@ def read_file(path: str) -> bytes:
         return f.read()
 
 
-def write_atomically(path: str, data: bytes) -> None:
+def write_atomically(path: str, data: bytes, umask: int = 0o022) -> None:
     """Write next to ``path`` and rename over it: a reader never sees half an object."""
     directory, base = os.path.split(path)
-    temp = os.path.join(directory, f".{base}.securecc-{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    temp = os.path.join(directory, f".{base}.securecc-{os.getpid()}-{time.monotonic_ns()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        os.fchmod(fd, 0o666 & ~umask)  # the caller's umask, not the agent's
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(temp, path)
@@ -132,31 +184,45 @@ def write_atomically(path: str, data: bytes) -> None:
 
 
 class Channel:
-    """One authenticated, sealed connection to a server (blocking sockets)."""
+    """One authenticated, sealed connection to a server (blocking sockets).
 
-    def __init__(self, host, io_timeout: float = IO_TIMEOUT) -> None:  # type: ignore[no-untyped-def]
+    ``expires`` is when its GSS context does (monotonic clock): the ticket's
+    end.  The agent keeps a channel for many jobs until shortly before then.
+    """
+
+    def __init__(self, host, io_timeout: float | None = None, timeouts: Timeouts = Timeouts()) -> None:  # type: ignore[no-untyped-def]
         import socket
 
         from securecc import protocol as wire
 
         self.host = host
-        self.io_timeout = io_timeout
+        self.timeouts = timeouts._replace(io=io_timeout) if io_timeout else timeouts
         self.wire = wire.Connection()
+        self.expires = 0.0
+        self.principal: str | None = None
         try:
-            self.sock = socket.create_connection((host.name, host.port), timeout=min(CONNECT_TIMEOUT, io_timeout))
+            self.sock = socket.create_connection((host.name, host.port), timeout=min(self.timeouts.connect, self.timeouts.io))
         except OSError as e:
             raise HostFailure(f"cannot connect to {host.name}:{host.port}: {e.strerror or e}") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _events(self, timeout: float) -> list:  # type: ignore[type-arg]
+    def _events(self, timeout: float, watch: object | None = None) -> list:  # type: ignore[type-arg]
         from securecc import protocol as wire
 
-        self.sock.settimeout(timeout)
         while True:
+            if watch is not None:
+                import select
+
+                ready, _, _ = select.select([self.sock, watch], [], [], timeout)
+                if watch in ready:
+                    raise Cancelled()
+                if not ready:
+                    raise HostFailure(f"{self.host.name} did not answer within {timeout:g} s", timed_out=True)
+            self.sock.settimeout(timeout)
             try:
                 data = self.sock.recv(1 << 20)
             except TimeoutError:
-                raise HostFailure(f"{self.host.name} did not answer within {timeout:g} s") from None
+                raise HostFailure(f"{self.host.name} did not answer within {timeout:g} s", timed_out=True) from None
             except OSError as e:
                 raise HostFailure(f"connection to {self.host.name} failed: {e.strerror or e}") from None
             if not data:
@@ -178,7 +244,7 @@ class Channel:
             self.sock.sendall(wire.hello() + wire.token(first or b""))
             greeted = False
             while not (greeted and initiator.complete):
-                for event in self._events(min(self.io_timeout, HANDSHAKE_TIMEOUT)):
+                for event in self._events(min(self.timeouts.io, self.timeouts.handshake)):
                     if isinstance(event, wire.HelloReceived):
                         greeted = wire.choose_version(event) is not None
                         if not greeted:
@@ -189,40 +255,62 @@ class Channel:
                             self.sock.sendall(wire.token(reply))
                     elif isinstance(event, wire.ErrorReceived):
                         raise RemoteFailure(f"{self.host.name} refused the connection: {event.message}")
+            self.expires = time.monotonic() + initiator.lifetime
         except GSSFailure as e:
             raise RemoteFailure(str(e)) from None
+        except OSError as e:
+            raise HostFailure(f"connection to {self.host.name} failed: {e.strerror or e}") from None
         session = initiator.session()
         self.wire.secure(session.wrap, session.unwrap)
 
-    def call(self, job):  # type: ignore[no-untyped-def]
+    def call(self, job, watch: object | None = None):  # type: ignore[no-untyped-def]
+        """Send ``job``, return the reply; ``watch`` readable (the caller gone) raises Cancelled."""
         from securecc import protocol as wire
 
         try:
-            self.sock.settimeout(self.io_timeout)
+            self.sock.settimeout(self.timeouts.io)
             self.sock.sendall(self.wire.seal(job))
         except OSError as e:
             raise HostFailure(f"sending the job to {self.host.name} failed: {e.strerror or e}") from None
         while True:
-            for event in self._events(self.io_timeout):
+            for event in self._events(self.timeouts.io, watch):
                 if not isinstance(event, wire.MessageReceived):
                     raise HostFailure(f"unexpected {type(event).__name__} from {self.host.name}")
                 if not isinstance(event.message, wire.Alive):
                     return event.message
 
+    def idle_and_open(self) -> bool:
+        """Still connected with nothing pending: a server that closed an idle connection shows EOF."""
+        import select
+
+        return not select.select([self.sock], [], [], 0)[0]
+
     def close(self) -> None:
         self.sock.close()
 
 
-def compiler_environment() -> dict[str, str]:
-    """What in our environment changes gcc's output: message locale, build date, time zone."""
+class OneShot:
+    """Direct mode's sessions: a fresh connection and handshake per job."""
+
+    def call(self, inv: Invocation, host, job, timeouts: Timeouts):  # type: ignore[no-untyped-def]
+        channel = Channel(host, timeouts=timeouts)
+        try:
+            channel.authenticate()
+            return channel.call(job, inv.watch)
+        finally:
+            channel.close()
+
+
+def compiler_environment(env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """What in the caller's environment changes gcc's output: message locale, build date, time zone."""
     environment = {"LC_ALL": "C"}
     for name in ("LC_ALL", "LC_MESSAGES", "LANG"):
-        if os.environ.get(name):
-            environment["LC_ALL"] = os.environ[name]
+        if env.get(name):
+            environment["LC_ALL"] = env[name]
             break
-    if os.environ.get("SOURCE_DATE_EPOCH"):
-        environment["SOURCE_DATE_EPOCH"] = os.environ["SOURCE_DATE_EPOCH"]
-    zone = os.environ.get("TZ")
+    if env.get("SOURCE_DATE_EPOCH"):
+        environment["SOURCE_DATE_EPOCH"] = env["SOURCE_DATE_EPOCH"]
+    zone = env.get("TZ")
     if zone is None:
         try:
             zone = read_file("/etc/timezone").decode().strip()  # __TIME__ is local time
@@ -233,7 +321,7 @@ def compiler_environment() -> dict[str, str]:
     return {k: v for k, v in environment.items() if argpolicy.check_environment({k: v}) is None}
 
 
-def prepare_job(compiler: str, compiler_path: str, plan: argpolicy.Plan):  # type: ignore[no-untyped-def]
+def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpolicy.Plan):  # type: ignore[no-untyped-def]
     """Preprocess here; return (job, the preprocessor's messages) or its failing status.
 
     The usual job is ``-fdirectives-only`` text (see :mod:`securecc.args`).
@@ -254,21 +342,21 @@ def prepare_job(compiler: str, compiler_path: str, plan: argpolicy.Plan):  # typ
     from securecc import protocol as wire
     from securecc.toolchain import ProbeError, cached_identity
 
-    cwd = working_directory()
-    original = read_file(plan.source)
+    cwd = working_directory(inv.env, inv.cwd)
+    original = read_file(inv.path(plan.source))
     try:
-        identity = cached_identity(compiler_path)
+        identity = cached_identity(compiler_path, identity_cache(inv.env))
     except (ProbeError, OSError) as e:
         raise RemoteFailure(str(e)) from None
 
     def job(language: str, text: bytes, args: list[str], files: dict[str, bytes] | None = None) -> wire.Job:
-        if sys.stderr.isatty() and not any("diagnostics-color" in a for a in args):
+        if inv.stderr_tty and not any("diagnostics-color" in a for a in args):
             args = [*args, "-fdiagnostics-color=always"]  # gcc would colour a terminal
         files = files or {}
         return wire.Job(
             compiler=os.path.basename(compiler), args=args, language=language, mode=plan.mode, cwd=cwd,
             source_path=plan.source, source=text, original=b"" if plan.preprocessed else original,
-            environment=compiler_environment(), include_paths=list(files), includes=list(files.values()),
+            environment=compiler_environment(inv.env), include_paths=list(files), includes=list(files.values()),
             compiler_identity=identity,
         )  # fmt: skip
 
@@ -280,14 +368,17 @@ def prepare_job(compiler: str, compiler_path: str, plan: argpolicy.Plan):  # typ
     def server_preprocesses(text: bytes, why: str, files: dict[str, bytes] | None = None) -> tuple[wire.Job, bytes]:
         if plan.source_args is None or b"__TIMESTAMP__" in text:
             raise argpolicy.NotDistributable(why)
-        _verbose(f"the server preprocesses {plan.source}: {why}")
+        inv.verbose(f"the server preprocesses {plan.source}: {why}")
         return job(f"{plan.language}-source", b"", plan.source_args, headers(text) if files is None else files), b""
 
     if plan.preprocessed:
         return job(plan.language, original, plan.remote_args), b""
     import subprocess
 
-    directives = subprocess.run(argpolicy.preprocess_command(compiler_path, plan), capture_output=True)
+    def run(command: list[str]) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(command, capture_output=True, cwd=inv.cwd, env=inv.env)
+
+    directives = run(argpolicy.preprocess_command(compiler_path, plan))
     if directives.returncode == 0:
         if plan.pedantic and plan.debug:
             return server_preprocesses(directives.stdout, "-pedantic with -g")
@@ -299,9 +390,9 @@ def prepare_job(compiler: str, compiler_path: str, plan: argpolicy.Plan):  # typ
         except argpolicy.NotDistributable as e:
             return server_preprocesses(directives.stdout, str(e), files)
         return job(argpolicy.remote_language(plan), text, plan.remote_args), directives.stderr
-    full = subprocess.run(argpolicy.full_preprocess_command(compiler_path, plan), capture_output=True)
+    full = run(argpolicy.full_preprocess_command(compiler_path, plan))
     if full.returncode != 0:
-        sys.stderr.buffer.write(full.stderr)
+        inv.err.write(full.stderr)
         return full.returncode
     if plan.debug:
         return server_preprocesses(full.stdout, "gcc -fdirectives-only cannot preprocess it")
@@ -324,21 +415,22 @@ def unrepeated(local: bytes, remote: bytes) -> bytes:
     return b"".join(b"".join(block) for block in blocks if b"".join(block) not in remote)
 
 
-def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) -> int:
+def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: argpolicy.Plan, sessions=None) -> int:  # type: ignore[no-untyped-def]
     """Returns the remote compiler's status; raises RemoteFailure to fall back.
 
     Hosts are tried in the order HostState gives; a BUSY one, or one that
     fails (unreachable, silent, gone mid-job, another compiler version),
     passes the job to the next; a failing one is also backed off.  A
     refusal for who we are (ticket, ACL) ends the attempt: every server
-    would say the same.
+    would say the same.  ``sessions`` makes the connections: OneShot here,
+    the agent's pool there.
     """
     from securecc import protocol as wire
     from securecc.hosts import HostsError, HostState, configured_hosts
 
-    state = HostState()
+    state = HostState(env=inv.env)
     try:
-        hosts, source = configured_hosts(state)
+        hosts, source = configured_hosts(state, inv.env)
     except HostsError as e:
         raise RemoteFailure(f"cannot parse the host list ({e}); fix SECURECC_HOSTS") from None
     hosts = [h for h in hosts if not h.is_local]
@@ -346,8 +438,9 @@ def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) ->
         raise RemoteFailure(f"no compile servers found in {source}; list them in SECURECC_HOSTS")
     candidates = state.order(hosts)
     if not candidates:
-        raise RemoteFailure(f"every compile server is backed off after failures (see securecc --show-hosts)")
-    prepared = prepare_job(compiler, compiler_path, plan)
+        raise RemoteFailure("every compile server is backed off after failures (see securecc --show-hosts)")
+    timeouts = Timeouts.of(inv)
+    prepared = prepare_job(inv, compiler, compiler_path, plan)
     if isinstance(prepared, int):
         return prepared  # a preprocessing error is the user's, already printed
     job, messages = prepared
@@ -357,12 +450,7 @@ def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) ->
     for host in state.with_affinity(candidates, cache_key(job.compiler_identity, job)):
         started = time.monotonic()
         try:
-            channel = Channel(host)
-            try:
-                channel.authenticate()
-                reply = channel.call(job)
-            finally:
-                channel.close()
+            reply = (sessions or OneShot()).call(inv, host, job, timeouts)
         except HostFailure as e:
             state.failed(host, str(e))
             troubles.append(str(e))
@@ -382,14 +470,14 @@ def compile_remotely(compiler: str, compiler_path: str, plan: argpolicy.Plan) ->
             if reply.output is None:
                 raise RemoteFailure(f"{host.name} returned no output file")
             try:
-                write_atomically(plan.output, reply.output)
+                write_atomically(inv.path(plan.output), reply.output, inv.umask)
             except OSError as e:
                 raise RemoteFailure(f"cannot write {plan.output}: {e.strerror or e}") from None
-        sys.stdout.buffer.write(reply.stdout)
-        sys.stdout.flush()
-        sys.stderr.buffer.write(unrepeated(messages, reply.stderr) + reply.stderr)
-        sys.stderr.flush()
-        _verbose(f"compiled {plan.source} on {host.name} (job {reply.job_id})")
+        inv.out.write(reply.stdout)
+        inv.out.flush()
+        inv.err.write(unrepeated(messages, reply.stderr) + reply.stderr)
+        inv.err.flush()
+        inv.verbose(f"compiled {plan.source} on {host.name} (job {reply.job_id})")
         return reply.exit_status
     raise RemoteFailure("; ".join(troubles))
 
@@ -399,63 +487,74 @@ HOST_SPECIFIC_REFUSALS = frozenset({"denied:compiler-mismatch", "denied:compiler
                                     "denied:audit-unavailable", "timeout", "server-error"})  # fmt: skip
 
 
-def show_hosts() -> int:
+def identity_cache(env: Mapping[str, str]) -> str:
+    home = env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache")
+    return os.path.join(home, "securecc", "compilers.json")
+
+
+def show_hosts(inv: Invocation) -> int:
     """``securecc --show-hosts``: the hosts, where they came from, and their back-off state."""
     from securecc.hosts import HostsError, HostState, configured_hosts, host_key
 
-    state = HostState()
+    state = HostState(env=inv.env)
     try:
-        hosts, source = configured_hosts(state)
+        hosts, source = configured_hosts(state, inv.env)
     except HostsError as e:
-        _say(f"cannot parse the host list ({e}); fix SECURECC_HOSTS")
+        inv.say(f"cannot parse the host list ({e}); fix SECURECC_HOSTS")
         return 2
-    print(f"hosts from {source}:")
+    lines = [f"hosts from {source}:"]
     for host in hosts:
         if host.is_local:
-            print(f"  localhost (compile here) /{host.limit}")
+            lines.append(f"  localhost (compile here) /{host.limit}")
             continue
         entry = state.hosts.get(host_key(host), {})
         wait = state.backed_off(host)
         status = f"backed off {wait:.0f} s more ({entry.get('why', '')})" if wait else "ok"
         latency = f", latency {entry['latency'] * 1000:.0f} ms" if "latency" in entry else ""
-        print(f"  {host.name}:{host.port}/{host.limit} principal {host.target}: {status}{latency}")
-    print(f"state: {state.path}")
+        lines.append(f"  {host.name}:{host.port}/{host.limit} principal {host.target}: {status}{latency}")
+    lines.append(f"state: {state.path}")
+    inv.out.write("\n".join(lines).encode() + b"\n")
     return 0
 
 
 USAGE = "usage: securecc COMPILER [ARGS...]   (or call it through a symlink named gcc, cc, g++ or c++)"
 
 
-def run(argv: list[str]) -> int:
+def run(inv: Invocation, sessions=None) -> int | LocalCompile:  # type: ignore[no-untyped-def]
+    """Do one ``securecc`` run: its exit status, or the local compile to exec in the caller."""
+    argv = inv.argv
     name = os.path.basename(argv[0])
     if name in MASQUERADE_NAMES:
         compiler, args = name, argv[1:]
     elif len(argv) < 2 or argv[1] in ("-h", "--help"):
-        _say(USAGE)
+        inv.say(USAGE)
         return 2 if len(argv) < 2 else 0
     elif argv[1] == "--show-hosts":
-        return show_hosts()
+        return show_hosts(inv)
     else:
         compiler, args = argv[1], argv[2:]
-    path = find_compiler(compiler)
+    path = find_compiler(inv, compiler)
     if path is None:
-        _say(f"compiler {compiler!r} not found in PATH; install it or give its full path")
+        inv.say(f"compiler {compiler!r} not found in PATH; install it or give its full path")
         return 127
+    local = LocalCompile(path, [compiler, *args])
     try:
         plan = argpolicy.plan(args)
     except argpolicy.NotDistributable as e:
-        _verbose(f"compiling locally: {e}")
-        exec_local(compiler, path, args)
-        return 127  # not reached
+        inv.verbose(f"compiling locally: {e}")
+        return local
     try:
-        return compile_remotely(compiler, path, plan)
+        return compile_remotely(inv, compiler, path, plan, sessions)
     except argpolicy.NotDistributable as e:
-        _verbose(f"compiling locally: {e}")
+        inv.verbose(f"compiling locally: {e}")
     except RemoteFailure as e:
-        _say(f"{e}; compiling locally")
-    exec_local(compiler, path, args)
-    return 127
+        inv.say(f"{e}; compiling locally")
+    return local
 
 
 def main() -> None:
-    sys.exit(run(sys.argv))
+    """Direct mode: the whole job in this process."""
+    outcome = run(Invocation.here())
+    if isinstance(outcome, LocalCompile):
+        exec_local(outcome)
+    sys.exit(outcome)

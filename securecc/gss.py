@@ -63,6 +63,8 @@ def explain(error: gssapi.exceptions.GSSError, target: str = "") -> str:
     """Turn a GSS-API error into one sentence that says what to do."""
     if isinstance(error, gssapi.exceptions.MissingCredentialsError) and "Decrypt" not in str(error):
         return _KRB5_NAMED[-1765328189]
+    if isinstance(error, gssapi.exceptions.ExpiredCredentialsError):
+        return _KRB5_MESSAGES[32]
     minor = error.min_code or 0
     signed = minor - 2**32 if minor >= 2**31 else minor
     if signed in _KRB5_NAMED:
@@ -133,6 +135,11 @@ class Initiator:
     def complete(self) -> bool:
         return bool(self._context.complete)
 
+    @property
+    def lifetime(self) -> float:
+        """Seconds the completed context stays valid: until the ticket it was made with expires."""
+        return float(self._context.lifetime or 0)
+
     def session(self) -> Session:
         return Session(self._context)
 
@@ -161,6 +168,7 @@ class AcceptorContext:
         self._context = context
         self._required = required
         self.principal: str | None = None
+        self.lifetime = 0.0  # seconds from completion: the client's ticket's end
 
     def step(self, in_token: bytes) -> bytes | None:
         """Consume a client token; return the reply token (possibly None).
@@ -174,6 +182,7 @@ class AcceptorContext:
             if self._context.complete:  # raises a deferred acceptor error
                 _check_flags(self._context, self._required)
                 self.principal = str(self._context.initiator_name)
+                self.lifetime = float(self._context.lifetime or 0)
             return out
         except gssapi.exceptions.GSSError as e:
             raise GSSFailure(explain(e), token=out or e.token) from None

@@ -23,6 +23,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from typing import Mapping
 
 DEFAULT_PORT = 3637
 DEFAULT_LIMIT = 4
@@ -92,35 +93,36 @@ def parse_hosts(text: str) -> list[Host]:
     return [parse_host(spec) for spec in specs]
 
 
-def _backoff() -> float:
+def _backoff(env: Mapping[str, str]) -> float:
+    """Seconds after a first failure (SECURECC_BACKOFF)."""
     try:
-        return max(0.1, float(os.environ.get("SECURECC_BACKOFF", "15")))
+        return max(0.1, float(env.get("SECURECC_BACKOFF", "15")))
     except ValueError:
         return 15.0
 
 
-BASE_BACKOFF = _backoff()  # seconds after a first failure (SECURECC_BACKOFF)
 MAX_BACKOFF = 300.0  # distcc's back-off never gives up on a host; ours waits at most 5 minutes
 SRV_MIN_TTL = 60.0
 
 
-def configured_hosts(state: HostState | None = None) -> tuple[list[Host], str]:
+def configured_hosts(state: HostState | None = None, env: Mapping[str, str] = os.environ) -> tuple[list[Host], str]:
     """The hosts and where they came from: the variable, a hosts file, or DNS SRV."""
-    text = os.environ.get("SECURECC_HOSTS")
+    text = env.get("SECURECC_HOSTS")
     if text is not None:
         return parse_hosts(text), "SECURECC_HOSTS"
-    for path in (os.path.expanduser("~/.config/securecc/hosts"), "/etc/securecc/hosts"):
+    home = env.get("HOME") or os.path.expanduser("~")
+    for path in (os.path.join(home, ".config/securecc/hosts"), "/etc/securecc/hosts"):
         try:
             with open(path) as f:
                 return parse_hosts(f.read()), path
         except OSError:
             continue
-    return srv_hosts(state)
+    return srv_hosts(state, env)
 
 
-def srv_hosts(state: HostState | None = None) -> tuple[list[Host], str]:
+def srv_hosts(state: HostState | None = None, env: Mapping[str, str] = os.environ) -> tuple[list[Host], str]:
     """``_securecc._tcp.<domain>`` SRV records, priority and weight honoured (RFC 2782); cached for their TTL."""
-    domain = os.environ.get("SECURECC_DOMAIN")
+    domain = env.get("SECURECC_DOMAIN")
     name = f"_securecc._tcp.{domain}." if domain else None
     cached = state.srv_answer(name) if state else None
     if cached is not None:
@@ -131,8 +133,8 @@ def srv_hosts(state: HostState | None = None) -> tuple[list[Host], str]:
     except ImportError:  # pragma: no cover - dnspython is a dependency
         return [], "SECURECC_HOSTS or the hosts files (dnspython is missing for SRV)"
     resolver = dns.resolver.Resolver()
-    if os.environ.get("SECURECC_DNS"):  # HOST:PORT of the DNS server to ask (tests, split-horizon setups)
-        host, _, port = os.environ["SECURECC_DNS"].rpartition(":")
+    if env.get("SECURECC_DNS"):  # HOST:PORT of the DNS server to ask (tests, split-horizon setups)
+        host, _, port = env["SECURECC_DNS"].rpartition(":")
         resolver.nameservers, resolver.port = [host], int(port)
     resolver.lifetime = 2.0
     domains = [d for d in (resolver.search or [resolver.domain]) if str(d) not in (".", "")]
@@ -166,10 +168,10 @@ def host_key(host: Host) -> str:
 class HostState:
     """Per-user memory of hosts: back-off after failures, recent latency, SRV answers."""
 
-    def __init__(self, path: str | None = None) -> None:
-        self.path = path or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "securecc", "hosts.json"
-        )
+    def __init__(self, path: str | None = None, env: Mapping[str, str] = os.environ) -> None:
+        cache = env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache")
+        self.path = path or os.path.join(cache, "securecc", "hosts.json")
+        self.base_backoff = _backoff(env)
         try:
             with open(self.path) as f:
                 self.data = json.load(f)
@@ -187,7 +189,7 @@ class HostState:
     def failed(self, host: Host, why: str) -> None:
         entry = self.hosts.setdefault(host_key(host), {})
         entry["failures"] = entry.get("failures", 0) + 1
-        entry["until"] = time.time() + min(MAX_BACKOFF, BASE_BACKOFF * 2 ** (entry["failures"] - 1))
+        entry["until"] = time.time() + min(MAX_BACKOFF, self.base_backoff * 2 ** (entry["failures"] - 1))
         entry["why"] = why
         self.save()
 

@@ -156,6 +156,8 @@ class CompileService:
         if self.config.sandbox.mode != "bwrap":
             record["sandbox"] = self.config.sandbox.mode
         try:
+            if time.monotonic() >= getattr(session, "expires", float("inf")):
+                raise _Refusal("denied:session-expired", "the Kerberos ticket of this session has ended: reconnect")
             compiler = self._check_job(job)
             decision = yield self._authorize(principal, job, record["bytes_in"])
             record.update(compiler_path=compiler.path, compiler_identity=job.compiler_identity, reason=decision.reason)
@@ -349,6 +351,7 @@ class JobProtocol(protocol.Protocol):
         self.wire = wire.Connection(max_message=service.config.max_input + 1024 * 1024)
         self.context = acceptor.new_context()
         self.principal: str | None = None
+        self.expires = 0.0
         self.running: sandbox.RunningJob | None = None
         self.busy = False
         self.said_hello = False
@@ -420,6 +423,7 @@ class JobProtocol(protocol.Protocol):
             self.transport.write(wire.token(reply))
         if self.context.complete:
             self.principal = self.context.principal
+            self.expires = time.monotonic() + self.context.lifetime  # a session ends with the ticket that opened it
             self.service.metrics.handshake.observe(time.monotonic() - self._connected)
             session = self.context.session()
             self.wire.secure(session.wrap, session.unwrap)

@@ -42,7 +42,32 @@ class Realm:
         env = self.env
         env["KRB5CCNAME"] = f"FILE:{tmp}/{user or 'nobody'}.ccache"
         env["KRB5_CLIENT_KTNAME"] = str(self.dir / f"{user}.keytab") if user else str(tmp / "no.keytab")
+        env["SECURECC_AGENT_DIR"] = str(self.agents)  # the CLI goes through an agent, as a user's does
+        env["SECURECC_AGENT_IDLE"] = "60"
         return env
+
+    @property
+    def agents(self) -> Path:
+        return self.dir / "agents"
+
+
+
+def stop_agents(directory: Path) -> None:
+    for pid_file in directory.glob("*.pid"):
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+
+
+@pytest.fixture(scope="session", autouse=True)
+def agent_directory(tmp_path_factory):
+    """Agents the tests start (every `securecc` run goes through one) live here and are stopped at the end."""
+    directory = tmp_path_factory.mktemp("agents")
+    os.environ["SECURECC_AGENT_DIR"] = str(directory)
+    os.environ["SECURECC_AGENT_IDLE"] = "60"
+    yield directory
+    stop_agents(directory)
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +77,11 @@ def realm():
     os.chmod(directory, 0o755)  # the sandbox uid must traverse to the scratch dir
     subprocess.run([sys.executable, TESTREALM, "up", directory], check=True, capture_output=True)
     info = json.loads((directory / "realm.json").read_text())
+    realm = Realm(directory, info)
     try:
-        yield Realm(directory, info)
+        yield realm
     finally:
+        stop_agents(realm.agents)
         subprocess.run([sys.executable, TESTREALM, "down", directory], capture_output=True)
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -98,8 +125,8 @@ class Server:
                 self.process.wait()
 
 
-def start_server(realm: Realm, workdir: Path, **overrides: object) -> Server:
-    """Start securecc-server on a free port with the realm's config plus ``overrides``."""
+def start_server(realm: Realm, workdir: Path, env: dict[str, str] | None = None, **overrides: object) -> Server:
+    """Start securecc-server on a free port with the realm's config plus ``overrides`` (``env``: over the realm's)."""
     config = yaml.safe_load((realm.dir / "securecc.yaml").read_text())
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +144,7 @@ def start_server(realm: Realm, workdir: Path, **overrides: object) -> Server:
     config_path = workdir / "securecc.yaml"
     config_path.write_text(yaml.safe_dump(config))
     log_path = workdir / "server.log"
-    env = realm.env
+    env = {**realm.env, **(env or {})}
     process = subprocess.Popen(
         [BIN / "securecc-server", "--config", config_path],
         env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
@@ -153,9 +180,9 @@ def own_server(realm, tmp_path_factory):
     """A server of the test's own (to kill, or with special settings): call it with overrides."""
     started: list[Server] = []
 
-    def make(**overrides: object) -> Server:
+    def make(env: dict[str, str] | None = None, **overrides: object) -> Server:
         workdir = Path(tempfile.mkdtemp(prefix="srv-", dir=realm.dir))
-        s = start_server(realm, workdir, **overrides)
+        s = start_server(realm, workdir, env, **overrides)
         started.append(s)
         return s
 

@@ -27,7 +27,7 @@ def test_local_compile_does_not_load_gssapi(tmp_path):
     code = (
         "import sys, os, securecc.client as c\n"
         "os.execv = lambda *a: (print('gssapi' in sys.modules), sys.exit(0))\n"
-        "c.run(['securecc', 'gcc', 'm.c', '-o', 'm'])\n"
+        "sys.argv = ['securecc', 'gcc', 'm.c', '-o', 'm']; c.main()\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr

@@ -1,0 +1,282 @@
+"""The per-user securecc agent: does the compiles the ``securecc`` shim hands it, over kept sessions.
+
+The shim (``bin/securecc``) runs once per compile and can afford only a bare
+interpreter start; this process pays the imports once and keeps each
+server's authenticated connection open across jobs: one GSS-API handshake
+per connection per ticket lifetime instead of one per job.  The server
+still authorizes and audits every job, with the session's principal.
+
+One agent per user and Kerberos environment (the shim names it by a hash
+of the KRB5* variables, so terminals with different ccaches never share
+one), started by the shim on first use, exiting after SECURECC_AGENT_IDLE
+seconds (600) without a job.  Its socket lives in a directory that only
+the user can enter, and both ends check the peer's uid (SO_PEERCRED).
+
+Tickets are looked at for every job: a principal that changed gets its own
+sessions, a destroyed or expired ticket closes every session and the job
+is compiled locally with the usual message, and a renewed ticket is used
+by the next handshake (a session is dropped a minute before its ticket
+ends).
+
+Run by the shim as ``python -I -m securecc.agent DIR NAME``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import select
+import socket
+import sys
+import threading
+import time
+import traceback
+
+from securecc import client
+from securecc import protocol as wire
+from securecc.hosts import host_key
+
+PROTOCOL = b"securecc-agent 1"  # the shim's AGENT_PROTOCOL
+IDLE = float(os.environ.get("SECURECC_AGENT_IDLE") or 600)
+MARGIN = 60.0  # seconds: a session this close to its ticket's end is not given another job
+MAX_IDLE_SESSIONS = 32  # per server and principal: what a make -j32 keeps busy
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} securecc-agent[{os.getpid()}]: {message}\n")
+    sys.stderr.flush()
+
+
+class SessionPool:
+    """Authenticated channels to servers, kept between jobs, per server and principal."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple[str, str], list[client.Channel]] = {}
+        self._lock = threading.Lock()
+        self.handshakes = 0
+
+    def credentials(self):  # type: ignore[no-untyped-def]
+        """The ticket the next handshake would use and its principal; RemoteFailure if there is none."""
+        import gssapi.exceptions
+
+        from securecc.gss import explain
+
+        try:
+            credentials = gssapi.Credentials(usage="initiate")
+            principal, lifetime = str(credentials.name), credentials.lifetime
+        except gssapi.exceptions.GSSError as e:
+            self.close_all()  # kdestroy or an expired ticket: no job goes out on the old sessions
+            raise client.RemoteFailure(explain(e)) from None
+        if lifetime is not None and lifetime <= 0:
+            self.close_all()
+            raise client.RemoteFailure("Kerberos ticket expired: run kinit")
+        return credentials, principal
+
+    def call(self, inv: client.Invocation, host, job: wire.Job, timeouts: client.Timeouts):  # type: ignore[no-untyped-def]
+        credentials, principal = self.credentials()
+        key = (host_key(host), principal)
+        channel = self._take(key)
+        if channel is not None:
+            channel.timeouts = timeouts
+            try:
+                reply = channel.call(job, inv.watch)
+            except client.HostFailure as e:
+                channel.close()
+                if e.timed_out:
+                    raise
+                reply = None  # the server closed this idle session meanwhile: a fresh one below
+            except BaseException:
+                channel.close()
+                raise
+            if reply is not None:
+                if not (isinstance(reply, wire.Refused) and reply.reason == "denied:session-expired"):
+                    self._give(key, channel)
+                    return reply
+                channel.close()
+        channel = client.Channel(host, timeouts=timeouts)
+        try:
+            channel.authenticate(credentials)
+            self.handshakes += 1
+            reply = channel.call(job, inv.watch)
+        except BaseException:
+            channel.close()
+            raise
+        self._give(key, channel)
+        return reply
+
+    def _take(self, key: tuple[str, str]) -> client.Channel | None:
+        now = time.monotonic()
+        with self._lock:
+            idle = self._idle.get(key, [])
+            while idle:
+                channel = idle.pop()
+                if channel.expires - now > MARGIN and channel.idle_and_open():
+                    return channel
+                channel.close()
+        return None
+
+    def _give(self, key: tuple[str, str], channel: client.Channel) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if len(idle) < MAX_IDLE_SESSIONS:
+                idle.append(channel)
+                return
+        channel.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            channels = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for channel in channels:
+            channel.close()
+
+
+def kerberos_environment() -> bytes:
+    """As the shim computes it (newlines for its NULs): the agent serves only its own Kerberos environment."""
+    return b"\n".join(k.encode() + b"=" + v.encode() for k, v in sorted(os.environ.items()) if k.startswith("KRB5"))
+
+
+def parse_request(data: bytes, watch: socket.socket) -> client.Invocation | None:
+    """The shim's request as an Invocation; None if it is not for us (version, Kerberos environment)."""
+    fields = data.split(b"\0")
+    if len(fields) < 6 or fields[0] != PROTOCOL or fields[1] != kerberos_environment():
+        return None
+    argc = int(fields[5])
+    argv = [os.fsdecode(a) for a in fields[6 : 6 + argc]]
+    env = dict(os.fsdecode(item).partition("=")[::2] for item in fields[6 + argc :])
+    return client.Invocation(argv, env, os.fsdecode(fields[2]), fields[4] == b"1", io.BytesIO(), io.BytesIO(),
+                             int(fields[3], 8), watch)  # fmt: skip
+
+
+def receive_request(conn: socket.socket) -> bytes:
+    header = b""
+    while not header.endswith(b"\n"):
+        byte = conn.recv(1)
+        if not byte or len(header) > 12:
+            raise ConnectionError("short request")
+        header += byte
+    size = int(header)
+    chunks, got = [], 0
+    while got < size:
+        chunk = conn.recv(min(1 << 20, size - got))
+        if not chunk:
+            raise ConnectionError("short request")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+class Agent:
+    def __init__(self, directory: str, name: str) -> None:
+        self.path = os.path.join(directory, name + ".sock")
+        self.pid_path = os.path.join(directory, name + ".pid")
+        self.pool = SessionPool()
+        self.active = 0
+        self.last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def serve(self, ready: int) -> None:
+        """Listen (we hold the name's lock, so a socket already there is a dead agent's), then serve until idle."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        os.chmod(self.path, 0o600)
+        listener.listen(256)
+        inode = os.stat(self.path).st_ino
+        with open(self.pid_path, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.close(ready)
+        log(f"listening on {self.path}")
+        import gssapi  # noqa: F401  (paid now, not by the first job)
+
+        while True:
+            if select.select([listener], [], [], min(5.0, IDLE))[0]:
+                conn, _ = listener.accept()
+                with self._lock:
+                    self.active += 1
+                threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+                continue
+            with self._lock:
+                idle = self.active == 0 and time.monotonic() - self.last > IDLE
+            try:
+                moved = os.stat(self.path).st_ino != inode
+            except OSError:
+                moved = True
+            if idle or moved:
+                break
+        if not moved:
+            os.unlink(self.path)
+        listener.close()
+        self.pool.close_all()
+        log(f"exiting ({'idle' if idle else 'socket removed'}); {self.pool.handshakes} handshakes made")
+
+    def handle(self, conn: socket.socket) -> None:
+        try:
+            peer = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            if int.from_bytes(peer[4:8], sys.byteorder) != os.getuid():
+                log("refused a connection from another uid")
+                return
+            inv = parse_request(receive_request(conn), conn)
+            if inv is None:
+                conn.sendall(b"D\n")  # not ours to do: direct mode
+                return
+            try:
+                outcome = client.run(inv, self.pool)
+            except client.Cancelled:
+                return  # the shim is gone; closing its job's connection killed the compile
+            except Exception:
+                log(f"job failed inside the agent:\n{traceback.format_exc()}")
+                conn.sendall(b"D\n")
+                return
+            err = inv.err.getvalue()  # type: ignore[attr-defined]
+            if isinstance(outcome, client.LocalCompile):
+                command = b"\0".join(os.fsencode(a) for a in (outcome.path, *outcome.argv))
+                conn.sendall(b"L %d\n" % len(err) + err + command)
+            else:
+                out = inv.out.getvalue()  # type: ignore[attr-defined]
+                conn.sendall(b"R %d %d %d\n" % (outcome, len(out), len(err)) + out + err)
+        except OSError:
+            pass  # the shim went away
+        finally:
+            conn.close()
+            with self._lock:
+                self.active -= 1
+                self.last = time.monotonic()
+
+
+def daemonize() -> int:
+    """Detach from the shim and its terminal; returns the write end of the readiness pipe.
+
+    The shim waits for our first process, which exits once the agent
+    listens (or has given up), so the shim then finds the socket.
+    """
+    os.closerange(3, 1 << 16)  # make's jobserver pipe and whatever else the shim inherited
+    ready_r, ready_w = os.pipe()
+    if os.fork():
+        os.close(ready_w)
+        os.read(ready_r, 1)
+        os._exit(0)
+    os.close(ready_r)
+    os.setsid()
+    os.chdir("/")
+    return ready_w
+
+
+def main(argv: list[str] | None = None) -> None:
+    directory, name = (argv or sys.argv)[1:3]
+    ready = daemonize()
+    import fcntl
+
+    lock = os.open(os.path.join(directory, name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # another agent of this name is running or starting: the shim will find it
+    Agent(directory, name).serve(ready)
+
+
+if __name__ == "__main__":
+    main()
