@@ -13,7 +13,9 @@ A connection has two phases:
    code and a sentence when the server gives up (bad version, failed
    authentication); the connection is then closed.
 2. Session: only ``SEALED`` frames.  Each holds one GSS ``wrap`` token of a
-   chunk (``u8 flags | data``; bit 0 marks a message's last chunk).  The
+   chunk (``u8 flags | data``; bit 0 marks a message's last chunk, bit 1 a
+   message sent as one zstd frame: preprocessed source shrinks 4-6x, so it
+   is compressed when that pays, and unpacked with the same size cap).  The
    caller installs wrap/unwrap with :meth:`Connection.secure`; this module
    never sees keys.  Every chunk but a message's last is exactly ``CHUNK``
    bytes, so the number of chunks, too, is bounded by the message cap.  A frame that does not unwrap (tampered, replayed, out of
@@ -44,6 +46,10 @@ MAX_MESSAGE = 256 * 1024 * 1024
 """Default largest message (sum of a message's chunks)."""
 MAX_HEADER = 64 * 1024
 """Largest JSON header inside a message."""
+
+COMPRESS_MIN = 2048
+"""Messages smaller than this go uncompressed: a frame header and the CPU would not pay."""
+LAST, COMPRESSED = 1, 2  # chunk flags
 
 _FRAME = struct.Struct(">IB")
 _HEADER = struct.Struct(">BI")
@@ -303,6 +309,7 @@ class Connection:
         self._unwrap: Wrap | None = None
         self._chunks: list[bytes] = []
         self._chunked = 0
+        self._compressed: int | None = None  # the COMPRESSED flag of the message being received
 
     @property
     def is_secure(self) -> bool:
@@ -316,11 +323,15 @@ class Connection:
         """Encode, chunk and wrap one message: the bytes to write, all at once."""
         if self._wrap is None:
             raise ProtocolError("cannot send a message before the handshake completes")
-        data = encode_message(message)
+        data, flags = encode_message(message), 0
+        if len(data) >= COMPRESS_MIN:
+            packed = _zstd().ZstdCompressor(level=1).compress(data)
+            if len(packed) < len(data) * 0.9:
+                data, flags = packed, COMPRESSED
         out = []
         for start in range(0, max(len(data), 1), CHUNK):
-            last = start + CHUNK >= len(data)
-            out.append(frame(Kind.SEALED, self._wrap(bytes([last]) + data[start : start + CHUNK])))
+            last = LAST if start + CHUNK >= len(data) else 0
+            out.append(frame(Kind.SEALED, self._wrap(bytes([last | flags]) + data[start : start + CHUNK])))
         return b"".join(out)
 
     def receive_data(self, data: bytes) -> list[Event]:
@@ -367,16 +378,46 @@ class Connection:
             plain = self._unwrap(payload)
         except Exception as e:  # any failure to unwrap is a rejected frame
             raise ProtocolError(f"sealed frame rejected: {e}") from None
-        if not plain or plain[0] not in (0, 1):
+        if not plain or plain[0] & ~(LAST | COMPRESSED):
             raise ProtocolError("bad chunk flags")
-        if plain[0] == 0 and len(plain) - 1 != CHUNK:
+        if self._compressed not in (None, plain[0] & COMPRESSED):
+            raise ProtocolError("compression flag changed within a message")
+        self._compressed = plain[0] & COMPRESSED
+        if not plain[0] & LAST and len(plain) - 1 != CHUNK:
             raise ProtocolError("short chunk before a message's last")  # else empty chunks could pile up
         self._chunked += len(plain) - 1
         if self._chunked > self.max_message:
             raise ProtocolError(f"message exceeds {self.max_message} bytes")
         self._chunks.append(plain[1:])
-        if plain[0] == 0:
+        if not plain[0] & LAST:
             return None
         data = b"".join(self._chunks)
-        self._chunks, self._chunked = [], 0
+        if self._compressed:
+            data = _unpack(data, self.max_message)
+        self._chunks, self._chunked, self._compressed = [], 0, None
         return MessageReceived(decode_message(data))
+
+
+def _zstd():  # type: ignore[no-untyped-def]
+    """zstandard, imported on first use: a message too small to compress never pays for it (5 ms)."""
+    import zstandard
+
+    return zstandard
+
+
+def _unpack(data: bytes, limit: int) -> bytes:
+    """A zstd frame's content, reading at most ``limit`` bytes of it: a small bomb cannot make us allocate."""
+    import io
+
+    zstandard = _zstd()
+    parts, size = [], 0
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
+            while part := reader.read(CHUNK):
+                size += len(part)
+                if size > limit:
+                    raise ProtocolError(f"message exceeds {limit} bytes once decompressed")
+                parts.append(part)
+    except zstandard.ZstdError as e:
+        raise ProtocolError(f"bad compressed message: {e}") from None
+    return b"".join(parts)

@@ -92,13 +92,16 @@ def iterbytes(data: bytes):  # type: ignore[no-untyped-def]
         yield data[i : i + 1]
 
 
+NOISE = random.Random(7).randbytes(4 * 1024 * 1024)  # incompressible: sent as is, so its chunking shows
+
+
 def result_of_encoded_size(size: int) -> Result:
-    """A Result whose encoded message is exactly ``size`` bytes."""
+    """A Result whose encoded message is exactly ``size`` bytes (of noise, which zstd cannot shrink)."""
     stdout_len = size
     for _ in range(5):  # the header spells the lengths in decimal: converge on the digits
-        overhead = len(wire.encode_message(Result(0, b"", b"x" * stdout_len, None))) - stdout_len
+        overhead = len(wire.encode_message(Result(0, b"", NOISE[:stdout_len], None))) - stdout_len
         stdout_len = size - overhead
-    message = Result(0, b"", b"x" * stdout_len, None)
+    message = Result(0, b"", NOISE[:stdout_len], None)
     assert len(wire.encode_message(message)) == size
     return message
 
@@ -406,9 +409,9 @@ def test_dropped_frame_of_a_long_message_is_detected():
         secured().receive_data(frames[0] + frames[2])
 
 
-@pytest.mark.parametrize("plain", [b"\x02" + wire.encode_message(JOB), b"\xff", b""], ids=["flag-2", "flag-ff", "empty"])
+@pytest.mark.parametrize("plain", [b"\x05" + wire.encode_message(JOB), b"\xff", b""], ids=["flag-4", "flag-ff", "empty"])
 def test_bad_chunk_flags(plain):
-    """A chunk must start with flags 0 or 1."""
+    """A chunk's flags byte has only LAST and COMPRESSED."""
     with pytest.raises(ProtocolError):
         secured().receive_data(sealed_chunk(plain))
 
@@ -527,3 +530,46 @@ def test_bad_message_through_a_connection(name):
     """The same rejects arrive as a ProtocolError through receive_data."""
     with pytest.raises(ProtocolError):
         secured().receive_data(sealed_chunk(b"\x01" + BAD_MESSAGES[name]))
+
+
+C_TEXT = b"".join(b"static int f%d(int x) { return x * %d + (x >> 3); }\n" % (n, n) for n in range(6000))
+
+
+def test_compressible_message_goes_compressed_and_comes_back_whole():
+    """Preprocessed C shrinks several times on the wire; the receiver gets the same message."""
+    job = Job("gcc", ["-O2"], "c", "-c", "/w", "big.c", C_TEXT)
+    data = secured().seal(job)
+    assert len(data) < len(wire.encode_message(job)) / 4
+    assert secured().receive_data(data) == [wire.MessageReceived(job)]
+
+
+def test_small_and_incompressible_messages_go_as_they_are():
+    _, unwrap = toy_keys()
+    for message in (Refused("denied:x", "no"), result_of_encoded_size(CHUNK // 2)):
+        (first, *_) = split_frames(secured().seal(message))
+        assert unwrap(first[5:])[0] & wire.COMPRESSED == 0
+
+
+def test_decompression_bomb_is_refused_within_the_cap():
+    """100 MB of zeros packed into a few KB: refused once the unpacked size passes max_message."""
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (100 * 1024 * 1024))
+    assert len(bomb) < 10_000
+    with pytest.raises(ProtocolError, match="once decompressed"):
+        secured(max_message=1024 * 1024).receive_data(sealed_chunk(bytes([wire.LAST | wire.COMPRESSED]) + bomb))
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [(wire.LAST | wire.COMPRESSED, b"not zstd at all")],
+        [(wire.COMPRESSED, b"x" * CHUNK), (wire.LAST, b"y")],  # the flag changes mid-message
+    ],
+    ids=["garbage", "flag-changes"],
+)
+def test_bad_compressed_chunks_are_protocol_errors(chunks):
+    receiver = secured()
+    with pytest.raises(ProtocolError):
+        for flags, payload in chunks:
+            receiver.receive_data(sealed_chunk(bytes([flags]) + payload))
