@@ -53,23 +53,36 @@ class SessionPool:
     def __init__(self) -> None:
         self._idle: dict[tuple[str, str], list[client.Channel]] = {}
         self._lock = threading.Lock()
+        self._credentials: tuple[object, object, str, float] | None = None  # (ccache state, credentials, principal, end)
         self.handshakes = 0
 
     def credentials(self):  # type: ignore[no-untyped-def]
-        """The ticket the next handshake would use and its principal; RemoteFailure if there is none."""
+        """The ticket the next handshake would use and its principal; RemoteFailure if there is none.
+
+        Asked of the ccache for every job (1.5 ms), except that a FILE ccache
+        unchanged since the last job (same inode, size and mtime) and a ticket
+        not yet ended give the same answer without asking.
+        """
         import gssapi.exceptions
 
         from securecc.gss import explain
 
+        state = ccache_state()
+        cached = self._credentials
+        if cached is not None and state is not None and cached[0] == state and time.time() < cached[3]:
+            return cached[1], cached[2]
         try:
             credentials = gssapi.Credentials(usage="initiate")
             principal, lifetime = str(credentials.name), credentials.lifetime
         except gssapi.exceptions.GSSError as e:
+            self._credentials = None
             self.close_all()  # kdestroy or an expired ticket: no job goes out on the old sessions
             raise client.RemoteFailure(explain(e)) from None
         if lifetime is not None and lifetime <= 0:
+            self._credentials = None
             self.close_all()
             raise client.RemoteFailure("Kerberos ticket expired: run kinit")
+        self._credentials = (state, credentials, principal, time.time() + (lifetime or 0))
         return credentials, principal
 
     def call(self, inv: client.Invocation, host, job: wire.Job, timeouts: client.Timeouts):  # type: ignore[no-untyped-def]
@@ -129,6 +142,20 @@ class SessionPool:
             self._idle.clear()
         for channel in channels:
             channel.close()
+
+
+def ccache_state() -> tuple[int, int, int] | None:
+    """Identity of a FILE ccache's current contents; None for other cache types (always asked)."""
+    name = os.environ.get("KRB5CCNAME", "")
+    if name.startswith("FILE:"):
+        name = name[5:]
+    if not name.startswith("/"):
+        return None
+    try:
+        st = os.stat(name)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def kerberos_environment() -> bytes:

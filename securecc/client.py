@@ -376,7 +376,15 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
     import subprocess
 
     def run(command: list[str]) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(command, capture_output=True, cwd=inv.cwd, env=inv.env)
+        """Run the preprocessor with its output in memory files: one read each instead of a pipe's ~60 wake-ups."""
+        out, err = os.memfd_create("securecc-cpp-out"), os.memfd_create("securecc-cpp-err")
+        try:
+            status = subprocess.run(command, stdout=out, stderr=err, cwd=inv.cwd, env=inv.env).returncode
+            return subprocess.CompletedProcess(command, status, os.pread(out, os.fstat(out).st_size, 0),
+                                               os.pread(err, os.fstat(err).st_size, 0))  # fmt: skip
+        finally:
+            os.close(out)
+            os.close(err)
 
     directives = run(argpolicy.preprocess_command(compiler_path, plan))
     if directives.returncode == 0:

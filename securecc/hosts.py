@@ -194,11 +194,16 @@ class HostState:
         self.save()
 
     def succeeded(self, host: Host, latency: float) -> None:
+        """Clear a back-off and fold in the latency; written only when that changes the picture (every
+        job rewriting the file would cost the agent ~1 ms per job)."""
         entry = self.hosts.setdefault(host_key(host), {})
         previous = entry.get("latency")
-        entry.update(failures=0, until=0, latency=latency if previous is None else 0.7 * previous + 0.3 * latency)
+        smoothed = latency if previous is None else 0.7 * previous + 0.3 * latency
+        material = previous is None or entry.get("failures") or abs(smoothed - previous) > 0.25 * previous
+        entry.update(failures=0, until=0, latency=smoothed)
         entry.pop("why", None)
-        self.save()
+        if material:
+            self.save()
 
     def order(self, hosts: list[Host]) -> list[Host]:
         """Usable hosts, weighted-random by job limit over recent latency (herds spread out)."""
