@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +229,10 @@ def load_config(path: Path) -> ServerConfig:
     gid = _typed(sandbox.get("gid", 65534), int, where, "sandbox.gid")
     if root and (uid == 0 or gid == 0):
         raise ConfigError(f"{where}: the sandbox must not run as uid or gid 0")
-    defaults = Limits()
+    slots = _typed(data.get("slots", os.cpu_count() or 1), int, where, "slots")
+    # RLIMIT_NPROC counts every process of the sandbox uid, so it caps all jobs together: 16 per slot
+    # (a gcc job runs ~5), else a full server's compiles fail to fork instead of being turned away.
+    defaults = replace(Limits(), processes=max(Limits().processes, 16 * slots))
     return ServerConfig(
         listen_host=host,
         listen_port=int(port),
@@ -256,7 +259,7 @@ def load_config(path: Path) -> ServerConfig:
             gid=gid if root else None,
             mode=mode,
         ),
-        slots=_typed(data.get("slots", os.cpu_count() or 1), int, where, "slots"),
+        slots=slots,
         monitor=MonitorConfig(monitor_host, int(monitor_port),
                               _typed(monitor.get("principal", f"HTTP/{socket.getfqdn()}"), str, where, "monitor.principal"),
                               frozenset(_typed(monitor.get("scrape", ["127.0.0.1", "::1"]), list, where, "monitor.scrape")))

@@ -49,7 +49,7 @@ class Limits:
     address_space: int = 4 << 30
     file_size: int = 256 << 20
     open_files: int = 256
-    processes: int = 256  # only enforced when we can give each job its own uid (root)
+    processes: int = 256  # RLIMIT_NPROC of the sandbox uid: every job together; enforced when root (setpriv)
 
 
 def check_client_path(path: str) -> str | None:

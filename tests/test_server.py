@@ -7,12 +7,13 @@ import json
 import os
 
 import pytest
+import yaml
 import pytest_twisted
 from twisted.internet import task, threads
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.threadpool import ThreadPool
 
-from conftest import make_job
+from conftest import REPO, make_job
 from securecc import protocol as wire
 from securecc.acl import Directory
 from securecc.audit import AuditLog, load_private_key
@@ -100,3 +101,12 @@ def test_job_through_the_real_reactor(realm, config, monkeypatch, workdir):
     assert reply.output and reply.output.startswith(b"\x7fELF")
     record = json.loads(config.audit.path.read_text().splitlines()[-1])
     assert (record["principal"], record["decision"], record["reason"]) == ("alice@TEST.REALM", "allowed", "allowed:principal:alice")
+
+
+def test_process_limit_grows_with_slots(tmp_path):
+    """RLIMIT_NPROC counts every job of the shared sandbox uid: the default leaves 16 processes per slot."""
+    base = yaml.safe_load((REPO / "etc" / "securecc.yaml").read_text())
+    for slots, expected in ((4, 256), (64, 1024)):
+        path = tmp_path / f"s{slots}.yaml"
+        path.write_text(yaml.safe_dump({**base, "slots": slots}))
+        assert load_config(path).sandbox.limits.processes == expected
