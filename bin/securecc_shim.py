@@ -104,17 +104,35 @@ def agent_connection(environment: bytes) -> "_socket.socket | None":
         return connect(path)
     except OSError:
         pass
-    start_agent(directory, name)
+    try:
+        start_agent(directory, name)
+        return wait_for_agent(directory + b"/" + name, path)
+    except OSError:
+        return None  # the agent cannot start here (its log says why): direct mode
+
+
+def wait_for_agent(base: bytes, path: bytes) -> "_socket.socket | None":
+    import fcntl
     import time
 
+    lock = posix.open(base + b".lock", posix.O_RDWR | posix.O_CREAT | posix.O_CLOEXEC, 0o600)
     deadline = time.monotonic() + START_WAIT  # another shim's agent may have won the start and still be starting
-    while True:
-        try:
-            return connect(path)
-        except OSError:
+    try:
+        while True:
+            try:
+                return connect(path)
+            except OSError:
+                pass
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return None  # nobody holds the agent's lock: it could not start (its log says why)
+            except OSError:
+                pass  # an agent is starting or running
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.01)
+    finally:
+        posix.close(lock)
 
 
 def receive(sock: "_socket.socket") -> bytes:

@@ -37,7 +37,16 @@ from securecc import protocol as wire
 from securecc.hosts import host_key
 
 PROTOCOL = b"securecc-agent 1"  # the shim's AGENT_PROTOCOL
-IDLE = float(os.environ.get("SECURECC_AGENT_IDLE") or 600)
+
+
+def _idle_seconds() -> float:
+    try:
+        return max(1.0, float(os.environ.get("SECURECC_AGENT_IDLE") or 600))
+    except ValueError:
+        return 600.0
+
+
+IDLE = _idle_seconds()
 MARGIN = 60.0  # seconds: a session this close to its ticket's end is not given another job
 MAX_IDLE_SESSIONS = 32  # per server and principal: what a make -j32 keeps busy
 
@@ -246,7 +255,10 @@ class Agent:
             if int.from_bytes(peer[4:8], sys.byteorder) != os.getuid():
                 log("refused a connection from another uid")
                 return
-            inv = parse_request(receive_request(conn), conn)
+            try:
+                inv = parse_request(receive_request(conn), conn)
+            except (ValueError, IndexError):
+                inv = None
             if inv is None:
                 conn.sendall(b"D\n")  # not ours to do: direct mode
                 return

@@ -199,7 +199,6 @@ class Channel:
         self.timeouts = timeouts._replace(io=io_timeout) if io_timeout else timeouts
         self.wire = wire.Connection()
         self.expires = 0.0
-        self.principal: str | None = None
         try:
             self.sock = socket.create_connection((host.name, host.port), timeout=min(self.timeouts.connect, self.timeouts.io))
         except OSError as e:
