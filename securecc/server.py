@@ -332,6 +332,8 @@ class CompileService:
                                          compiler.timeout, process_group=settings.mode != "bwrap")  # fmt: skip
             session.running = running
             self.running.add(running)
+            if session.lost:  # the client left while the job was authorized and admitted: nobody to compile for
+                running.kill("disconnect")
             outcome = yield running.result
         finally:
             session.running = None

@@ -333,6 +333,17 @@ def test_client_disconnect_kills_its_job(realm, own_server, workdir, monkeypatch
     assert wait_until(lambda: bool(s.jobs(ended_by="disconnect")), 5)
 
 
+def test_job_whose_client_left_before_it_started_is_not_compiled(realm, own_server, workdir, monkeypatch):
+    """The job and the client's FIN arrive together (the agent dropping a cancelled job): it is killed at once."""
+    s = own_server()
+    for _ in range(3):
+        channel = authenticated_channel(s, realm, monkeypatch)
+        channel.sock.sendall(channel.wire.seal(slow_job(workdir, "1000000000L")))
+        channel.close()
+    assert wait_until(lambda: len(s.jobs(ended_by="disconnect")) == 3, 10), s.jobs()
+    assert wait_until(lambda: not sandbox_processes(), 5), sandbox_processes()
+
+
 def closed_by_peer(sock: socket.socket, timeout: float = 5) -> bool:
     """True when the server closed or reset the connection within ``timeout``."""
     sock.settimeout(timeout)
