@@ -161,14 +161,19 @@ def slow_compile(realm, server, workdir: Path, agents: Path, spin: str) -> subpr
                             cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
 
+def sandboxes_of(workdir: Path) -> list[str]:
+    """This test's compiles (bwrap recreates the client's directory): other tests' leftovers do not count."""
+    return [p for p in sandbox_processes() if f"--chdir {workdir} " in p]
+
+
 def test_killing_the_shim_kills_the_remote_compile(realm, own_server, workdir):
     """^C on make kills the shim: the agent drops the job's connection and the server kills the compile."""
     s = own_server()
     shim = slow_compile(realm, s, workdir, workdir / "agents", "1000000000L")
-    assert wait_until(lambda: bool(sandbox_processes()), 20), "the remote compile never started"
+    assert wait_until(lambda: bool(sandboxes_of(workdir)), 20), "the remote compile never started"
     shim.send_signal(signal.SIGINT)
     shim.wait(10)
-    assert wait_until(lambda: not sandbox_processes(), 5), sandbox_processes()
+    assert wait_until(lambda: not sandboxes_of(workdir), 5), sandboxes_of(workdir)
     assert wait_until(lambda: bool(s.jobs(ended_by="disconnect")), 5)
 
 
@@ -176,7 +181,7 @@ def test_agent_dying_mid_job_falls_back_to_direct_mode(realm, own_server, workdi
     """The agent is killed while the job runs: the shim does the job itself, remotely, and the build goes on."""
     s = own_server()
     shim = slow_compile(realm, s, workdir, workdir / "agents", "400000L")
-    assert wait_until(lambda: bool(sandbox_processes()), 20), "the remote compile never started"
+    assert wait_until(lambda: bool(sandboxes_of(workdir)), 20), "the remote compile never started"
     (pid,) = agent_pids(workdir / "agents")
     os.kill(pid, signal.SIGKILL)
     _, err = shim.communicate(timeout=120)
