@@ -49,6 +49,8 @@ class Metrics:
         self.slots = Gauge("securecc_slots", "Job slots", registry=r)
         self.ldap_cache_hits = Counter("securecc_ldap_cache_hits", "Group lookups answered from the cache", registry=r)
         self.ldap_errors = Counter("securecc_ldap_errors", "Group lookups LDAP could not answer", registry=r)
+        self.preauth_refused = Counter("securecc_preauth_refused", "Connections closed at once: too many unauthenticated",
+                                       registry=r)
         self.audit_errors = Counter("securecc_audit_write_errors", "Audit records that could not be written", registry=r)
 
     def observe(self, record: dict[str, Any]) -> None:

@@ -39,7 +39,10 @@ VERSION = 1
 MIN_VERSION = 1
 
 MAX_FRAME = 512 * 1024
-"""Largest frame, header excluded.  GSS tokens (even with a large PAC) fit."""
+"""Largest sealed frame, header excluded."""
+MAX_HANDSHAKE_FRAME = 16 * 1024
+"""Largest frame before the handshake completes: a Kerberos AP-REQ, even with a PAC, is a few KiB,
+so an unauthenticated peer makes us buffer no more than this."""
 CHUNK = 256 * 1024
 """Plaintext bytes per sealed frame: wrap overhead is ~60 bytes per token."""
 MAX_MESSAGE = 256 * 1024 * 1024
@@ -195,7 +198,7 @@ def decode_message(data: bytes) -> Message:
         raise ProtocolError("bad message header length")
     try:
         header = json.loads(data[_HEADER.size : _HEADER.size + header_len])
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: a header of 64 KiB of "[" nests too deep
         raise ProtocolError(f"bad message header: {e}") from None
     fields = _HEADER_FIELDS[kind]
     if not isinstance(header, dict) or set(header) != {*fields, "blobs"}:
@@ -261,7 +264,20 @@ class MessageReceived:
     message: Message
 
 
-Event = Union[HelloReceived, TokenReceived, ErrorReceived, MessageReceived]
+@dataclass(frozen=True)
+class PackedMessageReceived:
+    """A compressed message, to be unpacked with :func:`unpack_message` (off the event loop: it costs CPU)."""
+
+    data: bytes = field(repr=False)
+    limit: int
+
+
+def unpack_message(event: PackedMessageReceived) -> MessageReceived:
+    """Decompress (bounded by the message cap) and decode a packed message."""
+    return MessageReceived(decode_message(_unpack(event.data, event.limit)))
+
+
+Event = Union[HelloReceived, TokenReceived, ErrorReceived, MessageReceived, PackedMessageReceived]
 
 Wrap = Callable[[bytes], bytes]
 
@@ -302,8 +318,9 @@ class Connection:
     accept).
     """
 
-    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+    def __init__(self, max_message: int = MAX_MESSAGE, defer_unpack: bool = False) -> None:
         self.max_message = max_message
+        self.defer_unpack = defer_unpack  # compressed messages come as PackedMessageReceived
         self._buffer = bytearray()
         self._wrap: Wrap | None = None
         self._unwrap: Wrap | None = None
@@ -340,7 +357,7 @@ class Connection:
         events: list[Event] = []
         while len(self._buffer) >= _FRAME.size:
             length, kind = _FRAME.unpack_from(self._buffer)
-            if length < 1 or length > MAX_FRAME:
+            if length < 1 or length > (MAX_FRAME if self._unwrap else MAX_HANDSHAKE_FRAME):
                 raise ProtocolError(f"frame length {length} out of bounds")
             if len(self._buffer) < 4 + length:
                 break
@@ -368,7 +385,7 @@ class Connection:
             try:
                 body = json.loads(payload)
                 return ErrorReceived(str(body["reason"]), str(body["message"]))
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: "[[[[..." nests too deep
                 raise ProtocolError("malformed error frame") from None
         raise ProtocolError(f"unexpected frame kind {kind} during the handshake")
 
@@ -391,10 +408,11 @@ class Connection:
         self._chunks.append(plain[1:])
         if not plain[0] & LAST:
             return None
-        data = b"".join(self._chunks)
-        if self._compressed:
-            data = _unpack(data, self.max_message)
+        data, compressed = b"".join(self._chunks), self._compressed
         self._chunks, self._chunked, self._compressed = [], 0, None
+        if compressed:
+            packed = PackedMessageReceived(data, self.max_message)
+            return packed if self.defer_unpack else unpack_message(packed)
         return MessageReceived(decode_message(data))
 
 

@@ -9,9 +9,11 @@ client's unpreprocessed main file (and, for jobs the server preprocesses,
 its project headers) are mounted read-only at their own paths: debug info
 then names the same directories as a local build and diagnostics quote the
 same lines.  No network, no other pids, no capabilities, a clean
-environment, rlimits, and - when the server runs as root - an unprivileged
-uid taken before bubblewrap starts (``bwrap --uid`` as root would map to
-root outside; see notes/infra.md).  Nothing else of the host is there: no
+environment, rlimits, and - when the server runs as root - the unprivileged
+uid of the job handler (:mod:`securecc.handler`), which starts bubblewrap
+(``bwrap --uid`` as root would map to root outside; see notes/infra.md).
+Only ``/job/output`` is writable, and it is one file bound in place: the
+compile cannot replace it with a link, create files, or fill a tmpfs.  Nothing else of the host is there: no
 keytab, config, ACL, audit log, home directory or other job.
 
 Killing the top process (bwrap) tears down the pid namespace, so a timeout or
@@ -24,9 +26,9 @@ every audit record.
 from __future__ import annotations
 
 import os
-import posixpath
 import shutil
 import signal
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +36,14 @@ from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.python.failure import Failure
 
-# Sandbox paths a client-chosen path may neither be, nor lie under.
-_RESERVED = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev", "/job", "/sys", "/run")
+# Sandbox paths a client-chosen path may neither be, nor lie under (securecc.jobspec).
+RESERVED = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev", "/job", "/sys", "/run")
 _INPUT = "/job/input"
 _OUTPUT = "/job/output"
 MAX_STREAM = 4 * 1024 * 1024
 """Bytes of compiler stdout/stderr kept; the rest is dropped."""
+OUTPUT = "output"
+"""The one file of the job directory a compile may write: created empty, bound writable at /job/output."""
 
 
 @dataclass(frozen=True)
@@ -50,25 +54,6 @@ class Limits:
     file_size: int = 256 << 20
     open_files: int = 256
     processes: int = 256  # RLIMIT_NPROC of the sandbox uid: every job together; enforced when root (setpriv)
-
-
-def check_client_path(path: str) -> str | None:
-    """Why ``path`` cannot be a mount point inside the sandbox, or None if it can."""
-    if not path.startswith("/") or "\0" in path or "\n" in path:
-        return "not an absolute path"
-    if posixpath.normpath(path) != path.rstrip("/") and path != "/":
-        return "not a normalized path"
-    if len(path) > 4096:
-        return "path too long"
-    for reserved in _RESERVED:
-        if path == reserved or path.startswith(reserved + "/"):
-            return f"inside the sandbox's {reserved}"
-    return None
-
-
-def mount_point(cwd: str, source_path: str) -> str:
-    """Where the client's source lives, as an absolute normalized path."""
-    return posixpath.normpath(posixpath.join(cwd, source_path))
 
 
 def _system_binds() -> list[str]:
@@ -87,14 +72,14 @@ class Settings:
     """How this server sandboxes every job (from its config)."""
 
     limits: Limits
-    uid: int | None  # None: run as ourselves (a non-root server)
+    uid: int | None  # the job handler's own uid, which its sandboxes run as; None: a non-root server's
     gid: int | None
     mode: str = "bwrap"  # or "rlimits-only": no filesystem, network or pid isolation
 
 
 @dataclass(frozen=True)
 class Spec:
-    """One compile.  Client-chosen paths must have passed :func:`check_client_path`."""
+    """One compile.  Client-chosen paths must have passed :func:`securecc.jobspec.validate`."""
 
     compiler: str  # absolute path from the server's allowlist
     args: list[str]  # vetted by securecc.args; no input or output names
@@ -115,10 +100,6 @@ def command(spec: Spec, settings: Settings) -> list[str]:
     client's files at their own paths and preprocesses them itself.
     """
     limits = settings.limits
-    drop: list[str] = []
-    if settings.uid is not None and settings.gid is not None:
-        drop = ["setpriv", f"--reuid={settings.uid}", f"--regid={settings.gid}", "--clear-groups",
-                "--no-new-privs", "--"]  # fmt: skip
     rlimits = [
         "prlimit",
         f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}",  # SIGXCPU names the limit; SIGKILL a second later
@@ -126,7 +107,7 @@ def command(spec: Spec, settings: Settings) -> list[str]:
         f"--fsize={limits.file_size}",
         f"--nofile={limits.open_files}",
         "--core=0",
-        *([f"--nproc={limits.processes}"] if drop else []),
+        *([f"--nproc={limits.processes}"] if settings.uid is not None else []),  # counts the whole uid
         "--",
     ]
     environment = {"PATH": "/usr/bin:/bin", "TMPDIR": "/tmp", "LC_ALL": "C", **spec.environment}
@@ -134,9 +115,9 @@ def command(spec: Spec, settings: Settings) -> list[str]:
         # Degraded: a process group to kill, a clean environment, the job
         # directory as cwd; the whole host filesystem stays visible.
         job = str(spec.job_dir)
-        names = [f"-fdebug-prefix-map={job}/input={spec.source_path}", "-o", f"{job}/output", f"{job}/input"]
+        names = [f"-fdebug-prefix-map={job}/input={spec.source_path}", "-o", f"{job}/{OUTPUT}", f"{job}/input"]
         env = ["env", "-i", *[f"{k}={v}" for k, v in environment.items() if k != "TMPDIR"], f"TMPDIR={job}"]
-        return [*drop, *rlimits, "setsid", *env, spec.compiler, *spec.args, *names]
+        return [*rlimits, "setsid", *env, spec.compiler, "-pipe", *spec.args, *names]
     bwrap = [
         "bwrap",
         "--unshare-all",
@@ -146,11 +127,16 @@ def command(spec: Spec, settings: Settings) -> list[str]:
         *_system_binds(),
         "--proc", "/proc",
         "--dev", "/dev",
-        "--perms", "1777", "--tmpfs", "/tmp",
+        "--size", "65536", "--tmpfs", "/tmp",
         *(["--ro-bind", spec.compiler_root, spec.compiler_root] if spec.compiler_root else []),
-        "--bind", str(spec.job_dir), "/job",
+        "--ro-bind", str(spec.job_dir), "/job",
+        "--bind", str(spec.job_dir / OUTPUT), _OUTPUT,
         "--dir", spec.cwd,
         *[arg for name, target in spec.mounts for arg in ("--ro-bind", str(spec.job_dir / name), target)],
+        # Nothing else is writable: not /tmp (gcc -pipe needs no temporary files), not the job's
+        # input, not the tree the mounts were made in.  The output is one file capped by RLIMIT_FSIZE.
+        "--remount-ro", "/tmp",
+        "--remount-ro", "/",
         "--chdir", spec.cwd,
         "--clearenv",
         *[arg for key, value in environment.items() for arg in ("--setenv", key, value)],
@@ -160,7 +146,7 @@ def command(spec: Spec, settings: Settings) -> list[str]:
         names = [f"-fdebug-prefix-map={_INPUT}={spec.source_path}", "-o", _OUTPUT, _INPUT]
     else:
         names = ["-o", _OUTPUT, spec.source_path]
-    return [*drop, *rlimits, *bwrap, spec.compiler, *spec.args, *names]
+    return [*rlimits, *bwrap, spec.compiler, "-pipe", *spec.args, *names]
 
 
 # Signals and messages by which a limit ends a compile (the driver reports its cc1's death).
@@ -218,9 +204,10 @@ class RunningJob:
 
     def __init__(
         self, reactor: IReactorProcess, clock: IReactorTime, argv: list[str], job_dir: Path, timeout: float,
-        process_group: bool = False,
+        process_group: bool = False, output_cap: int = Limits().file_size,
     ) -> None:  # fmt: skip
         self._job_dir = job_dir
+        self._output_cap = output_cap
         self._process_group = process_group
         self.ended_by: str | None = None
         done: defer.Deferred[int] = defer.Deferred()
@@ -249,39 +236,64 @@ class RunningJob:
         if self._timer.active():
             self._timer.cancel()
         output = None
-        path = self._job_dir / "output"
-        if code == 0 and self.ended_by is None and path.is_file():
-            output = path.read_bytes()
+        if code == 0 and self.ended_by is None:
+            try:
+                output = read_output(self._job_dir, self._output_cap)
+            except OutputError as e:
+                code, self.ended_by = 1, "bad-output"
+                self._collector.streams[2] += f"securecc: {e}\n".encode()
         stdout, stderr = bytes(self._collector.streams[1]), bytes(self._collector.streams[2])
         return Outcome(code, stdout, stderr, output, self.ended_by or limit_reached(code, stderr))
 
 
-def make_job_dir(scratch: Path, job_id: str, files: dict[str, bytes], uid: int | None, gid: int | None) -> Path:
-    """A private directory holding only this job's files; owned by the sandbox uid."""
+class OutputError(Exception):
+    """The compile left something other than a plain file of its own as its output."""
+
+
+def read_output(job_dir: Path, cap: int) -> bytes:
+    """The job's output file, opened without following links, checked to be a regular file of
+    ours (the handler's uid, which the sandbox writes as) and at most ``cap`` bytes."""
+    directory = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        fd = os.open(OUTPUT, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=directory)
+    except OSError as e:
+        raise OutputError(f"the compile's output cannot be opened ({e.strerror})") from None
+    finally:
+        os.close(directory)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+        os.close(fd)
+        raise OutputError("the compile's output is not a plain file of its own")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise OutputError(f"the compile's output exceeds {cap} bytes")
+    return data
+
+
+def make_job_dir(scratch: Path, job_id: str, files: dict[str, bytes]) -> Path:
+    """A private directory holding only this job's files and its empty output, made by the handler
+    (whose uid the sandbox runs as): traversable so bwrap can bind from it, writable by nobody else."""
+    if "/" in job_id or job_id in ("", ".", ".."):
+        raise ValueError(f"bad job id {job_id!r}")
     job_dir = scratch / job_id
     job_dir.mkdir(mode=0o700)
-    for name, data in files.items():
-        (job_dir / name).write_bytes(data)
-        if uid is not None and gid is not None:
-            os.chown(job_dir / name, uid, gid)
-    if uid is not None and gid is not None:
-        os.chown(job_dir, uid, gid)
+    for name, data in {**files, OUTPUT: b""}.items():
+        fd = os.open(job_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
     return job_dir
 
 
-def prepare_scratch(scratch: Path, sandbox_uid: int | None) -> None:
-    """The scratch root: traversable (not listable) by the sandbox uid only."""
-    scratch.mkdir(parents=True, exist_ok=True)
-    os.chmod(scratch, 0o711 if sandbox_uid is not None else 0o700)
-    if sandbox_uid is not None:
-        for parent in scratch.parents:
-            if not os.stat(parent).st_mode & 0o001:
-                raise PermissionError(
-                    f"scratch directory {scratch} is out of the sandbox uid's reach ({parent} is closed to "
-                    "other users): choose one under /var/lib/securecc, or open that directory (chmod o+x)"
-                )
-    for stale in scratch.iterdir():  # left behind by a crash
-        shutil.rmtree(stale, ignore_errors=True)
+def prepare_scratch(scratch: Path) -> None:
+    """The handler's scratch root, emptied of what a crash left behind (never followed through links)."""
+    scratch.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(scratch, 0o700)
+    for stale in scratch.iterdir():
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def remove_job_dir(job_dir: Path) -> None:

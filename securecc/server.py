@@ -17,7 +17,6 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,7 +45,9 @@ from securecc.acl import (
     use_service_credentials,
 )
 from securecc.audit import AuditError, AuditLog, forwarder, load_private_key, now_rfc3339, sha256
-from securecc.cache import Entry, ResultCache, cache_key
+from securecc.cache import Entry, cache_key
+from securecc import handler_client, jobspec
+from securecc.handler_client import HandlerGone, HandlerLink, Running
 from securecc.config import Compiler, ConfigError, ServerConfig, load_config
 from securecc import distcc, monitor
 from securecc.monitor import Metrics
@@ -56,6 +57,8 @@ from securecc.gss import DISTCC_FLAGS, Acceptor, GSSFailure
 LDAP_THREADS = 4
 AUDIT_DOWN = "the server cannot write its audit log; it runs no job unrecorded"
 FAIR_SHARE_MEMORY = 10.0  # seconds a principal turned away counts as waiting for a share
+PREAUTH_TOTAL = 1024  # connections not yet authenticated, from everyone together
+PREAUTH_PER_SOURCE = 128  # ... from one address: a make -j64 workstation opens ~64 at once
 LISTEN_BACKLOG = 1024  # make -j64 on a few workstations connects in bursts; 50 would drop SYNs (1 s retries)
 
 
@@ -119,18 +122,33 @@ class CompileService:
     audit: AuditLog
     identities: dict[str, str]  # compiler path -> what it says of itself (securecc.toolchain)
     host: str = field(default_factory=socket.getfqdn)
-    running: set[sandbox.RunningJob] = field(default_factory=set)
+    handler: HandlerLink = field(default_factory=HandlerLink)  # where jobs run (securecc.handler)
+    hash_pool: ThreadPool = field(default_factory=lambda: ThreadPool(minthreads=0, maxthreads=2, name="hash"))
+    caching: bool = False
+    compiler_roots: tuple[str, ...] = ()
+    stopping: bool = False
+    running: set[Running] = field(default_factory=set)
     active: collections.Counter[str] = field(default_factory=collections.Counter)  # jobs per principal
     turned_away: dict[str, float] = field(default_factory=dict)  # principal -> when it was last told BUSY
-    cache: ResultCache | None = None
     inflight: dict[str, list[defer.Deferred]] = field(default_factory=dict)  # key -> jobs waiting for its compile
     metrics: Metrics = field(default_factory=Metrics)
     jobs_now: dict[str, dict[str, object]] = field(default_factory=dict)  # job id -> who compiles what, since when
     _log = Logger()
 
+    def handler_gone(self) -> None:
+        """The job handler died: no job can run; record it and stop, for the service manager to restart us."""
+        self._log.critical("the job handler exited; stopping")
+        try:
+            self.audit.write(event="handler-exit", running=len(self.running))
+        except AuditError:
+            pass
+        if not self.stopping and getattr(self.reactor, "running", False):
+            self.reactor.stop()
+
     @defer.inlineCallbacks
     def stop(self):  # type: ignore[no-untyped-def]
         """Server shutdown: no compile outlives the server, each is recorded, the log ends signed."""
+        self.stopping = True
         killed = list(self.running)
         for job in killed:
             job.kill("shutdown")
@@ -144,27 +162,52 @@ class CompileService:
 
     @defer.inlineCallbacks
     def run(self, principal: str, peer: str, job: wire.Job, session, extra: dict | None = None):  # type: ignore[no-untyped-def]
-        """Authorize and run one job; returns the reply message.  ``extra`` goes into its audit record."""
+        """Validate, authorize and run one job; returns the reply message.
+
+        However it ends (refused, busy, compiled, killed, or an error of
+        ours), the job gets exactly one audit record; a compile also gets a
+        ``job-start`` record before it starts, so a crash leaves a trace.
+        """
         job_id = secrets.token_hex(8)
-        started = time.monotonic()
+        started = self.clock.seconds()
         record = dict(
             **(extra or {}), event="job", job_id=job_id, principal=principal, peer=peer,
-            compiler=job.compiler, args=job.args, source=job.source_path, cwd=job.cwd,
-            input_sha256=sha256(job.source or job.original), headers=len(job.include_paths),
+            compiler=job.compiler, args=job.args, source=job.source_path, cwd=job.cwd, headers=len(job.include_paths),
             bytes_in=len(job.source) + len(job.original) + sum(map(len, job.includes)),
         )  # fmt: skip
         if self.config.sandbox.mode != "bwrap":
             record["sandbox"] = self.config.sandbox.mode
         try:
-            if time.monotonic() >= getattr(session, "expires", float("inf")):
-                raise _Refusal("denied:session-expired", "the Kerberos ticket of this session has ended: reconnect")
-            compiler = self._check_job(job)
-            decision = yield self._authorize(principal, job, record["bytes_in"])
-            record.update(compiler_path=compiler.path, compiler_identity=job.compiler_identity, reason=decision.reason)
-            if not decision.allowed:
-                raise _Refusal(decision.reason, f"{principal} may not compile here ({decision.reason})")
-            key = cache_key(job.compiler_identity, job) if self.cache else None
-            hit = yield self._cached(key)
+            reply = yield self._run(job_id, principal, job, session, record, started)
+        except _Refusal as refusal:
+            record.update(decision="refused", reason=refusal.reason, detail=str(refusal))
+            self._record(record, started)
+            return wire.Refused(refusal.reason, str(refusal), job_id)
+        except Exception as e:  # ours, not the client's: still recorded, and the server goes on
+            self._log.failure("job {job_id} failed", Failure(), job_id=job_id)
+            record.update(decision="error", reason="server-error", detail=f"{type(e).__name__}: {e}"[:500])
+            self._record(record, started)
+            return wire.Refused("server-error", "internal server error; the job was not run", job_id)
+        return reply
+
+    @defer.inlineCallbacks
+    def _run(self, job_id: str, principal: str, raw: wire.Job, session, record: dict, started: float):  # type: ignore[no-untyped-def]
+        try:
+            job = jobspec.validate(raw, self.compiler_roots)
+        except jobspec.Invalid as e:
+            raise _Refusal(e.reason, str(e)) from None
+        if self.clock.seconds() >= session.expires:
+            raise _Refusal("denied:session-expired", "the Kerberos ticket of this session has ended: reconnect")
+        compiler = self._check_job(job)
+        decision = yield self._authorize(principal, job)
+        record.update(compiler_path=compiler.path, compiler_identity=job.compiler_identity, reason=decision.reason)
+        if not decision.allowed:
+            raise _Refusal(decision.reason, f"{principal} may not compile here ({decision.reason})")
+        # Authorized: only now the large work (hashing the input, the cache key), off the reactor.
+        record["input_sha256"], key = yield threads.deferToThreadPool(self.clock, self.hash_pool, self._digests, job)
+        hit, owner = yield self._cached(key)
+        stored = None
+        try:
             if hit is not None:
                 record.update(decision="allowed", cache="hit", cached_from=hit.producer.get("job_id"), exit_status=0,
                               output_sha256=sha256(hit.output), bytes_out=len(hit.output) + len(hit.stderr))  # fmt: skip
@@ -176,58 +219,72 @@ class CompileService:
                 record.update(decision="busy", reason=busy.reason, load=busy.load)
                 self._record(record, started)
                 return busy
+            try:
+                self.audit.write(**{**record, "event": "job-start"})
+            except AuditError as e:
+                self._log.critical("{error}; refusing jobs until it can be written", error=str(e))
+                return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
             self.active[principal] += 1
-            if key:
-                self.inflight[key] = []
-            outcome = None
             self.jobs_now[job_id] = {"principal": principal, "compiler": job.compiler, "source": job.source_path,
-                                     "started": time.time(), "peer": peer, "job_id": job_id}  # fmt: skip
+                                     "started": time.time(), "peer": record["peer"], "job_id": job_id}  # fmt: skip
             try:
                 outcome = yield self._compile(job_id, compiler, job, session)
             finally:
                 self.active[principal] -= 1
                 self.jobs_now.pop(job_id, None)
-                if key:
-                    self._share(key, outcome, {"job_id": job_id, "principal": principal}, record)
-        except _Refusal as refusal:
-            record.update(decision="refused", reason=refusal.reason, detail=str(refusal))
-            self._record(record, started)
-            return wire.Refused(refusal.reason, str(refusal), job_id)
-        record.update(
-            decision="allowed", exit_status=outcome.exit_status, ended_by=outcome.ended_by,
-            output_sha256=sha256(outcome.output),
-            bytes_out=len(outcome.output or b"") + len(outcome.stdout) + len(outcome.stderr),
-        )  # fmt: skip
-        if not self._record(record, started):
-            return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
+            record.update(
+                decision="allowed", exit_status=outcome.exit_status, ended_by=outcome.ended_by,
+                output_sha256=sha256(outcome.output),
+                bytes_out=len(outcome.output or b"") + len(outcome.stdout) + len(outcome.stderr),
+            )  # fmt: skip
+            entry = self._entry(key, outcome, {"job_id": job_id, "principal": principal})
+            if entry is not None:
+                record["cache"] = "stored"
+            if not self._record(record, started):
+                return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
+            stored = entry  # recorded first: the cache never holds an unaudited result
+        finally:
+            if owner:
+                self._share(key, stored, hit)
         if outcome.ended_by == "timeout":
             return wire.Refused("timeout", f"compile killed after {compiler.timeout:g} s", job_id)
         return wire.Result(outcome.exit_status, outcome.stdout, outcome.stderr, outcome.output, job_id)
 
-    def _share(self, key: str, outcome: sandbox.Outcome | None, producer: dict[str, str], record: dict[str, object]) -> None:
-        """Store a successful compile (off the reactor) and hand it to identical jobs that waited for it."""
-        entry = None
-        if outcome and outcome.exit_status == 0 and outcome.output is not None and outcome.ended_by is None:
-            entry = Entry(outcome.stdout, outcome.stderr, outcome.output,
-                          {**producer, "server": self.host, "time": now_rfc3339()})  # fmt: skip
-            record["cache"] = "stored"
-            threads.deferToThread(self.cache.put, key, entry).addErrback(  # type: ignore[union-attr]
-                lambda f: self._log.failure("cache write failed", f))
+    def _digests(self, job: jobspec.ValidJob) -> tuple[str | None, str | None]:
+        """The input's sha256 for the record and the cache key (None: not cached), in a thread."""
+        return sha256(job.source or job.original), cache_key(job.compiler_identity, job.job) if self.caching else None
+
+    def _entry(self, key: str | None, outcome: sandbox.Outcome, producer: dict[str, str]) -> Entry | None:
+        """A cache entry of a successful compile, or None."""
+        if key and outcome.exit_status == 0 and outcome.output is not None and outcome.ended_by is None:
+            return Entry(outcome.stdout, outcome.stderr, outcome.output, {**producer, "server": self.host, "time": now_rfc3339()})
+        return None
+
+    def _share(self, key: str, stored: Entry | None, hit: Entry | None) -> None:
+        """Store a successful, recorded compile (the handler writes it); hand it, or the hit, to identical jobs."""
+        if stored is not None:
+            self.handler.cache_put(key, stored)
         for waiter in self.inflight.pop(key, []):
-            waiter.callback(entry)  # None: they compile for themselves
+            waiter.callback(stored or hit)  # None: they compile for themselves
 
     @defer.inlineCallbacks
     def _cached(self, key: str | None):  # type: ignore[no-untyped-def]
-        """A stored result for ``key``, waiting for an identical job already compiling; or None."""
-        if key is None or self.cache is None:
-            return None
+        """``(entry, owner)``: a stored result for ``key`` or None, waiting for an identical job
+        already under way.  An owner must :meth:`_share` its outcome with the jobs that wait for it."""
+        if key is None:
+            return None, False
         if key in self.inflight:
             waiter: defer.Deferred[Entry | None] = defer.Deferred()
             self.inflight[key].append(waiter)
             entry = yield waiter
-            if entry is not None:
-                return entry
-        return self.cache.get(key)
+            return entry, False  # None: compile for ourselves, unshared
+        self.inflight[key] = []
+        try:
+            entry = yield self.handler.cache_get(key)
+        except BaseException:
+            self._share(key, None, None)
+            raise
+        return entry, True
 
     def _admit(self, principal: str, max_jobs: int | None) -> wire.Busy | None:
         """A slot for this job, or BUSY: the server is full, the principal is at its ACL
@@ -252,7 +309,7 @@ class CompileService:
 
     def _record(self, record: dict[str, object], started: float) -> bool:
         """Write a job's audit record; False (and a log line) when the log cannot take it."""
-        record["duration"] = round(time.monotonic() - started, 4)
+        record["duration"] = round(self.clock.seconds() - started, 4)
         self.metrics.observe(record)
         try:
             self.audit.write(**record)
@@ -262,7 +319,8 @@ class CompileService:
             self._log.critical("{error}; refusing jobs until it can be written", error=str(e))
             return False
 
-    def _check_job(self, job: wire.Job) -> Compiler:
+    def _check_job(self, job: jobspec.ValidJob) -> Compiler:
+        """What this server adds to the job's grammar: its audit log, compilers and sandbox."""
         if not self.audit.healthy:
             try:
                 self.audit.recover()
@@ -274,28 +332,13 @@ class CompileService:
         identity = self.identities.get(compiler.path)
         if job.compiler_identity != identity:
             raise _Refusal("denied:compiler-mismatch", f"this server's {job.compiler} is {identity}, yours is "
-                           f"{job.compiler_identity or 'unknown'}; objects would differ")  # fmt: skip
-        if job.mode not in ("-c", "-S") or job.language not in argpolicy.LANGUAGES:
-            raise _Refusal("denied:argument-refused", f"unsupported mode {job.mode} or language {job.language}")
-        preprocessing = job.language in argpolicy.SERVER_PREPROCESSES
-        bad = argpolicy.refused_argument(job.args, preprocessing)
-        if bad is not None:
-            raise _Refusal("denied:argument-refused", f"argument {bad!r} is not allowed on a compile server")
-        bad = argpolicy.check_environment(job.environment)
-        if bad is not None:
-            raise _Refusal("denied:argument-refused", f"environment {bad} is not allowed on a compile server")
-        if job.include_paths and not preprocessing:
-            raise _Refusal("denied:argument-refused", "headers sent with a preprocessed job")
-        for path in (job.cwd, sandbox.mount_point(job.cwd, job.source_path), *job.include_paths):
-            why = sandbox.check_client_path(path)
-            if why:
-                raise _Refusal("denied:bad-path", f"path {path!r} cannot be used: {why}")
-        if self.config.sandbox.mode != "bwrap" and preprocessing:
+                           f"{job.compiler_identity[:200] or 'unknown'}; objects would differ")  # fmt: skip
+        if self.config.sandbox.mode != "bwrap" and job.preprocessing:
             raise _Refusal("denied:unsupported", "this server runs without bubblewrap and cannot preprocess")
         return compiler
 
     @defer.inlineCallbacks
-    def _authorize(self, principal: str, job: wire.Job, input_size: int):  # type: ignore[no-untyped-def]
+    def _authorize(self, principal: str, job: jobspec.ValidJob):  # type: ignore[no-untyped-def]
         acl = self.acl.current()
         groups: frozenset[str] = frozenset()
         if split_principal(principal)[1] in acl.realms and acl.groups:
@@ -307,38 +350,34 @@ class CompileService:
             groups = membership.groups
             if membership.cached:
                 self.metrics.ldap_cache_hits.inc()
-        return decide(acl, principal, groups, job.compiler, input_size)
+        return decide(acl, principal, groups, job.compiler, job.input_size)
 
     @defer.inlineCallbacks
-    def _compile(self, job_id: str, compiler: Compiler, job: wire.Job, session: "JobProtocol"):  # type: ignore[no-untyped-def]
-        settings = self.config.sandbox
+    def _compile(self, job_id: str, compiler: Compiler, job: jobspec.ValidJob, session):  # type: ignore[no-untyped-def]
+        """Run the job in the handler's sandbox; only validated values cross to it."""
         files = {"input": job.source}
         mounts = []
         if job.original:
             files["original"] = job.original
-            mounts.append(("original", sandbox.mount_point(job.cwd, job.source_path)))
+            mounts.append(("original", job.source_mount))
         for n, (path, data) in enumerate(zip(job.include_paths, job.includes)):
             files[f"include-{n}"] = data
             mounts.append((f"include-{n}", path))
-        job_dir = sandbox.make_job_dir(self.config.scratch, job_id, files, settings.uid, settings.gid)
-        running = None
+        spec = {
+            "compiler": compiler.path, "args": [*argpolicy.COMPILE_LANGUAGE[job.language.value], *job.args, job.mode.value],
+            "cwd": job.cwd, "source_path": job.source_path, "environment": job.environment, "mounts": mounts,
+            "preprocessed": not job.preprocessing, "compiler_root": compiler.root,
+        }  # fmt: skip
+        running = self.handler.run(job_id, spec, files, compiler.timeout, self.config.sandbox.limits.file_size)
+        session.running = running
+        self.running.add(running)
+        if session.lost:  # the client left while the job was authorized and admitted: nobody to compile for
+            running.kill("disconnect")
         try:
-            spec = sandbox.Spec(
-                compiler.path, [*argpolicy.COMPILE_LANGUAGE[job.language], *job.args, job.mode], job_dir, job.cwd,
-                job.source_path, job.environment, tuple(mounts), job.language not in argpolicy.SERVER_PREPROCESSES,
-                compiler.root,
-            )  # fmt: skip
-            running = sandbox.RunningJob(self.reactor, self.clock, sandbox.command(spec, settings), job_dir,
-                                         compiler.timeout, process_group=settings.mode != "bwrap")  # fmt: skip
-            session.running = running
-            self.running.add(running)
-            if session.lost:  # the client left while the job was authorized and admitted: nobody to compile for
-                running.kill("disconnect")
             outcome = yield running.result
         finally:
             session.running = None
             self.running.discard(running)
-            sandbox.remove_job_dir(job_dir)
         return outcome
 
 
@@ -350,11 +389,11 @@ class JobProtocol(protocol.Protocol):
     def __init__(self, service: CompileService, acceptor: Acceptor) -> None:
         self.service = service
         self.config = service.config
-        self.wire = wire.Connection(max_message=service.config.max_input + 1024 * 1024)
+        self.wire = wire.Connection(max_message=service.config.max_input + 1024 * 1024, defer_unpack=True)
         self.context = acceptor.new_context()
         self.principal: str | None = None
         self.expires = 0.0
-        self.running: sandbox.RunningJob | None = None
+        self.running: Running | None = None
         self.busy = False
         self.said_hello = False
         self.lost = False
@@ -385,10 +424,32 @@ class JobProtocol(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         try:
             for event in self.wire.receive_data(data):
-                self._event(event)
+                if isinstance(event, wire.PackedMessageReceived):
+                    self._unpack(event)
+                else:
+                    self._event(event)
         except wire.ProtocolError as e:
-            self._log.info("{peer}: protocol error: {error}; dropping", peer=self.peer, error=str(e))
-            self.transport.abortConnection()
+            self._protocol_error(e)
+
+    def _protocol_error(self, e: wire.ProtocolError) -> None:
+        self._log.info("{peer}: protocol error: {error}; dropping", peer=self.peer, error=str(e))
+        self.transport.abortConnection()
+
+    def _unpack(self, event: wire.PackedMessageReceived) -> None:
+        """Decompress in a thread (a bomb cannot stall the reactor); nothing more is read meanwhile."""
+        if self.busy:
+            raise wire.ProtocolError("a message while a job runs")
+        self.busy = True
+        self.transport.pauseProducing()
+        d = threads.deferToThreadPool(self.service.clock, self.service.hash_pool, wire.unpack_message, event)
+
+        def unpacked(message: wire.MessageReceived) -> None:
+            self.busy = False
+            self.transport.resumeProducing()
+            self._event(message)
+
+        d.addCallback(unpacked)
+        d.addErrback(lambda f: f.trap(wire.ProtocolError) and self._protocol_error(f.value))
 
     def _event(self, event: wire.Event) -> None:
         if isinstance(event, wire.HelloReceived) and not self.said_hello:
@@ -425,10 +486,11 @@ class JobProtocol(protocol.Protocol):
             self.transport.write(wire.token(reply))
         if self.context.complete:
             self.principal = self.context.principal
-            self.expires = time.monotonic() + self.context.lifetime  # a session ends with the ticket that opened it
+            self.expires = self.service.clock.seconds() + self.context.lifetime  # a session ends with the ticket that opened it
             self.service.metrics.handshake.observe(time.monotonic() - self._connected)
             session = self.context.session()
             self.wire.secure(session.wrap, session.unwrap)
+            self.authenticated()
             self._rearm(self.config.idle_timeout)
 
     def _start_job(self, job: wire.Job) -> None:
@@ -453,8 +515,9 @@ class JobProtocol(protocol.Protocol):
 
         def send(groups: frozenset[str]) -> None:
             current = monitor_status(self.service)
-            if not is_admin(acl, principal, groups):
-                current["running"] = [{**job, "principal": "(admins only)", "peer": ""} for job in current["running"]]
+            if not is_admin(acl, principal, groups):  # who compiles what is for admins only
+                current["running"] = [{"principal": "(admins only)", "source": "(admins only)", "job_id": "", "peer": "",
+                                       "compiler": job["compiler"], "started": job["started"]} for job in current["running"]]  # fmt: skip
             if not self.lost:
                 self.transport.write(self.wire.seal(wire.Status(json.dumps(current))))
 
@@ -479,8 +542,12 @@ class JobProtocol(protocol.Protocol):
             self.transport.write(self.wire.seal(wire.Refused("server-error", "internal server error")))
             self.transport.loseConnection()
 
+    def authenticated(self) -> None:
+        """Set by the factory: this connection no longer counts against the pre-auth caps."""
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.lost = True
+        self.authenticated()
         self._rearm(None)
         self._stop_heartbeat(None)
         if self.running is not None:
@@ -504,7 +571,8 @@ class DistccProtocol(protocol.Protocol):
         self.context = acceptor.new_context(DISTCC_FLAGS)
         self.state = "star"
         self.principal: str | None = None
-        self.running: sandbox.RunningJob | None = None
+        self.expires = 0.0
+        self.running: Running | None = None
         self.lost = False
         self.peer = "?"
         self._timer = None
@@ -545,6 +613,8 @@ class DistccProtocol(protocol.Protocol):
             out = distcc.item(b"TLEN", len(reply), reply) if reply else b""
             if self.context.complete:
                 self.principal = self.context.principal
+                self.expires = self.service.clock.seconds() + self.context.lifetime
+                self.authenticated()
                 self.transport.write(out + b"y")  # tokens and verdict in one write
                 self.state = "request"
             elif out:
@@ -592,8 +662,12 @@ class DistccProtocol(protocol.Protocol):
                                               message.stderr, message.output))  # fmt: skip
         self.transport.loseConnection()  # refused or busy: no reply, the client compiles locally
 
+    def authenticated(self) -> None:
+        """Set by the factory: this connection no longer counts against the pre-auth caps."""
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.lost = True
+        self.authenticated()
         self._cancel_timer()
         if self.running is not None:
             self.running.kill("disconnect")
@@ -622,38 +696,80 @@ def distcc_job(request: distcc.Request, service: CompileService) -> wire.Job | s
                     compiler_identity=identity)  # fmt: skip
 
 
+class PreauthGate:
+    """Caps connections that have not authenticated yet, in total and per source address.
+
+    An unauthenticated peer costs a buffer of at most one handshake frame
+    until the handshake deadline; the caps bound how many such peers there are.
+    """
+
+    def __init__(self, total: int = PREAUTH_TOTAL, per_source: int = PREAUTH_PER_SOURCE) -> None:
+        self.total, self.per_source = total, per_source
+        self.waiting: collections.Counter[str] = collections.Counter()
+
+    def admit(self, source: str) -> bool:
+        if sum(self.waiting.values()) >= self.total or self.waiting[source] >= self.per_source:
+            return False
+        self.waiting[source] += 1
+        return True
+
+    def release(self, source: str) -> None:
+        self.waiting[source] -= 1
+        if self.waiting[source] <= 0:
+            del self.waiting[source]
+
+
 class ServiceFactory(protocol.Factory):
     """One listener: each connection gets a ``kind`` (JobProtocol or DistccProtocol) on the shared service."""
+
+    _log = Logger()
 
     def __init__(self, kind: type[JobProtocol] | type[DistccProtocol], service: CompileService, acceptor: Acceptor) -> None:
         self.kind = kind
         self.service = service
         self.acceptor = acceptor
+        self.gate = PreauthGate()
 
-    def buildProtocol(self, addr: object) -> protocol.Protocol:
-        return self.kind(self.service, self.acceptor)
+    def buildProtocol(self, addr: object) -> protocol.Protocol | None:
+        source = str(getattr(addr, "host", "?"))
+        if not self.gate.admit(source):  # None: Twisted closes the connection at once
+            self.service.metrics.preauth_refused.inc()
+            return None
+        proto = self.kind(self.service, self.acceptor)
+        proto.authenticated = lambda: self._release(proto, source)  # type: ignore[method-assign]
+        return proto
 
-
-def self_test(config: ServerConfig) -> None:
-    """Compile a trivial file in the sandbox once, so a broken setup fails at start-up."""
-    settings = config.sandbox
-    source = {"input": b"int securecc_probe;\n"}
-    job_dir = sandbox.make_job_dir(config.scratch, "self-test", source, settings.uid, settings.gid)
-    try:
-        compiler = next(iter(config.compilers.values()))
-        spec = sandbox.Spec(compiler.path, ["-x", "c", "-c"], job_dir, "/build", "probe.c", {}, compiler_root=compiler.root)
-        done = subprocess.run(sandbox.command(spec, settings), capture_output=True, timeout=60)
-        if done.returncode != 0 or not (job_dir / "output").is_file():
-            detail = done.stderr.decode(errors="replace").strip().splitlines()
-            raise ConfigError(f"the sandbox cannot compile ({detail[-1] if detail else done.returncode}); "
-                              "check that bubblewrap works here (or, knowing what it costs, set sandbox.mode: "
-                              "rlimits-only) and that the scratch directory is reachable by the sandbox uid")  # fmt: skip
-    finally:
-        sandbox.remove_job_dir(job_dir)
+    def _release(self, proto: protocol.Protocol, source: str) -> None:
+        if not getattr(proto, "released", False):
+            proto.released = True  # type: ignore[attr-defined]
+            self.gate.release(source)
 
 
-def build(config: ServerConfig, reactor) -> tuple[ServiceFactory, ThreadPool]:  # type: ignore[no-untyped-def]
-    """Everything the listener needs; fails (ConfigError, AclError, GSSFailure) before listening."""
+def start_handler(config: ServerConfig, reactor) -> HandlerLink:  # type: ignore[no-untyped-def]
+    """The job handler, started before any secret is loaded; its ``ready`` fires after its sandbox self-test.
+
+    The front makes the handler's directories (scratch, cache) and gives them
+    to the handler's uid; it never looks inside them again.
+    """
+    uid, gid = config.sandbox.uid, config.sandbox.gid
+    for directory in (config.scratch, *([config.cache.path] if config.cache else [])):
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        if uid is not None and gid is not None:
+            os.chown(directory, uid, gid)
+            for parent in directory.parents:
+                if not os.stat(parent).st_mode & 0o001:
+                    raise ConfigError(f"{directory} is out of the sandbox uid's reach ({parent} is closed to other "
+                                      "users): choose one under /var/lib/securecc, or open that directory (chmod o+x)")  # fmt: skip
+    probe = next(iter(config.compilers.values()))
+    return handler_client.start(reactor, config.sandbox, {
+        "scratch": str(config.scratch), "cache_path": str(config.cache.path) if config.cache else None,
+        "cache_max": config.cache.max_bytes if config.cache else 0, "probe": probe.path, "probe_root": probe.root,
+    })  # fmt: skip
+
+
+def build(config: ServerConfig, reactor, handler: HandlerLink) -> tuple[ServiceFactory, ThreadPool]:  # type: ignore[no-untyped-def]
+    """Everything the listener needs, with secrets; fails (ConfigError, AclError, GSSFailure) before listening."""
     if config.ldap.bind == "gssapi":
         use_service_credentials(config.keytab)
     acceptor = Acceptor(config.principal, config.keytab)
@@ -665,8 +781,6 @@ def build(config: ServerConfig, reactor) -> tuple[ServiceFactory, ThreadPool]:  
     audit = AuditLog(config.audit.path, key, socket.getfqdn(), config.audit.rotate_bytes, config.audit.checkpoint_every,
                      config.audit.checkpoint_seconds, forwarder(config.audit.syslog))  # fmt: skip
     acl = AclFile(config.acl, on_reload=audit.write)
-    sandbox.prepare_scratch(config.scratch, config.sandbox.uid)
-    self_test(config)
     try:
         identities = {c.path: toolchain.probe(c.path) for c in config.compilers.values()}
     except toolchain.ProbeError as e:
@@ -677,9 +791,10 @@ def build(config: ServerConfig, reactor) -> tuple[ServiceFactory, ThreadPool]:  
             "see this host's whole filesystem and network; every audit record says so", mode=config.sandbox.mode,
         )  # fmt: skip
     pool = ThreadPool(minthreads=0, maxthreads=LDAP_THREADS, name="ldap")
-    service = CompileService(config, reactor, reactor, acl, Directory(config.ldap), pool, audit, identities)
-    if config.cache:
-        service.cache = ResultCache(config.cache.path, config.cache.max_bytes)
+    service = CompileService(config, reactor, reactor, acl, Directory(config.ldap), pool, audit, identities, handler=handler,
+                             caching=config.cache is not None,
+                             compiler_roots=tuple(c.root for c in config.compilers.values() if c.root))  # fmt: skip
+    handler.on_gone = lambda: service.handler_gone()
     return ServiceFactory(JobProtocol, service, acceptor), pool
 
 
@@ -696,7 +811,22 @@ def main(argv: list[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     try:
         config = load_config(options.config)
-        factory, pool = build(config, reactor)
+        handler = start_handler(config, reactor)
+    except (ConfigError, OSError) as e:
+        sys.exit(f"securecc-server: {e}")
+    failed: list[str] = []
+    reactor.callWhenRunning(_serve, config, reactor, handler, failed)
+    reactor.run()
+    if failed:
+        sys.exit(f"securecc-server: {failed[0]}")
+
+
+@defer.inlineCallbacks
+def _serve(config: ServerConfig, reactor, handler: HandlerLink, failed: list[str]):  # type: ignore[no-untyped-def]
+    """Once the handler is ready: load the secrets, listen, record the start."""
+    try:
+        yield handler.ready
+        factory, pool = build(config, reactor, handler)
         port = reactor.listenTCP(config.listen_port, factory, backlog=LISTEN_BACKLOG, interface=config.listen_host)
         if config.monitor:
             monitor_site = monitor.site(factory.service, Acceptor(config.monitor.principal, config.keytab),
@@ -705,15 +835,20 @@ def main(argv: list[str] | None = None) -> None:
         if config.distcc:
             distcc_factory = ServiceFactory(DistccProtocol, factory.service, Acceptor(config.distcc.principal, config.keytab))
             reactor.listenTCP(config.distcc.port, distcc_factory, backlog=LISTEN_BACKLOG, interface=config.distcc.host)
-            Logger().warn("distcc listener on {host}:{port} as {principal}: jobs from stock clients travel in the CLEAR",
-                          host=config.distcc.host, port=config.distcc.port, principal=config.distcc.principal)  # fmt: skip
-    except (ConfigError, AclError, AuditError, GSSFailure, OSError, error.CannotListenError) as e:
-        sys.exit(f"securecc-server: {e}")
+            Logger().warn("distcc listener on {host}:{port} as {principal}: jobs from stock clients travel in the CLEAR "
+                          "and can be changed on the way", host=config.distcc.host, port=config.distcc.port,
+                          principal=config.distcc.principal)  # fmt: skip
+    except (ConfigError, AclError, AuditError, GSSFailure, HandlerGone, OSError, error.CannotListenError) as e:
+        failed.append(str(e))
+        reactor.stop()
+        return
     pool.start()
+    factory.service.hash_pool.start()
     task.LoopingCall(factory.service.audit.tick).start(1.0, now=False)
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(factory.service.acl.reload))
     reactor.addSystemEventTrigger("before", "shutdown", factory.service.stop)
     reactor.addSystemEventTrigger("before", "shutdown", pool.stop)
+    reactor.addSystemEventTrigger("before", "shutdown", factory.service.hash_pool.stop)
     audit = factory.service.audit
     audit.write(event="server-start", principal=config.principal, listen=f"{config.listen_host}:{port.getHost().port}",
                 sandbox=config.sandbox.mode, compilers={n: factory.service.identities[c.path] for n, c in config.compilers.items()},
@@ -724,4 +859,3 @@ def main(argv: list[str] | None = None) -> None:
         Logger().warn("the audit log's last line {line} was torn by a crash; the chain continues after it", line=audit.torn_line)
     Logger().info("securecc-server listening on {host}:{port} as {principal}",
                   host=config.listen_host, port=port.getHost().port, principal=config.principal)  # fmt: skip
-    reactor.run()

@@ -48,6 +48,7 @@ def write_project(directory: Path) -> None:
 def sandbox_processes() -> list[str]:
     """Compiler sandboxes still alive (bwrap's own argv names /job/output)."""
     uid_procs = processes_of_uid(65534) if os.geteuid() == 0 else []
+    uid_procs = [p for p in uid_procs if "securecc.handler" not in p]  # the job handlers themselves
     others = []
     for entry in Path("/proc").iterdir():
         try:

@@ -292,22 +292,26 @@ def test_unknown_frame_kind(kind):
 # --- caps -----------------------------------------------------------------------------
 
 
-def test_oversized_frame_refused_from_its_header():
-    """MAX_FRAME+1 is refused as soon as the 5-byte header is in, before any payload is sent."""
+@pytest.mark.parametrize("secure", [False, True])
+def test_oversized_frame_refused_from_its_header(secure):
+    """Before the handshake a frame may hold a GSS token (MAX_HANDSHAKE_FRAME), after it MAX_FRAME;
+    one larger is refused as soon as the 5-byte header is in, before any payload is buffered."""
     conn = wire.Connection()
-    header = struct.pack(">IB", MAX_FRAME + 1, Kind.TOKEN)
+    if secure:
+        conn.secure(lambda b: b, lambda b: b)
+    limit = MAX_FRAME if secure else wire.MAX_HANDSHAKE_FRAME
+    header = struct.pack(">IB", limit + 1, Kind.SEALED if secure else Kind.TOKEN)
     assert conn.receive_data(header[:4]) == []
     with pytest.raises(ProtocolError):
         conn.receive_data(header[4:])
 
 
-def test_largest_frame_is_accepted():
-    """MAX_FRAME itself is allowed: a header announcing it waits for the payload."""
+def test_largest_handshake_frame_is_accepted():
+    """MAX_HANDSHAKE_FRAME itself is allowed: a header announcing it waits for the payload."""
     conn = wire.Connection()
-    data = wire.token(b"t" * (MAX_FRAME - 1))
-    assert struct.unpack_from(">I", data)[0] == MAX_FRAME
+    data = wire.token(b"t" * (wire.MAX_HANDSHAKE_FRAME - 1))
     assert conn.receive_data(data[:-1]) == []
-    assert conn.receive_data(data[-1:]) == [wire.TokenReceived(b"t" * (MAX_FRAME - 1))]
+    assert conn.receive_data(data[-1:]) == [wire.TokenReceived(b"t" * (wire.MAX_HANDSHAKE_FRAME - 1))]
     with pytest.raises(ValueError):
         wire.token(b"t" * MAX_FRAME)
 

@@ -21,7 +21,7 @@ from securecc.client import Channel
 from securecc.config import load_config
 from securecc.gss import Acceptor
 from securecc.hosts import Host
-from securecc.server import AclFile, CompileService, JobProtocol, build
+from securecc.server import AclFile, CompileService, JobProtocol, build, start_handler
 
 
 @pytest.fixture
@@ -79,8 +79,11 @@ def test_job_through_the_real_reactor(realm, config, monkeypatch, workdir):
 
     for key, value in realm.user_env("alice", workdir).items():
         monkeypatch.setenv(key, value)
-    factory, pool = build(config, reactor)
+    handler = start_handler(config, reactor)
+    yield handler.ready
+    factory, pool = build(config, reactor, handler)
     pool.start()
+    factory.service.hash_pool.start()
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     try:
         host = Host("127.0.0.1", port.getHost().port, principal="securecc/localhost@TEST.REALM")
@@ -97,6 +100,8 @@ def test_job_through_the_real_reactor(realm, config, monkeypatch, workdir):
     finally:
         yield port.stopListening()
         pool.stop()
+        factory.service.hash_pool.stop()
+        handler.transport.loseConnection()
     assert isinstance(reply, wire.Result) and reply.exit_status == 0
     assert reply.output and reply.output.startswith(b"\x7fELF")
     record = json.loads(config.audit.path.read_text().splitlines()[-1])

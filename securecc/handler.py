@@ -1,0 +1,152 @@
+"""The job handler: the unprivileged process that touches everything a job could influence.
+
+``securecc-server`` starts it before it loads any secret (as root: under a
+uid of its own, ``sandbox.uid``, via ``setpriv``), and talks to it over a
+socketpair (:mod:`securecc.handler_protocol`).  It makes the scratch
+directories, starts the sandboxes, reads their outputs (no links followed,
+see :func:`securecc.sandbox.read_output`), and keeps the result cache's
+files.  It holds no keytab, GSS context, audit key, config file or ACL and
+cannot read them: their files belong to the front.  A compromised sandbox
+or handler reaches the jobs in flight and the cache, nothing secret.
+
+Run as ``python -I -m securecc.handler``; the link is file descriptor 3.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, protocol, reactor, threads
+from twisted.protocols.basic import Int32StringReceiver
+
+from securecc import sandbox
+from securecc.cache import Entry, ResultCache
+from securecc.handler_protocol import LinkError, pack, unpack
+
+LINK_FD = 3
+MAX_LINK_MESSAGE = 2**31 - 1
+_FILE_NAME = re.compile(r"[a-z0-9-]{1,32}")
+
+
+def settings_from(data: dict[str, Any]) -> sandbox.Settings:
+    return sandbox.Settings(sandbox.Limits(**data["limits"]), data["uid"], data["gid"], data["mode"])
+
+
+def self_test(scratch: Path, settings: sandbox.Settings, compiler: str, root: str | None) -> None:
+    """Compile a trivial file in the sandbox once, so a broken setup fails at start-up."""
+    job_dir = sandbox.make_job_dir(scratch, "self-test", {"input": b"int securecc_probe;\n"})
+    try:
+        spec = sandbox.Spec(compiler, ["-x", "c", "-c"], job_dir, "/build", "probe.c", {}, compiler_root=root)
+        done = subprocess.run(sandbox.command(spec, settings), capture_output=True, timeout=60, cwd=job_dir)
+        if done.returncode != 0 or not sandbox.read_output(job_dir, settings.limits.file_size):
+            detail = done.stderr.decode(errors="replace").strip().splitlines()
+            raise RuntimeError(f"the sandbox cannot compile ({detail[-1] if detail else done.returncode}); "
+                               "check that bubblewrap works here (or, knowing what it costs, set sandbox.mode: "
+                               "rlimits-only) and that the scratch directory is reachable by the sandbox uid")  # fmt: skip
+    finally:
+        sandbox.remove_job_dir(job_dir)
+
+
+class HandlerProtocol(Int32StringReceiver):
+    """The handler's side of the link: runs what the front asks, answers with outcomes."""
+
+    MAX_LENGTH = MAX_LINK_MESSAGE
+
+    def __init__(self) -> None:
+        self.settings: sandbox.Settings | None = None
+        self.scratch = Path("/nonexistent")
+        self.cache: ResultCache | None = None
+        self.running: dict[str, sandbox.RunningJob] = {}
+
+    def stringReceived(self, data: bytes) -> None:
+        try:
+            header, blobs = unpack(data)
+            getattr(self, "_" + header.pop("op").replace("-", "_"))(blobs, **header)
+        except (LinkError, KeyError, TypeError, ValueError, OSError) as e:
+            print(f"securecc-handler: dropping the link: {e!r}", file=sys.stderr)
+            self.transport.loseConnection()
+
+    def _start(self, blobs: list[bytes | None], settings: dict[str, Any]) -> None:
+        try:
+            self.settings = settings_from(settings)
+            self.scratch = Path(settings["scratch"])
+            sandbox.prepare_scratch(self.scratch)
+            if settings.get("cache_path"):
+                self.cache = ResultCache(Path(settings["cache_path"]), settings["cache_max"])
+            self_test(self.scratch, self.settings, settings["probe"], settings["probe_root"])
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            self.sendString(pack("fatal", error=str(e)))
+            return
+        self.sendString(pack("ready"))
+
+    def _run(self, blobs: list[bytes | None], id: str, spec: dict[str, Any], files: list[str], timeout: float,
+             output_cap: int) -> None:  # fmt: skip
+        assert self.settings is not None
+        if not all(_FILE_NAME.fullmatch(name) for name in files) or len(files) != len(blobs):
+            raise LinkError("bad job file names")
+        job_dir = sandbox.make_job_dir(self.scratch, id, {n: b or b"" for n, b in zip(files, blobs)})
+        try:
+            mounts = tuple((name, target) for name, target in spec.pop("mounts"))
+            command = sandbox.command(sandbox.Spec(job_dir=job_dir, mounts=mounts, **spec), self.settings)
+            job = sandbox.RunningJob(reactor, reactor, command, job_dir, timeout,
+                                     process_group=self.settings.mode != "bwrap", output_cap=output_cap)  # fmt: skip
+        except BaseException:
+            sandbox.remove_job_dir(job_dir)
+            raise
+        self.running[id] = job
+        job.result.addBoth(self._done, id, job_dir)
+
+    def _done(self, outcome: sandbox.Outcome, id: str, job_dir: Path) -> None:
+        self.running.pop(id, None)
+        sandbox.remove_job_dir(job_dir)
+        if not isinstance(outcome, sandbox.Outcome):  # a failure: report it as the compile's
+            outcome = sandbox.Outcome(1, b"", f"securecc: the job handler failed: {outcome}\n".encode(), None, "handler-error")
+        self.sendString(pack("done", [outcome.stdout, outcome.stderr, outcome.output], id=id,
+                             exit_status=outcome.exit_status, ended_by=outcome.ended_by))  # fmt: skip
+
+    def _kill(self, blobs: list[bytes | None], id: str, why: str) -> None:
+        job = self.running.get(id)
+        if job is not None:
+            job.kill(why)
+
+    def _cache_get(self, blobs: list[bytes | None], id: str, key: str) -> None:
+        def send(entry: Entry | None) -> None:
+            if entry is None:
+                self.sendString(pack("cache-entry", id=id, producer=None))
+            else:
+                self.sendString(pack("cache-entry", [entry.stdout, entry.stderr, entry.output], id=id, producer=entry.producer))
+
+        d = threads.deferToThread(self.cache.get, key) if self.cache else defer.succeed(None)
+        d.addErrback(lambda f: print(f"securecc-handler: cache read failed: {f.value!r}", file=sys.stderr))
+        d.addCallback(send)
+
+    def _cache_put(self, blobs: list[bytes | None], key: str, producer: dict[str, str]) -> None:
+        stdout, stderr, output = blobs
+        if self.cache and output is not None:
+            d = threads.deferToThread(self.cache.put, key, Entry(stdout or b"", stderr or b"", output, producer))
+            d.addErrback(lambda f: print(f"securecc-handler: cache write failed: {f.value!r}", file=sys.stderr))
+
+    def connectionLost(self, reason: object = None) -> None:
+        for job in list(self.running.values()):  # the front is gone: nobody to compile for
+            job.kill("shutdown")
+        reactor.callLater(0.5, reactor.stop)
+
+
+def main() -> None:
+    os.umask(0o077)
+    link = socket.socket(fileno=LINK_FD)
+    link.setblocking(False)
+    factory = protocol.Factory.forProtocol(HandlerProtocol)
+    reactor.adoptStreamConnection(link.fileno(), socket.AF_UNIX, factory)
+    link.close()
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

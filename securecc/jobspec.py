@@ -1,0 +1,158 @@
+"""The one job boundary: every field of a job from the wire, checked before anything uses it.
+
+A :class:`wire.Job` (native, or built from a stock distcc request) is
+untrusted.  :func:`validate` turns it into a :class:`ValidJob` or raises
+:class:`Invalid` with a stable reason; nothing else on the server reads a
+client field first.  The grammar, per field:
+
+- paths are bounded, carry no control character, are normalized, and can
+  never be read as an option: the source path never begins with ``-`` or
+  ``@`` (gcc reads ``@file`` as a response file), mount points are absolute
+  and outside the sandbox's own directories and the compilers' roots;
+- names that are not UTF-8 arrive as surrogate escapes (``'\\udcff'``) and
+  are kept as they are: :func:`os.fsencode` gives the client's bytes back
+  for the command line, and the audit log escapes them;
+- language and mode are enums; headers are plain source files (no ``.gch``,
+  ``.pch`` or other compiled input) at distinct paths;
+- arguments go through the one argument policy (:mod:`securecc.args`), the
+  environment through its allowlist.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+
+from securecc import args as argpolicy
+from securecc import protocol as wire
+from securecc.sandbox import RESERVED
+
+MAX_PATH = 4096
+MAX_NAME = 255  # one path component
+MAX_ARGS = 2048
+MAX_ARG = 8192
+MAX_HEADERS = 20000
+MAX_IDENTITY = 4096
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_COMPILER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9+._-]{0,63}")
+_COMPILED_INPUT = (".gch", ".pch", ".pcm", ".gcm", ".o", ".obj", ".a", ".so")
+
+
+class Mode(enum.Enum):
+    OBJECT = "-c"
+    ASSEMBLER = "-S"
+
+
+Language = enum.Enum("Language", [(name, name) for name in sorted(argpolicy.LANGUAGES)])  # type: ignore[misc]
+"""How the server compiles the text (securecc.args.COMPILE_LANGUAGE)."""
+
+
+class Invalid(Exception):
+    """A job field outside its grammar: the job is refused with ``reason``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ValidJob:
+    """A job whose every field passed :func:`validate`; the only kind the server runs."""
+
+    job: wire.Job
+    language: Language
+    mode: Mode
+    source_mount: str  # where the client's main file lives: absolute, normalized
+    preprocessing: bool  # the server preprocesses: source and headers at their paths
+
+    def __getattr__(self, name: str) -> object:  # the wire fields, read-only
+        return getattr(self.job, name)
+
+    @property
+    def input_size(self) -> int:
+        return len(self.job.source) + len(self.job.original) + sum(map(len, self.job.includes))
+
+
+def _text(value: str, what: str, limit: int) -> str:
+    """A name as the client's bytes allow it: bounded, no control characters, encodable as a file name."""
+    if len(value) > limit:
+        raise Invalid("denied:bad-path", f"{what} is longer than {limit} characters")
+    if _CONTROL.search(value):
+        raise Invalid("denied:bad-path", f"{what} {value!r} contains a control character")
+    try:
+        os.fsencode(value)
+    except UnicodeError:
+        raise Invalid("denied:bad-path", f"{what} {value!r} is not a file name") from None
+    return value
+
+
+def _path(value: str, what: str) -> str:
+    _text(value, what, MAX_PATH)
+    if not value or value.startswith(("-", "@")):
+        raise Invalid("denied:bad-path", f"{what} {value!r} could be read as an option")
+    if posixpath.normpath(value) != value.rstrip("/") or value.endswith("/") and value != "/":
+        raise Invalid("denied:bad-path", f"{what} {value!r} is not a normalized path")
+    if any(len(part) > MAX_NAME for part in value.split("/")):
+        raise Invalid("denied:bad-path", f"{what} has a component longer than {MAX_NAME}")
+    return value
+
+
+def _mount_point(value: str, what: str, roots: tuple[str, ...]) -> str:
+    """An absolute path the sandbox may create or mount a client file at."""
+    _path(value, what)
+    if not value.startswith("/") or value == "/":
+        raise Invalid("denied:bad-path", f"{what} {value!r} is not an absolute path")
+    for reserved in (*RESERVED, *roots):
+        if value == reserved or value.startswith(reserved.rstrip("/") + "/"):
+            raise Invalid("denied:bad-path", f"{what} {value!r} is inside the sandbox's {reserved}")
+    return value
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = path.split("/")[1:-1]
+    return ["/" + "/".join(parts[: n + 1]) for n in range(len(parts))]
+
+
+def validate(job: wire.Job, compiler_roots: tuple[str, ...] = ()) -> ValidJob:
+    """``job`` as a :class:`ValidJob`, or :class:`Invalid` naming the first field outside its grammar."""
+    if not _COMPILER_NAME.fullmatch(job.compiler):
+        raise Invalid("denied:compiler-not-offered", f"compiler name {job.compiler[:80]!r} is not a name")
+    if len(job.compiler_identity) > MAX_IDENTITY:
+        raise Invalid("denied:compiler-mismatch", "compiler identity too long")
+    try:
+        language, mode = Language(job.language), Mode(job.mode)
+    except ValueError:
+        raise Invalid("denied:argument-refused", f"unsupported mode {job.mode[:20]!r} or language {job.language[:40]!r}") from None
+    if len(job.args) > MAX_ARGS:
+        raise Invalid("denied:argument-refused", f"more than {MAX_ARGS} arguments")
+    for arg in job.args:
+        _text(arg, "argument", MAX_ARG)
+    preprocessing = job.language in argpolicy.SERVER_PREPROCESSES
+    bad = argpolicy.refused_argument(job.args, preprocessing)
+    if bad is not None:
+        raise Invalid("denied:argument-refused", f"argument {bad!r} is not allowed on a compile server")
+    bad = argpolicy.check_environment(job.environment)
+    if bad is not None:
+        raise Invalid("denied:argument-refused", f"environment {bad} is not allowed on a compile server")
+    cwd = _mount_point(job.cwd, "working directory", compiler_roots)
+    _path(job.source_path, "source path")
+    source_mount = _mount_point(posixpath.normpath(posixpath.join(cwd, job.source_path)), "source", compiler_roots)
+    if source_mount == cwd:
+        raise Invalid("denied:bad-path", "the source path names the working directory")
+    if job.include_paths and not preprocessing:
+        raise Invalid("denied:argument-refused", "headers sent with a preprocessed job")
+    if len(job.include_paths) > MAX_HEADERS:
+        raise Invalid("denied:bad-path", f"more than {MAX_HEADERS} headers")
+    files = [source_mount, *job.include_paths]
+    for path in job.include_paths:
+        _mount_point(path, "header", compiler_roots)
+        if path.endswith(_COMPILED_INPUT):
+            raise Invalid("denied:bad-path", f"header {path!r} is compiled input, not source")
+    directories = {cwd, *_ancestors(cwd), *(d for f in files for d in _ancestors(f))}
+    clash = next((f for f in files if f in directories), None)
+    if clash is not None or len(set(files)) != len(files):
+        raise Invalid("denied:bad-path", f"{clash or 'a header'!r} is both a file and a directory of the job, or sent twice")
+    return ValidJob(job, language, mode, source_mount, preprocessing)

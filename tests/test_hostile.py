@@ -1,0 +1,305 @@
+"""Attacks by an authenticated committer with a hand-written client (tests/hostile.py).
+
+Each test sends what our own client never would and asserts the job is
+refused or compiled with exactly what the policy allows, that nothing of
+the server's secrets comes back, and that each job has exactly one audit
+record.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import IDENTITIES
+from hostile import Hostile
+from securecc import protocol as wire
+from securecc import sandbox
+from securecc.audit import load_public_key, verify
+
+
+@pytest.fixture
+def as_alice(realm, monkeypatch, tmp_path):
+    for key, value in realm.user_env("alice", tmp_path).items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def attack(as_alice, own_server):
+    """A fresh server and a hostile connection to it as alice, the committer."""
+    s = own_server()
+    client = Hostile(s.port)
+    yield s, client
+    client.close()
+
+
+def one_record(s, reply: wire.Message) -> dict:
+    """The single job record of ``reply``'s job (the log is written before the reply is sent)."""
+    job_id = getattr(reply, "job_id", "")
+    records = s.jobs(job_id=job_id)
+    assert job_id and len(records) == 1, (reply, records)
+    return records[0]
+
+
+def secrets_of(realm) -> list[bytes]:
+    return [(realm.dir / "service.keytab").read_bytes()[:64], (realm.dir / "audit.key").read_bytes()[-32:]]
+
+
+def test_response_file_source_path_cannot_run_a_wrapper(realm, attack, workdir):
+    """The finding: a source path '@file' made gcc read a header as options (-wrapper), whose
+    command linked /job/output to the keytab for the root server to send back.  Refused now."""
+    s, client = attack
+    keytab = realm.dir / "service.keytab"
+    header = str(workdir / "resp")
+    options = f"-wrapper /bin/sh,-c,ln\\ -sf\\ {keytab}\\ /job/output".encode()
+    for source_path in ("@" + header, "@resp", "-wrapper", "./@resp"):
+        reply = client.job(language="c-source", cwd=str(workdir), source_path=source_path, include_paths=[header],
+                           includes=[options], compiler_identity=IDENTITIES["gcc"])  # fmt: skip
+        assert isinstance(reply, wire.Refused) and reply.reason == "denied:bad-path", (source_path, reply)
+        assert one_record(s, reply)["decision"] == "refused"
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"cwd": "relative"}, "denied:bad-path"),
+    ({"cwd": "/src/../etc"}, "denied:bad-path"),
+    ({"cwd": "/usr/include"}, "denied:bad-path"),
+    ({"cwd": "/job"}, "denied:bad-path"),
+    ({"source_path": "a\nb.c"}, "denied:bad-path"),
+    ({"source_path": "a\x1b[2J.c"}, "denied:bad-path"),
+    ({"source_path": "x" * 5000}, "denied:bad-path"),
+    ({"source_path": "../../proc/self/environ"}, "denied:bad-path"),
+    ({"source_path": "."}, "denied:bad-path"),
+    ({"language": "assembler"}, "denied:argument-refused"),
+    ({"mode": "-E"}, "denied:argument-refused"),
+    ({"args": ["-fplugin=/tmp/evil.so"]}, "denied:argument-refused"),
+    ({"args": ["-B/tmp"]}, "denied:argument-refused"),
+    ({"environment": {"LD_PRELOAD": "/tmp/evil.so"}}, "denied:argument-refused"),
+    ({"compiler": "../../bin/sh"}, "denied:compiler-not-offered"),
+    ({"compiler": "sh"}, "denied:compiler-not-offered"),
+])  # fmt: skip
+def test_fields_outside_their_grammar_are_refused_and_recorded(attack, fields, reason):
+    s, client = attack
+    reply = client.job(**{"compiler_identity": IDENTITIES["gcc"], **fields})
+    assert isinstance(reply, wire.Refused) and reply.reason == reason, reply
+    assert one_record(s, reply)["reason"] == reason
+
+
+@pytest.mark.parametrize("path", ["/usr/include/stdio.h", "/src/a.c", "/src", "/", "/src/x.gch", "/etc/passwd",
+                                  "/src/a.c/inner.h", "-I/tmp", "@/src/r"])  # fmt: skip
+def test_headers_cannot_overlay_the_system_the_source_or_be_compiled_input(attack, path):
+    s, client = attack
+    reply = client.job(language="c-source", include_paths=[path], includes=[b"int y;\n"], compiler_identity=IDENTITIES["gcc"])
+    assert isinstance(reply, wire.Refused) and reply.reason == "denied:bad-path", reply
+    one_record(s, reply)
+
+
+def test_non_utf8_names_compile_and_are_recorded(realm, attack):
+    """A cwd of bytes b'/tmp/\\xffsrc' arrives surrogate-escaped: compiled, audited once, the log verifies."""
+    s, client = attack
+    reply = client.job(cwd="/tmp/\udcffsrc", source_path="\udcfe.c", compiler_identity=IDENTITIES["gcc"])
+    assert isinstance(reply, wire.Result) and reply.exit_status == 0, reply
+    record = one_record(s, reply)
+    assert record["cwd"] == "/tmp/\udcffsrc" and record["decision"] == "allowed"
+    assert verify([s.audit_path], load_public_key(realm.dir / "audit.key.pub")).ok
+
+
+def test_a_zstd_bomb_is_dropped_off_the_reactor_and_others_are_served(attack, as_alice):
+    """256 MiB of zeros in a 10 KiB frame: the bomber's connection is dropped; another client's job runs."""
+    s, client = attack
+    bomb = wire.encode_message(wire.Job("gcc", [], "cpp-output", "-c", "/src", "a.c", bytes(300 << 20)))
+    client.send(bomb, compressed=True)
+    other = Hostile(s.port)
+    try:
+        reply = other.job(compiler_identity=IDENTITIES["gcc"])
+        assert isinstance(reply, wire.Result) and reply.exit_status == 0
+    finally:
+        other.close()
+    with pytest.raises((ConnectionError, OSError)):
+        for _ in range(3):
+            client.reply()
+    assert s.alive()
+
+
+def test_status_names_nobody_to_a_refused_principal(realm, own_server, monkeypatch, tmp_path, workdir):
+    """bob may not compile: status tells him counts, not alice's sources, ids or name."""
+    import json
+
+    s = own_server()
+    for key, value in realm.user_env("bob", tmp_path).items():
+        monkeypatch.setenv(key, value)
+    bob = Hostile(s.port)
+    bob.send(wire.encode_message(wire.StatusRequest()))
+    status = json.loads(bob.reply().json)  # type: ignore[union-attr]
+    bob.close()
+    assert "running" in status
+    for job in status["running"]:
+        assert job["source"] == "(admins only)" and job["job_id"] == "" and job["principal"] == "(admins only)"
+
+
+def test_unauthenticated_connections_are_capped_per_source(as_alice, own_server):
+    """Beyond the per-source cap, a new unauthenticated connection is closed at once; once they go,
+    a real client authenticates again."""
+    from securecc.server import PREAUTH_PER_SOURCE
+
+    s = own_server()
+    idle = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(PREAUTH_PER_SOURCE + 8)]
+    time.sleep(1)
+    open_ = 0
+    for sock in idle:
+        sock.setblocking(False)
+        try:
+            assert sock.recv(1) == b""  # closed without a word
+        except BlockingIOError:
+            open_ += 1
+        except ConnectionResetError:
+            pass
+    assert open_ <= PREAUTH_PER_SOURCE
+    for sock in idle:
+        sock.close()
+    time.sleep(0.5)
+    client = Hostile(s.port)
+    reply = client.job(compiler_identity=IDENTITIES["gcc"])
+    client.close()
+    assert isinstance(reply, wire.Result)
+
+
+def test_a_handshake_frame_larger_than_a_token_is_refused_before_buffering(own_server):
+    s = own_server()
+    sock = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+    sock.sendall(wire.hello() + (wire.MAX_HANDSHAKE_FRAME + 1).to_bytes(4, "big") + bytes([wire.Kind.TOKEN]))
+    try:
+        assert sock.recv(64) == wire.hello()  # the server's hello, then nothing: dropped
+        assert sock.recv(1) == b""
+    except ConnectionResetError:
+        pass
+    sock.close()
+
+
+# --- the sandbox itself, attacked from inside --------------------------------
+
+
+def sandboxed_shell(tmp_path: Path, script: str, file_size: int = 1 << 20) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run ``script`` where a compiler would run, as the job handler would (its uid: 65534 when root)."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o700)
+    as_handler = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"] if os.geteuid() == 0 else []
+    if as_handler:
+        os.chmod(tmp_path, 0o755)
+        os.chown(scratch, 65534, 65534)
+    code = (
+        "import sys; from pathlib import Path; from securecc import sandbox;"
+        "d = sandbox.make_job_dir(Path(sys.argv[1]), 'j', {'input': b''}); print(d)"
+    )
+    job_dir = Path(subprocess.run([*as_handler, os.sys.executable, "-I", "-c", code, scratch], check=True,
+                                  capture_output=True, text=True).stdout.strip())  # fmt: skip
+    limits = sandbox.Limits(file_size=file_size)
+    spec = sandbox.Spec("/bin/sh", ["-c", script], job_dir, "/tmp/w", "a.c", {})
+    argv = sandbox.command(spec, sandbox.Settings(limits, 65534 if as_handler else None, 65534 if as_handler else None))
+    done = subprocess.run([*as_handler, *argv], capture_output=True, timeout=60, cwd=job_dir)
+    return done, job_dir
+
+
+def test_the_output_cannot_become_a_link_and_nothing_else_is_writable(workdir):
+    script = ("set +e; ln -sf /etc/shadow /job/output; rm -f /job/output; mv /job/output /job/o2; touch /job/new /tmp/new ./new /new;"
+              "mkfifo /tmp/f; echo compiled > /job/output; ls -la /job >&2")  # fmt: skip
+    done, job_dir = sandboxed_shell(workdir, script)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in job_dir.iterdir()) == ["input", "output"]
+    output = job_dir / "output"
+    assert not output.is_symlink() and output.read_bytes() == b"compiled\n"
+    assert done.stderr.count(b"Read-only file system") >= 5
+
+
+def test_the_output_is_bounded_by_the_file_size_limit(workdir):
+    done, job_dir = sandboxed_shell(workdir, "set +e; head -c 3000000 /dev/zero > /job/output", file_size=1 << 20)
+    assert done.returncode != 0
+    assert os.stat(job_dir / "output").st_size <= 1 << 20
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory", "hardlink", "oversize"])
+def test_reading_the_output_follows_nothing_and_takes_only_a_plain_file(tmp_path, kind):
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"KEYTAB")
+    output = job_dir / "output"
+    if kind == "symlink":
+        output.symlink_to(secret)
+    elif kind == "fifo":
+        os.mkfifo(output)
+    elif kind == "directory":
+        output.mkdir()
+    elif kind == "hardlink":
+        os.link(secret, output)
+    else:
+        output.write_bytes(b"x" * 101)
+    with pytest.raises(sandbox.OutputError):
+        sandbox.read_output(job_dir, 100)
+
+
+# --- property-based: any job the boundary accepts runs with exactly the policy's argv ---------
+
+_names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)) | st.sampled_from("\udcff\udc80@-./\x00\n\x1b"),
+                 max_size=40)  # fmt: skip
+_paths = st.one_of(_names, st.lists(_names, max_size=5).map(lambda parts: "/" + "/".join(parts)))
+_jobs = st.builds(
+    wire.Job,
+    compiler=st.sampled_from(["gcc", "g++", "sh", "../gcc", ""]) | _names,
+    args=st.lists(st.sampled_from(["-O2", "-g", "-c", "-o", "-I/x", "-DX=1", "@f", "-wrapper", "-B/x"]) | _names, max_size=6),
+    language=st.sampled_from(["c", "cpp-output", "c-source", "c++-source", "assembler", ""]) | _names,
+    mode=st.sampled_from(["-c", "-S", "-E", ""]),
+    cwd=_paths, source_path=_paths, source=st.just(b"int x;\n"), original=st.just(b""),
+    environment=st.dictionaries(st.sampled_from(["LC_ALL", "SOURCE_DATE_EPOCH", "LD_PRELOAD", "PATH"]), _names, max_size=2),
+    include_paths=st.lists(_paths, max_size=3), includes=st.just([]),
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_jobs)
+def test_the_boundary_admits_only_jobs_whose_argv_the_policy_allows(job):
+    from securecc import args as argpolicy
+    from securecc import jobspec
+
+    job = wire.Job(**{**job.__dict__, "includes": [b""] * len(job.include_paths)})
+    try:
+        valid = jobspec.validate(job, ("/opt/cross",))
+    except jobspec.Invalid as e:
+        assert e.reason.startswith("denied:")
+        return
+    assert argpolicy.refused_argument(valid.args, valid.preprocessing) is None
+    assert not valid.source_path.startswith(("-", "@"))
+    for path in (valid.cwd, valid.source_mount, *valid.include_paths):
+        assert path.startswith("/") and not any(c in path for c in "\0\n\r\x1b")
+        assert not path.startswith(("/usr/", "/job", "/proc", "/etc", "/opt/cross"))
+    spec = sandbox.Spec("/usr/bin/gcc", [*argpolicy.COMPILE_LANGUAGE[valid.language.value], *valid.args, valid.mode.value],
+                        Path("/scratch/j"), valid.cwd, valid.source_path, valid.environment, preprocessed=not valid.preprocessing)  # fmt: skip
+    argv = sandbox.command(spec, sandbox.Settings(sandbox.Limits(), None, None))
+    compiler_args = argv[argv.index("/usr/bin/gcc") + 1 :]
+    client_strings = set(valid.args) | {valid.source_path}
+    for arg in compiler_args:  # every compiler argument is ours, a vetted option, or the source path
+        assert arg in client_strings or arg in {"-pipe", "-x", "-o", "/job/output", "/job/input", "-c", "-S",
+                                                "-fdirectives-only", *argpolicy.LANGUAGES} or \
+            arg == f"-fdebug-prefix-map=/job/input={valid.source_path}", arg  # fmt: skip
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+@given(job=_jobs)
+def test_the_real_server_answers_every_crafted_job_and_records_it_once(as_alice, server, job):
+    client = Hostile(server.port)
+    try:
+        includes = [b"int h;\n"] * len(job.include_paths)
+        reply = client.job(blobs=(job.source, job.original), includes=includes, **{
+            k: getattr(job, k) for k in ("compiler", "args", "language", "mode", "cwd", "source_path", "environment",
+                                         "include_paths")}, compiler_identity=IDENTITIES["gcc"])  # fmt: skip
+    finally:
+        client.close()
+    assert isinstance(reply, (wire.Refused, wire.Result)), reply
+    assert len(server.jobs(job_id=reply.job_id)) == 1
+    assert server.alive()
