@@ -84,10 +84,11 @@ class ServerConfig:
     idle_timeout: float = 60.0
     heartbeat: float = 5.0  # seconds between Alive messages while a job runs
     max_input: int = 128 << 20
+    run_as: tuple[int, int] | None = None  # (uid, gid) the front drops to after its root steps; None: stay
 
 
 _TOP = {"listen", "principal", "keytab", "acl", "audit", "ldap", "compilers", "sandbox", "limits", "timeouts", "slots",
-        "cache", "distcc", "monitor"}
+        "cache", "distcc", "monitor", "run_as"}
 _CACHE = {"path", "max_bytes"}
 _DISTCC = {"listen", "principal", "cleartext"}
 _MONITOR = {"listen", "principal", "scrape"}
@@ -127,10 +128,37 @@ def _compiler(name: object, value: object, default_timeout: float, where: str) -
         raise ConfigError(f"{where}: compiler '{name}': {path!r} is not an executable absolute path")
     if root is not None and not (isinstance(root, str) and os.path.isabs(root) and path.startswith(root.rstrip("/") + "/")):
         raise ConfigError(f"{where}: compiler '{name}': root must be an absolute directory holding {path}")
+    if root is not None:
+        why = _unsafe_root(root)
+        if why:
+            raise ConfigError(f"{where}: compiler '{name}': root {root} {why}; give the toolchain's own directory")
     if root is None and not path.startswith("/usr/"):
         raise ConfigError(f"{where}: compiler '{name}': {path} is outside /usr; give the directory to bind as 'root'")
     timeout = _typed(value.get("timeout", default_timeout), (int, float), where, f"compilers.{name}.timeout")
     return Compiler(path, float(timeout), root)
+
+
+# Directories a compiler root may not be, nor contain: the sandbox would see the host's own tree.
+_SYSTEM_TREES = ("/", "/etc", "/home", "/root", "/var", "/srv", "/run", "/proc", "/sys", "/dev", "/tmp", "/boot", "/opt", "/usr")
+
+
+def _unsafe_root(root: str) -> str | None:
+    """Why ``root`` cannot be bound read-only into every sandbox, or None."""
+    if os.path.normpath(root) != root or root in _SYSTEM_TREES:
+        return "is not a normalized toolchain directory of its own"
+    if os.path.realpath(root) != root or not os.path.isdir(root):
+        return "is not a directory (or is reached through a link)"
+    st = os.stat(root)
+    if st.st_mode & 0o002 or st.st_uid not in (0, os.geteuid()):
+        return "is writable by others than root"
+    return None
+
+
+def _contains_secrets(root: str, config: "ServerConfig") -> Path | None:
+    """A secret of the server's (keytab, keys, config, ACL, audit log, scratch, cache) under ``root``."""
+    paths = [Path(config.keytab), config.audit.key, config.audit.path, config.acl, config.scratch,
+             *([config.cache.path] if config.cache else [])]  # fmt: skip
+    return next((p for p in paths if str(p).startswith(root.rstrip("/") + "/")), None)
 
 
 def load_config(path: Path) -> ServerConfig:
@@ -233,7 +261,13 @@ def load_config(path: Path) -> ServerConfig:
     # RLIMIT_NPROC counts every process of the sandbox uid, so it caps all jobs together: 16 per slot
     # (a gcc job runs ~5), else a full server's compiles fail to fork instead of being turned away.
     defaults = replace(Limits(), processes=max(Limits().processes, 16 * slots))
-    return ServerConfig(
+    run_as = None
+    if data.get("run_as") is not None:
+        run_as = _account(_typed(data["run_as"], str, where, "run_as"), where)
+        if run_as[0] in (0, uid):
+            raise ConfigError(f"{where}: 'run_as' must be a user of its own, neither root nor the sandbox uid")
+    config = ServerConfig(
+        run_as=run_as if root else None,
         listen_host=host,
         listen_port=int(port),
         principal=_typed(data["principal"], str, where, "principal"),
@@ -273,3 +307,19 @@ def load_config(path: Path) -> ServerConfig:
         idle_timeout=float(_typed(timeouts.get("idle", 60), (int, float), where, "timeouts.idle")),
         max_input=_typed(limits.get("max_input", 128 << 20), int, where, "limits.max_input"),
     )
+    for name, compiler in compilers.items():
+        secret = _contains_secrets(compiler.root, config) if compiler.root else None
+        if secret:
+            raise ConfigError(f"{where}: compiler '{name}': root {compiler.root} holds {secret}; every sandbox would see it")
+    return config
+
+
+def _account(name: str, where: str) -> tuple[int, int]:
+    """A user's uid and gid, by name."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(f"{where}: 'run_as': no user {name!r} (create it: adduser --system {name})") from None
+    return entry.pw_uid, entry.pw_gid

@@ -745,6 +745,37 @@ class ServiceFactory(protocol.Factory):
             self.gate.release(source)
 
 
+def _bind(config: ServerConfig) -> dict[str, socket.socket]:
+    """Every listening socket, bound before the privilege drop (a port below 1024 needs root)."""
+    wanted = {"jobs": (config.listen_host, config.listen_port)}
+    if config.monitor:
+        wanted["monitor"] = (config.monitor.host, config.monitor.port)
+    if config.distcc:
+        wanted["distcc"] = (config.distcc.host, config.distcc.port)
+    bound = {}
+    for name, (host, port) in wanted.items():
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+        bound[name] = sock
+    return bound
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Become ``uid``/``gid`` for good (real, effective and saved ids; no supplementary groups)."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    if os.getresuid() != (uid, uid, uid):
+        raise OSError("the privilege drop did not hold")
+
+
 def start_handler(config: ServerConfig, reactor) -> HandlerLink:  # type: ignore[no-untyped-def]
     """The job handler, started before any secret is loaded; its ``ready`` fires after its sandbox self-test.
 
@@ -811,30 +842,39 @@ def main(argv: list[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     try:
         config = load_config(options.config)
-        handler = start_handler(config, reactor)
+        handler = start_handler(config, reactor)  # root step 1: the job handler gets its own uid
+        listeners = _bind(config)  # root step 2: ports, maybe below 1024
+        if config.run_as:
+            drop_privileges(*config.run_as)  # then never root again; the secrets are read after this
     except (ConfigError, OSError) as e:
         sys.exit(f"securecc-server: {e}")
     failed: list[str] = []
-    reactor.callWhenRunning(_serve, config, reactor, handler, failed)
+    reactor.callWhenRunning(_serve, config, reactor, handler, listeners, failed)
     reactor.run()
     if failed:
         sys.exit(f"securecc-server: {failed[0]}")
 
 
 @defer.inlineCallbacks
-def _serve(config: ServerConfig, reactor, handler: HandlerLink, failed: list[str]):  # type: ignore[no-untyped-def]
+def _serve(config: ServerConfig, reactor, handler: HandlerLink, listeners: dict[str, socket.socket], failed: list[str]):  # type: ignore[no-untyped-def]
     """Once the handler is ready: load the secrets, listen, record the start."""
+
+    def adopt(name: str, factory: protocol.Factory):  # type: ignore[no-untyped-def]
+        sock = listeners.pop(name)
+        port = reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
+        sock.close()
+        return port
+
     try:
         yield handler.ready
         factory, pool = build(config, reactor, handler)
-        port = reactor.listenTCP(config.listen_port, factory, backlog=LISTEN_BACKLOG, interface=config.listen_host)
+        port = adopt("jobs", factory)
         if config.monitor:
             monitor_site = monitor.site(factory.service, Acceptor(config.monitor.principal, config.keytab),
                                         config.monitor.scrapers)  # fmt: skip
-            reactor.listenTCP(config.monitor.port, monitor_site, interface=config.monitor.host)
+            adopt("monitor", monitor_site)
         if config.distcc:
-            distcc_factory = ServiceFactory(DistccProtocol, factory.service, Acceptor(config.distcc.principal, config.keytab))
-            reactor.listenTCP(config.distcc.port, distcc_factory, backlog=LISTEN_BACKLOG, interface=config.distcc.host)
+            adopt("distcc", ServiceFactory(DistccProtocol, factory.service, Acceptor(config.distcc.principal, config.keytab)))
             Logger().warn("distcc listener on {host}:{port} as {principal}: jobs from stock clients travel in the CLEAR "
                           "and can be changed on the way", host=config.distcc.host, port=config.distcc.port,
                           principal=config.distcc.principal)  # fmt: skip

@@ -101,6 +101,7 @@ def test_job_through_the_real_reactor(realm, config, monkeypatch, workdir):
         yield port.stopListening()
         pool.stop()
         factory.service.hash_pool.stop()
+        handler.on_gone = lambda: None  # the server would stop its reactor: this one is pytest's
         handler.transport.loseConnection()
     assert isinstance(reply, wire.Result) and reply.exit_status == 0
     assert reply.output and reply.output.startswith(b"\x7fELF")
