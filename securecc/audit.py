@@ -1,7 +1,8 @@
 """The job log: one hash-chained JSON line per job attempt and per server event.
 
 Format version 1 (the ``v`` field).  Every line is the canonical JSON of one
-record (keys sorted, no spaces, UTF-8), so its bytes are its identity:
+record (keys sorted, no spaces, UTF-8; see :func:`canonical` for names that
+are not UTF-8), so its bytes are its identity:
 
 - ``v`` format version; ``seq`` position in the chain (0, 1, ... across
   rotated files); ``prev`` sha256 of the previous line's bytes (64 zeros for
@@ -32,14 +33,17 @@ stop; everything before a valid checkpoint is as trustworthy as a signature
 on each.  Records after the last checkpoint are unsigned until the next;
 ``securecc-audit verify`` says how many.  A log cut exactly after one of its
 checkpoints still verifies: only a copy of a later checkpoint kept elsewhere
-(``syslog``) shows that, so forward them off the box.
+(``syslog``) shows that, so forward them off the box.  A log's head cannot be
+cut the same way: a chain starts at seq 0 or, once older files are rotated
+away, at the ``rotation`` record that opens each newer file (:func:`verify`).
 
 Crash safety: one ``write()`` per line on an O_APPEND descriptor; a short
 write is cut back off.  At start the last line is checked: a torn one
 (no newline) is terminated, never glued to the next record, and the
 server-start record names it (``torn_line``) so verify can tell a crash
 from tampering.  Rotation by size keeps the chain: the old file ends with a
-checkpoint, the new one starts with a ``rotation`` record chained to it.
+checkpoint, the new one starts with a ``rotation`` record chained to it —
+also when the server died between the rename and that record.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -67,7 +72,30 @@ class AuditError(Exception):
 
 
 def canonical(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """A record's bytes: keys sorted, no spaces, UTF-8 as is (so lines written before keep their bytes).
+
+    A name that is not UTF-8 arrives as a str with surrogate escapes (b'\\xff' is '\\udcff'), which UTF-8
+    cannot carry: such lone surrogates become JSON escapes ("\\udcff"), which read back as the same str.  A
+    surrogate pair is the character it encodes, as JSON reads it.  A bytes value is recorded as that same str
+    (surrogateescape).  Raises TypeError or ValueError for what JSON cannot take (sets, objects, cycles).
+    """
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_fsdecode)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        pass
+    plain = json.loads(json.dumps(record, default=_fsdecode))  # pairs joined, as a reader will see them
+    text = json.dumps(plain, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode()
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _fsdecode(value: object) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def line_hash(line: bytes) -> str:
@@ -157,8 +185,10 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._seq, self._head = 0, GENESIS
         last, torn, count = _last_line(self.path)
-        if last is None and not torn:
+        continues_rotated = last is None and not torn
+        if continues_rotated:
             last = self._newest_rotated_line()
+            continues_rotated = last is not None
         if last is not None:
             try:
                 seq = json.loads(last)["seq"]
@@ -178,6 +208,9 @@ class AuditLog:
         self._unsigned = 0
         self._last_checkpoint = time.monotonic()
         self._lost = 0
+        if continues_rotated:  # died between rename and rotation record, or moved away by hand: verify needs the record
+            self._append({"event": "rotation"})
+            self._unsigned += 1
 
     def _newest_rotated_line(self) -> bytes | None:
         rotated = sorted(self.path.parent.glob(self.path.name + ".*"))
@@ -194,7 +227,7 @@ class AuditLog:
             self._unsigned += 1
 
     def write(self, **fields: Any) -> None:
-        """Append one record (raises AuditError if it cannot be written)."""
+        """Append one record; raises AuditError, and only that, if it cannot be written or has a value JSON cannot take."""
         self.recover()
         self._append(fields)
         self._unsigned += 1
@@ -205,9 +238,12 @@ class AuditLog:
 
     def _append(self, fields: dict[str, Any], sign: bool = False) -> bytes:
         record = {"v": VERSION, "seq": self._seq, "prev": self._head, "time": now_rfc3339(), "server": self.server, **fields}
-        if sign:
-            record["sig"] = base64.b64encode(self.key.sign(canonical(record))).decode()
-        line = canonical(record)
+        try:
+            if sign:
+                record["sig"] = base64.b64encode(self.key.sign(canonical(record))).decode()
+            line = canonical(record)
+        except (TypeError, ValueError, RecursionError) as e:  # this record only: the log stays healthy
+            raise AuditError(f"cannot record this {fields.get('event', 'event')}: {e}") from None
         try:
             written = os.write(self._fd, line + b"\n")
             if written != len(line) + 1:
@@ -344,7 +380,7 @@ class Report:
 
 
 def verify(paths: list[Path], public_keys: Ed25519PublicKey | list[Ed25519PublicKey], live: bool = False) -> Report:
-    """Check the chain, the order and every checkpoint's signature; stop at the first problem.
+    """Check the chain, the order, where it starts and every checkpoint's signature; stop at the first problem.
 
     ``public_keys``: the server's key, or all its keys when the log spans a
     key rotation (each checkpoint names the key that signed it).
@@ -352,6 +388,25 @@ def verify(paths: list[Path], public_keys: Ed25519PublicKey | list[Ed25519Public
     ``live``: the log is being written, so records after the last checkpoint
     are expected (otherwise a log must end with a checkpoint: one that does
     not was cut, or its server crashed — then the next start says so).
+
+    The start: the first record must be seq 0 (chained to the genesis hash)
+    or a ``rotation`` record, which the server writes only as the first line
+    of a file continuing a rotated one; the older files may have been
+    retired.  Its hash is covered by the next checkpoint, so it cannot be
+    forged.  A start anywhere else is a head removed, even at a checkpoint:
+    a signature vouches for the records before it, not that there were none.
+
+    What this cannot detect, since no signature covers what is missing:
+
+    - a cut that leaves the log ending with a checkpoint: the records after
+      any checkpoint, or whole newest files (a rotated file ends with one);
+      a cut that leaves unsigned records after it fails, except in ``live``,
+      where any cut of the unsigned tail passes (``unsigned_tail`` counts it);
+    - whole oldest rotated files removed: that is retention; ``first_seq``
+      says where the chain starts;
+    - every file removed or emptied: no records, nothing to check.
+
+    Only a copy of a later checkpoint kept off the box (:func:`forwarder`) shows the first two.
     """
     keys = {key_id(k): k for k in (public_keys if isinstance(public_keys, list) else [public_keys])}
     report = Report(files=len(paths))
@@ -370,6 +425,9 @@ def verify(paths: list[Path], public_keys: Ed25519PublicKey | list[Ed25519Public
         except KeyError as e:
             report.problem = f"{line.where}: not a securecc record (no {e.args[0]})"
             return report
+        if type(seq) is not int:
+            report.problem = f"{line.where}: not a securecc record (seq is not a number)"
+            return report
         if canonical(record) != line.raw:
             report.problem = f"{line.where}: edited (the line is not its record's canonical form)"
             return report
@@ -383,6 +441,10 @@ def verify(paths: list[Path], public_keys: Ed25519PublicKey | list[Ed25519Public
             report.first_seq = seq
             if seq == 0 and link != GENESIS:
                 report.problem = f"{line.where}: the first record does not start a chain"
+                return report
+            if seq != 0 and event != "rotation":
+                report.problem = (f"{line.where}: the log starts at seq {seq}, not at 0 or at a rotation record "
+                                  "(the first line of a rotated file): its head was removed")  # fmt: skip
                 return report
         else:
             assert prev.record is not None
@@ -399,13 +461,13 @@ def verify(paths: list[Path], public_keys: Ed25519PublicKey | list[Ed25519Public
                 return report
         if event == "checkpoint":
             unsigned = {k: v for k, v in record.items() if k != "sig"}
-            public_key = keys.get(record.get("key", ""))
+            public_key = keys.get(record["key"]) if isinstance(record.get("key"), str) else None
             if public_key is None:
                 report.problem = f"{line.where}: checkpoint signed by key {record.get('key')}, which was not given"
                 return report
             try:
                 public_key.verify(base64.b64decode(record.get("sig", ""), validate=True), canonical(unsigned))
-            except (InvalidSignature, ValueError):
+            except (InvalidSignature, ValueError, TypeError):
                 report.problem = f"{line.where}: checkpoint signature invalid (forged, or signed by another key)"
                 return report
             report.checkpoints += 1

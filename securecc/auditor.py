@@ -4,6 +4,9 @@
   securecc-audit show LOG... [filters] [--json]          records as a table (or JSON lines for jq)
   securecc-audit stats LOG... [filters]                  jobs, refusals by reason, top principals, bytes, time
   securecc-audit show --follow LOG                       a live log, as it grows
+
+Names in a record are the client's choice: the table, stats and verify's messages print them through
+:func:`visible`, so a file name cannot move the cursor, erase a row or print a forged one.
 """
 
 from __future__ import annotations
@@ -17,6 +20,20 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from securecc.audit import load_public_key, records, verify
+
+
+def visible(value: object) -> str:
+    """``str(value)`` with every character a terminal could act on escaped as Python would (``\\x1b``, ``\\r``,
+    ``\\u202e``, ``\\udcff``): C0, DEL, C1, separators, bidi and other format controls, lone surrogates.
+    The backslash too, so an escape printed is never a name's own text."""
+    text = str(value)
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode() for c in text)
+
+
+def _json(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=True)  # ASCII: control characters and surrogates stay JSON escapes
 
 
 def _filters(parser: argparse.ArgumentParser) -> None:
@@ -49,10 +66,24 @@ def _selected(options: argparse.Namespace) -> Iterator[dict[str, Any]]:
 
 
 def _row(r: dict[str, Any]) -> str:
-    status = r.get("ended_by") or ("-" if r.get("exit_status") is None else str(r["exit_status"]))
-    return (f"{r.get('time', ''):24}  {str(r.get('principal', '-')):22}  {r.get('event', ''):6}  "
-            f"{str(r.get('decision', '-')):8}  {str(r.get('reason', '-')):24}  {str(r.get('source', '-')):24}  {status}")  # fmt: skip
+    status = r.get("ended_by") or ("-" if r.get("exit_status") is None else r["exit_status"])
+    return (f"{visible(r.get('time', '')):24}  {visible(r.get('principal', '-')):22}  {visible(r.get('event', '')):6}  "
+            f"{visible(r.get('decision', '-')):8}  {visible(r.get('reason', '-')):24}  "
+            f"{visible(r.get('source', '-')):24}  {visible(status)}")  # fmt: skip
 
+
+VERIFY_LIMITS = """\
+It fails at a record edited, inserted, reordered or deleted, a forged signature, a log whose head was
+removed (it must start at seq 0, or at the rotation record opening a file once older ones are retired),
+and, without --live, a log ending with records after its last checkpoint (cut, or its server died).
+
+It cannot detect, because no signature covers what is missing:
+  - a cut that leaves the log ending with a checkpoint: the records after any checkpoint, or the newest
+    files removed whole (a rotated file ends with one); with --live, any cut of the unsigned tail;
+  - the oldest rotated files removed whole (retention): OK says where the chain starts;
+  - every file removed or emptied.
+A later checkpoint kept off the box (audit.syslog) shows the first two.
+"""
 
 HEADER = f"{'time (UTC)':24}  {'principal':22}  {'event':6}  {'decision':8}  {'reason':24}  {'source':24}  exit"
 
@@ -73,14 +104,15 @@ def _follow(path: Path, options: argparse.Namespace) -> None:
                     record = json.loads(line)
                 except ValueError:
                     continue
-                if _matches(record, options):
-                    print(json.dumps(record) if options.json else _row(record), flush=True)
+                if isinstance(record, dict) and _matches(record, options):
+                    print(_json(record) if options.json else _row(record), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="securecc-audit", description="Verify and query securecc audit logs.")
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("verify", help="check the chain and the signed checkpoints")
+    check = commands.add_parser("verify", help="check the chain and the signed checkpoints", epilog=VERIFY_LIMITS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     check.add_argument("--key", type=Path, required=True, action="append",
                        help="the server's public key (audit.key.pub); repeat for a log spanning a key rotation")
     check.add_argument("--live", action="store_true", help="the log is being written: an unsigned tail is expected")
@@ -96,10 +128,10 @@ def main(argv: list[str] | None = None) -> None:
         if options.command == "verify":
             report = verify(options.logs, [load_public_key(k) for k in options.key], options.live)
             if not report.ok:
-                print(f"securecc-audit: FAILED: {report.problem}")
+                print(f"securecc-audit: FAILED: {visible(report.problem)}")
                 sys.exit(1)
             tail = f", {report.unsigned_tail} record(s) after the last checkpoint" if report.unsigned_tail else ""
-            start = f", chain from seq {report.first_seq}" if report.first_seq else ""
+            start = f", starts at seq {report.first_seq} (the older rotated files not given)" if report.first_seq else ""
             print(f"OK: {report.records} records, {report.checkpoints} signed checkpoints, {report.files} file(s){start}{tail}")
         elif options.command == "show":
             if options.follow:
@@ -107,11 +139,11 @@ def main(argv: list[str] | None = None) -> None:
             if not options.json:
                 print(HEADER)
             for record in _selected(options):
-                print(json.dumps(record) if options.json else _row(record))
+                print(_json(record) if options.json else _row(record))
         else:
             _stats(list(_selected(options)))
     except (OSError, ValueError) as e:
-        sys.exit(f"securecc-audit: {e}")
+        sys.exit(f"securecc-audit: {visible(e)}")
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -126,6 +158,6 @@ def _stats(selected: list[dict[str, Any]]) -> None:
     print(f"bytes in: {sum(r.get('bytes_in', 0) for r in jobs)}  out: {sum(r.get('bytes_out', 0) or 0 for r in jobs)}  "
           f"compile time: {sum(r.get('duration', 0) for r in jobs):.1f} s")  # fmt: skip
     if refused:
-        print("refusals by reason: " + ", ".join(f"{reason} {n}" for reason, n in refused.most_common()))
+        print("refusals by reason: " + ", ".join(f"{visible(reason)} {n}" for reason, n in refused.most_common()))
     if principals:
-        print("top principals: " + ", ".join(f"{p} {n}" for p, n in principals.most_common(10)))
+        print("top principals: " + ", ".join(f"{visible(p)} {n}" for p, n in principals.most_common(10)))

@@ -282,3 +282,199 @@ def test_follow_prints_new_records(tmp_path, keys):
     finally:
         watcher.kill()
         log.close()
+
+
+# --- hostile names in the tools, head cuts, names that are not UTF-8 ----------------------------------------
+
+FORGED = "2026-11-25T10:00:00.000Z  mallory@TEST.REALM      job     allowed   group:committers  ok.c  0"
+HOSTILE = {"principal": "eve\u202e@TEST.REALM", "source": "x.c\x1b[2K\r" + FORGED, "reason": "r\x85\u2028\u2066\x7f",
+           "decision": "refused", "cwd": "/tmp/\x1b]0;title\x07", "detail": "d\x9b31m"}
+
+
+def hostile_log(path: Path, private) -> Path:
+    log = AuditLog(path, private, "build1\r")
+    log.write(event="job", **HOSTILE)
+    log.close()
+    return path
+
+
+def assert_inert(text: str) -> None:
+    """No character a terminal acts on: C0 but newline, DEL, C1, separators, bidi controls, surrogates."""
+    assert all(c == "\n" or (c.isprintable() and c.isascii()) or c.isalnum() for c in text), repr(text)
+
+
+def test_visible_escapes_what_a_terminal_would_act_on():
+    """One function escapes control characters, bidi overrides, separators and lone surrogates, and the backslash."""
+    from securecc.auditor import visible
+
+    assert visible("a.c") == "a.c" and visible("é日本.c") == "é日本.c" and visible(None) == "None"
+    assert visible("\x1b[2K\r\n\t\x00\x7f\x85\x9b") == r"\x1b[2K\r\n\t\x00\x7f\x85\x9b"
+    assert visible("\u2028\u2029\u202a\u202e\u2066\u2069\u200b\ufeff") == r"\u2028\u2029\u202a\u202e\u2066\u2069\u200b\ufeff"
+    assert visible("\udcff/\\x1b") == r"\udcff/\\x1b"  # a literal backslash cannot pass for an escape
+
+
+def test_show_and_stats_escape_hostile_names(tmp_path, keys):
+    """ESC, CR, C1 and bidi controls in client-chosen names are printed escaped: no erased or forged row."""
+    private, _, _ = keys
+    path = hostile_log(tmp_path / "a.jsonl", private)
+    shown = run_tool("securecc-audit", "show", "--all", str(path))
+    assert shown.returncode == 0, shown.stderr
+    assert_inert(shown.stdout)
+    assert r"x.c\x1b[2K\r2026-11-25" in shown.stdout and r"eve\u202e@TEST.REALM" in shown.stdout
+    assert r"r\x85\u2028\u2066\x7f" in shown.stdout
+    assert len(shown.stdout.splitlines()) == 1 + 2  # the header, the job, the checkpoint: no forged row
+    stats = run_tool("securecc-audit", "stats", str(path))
+    assert stats.returncode == 0 and r"eve\u202e@TEST.REALM 1" in stats.stdout and r"r\x85\u2028" in stats.stdout
+    assert_inert(stats.stdout)
+    as_json = run_tool("securecc-audit", "show", "--json", str(path))
+    assert as_json.stdout.isascii() and as_json.stdout.count("\n") == 1
+    assert {k: json.loads(as_json.stdout)[k] for k in HOSTILE} == HOSTILE
+
+
+def test_verify_escapes_what_it_quotes_from_the_log(tmp_path, keys):
+    """verify's message quotes a checkpoint's key name: escaped too."""
+    private, _, public_path = keys
+    path = write_log(tmp_path / "a.jsonl", private, records=3)
+    lines = lines_of(path)
+    lines[-1] = reencode(lines[-1], key="k\x1b[2K\rOK: 5 records")
+    path.write_bytes(b"".join(lines))
+    bad = run_tool("securecc-audit", "verify", "--key", str(public_path), str(path))
+    assert bad.returncode == 1 and r"k\x1b[2K\rOK" in bad.stdout
+    assert_inert(bad.stdout)
+
+
+def test_follow_escapes_hostile_names(tmp_path, keys):
+    """show --follow (the table) escapes as show does."""
+    private, _, _ = keys
+    path = tmp_path / "a.jsonl"
+    log = AuditLog(path, private, "build1")
+    watcher = subprocess.Popen([BIN / "securecc-audit", "show", "--follow", str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)
+        log.write(event="job", **HOSTILE)
+        line = watcher.stdout.readline()
+        assert r"x.c\x1b[2K\r2026-11-25" in line
+        assert_inert(line)
+    finally:
+        watcher.kill()
+        log.close()
+
+
+def test_deleted_head_is_found(tmp_path, keys):
+    """A log whose first lines were deleted starts at a later seq: refused, at the file and line where it starts."""
+    private, public, _ = keys
+    path = write_log(tmp_path / "a.jsonl", private, records=100)
+    lines = lines_of(path)
+    path.write_bytes(b"".join(lines[57:]))
+    assert check(path, public) == (f"{path}:1: the log starts at seq 57, not at 0 or at a rotation record "
+                                   "(the first line of a rotated file): its head was removed")  # fmt: skip
+
+
+@pytest.mark.parametrize("start", ["checkpoint", "after-checkpoint", "server-start"])
+def test_head_deleted_down_to_a_checkpoint_or_restart_is_found(tmp_path, keys, start):
+    """A signed checkpoint vouches for what precedes it, not that nothing did: a head cut down to one is refused."""
+    private, public, _ = keys
+    log = AuditLog(tmp_path / "a.jsonl", private, "build1", checkpoint_every=10)
+    for n in range(25):
+        log.write(event="server-start" if n == 12 else "job", job_id=f"j{n}")
+    log.close()
+    lines = lines_of(tmp_path / "a.jsonl")
+    events = [json.loads(line)["event"] for line in lines]
+    first = {"checkpoint": events.index("checkpoint"), "after-checkpoint": events.index("checkpoint") + 1,
+             "server-start": events.index("server-start")}[start]  # fmt: skip
+    (tmp_path / "a.jsonl").write_bytes(b"".join(lines[first:]))
+    assert f"a.jsonl:1: the log starts at seq {first}, not at 0 or at a rotation record" in check(tmp_path / "a.jsonl", public)
+
+
+def test_rotation_set_with_older_files_removed(tmp_path, keys):
+    """Older rotated files removed (retention) verify, from the rotation record that opens the first one present;
+    the head of that file cut is refused; the tool says where the chain starts."""
+    private, _, public_path = keys
+    write_log(tmp_path / "a.jsonl", private, records=200, rotate_bytes=8000)
+    rotated = sorted(tmp_path.glob("a.jsonl.*"))
+    kept = [*rotated[2:], tmp_path / "a.jsonl"]
+    public = load_public_key(public_path)
+    report = verify(kept, public)
+    first = json.loads(lines_of(rotated[2])[0])
+    assert report.ok and first["event"] == "rotation" and report.first_seq == first["seq"] > 0
+    ok = run_tool("securecc-audit", "verify", "--key", str(public_path), *map(str, kept))
+    assert ok.returncode == 0 and f"starts at seq {first['seq']} (the older rotated files not given)" in ok.stdout
+    rotated[2].write_bytes(b"".join(lines_of(rotated[2])[3:]))
+    assert f"{rotated[2]}:1: the log starts at seq {first['seq'] + 3}, not at 0" in verify(kept, public).problem
+
+
+def test_a_file_continuing_a_rotated_one_starts_with_a_rotation_record(tmp_path, keys):
+    """A crash between the rename and the new file's first record (or a file moved away by hand): the new file
+    still opens with a rotation record, so it verifies alone once the older one is gone."""
+    private, public, _ = keys
+    path = write_log(tmp_path / "a.jsonl", private)
+    path.rename(tmp_path / "a.jsonl.20260101T000000.000000Z")
+    write_log(path, private)
+    assert json.loads(lines_of(path)[0])["event"] == "rotation"
+    assert verify([path, tmp_path / "a.jsonl.20260101T000000.000000Z"], public).ok
+    assert verify([path], public).ok
+
+
+def test_cuts_verify_cannot_see(tmp_path, keys):
+    """What the docstring and --help say verify cannot detect, pinned: a cut that ends at a checkpoint
+    (newest files removed included), and in --live any cut of the unsigned tail."""
+    private, public, _ = keys
+    write_log(tmp_path / "a.jsonl", private, records=200, rotate_bytes=8000)
+    files = sorted(tmp_path.glob("a.jsonl*"))
+    assert verify([f for f in files if f.name != "a.jsonl"][:-1], public).ok  # the current and newest rotated files gone
+    path = write_log(tmp_path / "b.jsonl", private, records=30)
+    lines = lines_of(path)
+    checkpoints = [i for i, line in enumerate(lines) if b'"event":"checkpoint"' in line]
+    path.write_bytes(b"".join(lines[: checkpoints[-2] + 1]))  # back to an earlier checkpoint
+    assert verify([path], public).ok
+    path.write_bytes(b"".join(lines[: checkpoints[-2] + 3]))  # two unsigned records after it, one of them cut
+    assert "ends 2 record(s) after its last checkpoint" in check(path, public)
+    assert verify([path], public, live=True).ok and verify([path], public, live=True).unsigned_tail == 2
+    helped = run_tool("securecc-audit", "verify", "--help")
+    assert "cannot detect" in helped.stdout and "rotated files" in helped.stdout
+
+
+def test_names_that_are_not_utf8_are_recorded(tmp_path, keys):
+    """A cwd b'\\xffsrc' (a str with surrogateescape) or bytes is recorded losslessly, verifies, and shows escaped."""
+    from securecc.audit import records
+
+    private, public, _ = keys
+    path = tmp_path / "a.jsonl"
+    log = AuditLog(path, private, "build1")
+    log.write(event="job", principal="alice@TEST.REALM", decision="allowed", cwd="/tmp/\udcffsrc", args=["\udcff"],
+              source="\udcff.c")  # fmt: skip
+    log.write(event="job", principal="alice@TEST.REALM", decision="allowed", cwd=b"/tmp/\xffsrc", args=[b"-I\xfe"])
+    log.write(event="job", decision="allowed", source="\ud83d\ude00.c")  # a pair of surrogates: the character they encode
+    log.close()
+    assert b'"cwd":"/tmp/\\udcffsrc"' in path.read_bytes()
+    report = verify([path], public)
+    assert report.ok and report.records == 3, report.problem
+    first, second, third, _ = records([path])
+    assert (first["cwd"], first["args"], first["source"]) == ("/tmp/\udcffsrc", ["\udcff"], "\udcff.c")
+    assert (second["cwd"], second["args"]) == ("/tmp/\udcffsrc", ["-I\udcfe"])
+    assert third["source"] == "\U0001f600.c"
+    shown = run_tool("securecc-audit", "show", str(path))
+    assert shown.returncode == 0 and r"\udcff.c" in shown.stdout and "\U0001f600.c" in shown.stdout, shown.stderr
+
+
+def test_canonical_form_of_utf8_records_is_unchanged():
+    """Logs written before surrogates were handled keep their bytes, so they still verify."""
+    from securecc.audit import canonical
+
+    record = {"v": 1, "seq": 3, "source": "é日本\U0001f600.c", "args": ["-DX=\"\\\"", "\x1b"], "n": 1.5, "none": None}
+    assert canonical(record) == json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize("value", [{1, 2}, object(), float, [b"ok", object()]])
+def test_a_value_json_cannot_take_is_an_audit_error(tmp_path, keys, value):
+    """Only AuditError leaves write (the server refuses the job); the log stays healthy and valid."""
+    from securecc.audit import AuditError
+
+    private, public, _ = keys
+    log = AuditLog(tmp_path / "a.jsonl", private, "build1")
+    with pytest.raises(AuditError, match="cannot record"):
+        log.write(event="job", detail=value)
+    assert log.healthy
+    log.write(event="job", detail="fine")
+    log.close()
+    assert verify([tmp_path / "a.jsonl"], public).ok
