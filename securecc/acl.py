@@ -11,24 +11,37 @@ machine-readable reason (``allowed:group:committers``,
 (blocking: the server calls it on a bounded thread pool) with positive and
 negative answers cached for separate TTLs; when LDAP cannot answer, an
 answer younger than ``max_stale`` is used, otherwise the job is refused as
-``denied:ldap-unavailable`` (fail closed).
+``denied:ldap-unavailable`` (fail closed).  A principal is an exact,
+case-preserving ``name@REALM`` (:func:`principal_named`); its directory entry
+must name it exactly (:meth:`Directory.identifies`), so ``ALICE@R``,
+``alice/admin@R`` and ``alice@OTHER`` never get alice's groups.
+
+:class:`MembershipLookups` is how the Twisted server asks: one query in
+flight per principal, so one principal's jobs cannot fill the LDAP pool.
+:func:`read_acl_stable` loads acl.yaml only from bytes that were not changing.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import ldap
 import ldap.dn
 import ldap.filter
 import ldap.sasl
 import yaml
+
+if TYPE_CHECKING:  # Twisted is imported only by the server's use (MembershipLookups): lint and check stay light
+    from twisted.internet.defer import Deferred
+    from twisted.python.failure import Failure
 
 # --- acl.yaml -----------------------------------------------------------------
 
@@ -48,8 +61,8 @@ class Rule:
     max_input: int | None = None  # bytes per job
     line: int = 0
 
-    def matches(self, principal: str, name: str, groups: frozenset[str]) -> bool:
-        return self.name in groups if self.kind == "group" else self.name in (principal, name)
+    def matches(self, principal: str, groups: frozenset[str]) -> bool:
+        return self.name in groups if self.kind == "group" else principal_named(self.name, principal)
 
     def describe(self) -> str:
         limits = [f"compilers {', '.join(sorted(self.compilers))}" if self.compilers is not None else "any compiler"]
@@ -67,6 +80,7 @@ class Acl:
     admin_principals: frozenset[str] = frozenset()
     admin_groups: frozenset[str] = frozenset()
     path: str = ""
+    stamp: FileStamp | None = field(default=None, compare=False)  # the file as it was when these bytes were read
 
     @property
     def groups(self) -> frozenset[str]:
@@ -82,22 +96,44 @@ class Decision:
 
 
 def split_principal(principal: str) -> tuple[str, str]:
-    """``alice@TEST.REALM`` → ``("alice", "TEST.REALM")``."""
-    name, _, realm = principal.rpartition("@")
-    return (name, realm) if name else (principal, "")
+    """``alice@TEST.REALM`` → ``("alice", "TEST.REALM")``; no realm → ``(principal, "")``.
+
+    Splits at the last ``@`` that Kerberos did not escape (``a\\@b@R`` is
+    name ``a\\@b`` in realm ``R``), and changes no letter: case is identity.
+    """
+    at = len(principal)
+    while (at := principal.rfind("@", 0, at)) > 0:
+        backslashes = len(principal[:at]) - len(principal[:at].rstrip("\\"))
+        if backslashes % 2 == 0:
+            return principal[:at], principal[at + 1 :]
+    return principal, ""
+
+
+def principal_named(entry: str, principal: str) -> bool:
+    """Whether an acl.yaml principal entry names ``principal``: the one rule for deny, allow and admins.
+
+    Names compare exactly, case and all, as the KDC does: ``alice`` is not
+    ``ALICE`` nor ``alice/admin``.  ``alice@REALM`` names that principal
+    only; a bare ``alice`` names alice in each realm listed under ``realms``
+    (the caller has checked the realm).  That is what a deny entry should
+    do; an allow or admins entry may be bare only while one realm is listed
+    (:func:`parse_acl`), since with two, another realm's admins could create
+    the name and be granted its rights.
+    """
+    realm = split_principal(entry)[1]
+    return entry == principal if realm else entry == split_principal(principal)[0]
 
 
 def decide(acl: Acl, principal: str, groups: frozenset[str], compiler: str, input_size: int = 0) -> Decision:
     """May ``principal`` (a member of ``groups``) run ``compiler`` on ``input_size`` bytes here, and why."""
-    name, realm = split_principal(principal)
-    if realm not in acl.realms:
+    if split_principal(principal)[1] not in acl.realms:
         return Decision(False, "denied:realm-not-accepted")
-    if principal in acl.deny_principals or name in acl.deny_principals:
+    if any(principal_named(entry, principal) for entry in acl.deny_principals):
         return Decision(False, "denied:principal-deny-list")
     denied = sorted(groups & acl.deny_groups)
     if denied:
         return Decision(False, f"denied:group-deny-list:{denied[0]}")
-    matching = [rule for rule in acl.allow if rule.matches(principal, name, groups)]
+    matching = [rule for rule in acl.allow if rule.matches(principal, groups)]
     if not matching:
         return Decision(False, "denied:not-in-group")
     rule = next((r for r in matching if r.compilers is None or compiler in r.compilers), None)
@@ -110,10 +146,9 @@ def decide(acl: Acl, principal: str, groups: frozenset[str], compiler: str, inpu
 
 def is_admin(acl: Acl, principal: str, groups: frozenset[str]) -> bool:
     """Whether ``principal`` may see who compiles what (monitoring)."""
-    name, realm = split_principal(principal)
-    if realm not in acl.realms:
+    if split_principal(principal)[1] not in acl.realms:
         return False
-    return principal in acl.admin_principals or name in acl.admin_principals or bool(groups & acl.admin_groups)
+    return any(principal_named(entry, principal) for entry in acl.admin_principals) or bool(groups & acl.admin_groups)
 
 
 class _Mapping(dict):  # type: ignore[type-arg]
@@ -146,17 +181,86 @@ _WHO = {"groups", "principals"}
 _RULE = {"group", "principal", "compilers", "max_jobs", "max_input"}
 
 
-def load_acl(path: Path) -> Acl:
-    """Parse and validate acl.yaml: unknown keys and wrong types are errors naming the line."""
+@dataclass(frozen=True)
+class FileStamp:
+    """What identifies one version of a file without reading it."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStamp:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class AclUnstable(AclError):
+    """acl.yaml is being written: keep the previous ACL and try again later, quietly (not a broken edit)."""
+
+
+SETTLE = 1.0  # seconds since its last change before a watched acl.yaml is trusted to be whole
+
+
+def file_stamp(path: Path) -> FileStamp | None:
+    """The file's stamp now, None if it cannot be stat'ed; compare with :attr:`Acl.stamp` to see a change."""
+    try:
+        return FileStamp.of(os.stat(path))
+    except OSError:
+        return None
+
+
+def read_acl_stable(path: Path, settle: float = 0.0, now: Callable[[], float] = time.time) -> Acl:
+    """Load acl.yaml only from bytes that were not changing while read.
+
+    An editor that writes in place (truncate, then write, maybe in several
+    calls) leaves moments where the file is a prefix of the edit, and a
+    prefix cut at a line end often parses: the rules without the deny list
+    that followed.  So the file is stat'ed before and after, the open file
+    fstat'ed around the read, and all four must agree (device, inode, size,
+    mtime); the bytes read are the ones parsed, never a second read.
+
+    That cannot see a reader that fell *between* two writes, so with
+    ``settle`` (the server's hot reload uses :data:`SETTLE`) a file last
+    changed less than ``settle`` seconds ago is not trusted yet: writes of
+    one save come microseconds apart, far inside a second, while an admin
+    waits a second for an edit without noticing.  An mtime in the future
+    (clock skew, NFS) cannot be judged and is not held back.  Both refusals
+    are :class:`AclUnstable`; the caller keeps the previous ACL and retries.
+    """
     where = str(path)
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        before = FileStamp.of(os.stat(path))
+        with open(path, "rb") as f:
+            opened = FileStamp.of(os.fstat(f.fileno()))
+            data = f.read()
+            read = FileStamp.of(os.fstat(f.fileno()))
+        after = FileStamp.of(os.stat(path))
+    except OSError as e:
+        raise AclError(f"{where}: {e}") from None
+    if not (before == opened == read == after and len(data) == before.size):
+        raise AclUnstable(f"{where}: changed while being read; keeping the previous ACL")
+    age = now() - before.mtime_ns / 1e9
+    if 0 <= age < settle:
+        raise AclUnstable(f"{where}: changed {age:.2f} s ago, maybe still being written; keeping the previous ACL")
+    return replace(parse_acl(data, where), stamp=before)
+
+
+def load_acl(path: Path) -> Acl:
+    """Parse and validate acl.yaml now (start-up, SIGHUP, lint): :func:`read_acl_stable` without a settle time."""
+    return read_acl_stable(path)
+
+
+def parse_acl(text: bytes | str, where: str) -> Acl:
+    """Parse and validate acl.yaml: unknown keys and wrong types are errors naming the line."""
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
     except AclError as e:
         raise AclError(f"{where}:{str(e).removeprefix('line ')}") from None
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else 0
         raise AclError(f"{where}:{line}: {e.problem}") from None
-    except (OSError, yaml.YAMLError) as e:
+    except yaml.YAMLError as e:
         raise AclError(f"{where}: {e}") from None
     if not isinstance(data, _Mapping):
         raise AclError(f"{where}:1: expected a mapping with keys {', '.join(sorted(_TOP))}")
@@ -185,7 +289,20 @@ def load_acl(path: Path) -> Acl:
         if not isinstance(section, _Mapping):
             raise fail(data, key, f"'{key}' must be a mapping with groups and principals")
         known(section, _WHO, key)
+        for entry in names(section, "principals"):
+            principal(section, "principals", entry, grants=key != "deny")
         return names(section, "principals"), names(section, "groups")
+
+    def principal(mapping: _Mapping, key: str, entry: str, grants: bool) -> None:
+        """An entry that could never match (a realm not listed, mistyped or in the wrong case) is an error,
+        and so is a bare name that grants while several realms are listed (see principal_named)."""
+        name, realm = split_principal(entry)
+        if name.startswith("@") or (entry != name and not realm) or (realm and realm not in realms):
+            raise fail(mapping, key, f"principal '{entry}' must be NAME or NAME@REALM with a realm listed under "
+                                     "'realms' (names and realms are case-sensitive)")  # fmt: skip
+        if grants and not realm and len(realms) > 1:
+            raise fail(mapping, key, f"principal '{entry}' has no realm, and several realms are listed: "
+                                     f"write {entry}@REALM")  # fmt: skip
 
     def number(rule: _Mapping, key: str) -> int | None:
         value = rule.get(key)
@@ -200,6 +317,8 @@ def load_acl(path: Path) -> Acl:
         kinds = [k for k in ("group", "principal") if k in rule]
         if len(kinds) != 1 or not isinstance(rule[kinds[0]], str) or not rule[kinds[0]]:
             raise fail(rule, None, "an allow rule names exactly one group or one principal")
+        if kinds[0] == "principal":
+            principal(rule, "principal", rule["principal"], grants=True)
         compilers = rule.get("compilers")
         if compilers is not None:
             compilers = names(rule, "compilers")
@@ -252,6 +371,18 @@ class LdapConfig:
     positive_ttl: float = 60.0
     negative_ttl: float = 10.0
     max_stale: float = 300.0  # how old a cached answer may be when LDAP is down
+    realm: str = ""  # whose principals an entry's uid names; "": the realm spelled by base's dc= parts
+
+    @property
+    def home_realm(self) -> str:
+        """The one realm whose ``name@REALM`` an entry's bare ``uid`` stands for ("" if none can be told)."""
+        if self.realm:
+            return self.realm
+        try:
+            rdns = ldap.dn.str2dn(self.base)
+        except ldap.DECODING_ERROR:
+            return ""
+        return ".".join(value for rdn in rdns for attr, value, _ in rdn if attr.lower() == "dc").upper()
 
 
 @dataclass
@@ -279,16 +410,25 @@ class Directory:
     def groups_of(self, principal: str) -> frozenset[str]:
         return self.membership(principal).groups
 
-    def membership(self, principal: str) -> Membership:
-        """The principal's groups (cn), from the cache while fresh, else from LDAP."""
-        now = time.monotonic()
+    def fresh(self, principal: str) -> Membership | None:
+        """The cached answer while within its TTL, else None; never blocks, so the reactor may ask."""
         with self._lock:
             cached = self._cache.get(principal)
-        if cached:
-            age, answer = now - cached[0], cached[1]
-            if age < (self.config.positive_ttl if answer.groups else self.config.negative_ttl):
-                return Membership(answer.user_dn, answer.groups, answer.facts, cached=True)
+        if cached is None:
+            return None
+        answer = cached[1]
+        if time.monotonic() - cached[0] >= (self.config.positive_ttl if answer.groups else self.config.negative_ttl):
+            return None
+        return Membership(answer.user_dn, answer.groups, answer.facts, cached=True)
+
+    def membership(self, principal: str) -> Membership:
+        """The principal's groups (cn), from the cache while fresh, else from LDAP."""
+        fresh = self.fresh(principal)
+        if fresh is not None:
+            return fresh
+        now = time.monotonic()
         with self._lock:  # concurrent misses for one principal share one query
+            cached = self._cache.get(principal)
             pending = self._pending.get(principal)
             leader = pending is None
             if pending is None:
@@ -323,20 +463,44 @@ class Directory:
                 errors.append(e)
         raise DirectoryUnavailable(f"LDAP unavailable: {_ldap_message(errors[-1])}")
 
+    def identifies(self, attrs: dict[str, list[bytes]], principal: str) -> bool:
+        """Whether a user entry found by ``user_filter`` is ``principal``'s own, exactly.
+
+        LDAP matched it loosely (``uid`` compares case-insensitively) and on
+        the name alone, so ``ALICE@R`` or ``alice@OTHER`` would find alice's
+        entry.  It is the principal's only if one of its ``krbPrincipalName``
+        values is the whole principal, byte for byte; or, on an entry with no
+        ``krbPrincipalName``, if its ``uid`` is exactly the name, the name is
+        a single component (``alice/admin`` is another principal), and the
+        realm is the directory's own (:attr:`LdapConfig.home_realm`).
+        """
+        name, realm = split_principal(principal)
+        values = {key.lower(): value for key, value in attrs.items()}  # attribute names are case-insensitive
+        if "krbprincipalname" in values:
+            return principal.encode() in values["krbprincipalname"]
+        single = bool(name) and not any(c in name for c in "/\\")
+        return single and realm == self.config.home_realm and name.encode() in values.get("uid", [])
+
     def _lookup(self, conn: ldap.ldapobject.LDAPObject, principal: str) -> Membership:
         cfg, escape = self.config, ldap.filter.escape_filter_chars
-        name = principal.rpartition("@")[0] or principal
+        name = split_principal(principal)[0]
         user_filter = cfg.user_filter.format(user=escape(name), principal=escape(principal))
-        found = [(dn, attrs) for dn, attrs in conn.search_s(cfg.users, ldap.SCOPE_SUBTREE, user_filter, ["uid", "memberOf"]) if dn]
+        wanted = ["uid", "memberOf", "krbPrincipalName"]
+        found = [(dn, attrs) for dn, attrs in conn.search_s(cfg.users, ldap.SCOPE_SUBTREE, user_filter, wanted) if dn]
         if len(found) != 1:
             return Membership(None, frozenset(), [f"{user_filter} under {cfg.users}: {len(found)} entries"])
         user_dn, attrs = found[0]
-        uid = attrs.get("uid", [name.encode()])[0].decode()
+        if not self.identifies(attrs, principal):
+            return Membership(None, frozenset(), [f"{user_filter} under {cfg.users}: {user_dn} is not {principal} "
+                                                  f"(principal-mismatch: krbPrincipalName, else uid in realm "
+                                                  f"{cfg.home_realm or '(none: the base DN has no dc= parts)'}, must match exactly)"])  # fmt: skip
+        uids = attrs.get("uid", [])
+        uid = name if name.encode() in uids else (uids[0].decode() if uids else None)  # for posixGroup memberUid
         facts = [f"user {user_dn}"]
         clauses = []
         if "member" in cfg.membership:
             clauses += [f"(member={escape(user_dn)})", f"(uniqueMember={escape(user_dn)})"]
-        if "memberUid" in cfg.membership:
+        if "memberUid" in cfg.membership and uid:
             clauses.append(f"(memberUid={escape(uid)})")
         groups: dict[str, str] = {}  # dn -> cn
         if clauses:
@@ -394,6 +558,71 @@ class Directory:
             except (ldap.LDAPError, OSError) as e:
                 last = e
         raise last or OSError("no LDAP URIs configured")
+
+
+class MembershipSource(Protocol):
+    """What :class:`MembershipLookups` needs of a :class:`Directory` (tests give it a fake)."""
+
+    def fresh(self, principal: str) -> Membership | None: ...
+
+    def membership(self, principal: str) -> Membership: ...
+
+
+Submit = Callable[[Callable[[], Membership]], "Deferred[Membership]"]
+
+
+class MembershipLookups:
+    """The server's way to ask LDAP: fair to every principal while LDAP is slow.
+
+    Asking :meth:`Directory.membership` on the LDAP thread pool once per job
+    lets one principal's ``make -j64`` occupy every pool thread (each either
+    querying or waiting for the query it joined) while LDAP hangs, and
+    everyone else's jobs queue behind them.  Here, in the reactor thread,
+    lookups for one principal are joined *before* they take a thread: each
+    principal has at most one thread, and every other lookup for it waits
+    for that answer.  A fresh cached answer takes no thread at all.
+    """
+
+    def __init__(self, directory: MembershipSource, submit: Submit) -> None:
+        self._directory = directory
+        self._submit = submit  # runs a blocking call on the pool; its Deferred fires in the reactor thread
+        self._waiting: dict[str, list[Deferred[Membership]]] = {}
+
+    @classmethod
+    def on_pool(cls, directory: MembershipSource, reactor: Any, pool: Any) -> MembershipLookups:
+        """Lookups run on a Twisted ``ThreadPool`` (``reactor`` delivers their answers)."""
+        from twisted.internet import threads
+
+        return cls(directory, lambda call: threads.deferToThreadPool(reactor, pool, call))
+
+    def in_flight(self) -> int:
+        """Principals with a query on the pool now (each holds at most one thread)."""
+        return len(self._waiting)
+
+    def lookup(self, principal: str) -> Deferred[Membership]:
+        """The principal's :class:`Membership`; fails with :class:`DirectoryUnavailable` as the directory does."""
+        from twisted.internet import defer
+
+        fresh = self._directory.fresh(principal)
+        if fresh is not None:
+            return defer.succeed(fresh)
+        answer: Deferred[Membership] = defer.Deferred()
+        waiting = self._waiting.get(principal)
+        if waiting is not None:
+            waiting.append(answer)
+            return answer
+        self._waiting[principal] = [answer]
+        self._submit(functools.partial(self._directory.membership, principal)).addBoth(self._answered, principal)
+        return answer
+
+    def _answered(self, result: Membership | Failure, principal: str) -> None:
+        from twisted.python.failure import Failure
+
+        for waiter in self._waiting.pop(principal):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
 
 
 def _alive(conn: ldap.ldapobject.LDAPObject, timeout: float) -> None:

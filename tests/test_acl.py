@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -11,10 +12,29 @@ import time
 from pathlib import Path
 
 import pytest
+from twisted.internet import defer
+from twisted.python.threadpool import ThreadPool
 
 from conftest import BIN, REPO, free_port, make_job, securecc
 from securecc import protocol as wire
-from securecc.acl import Acl, AclError, Directory, DirectoryUnavailable, LdapConfig, Rule, decide, load_acl
+from securecc.acl import (
+    Acl,
+    AclError,
+    AclUnstable,
+    Directory,
+    DirectoryUnavailable,
+    LdapConfig,
+    Membership,
+    MembershipLookups,
+    Rule,
+    decide,
+    file_stamp,
+    load_acl,
+    parse_acl,
+    principal_named,
+    read_acl_stable,
+    split_principal,
+)
 from securecc.client import Channel
 from securecc.config import ConfigError, load_config
 from securecc.hosts import parse_host
@@ -69,13 +89,43 @@ def test_deciding_rule_carries_its_limits():
     assert decide(ACL, "alice@TEST.REALM", frozenset({"committers"}), "gcc").rule.max_input == 1000
 
 
+@pytest.mark.parametrize(
+    ("entry", "principal", "named"),
+    [
+        ("alice", "alice@TEST.REALM", True),  # a bare name: that name in each accepted realm
+        ("alice", "alice@OTHER.REALM", True),
+        ("alice@TEST.REALM", "alice@TEST.REALM", True),
+        ("alice@TEST.REALM", "alice@OTHER.REALM", False),
+        ("alice", "ALICE@TEST.REALM", False),  # case is identity, as in the KDC
+        ("alice@TEST.REALM", "alice@test.realm", False),
+        ("alice", "alice/admin@TEST.REALM", False),  # another principal, not an alias
+        ("alice/admin", "alice/admin@TEST.REALM", True),
+        ("alice", "alice\\@TEST.REALM@TEST.REALM", False),  # an escaped @ is part of the name
+    ],
+)
+def test_principal_entries_name_exact_principals(entry, principal, named):
+    """Deny, allow and admins entries compare exactly, case and components and realm."""
+    assert principal_named(entry, principal) is named
+
+
+def test_other_spellings_escape_no_deny_and_gain_no_rule():
+    """ALICE is not alice: a deny or allow entry for alice neither blocks nor admits it."""
+    acl = Acl(frozenset({"TEST.REALM"}), (Rule("principal", "alice"),), deny_principals=frozenset({"alice"}))
+    assert decide(acl, "alice@TEST.REALM", frozenset(), "gcc").reason == "denied:principal-deny-list"
+    for other in ("ALICE@TEST.REALM", "alice/admin@TEST.REALM"):
+        assert decide(acl, other, frozenset(), "gcc").reason == "denied:not-in-group"
+    two_realms = parse_acl("realms: [A, B]\ndeny:\n  principals: [alice]\n", "acl.yaml")  # a bare deny denies in both
+    assert decide(two_realms, "alice@B", frozenset(), "gcc").reason == "denied:principal-deny-list"
+    assert split_principal("a\\@b@TEST.REALM") == ("a\\@b", "TEST.REALM") and split_principal("a\\@b") == ("a\\@b", "")
+
+
 def test_shipped_acl_and_config_load():
     """etc/acl.yaml and etc/securecc.yaml are valid and say what their comments say."""
     acl = load_acl(REPO / "etc" / "acl.yaml")
     assert acl.realms == {"EXAMPLE.ORG"} and acl.admin_groups == {"securecc-admins"}
     (rule,) = acl.allow
     assert (rule.kind, rule.name, rule.max_jobs, rule.max_input) == ("group", "committers", 16, 134217728)
-    assert rule.compilers == {"gcc", "cc", "g++", "c++"} and rule.line == 41
+    assert rule.compilers == {"gcc", "cc", "g++", "c++"} and rule.line == 48
     config = load_config(REPO / "etc" / "securecc.yaml")
     assert config.acl == REPO / "etc" / "acl.yaml" and config.listen_port == 3637
     assert config.compilers["gcc"].path == "/usr/bin/gcc" and config.compilers["g++"].timeout == 3600
@@ -98,6 +148,11 @@ def test_shipped_acl_and_config_load():
         ("realms: [A]\nallow: [{group: x}\n", ":3: "),
         ("realms: [A]\nrealms: [B]\n", ":2: 'realms' appears twice"),
         ("realms: [A]\nallow:\n  groups: [committers]\n", ":2: 'allow' must be a list of rules"),
+        ("realms: [A]\ndeny:\n  principals: [alice@a]\n", ":3: principal 'alice@a' must be NAME or NAME@REALM"),
+        ("realms: [A]\nallow:\n  - principal: robot@B\n", ":3: principal 'robot@B' must be NAME"),
+        ("realms: [A]\nadmins:\n  principals: [alice@]\n", ":3: principal 'alice@' must be NAME"),
+        ("realms: [A, B]\nallow:\n  - principal: robot\n", ":3: principal 'robot' has no realm, and several realms"),
+        ("realms: [A, B]\nadmins:\n  principals: [alice]\n", ":3: principal 'alice' has no realm, and several realms"),
     ],
 )
 def test_bad_acl_is_an_error_with_its_line(tmp_path, text, message):
@@ -116,6 +171,94 @@ def test_bad_config_is_an_error(tmp_path):
     path.write_text(text)
     with pytest.raises(ConfigError, match="unknown key 'sandbox.timout'"):
         load_config(path)
+
+
+# --- reading acl.yaml only whole -------------------------------------------------------------
+
+FULL_ACL = "realms: [TEST.REALM]\nallow:\n  - group: committers\ndeny:\n  principals: [mallory]\n"
+HALF_ACL = FULL_ACL[: FULL_ACL.index("deny:")]  # what an in-place save has written so far: it parses, without the deny
+
+
+def write_settled(path: Path, text: str, age: float = 5.0) -> None:
+    """An edit finished ``age`` seconds ago (past the hot reload's settle time)."""
+    path.write_text(text)
+    then = time.time() - age
+    os.utime(path, (then, then))
+
+
+@pytest.mark.parametrize("moment", ["before the open", "during the read", "replaced during the read"])
+def test_acl_changing_while_read_is_not_loaded(tmp_path, monkeypatch, moment):
+    """The rest of a save landing while the file is read: refused as unstable, never the half that was read."""
+    path = tmp_path / "acl.yaml"
+    write_settled(path, HALF_ACL)
+    real_stat, calls = os.stat, []
+
+    def save_the_rest() -> None:
+        if moment == "replaced during the read":
+            (tmp_path / "new").write_text(HALF_ACL)  # the same bytes, atomically renamed over it: a new inode
+            os.replace(tmp_path / "new", path)
+        else:
+            with open(path, "a") as f:
+                f.write(FULL_ACL[len(HALF_ACL) :])
+
+    def stat(target, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(target) == path:
+            calls.append(target)
+            if len(calls) == 2 and moment != "before the open":
+                save_the_rest()
+        result = real_stat(target, *args, **kwargs)
+        if Path(target) == path and len(calls) == 1 and moment == "before the open":
+            save_the_rest()
+        return result
+
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(AclUnstable, match="changed while being read; keeping the previous ACL"):
+        load_acl(path)
+    monkeypatch.undo()
+    assert load_acl(path).deny_principals == ({"mallory"} if moment != "replaced during the read" else frozenset())
+
+
+def test_acl_just_written_waits_to_settle(tmp_path):
+    """A file changed under a second ago may be half a save: the hot reload waits; start-up and SIGHUP do not."""
+    path = tmp_path / "acl.yaml"
+    path.write_text(HALF_ACL)
+    with pytest.raises(AclUnstable, match="maybe still being written; keeping the previous ACL"):
+        read_acl_stable(path, settle=1.0)
+    assert load_acl(path).allow  # no settle time: an admin's explicit load
+    mtime = path.stat().st_mtime_ns / 1e9
+    assert read_acl_stable(path, settle=1.0, now=lambda: mtime + 1.0).allow
+    assert read_acl_stable(path, settle=1.0, now=lambda: mtime - 3600).allow  # an mtime ahead of our clock: not held back
+    acl = read_acl_stable(path, settle=1.0, now=lambda: mtime + 1.0)
+    assert acl.stamp == file_stamp(path) and acl == load_acl(path)  # the stamp is not part of the policy
+
+
+def test_a_save_in_two_writes_is_never_loaded_half(tmp_path):
+    """A real writer, pausing between its two writes, against a reader polling as the server does."""
+    path = tmp_path / "acl.yaml"
+    write_settled(path, FULL_ACL)
+    done = threading.Event()
+
+    def editor() -> None:
+        with open(path, "w") as f:  # in place, in two writes, like a non-atomic editor
+            f.write(HALF_ACL)
+            f.flush()
+            time.sleep(0.1)
+            f.write(FULL_ACL[len(HALF_ACL) :])
+        done.set()
+
+    threading.Thread(target=editor).start()
+    results: list[frozenset[str] | None] = []
+    deadline = None
+    while deadline is None or time.monotonic() < deadline:
+        try:
+            results.append(read_acl_stable(path, settle=0.3).deny_principals)
+        except AclUnstable:
+            results.append(None)
+        if deadline is None and done.is_set():
+            deadline = time.monotonic() + 0.6
+        time.sleep(0.001)
+    assert None in results  # the reader did meet the save in progress
+    assert all(deny == {"mallory"} for deny in results if deny is not None) and results[-1] == {"mallory"}
 
 
 # --- LDAP against the real slapd --------------------------------------------------------------
@@ -153,6 +296,82 @@ def test_membership_models(directory, membership, expected):
     assert d.groups_of("alice@TEST.REALM") == expected
     assert d.groups_of("bob@TEST.REALM") == frozenset()
     assert d.groups_of("nosuch*)(uid=*@TEST.REALM") == frozenset()  # filter injection is escaped
+
+
+NOT_ALICE = ["ALICE@TEST.REALM", "Alice@TEST.REALM", "alice/admin@TEST.REALM", "alice@OTHER.REALM",
+             "alice\\@TEST.REALM@TEST.REALM"]  # fmt: skip
+
+
+@pytest.mark.parametrize("membership", [("member",), ("memberUid",), ("memberOf",)])
+def test_only_alice_gets_alices_groups(directory, membership):
+    """uid matches case-insensitively and ignores realms: the entry found must still name the principal exactly."""
+    d = directory(membership=membership)
+    assert d.groups_of("alice@TEST.REALM")
+    acl = Acl(frozenset({"TEST.REALM", "OTHER.REALM"}), (Rule("group", "committers"), Rule("group", "committers-posix")),
+              deny_principals=frozenset({"alice"}))  # fmt: skip
+    for other in NOT_ALICE:
+        membership_of_other = d.membership(other)
+        assert membership_of_other.groups == frozenset(), other
+        assert not decide(acl, other, membership_of_other.groups, "gcc").allowed, other
+    assert "principal-mismatch" in d.membership("ALICE@TEST.REALM").facts[0]
+
+
+def test_uid_names_principals_of_the_directorys_realm_only(directory):
+    """A bare uid is a name in one realm: the configured one, else the base DN's (dc=test,dc=realm)."""
+    assert directory().config.home_realm == "TEST.REALM"
+    elsewhere = directory(realm="OTHER.REALM")
+    assert elsewhere.groups_of("alice@OTHER.REALM") == {"committers", "committers-posix"}
+    assert elsewhere.groups_of("alice@TEST.REALM") == frozenset()
+    assert LdapConfig((), "o=example", "", "").home_realm == ""  # cannot tell: uid entries name nobody
+    assert LdapConfig((), "ou=x,dc=Corp,dc=example,dc=org", "", "").home_realm == "CORP.EXAMPLE.ORG"
+
+
+@pytest.mark.parametrize("principal", ["*@TEST.REALM", "al*@TEST.REALM", "alice)(uid=*@TEST.REALM",
+                                       "ali\\ce@TEST.REALM", "alice\x00@TEST.REALM", "(alice@TEST.REALM"])  # fmt: skip
+def test_filter_characters_in_principals_are_escaped(directory, principal):
+    """Characters special to LDAP filters match only themselves: no wildcard, no injected clause, no error."""
+    assert directory().membership(principal).groups == frozenset()
+
+
+class FakeConnection:
+    """An LDAP connection that returns the given user entries and records each filter it is sent."""
+
+    def __init__(self, *users: tuple[str, dict[str, list[bytes]]]) -> None:
+        self.users, self.filters = list(users), []
+
+    def search_s(self, base, scope, filterstr, attrs):  # type: ignore[no-untyped-def]
+        self.filters.append(filterstr)
+        if base.startswith("ou=people"):
+            return self.users
+        return [("cn=committers,ou=groups,dc=test,dc=realm", {"cn": [b"committers"]})] if len(self.filters) == 2 else []
+
+
+def fake_directory(connection: FakeConnection) -> Directory:
+    d = Directory(LdapConfig(("ldap://unused/",), "dc=test,dc=realm", "ou=people,dc=test,dc=realm",
+                             "ou=groups,dc=test,dc=realm", membership=("member", "memberUid")))  # fmt: skip
+    d._local.conn = connection  # this thread's connection
+    return d
+
+
+def test_filter_is_escaped_as_sent():
+    """The filter sent to LDAP escapes * ( ) \\ and NUL in the name."""
+    connection = FakeConnection()
+    fake_directory(connection).membership("a*)(uid=\\\x00@TEST.REALM")
+    assert connection.filters == [r"(uid=a\2a\29\28uid=\5c\00)"]
+
+
+def test_krb_principal_name_must_equal_the_principal():
+    """An entry with krbPrincipalName is exactly those principals, whatever its uid says."""
+    entry = ("uid=alice,ou=people,dc=test,dc=realm", {"uid": [b"alice"], "krbPrincipalName": [b"alice@OTHER.REALM"]})
+    assert fake_directory(FakeConnection(entry)).groups_of("alice@OTHER.REALM") == {"committers"}
+    assert fake_directory(FakeConnection(entry)).groups_of("alice@TEST.REALM") == frozenset()  # uid alone: not enough
+    assert fake_directory(FakeConnection(entry)).groups_of("ALICE@OTHER.REALM") == frozenset()
+    no_uid = ("cn=svc,ou=people,dc=test,dc=realm", {"krbPrincipalName": [b"x@TEST.REALM", b"svc/ci@TEST.REALM"]})
+    connection = FakeConnection(no_uid)
+    assert fake_directory(connection).groups_of("svc/ci@TEST.REALM") == {"committers"}
+    assert "memberUid" not in connection.filters[1]  # no uid: no posixGroup membership to ask for
+    uid_entry = ("uid=alice,ou=people,dc=test,dc=realm", {"uid": [b"alice"]})
+    assert fake_directory(FakeConnection(uid_entry, uid_entry)).groups_of("alice@TEST.REALM") == frozenset()  # ambiguous
 
 
 def test_nested_groups_and_principal_attribute_mapping(realm, directory):
@@ -197,6 +416,115 @@ def test_removal_takes_effect_within_the_positive_ttl(realm, directory):
         assert "temp" not in d.groups_of("alice@TEST.REALM")
     finally:
         ldap_admin(realm, "dn: cn=temp,ou=groups,dc=test,dc=realm\nchangetype: delete\n")
+
+
+# --- lookups from the reactor: fair while LDAP hangs --------------------------------------------
+
+
+class HangingDirectory:
+    """A Directory (same interface) whose LDAP hangs for one principal until released."""
+
+    def __init__(self, hangs_for: str) -> None:
+        self.hangs_for, self.release = hangs_for, threading.Event()
+        self.asked: list[str] = []
+        self.cache: dict[str, Membership] = {}
+
+    def fresh(self, principal: str) -> Membership | None:
+        return self.cache.get(principal)
+
+    def membership(self, principal: str) -> Membership:
+        self.asked.append(principal)
+        if principal == self.hangs_for:
+            self.release.wait(30)
+        return Membership(f"uid={principal}", frozenset({f"group-of-{principal}"}))
+
+
+class ThreadResults:
+    """Stands in for the reactor: answers from pool threads are delivered when the test drains them."""
+
+    def __init__(self) -> None:
+        self.calls: queue.Queue = queue.Queue()
+
+    def callFromThread(self, f, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]  # noqa: N802 - IReactorThreads
+        self.calls.put((f, args, kwargs))
+
+    def drain_until(self, done, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while not done():
+            f, args, kwargs = self.calls.get(timeout=max(0.0, deadline - time.monotonic()))
+            f(*args, **kwargs)
+
+
+def test_one_principals_lookups_do_not_starve_anothers():
+    """50 lookups for alice while LDAP hangs for her, then one for bob: bob's reaches the directory at once."""
+    directory, results, pool = HangingDirectory("alice@TEST.REALM"), ThreadResults(), ThreadPool(0, 4, "ldap")
+    pool.start()
+    try:
+        lookups = MembershipLookups.on_pool(directory, results, pool)
+        alices = [lookups.lookup("alice@TEST.REALM") for _ in range(50)]
+        bobs: list[Membership] = []
+        lookups.lookup("bob@TEST.REALM").addCallback(bobs.append)
+        results.drain_until(lambda: bobs, timeout=2.0)  # queue.Empty here: bob waited behind alice
+        assert bobs[0].groups == {"group-of-bob@TEST.REALM"}
+        assert directory.asked.count("alice@TEST.REALM") == 1 and lookups.in_flight() == 1  # one thread for alice
+        directory.release.set()
+        answers: list[Membership] = []
+        for d in alices:
+            d.addCallback(answers.append)
+        results.drain_until(lambda: len(answers) == 50)
+        assert {a.user_dn for a in answers} == {"uid=alice@TEST.REALM"} and lookups.in_flight() == 0
+    finally:
+        directory.release.set()
+        pool.stop()
+
+
+class ManualPool:
+    """A pool whose calls run when the test says."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, defer.Deferred]] = []
+
+    def submit(self, call):  # type: ignore[no-untyped-def]
+        d: defer.Deferred = defer.Deferred()
+        self.calls.append((call, d))
+        return d
+
+    def run_next(self) -> None:
+        call, d = self.calls.pop(0)
+        try:
+            d.callback(call())  # type: ignore[operator]
+        except Exception:
+            d.errback()
+
+
+def test_a_failed_lookup_fails_every_waiter_and_is_asked_again():
+    """LDAP down: each joined lookup fails as the one query did (fail closed); the next lookup asks anew."""
+    class DownDirectory(HangingDirectory):
+        def membership(self, principal: str) -> Membership:
+            raise DirectoryUnavailable("LDAP unavailable")
+
+    pool = ManualPool()
+    lookups = MembershipLookups(DownDirectory("nobody"), pool.submit)
+    failures: list[object] = []
+    for _ in range(3):
+        lookups.lookup("alice@TEST.REALM").addErrback(lambda f: failures.append(f.trap(DirectoryUnavailable)))
+    assert len(pool.calls) == 1
+    pool.run_next()
+    assert failures == [DirectoryUnavailable] * 3 and lookups.in_flight() == 0
+    lookups.lookup("alice@TEST.REALM").addErrback(lambda f: None)
+    assert len(pool.calls) == 1
+
+
+def test_a_fresh_answer_takes_no_thread(directory):
+    """With the real Directory: once alice's groups are cached, her lookups are answered without the pool."""
+    pool, d = ManualPool(), directory()
+    lookups = MembershipLookups(d, pool.submit)
+    first: list[Membership] = []
+    lookups.lookup("alice@TEST.REALM").addCallback(first.append)
+    pool.run_next()
+    second: list[Membership] = []
+    lookups.lookup("alice@TEST.REALM").addCallback(second.append)
+    assert not pool.calls and second[0].cached and second[0].groups == first[0].groups == {"committers", "committers-posix"}
 
 
 class Proxy:
@@ -275,7 +603,7 @@ def test_foreign_realm_refused_by_the_server(realm, own_server, workdir):
 
 
 def test_acl_edits_apply_without_restart(realm, own_server, workdir):
-    """An edit applies to the next job; a broken edit is logged with its line and the last good ACL stays."""
+    """A finished edit applies to the next job; a broken edit is logged with its line and the last good ACL stays."""
     acl_path = workdir / "acl.yaml"
     acl_path.write_text((realm.dir / "acl.yaml").read_text())
     s = own_server(acl=str(acl_path))
@@ -286,9 +614,9 @@ def test_acl_edits_apply_without_restart(realm, own_server, workdir):
         return s.jobs(principal="alice@TEST.REALM")[-1]["reason"]
 
     assert last_reason() == "allowed:group:committers"
-    acl_path.write_text("realms: [TEST.REALM]\ndeny:\n  principals: [alice]\nallow:\n  - group: committers\n")
+    write_settled(acl_path, "realms: [TEST.REALM]\ndeny:\n  principals: [alice]\nallow:\n  - group: committers\n")
     assert last_reason() == "denied:principal-deny-list"
-    acl_path.write_text("realms: [TEST.REALM]\nallow:\n  - group: committers\n    max_jobz: 2\n")
+    write_settled(acl_path, "realms: [TEST.REALM]\nallow:\n  - group: committers\n    max_jobz: 2\n")
     assert last_reason() == "denied:principal-deny-list"
     assert f"{acl_path}:4: unknown key 'max_jobz'" in s.log_path.read_text()
     reloads = [r for r in s.audit() if r.get("event") == "acl-reload"]
@@ -300,10 +628,12 @@ def test_sighup_reloads_an_edit_the_clock_missed(realm, own_server, workdir):
     acl_path = workdir / "acl.yaml"
     acl_path.write_text("realms: [TEST.REALM]\nallow:\n  - group: committers\n")
     s = own_server(acl=str(acl_path))
+    (workdir / "a.c").write_text("int a;\n")
+    securecc(realm, s, "alice", workdir, "gcc", "-c", "a.c", "-o", "a.o")  # the server accepts before it loads its ACL:
+    assert s.jobs(principal="alice@TEST.REALM")[-1]["reason"] == "allowed:group:committers"  # now it has
     stat = acl_path.stat()
     acl_path.write_text("realms: [TEST.REALM]\nallow:\n  - group: committerz\n")  # same size
     os.utime(acl_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    (workdir / "a.c").write_text("int a;\n")
     securecc(realm, s, "alice", workdir, "gcc", "-c", "a.c", "-o", "a.o")
     assert s.jobs(principal="alice@TEST.REALM")[-1]["reason"] == "allowed:group:committers"
     s.process.send_signal(signal.SIGHUP)
@@ -407,6 +737,17 @@ def test_acl_check_explains(realm):
     assert odd.returncode == 1 and "denied:compiler-not-offered" in odd.stdout
     broken = run_admin("acl", "check", "alice@TEST.REALM", "--config", "/nonexistent.yaml")
     assert broken.returncode == 2 and broken.stderr.startswith("securecc-admin: /nonexistent.yaml")
+
+
+def test_acl_check_gives_other_spellings_of_alice_nothing(realm):
+    """End to end through the admin tool and the real slapd: ALICE and alice/admin are not alice."""
+    config = str(realm.dir / "securecc.yaml")
+    env = {k: v for k, v in realm.env.items() if k.startswith("KRB5")}
+    shouting = run_admin("acl", "check", "ALICE@TEST.REALM", "--config", config, **env)
+    assert shouting.returncode == 1 and "DENIED (denied:not-in-group)" in shouting.stdout, shouting.stdout
+    assert "groups: none" in shouting.stdout and "principal-mismatch" in shouting.stdout
+    admin = run_admin("acl", "check", "alice/admin@TEST.REALM", "--config", config, **env)
+    assert admin.returncode == 1 and "DENIED (denied:not-in-group)" in admin.stdout
 
 
 def test_shipped_systemd_unit_and_crontab_load():
