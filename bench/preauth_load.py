@@ -120,7 +120,7 @@ def main() -> None:
         print(f"{'':38s} of them still connected: {alive(held)}")
         more = idle(port, options.idle)
         time.sleep(1)
-        print(f"{'':38s} {options.idle} more: still connected {alive(more)} (the total cap is 1024); RSS "
+        print(f"{'':38s} {options.idle} more: still connected {alive(more)} (the total cap is 2048); RSS "
               f"{family_rss(process.pid):.1f} MiB")  # fmt: skip
         for sock in held + more:
             sock.close()

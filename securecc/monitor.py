@@ -20,7 +20,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from twisted.internet import defer, threads
 from twisted.web import resource, server
 
 from securecc.acl import DirectoryUnavailable, is_admin
@@ -111,7 +110,7 @@ class _Authenticated(resource.Resource):
             request.setHeader("WWW-Authenticate", "Negotiate " + base64.b64encode(reply).decode())
         principal = context.principal
         acl = self.service.acl.current()
-        d = threads.deferToThreadPool(self.service.clock, self.service.pool, self.service.directory.groups_of, principal)
+        d = self.service.lookups.lookup(principal).addCallback(lambda membership: membership.groups)
         d.addErrback(lambda f: f.trap(DirectoryUnavailable) and frozenset())
         d.addCallback(lambda groups: self._answer(request, principal, is_admin(acl, principal, groups)))
         return server.NOT_DONE_YET

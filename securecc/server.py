@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import secrets
@@ -34,8 +35,13 @@ from securecc import sandbox
 from securecc import protocol as wire
 from securecc import toolchain
 from securecc.acl import (
+    SETTLE,
     Acl,
     AclError,
+    AclUnstable,
+    MembershipLookups,
+    file_stamp,
+    read_acl_stable,
     Directory,
     DirectoryUnavailable,
     decide,
@@ -57,8 +63,8 @@ from securecc.gss import DISTCC_FLAGS, Acceptor, GSSFailure
 LDAP_THREADS = 4
 AUDIT_DOWN = "the server cannot write its audit log; it runs no job unrecorded"
 FAIR_SHARE_MEMORY = 10.0  # seconds a principal turned away counts as waiting for a share
-PREAUTH_TOTAL = 1024  # connections not yet authenticated, from everyone together
-PREAUTH_PER_SOURCE = 128  # ... from one address: a make -j64 workstation opens ~64 at once
+PREAUTH_TOTAL = 2048  # connections not yet authenticated, from everyone together (~11 KiB each)
+PREAUTH_PER_SOURCE = 256  # ... from one address: a make -j200 build host opens ~200 at once
 LISTEN_BACKLOG = 1024  # make -j64 on a few workstations connects in bursts; 50 would drop SYNs (1 s retries)
 
 
@@ -69,37 +75,40 @@ class _Refusal(Exception):
 
 
 class AclFile:
-    """acl.yaml, re-read when it changes; a broken edit keeps the last good ACL."""
+    """acl.yaml, re-read when it changes; a broken edit keeps the last good ACL.
+
+    A version is loaded only when it parses whole and did not change while
+    it was read, and (on a change seen by a job) once it is ``SETTLE``
+    seconds old, so a non-atomic editor's half-written save is never used.
+    """
 
     _log = Logger()
 
     def __init__(self, path: Path, on_reload: Callable[..., None] | None = None) -> None:
         self.path = path
         self.on_reload = on_reload
-        self._stamp = self._stat()
-        self.acl: Acl = load_acl(path)  # a bad file at start-up is fatal
-
-    def _stat(self) -> tuple[int, int] | None:
-        try:
-            st = self.path.stat()
-            return (st.st_mtime_ns, st.st_size)
-        except OSError:
-            return None
+        self.acl: Acl = load_acl(path)  # a bad or changing file at start-up is fatal
+        self._tried = self.acl.stamp  # the last version read, good or not
 
     def current(self) -> Acl:
         """The ACL in force, re-read first if the file changed."""
-        if self._stat() != self._stamp:
-            self.reload()
+        if file_stamp(self.path) != self._tried:
+            self.reload(settle=SETTLE)
         return self.acl
 
-    def reload(self) -> None:
-        """Re-read the file (on change, and on SIGHUP); keep the last good ACL if it is broken."""
-        self._stamp = self._stat()
+    def reload(self, settle: float = 0.0) -> None:
+        """Re-read the file (on change, and at once on SIGHUP); keep the last good ACL if it is broken."""
+        stamp = file_stamp(self.path)
         try:
-            self.acl = load_acl(self.path)
+            self.acl = read_acl_stable(self.path, settle)
+            self._tried = self.acl.stamp
             self._log.info("reloaded ACL {path}", path=str(self.path))
             outcome: dict[str, object] = {"accepted": True}
+        except AclUnstable as e:
+            self._log.debug("ACL not reloaded yet: {error}", error=str(e))
+            return  # the next job tries again
         except AclError as e:
+            self._tried = stamp  # a broken edit is not re-read on every job
             self._log.error("ACL not reloaded, keeping the previous one: {error}", error=str(e))
             outcome = {"accepted": False, "detail": str(e)}
         if self.on_reload:
@@ -134,6 +143,11 @@ class CompileService:
     metrics: Metrics = field(default_factory=Metrics)
     jobs_now: dict[str, dict[str, object]] = field(default_factory=dict)  # job id -> who compiles what, since when
     _log = Logger()
+
+    @functools.cached_property
+    def lookups(self) -> MembershipLookups:
+        """LDAP lookups on the pool, one thread per principal at most: a hung LDAP stalls nobody else's."""
+        return MembershipLookups.on_pool(self.directory, self.clock, self.pool)
 
     def handler_gone(self) -> None:
         """The job handler died: no job can run; record it and stop, for the service manager to restart us."""
@@ -343,7 +357,7 @@ class CompileService:
         groups: frozenset[str] = frozenset()
         if split_principal(principal)[1] in acl.realms and acl.groups:
             try:
-                membership = yield threads.deferToThreadPool(self.clock, self.pool, self.directory.membership, principal)
+                membership = yield self.lookups.lookup(principal)
             except DirectoryUnavailable as e:
                 self.metrics.ldap_errors.inc()
                 raise _Refusal("denied:ldap-unavailable", str(e)) from None
@@ -510,7 +524,7 @@ class JobProtocol(protocol.Protocol):
         """For securecc-monitor: this server's status; principal names only for the ACL's admins."""
         assert self.principal is not None
         principal, acl = self.principal, self.service.acl.current()
-        d = threads.deferToThreadPool(self.service.clock, self.service.pool, self.service.directory.groups_of, principal)
+        d = self.service.lookups.lookup(principal).addCallback(lambda membership: membership.groups)
         d.addErrback(lambda f: f.trap(DirectoryUnavailable) and frozenset())
 
         def send(groups: frozenset[str]) -> None:
