@@ -18,6 +18,7 @@ belongs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 MAX_TOKEN = 64 * 1024  # a GSS token; krb5 AP-REQs are ~1-12 KiB
@@ -47,19 +48,84 @@ def lzo_compress(data: bytes) -> bytes:
 
 
 def lzo_decompress(data: bytes, limit: int) -> bytes:
-    """A raw LZO1X block of unknown size: grow the buffer as distcc does, up to ``limit``."""
+    """A raw LZO1X block of unknown size, refused if it would decode to more than ``limit`` bytes.
+
+    lzallright grows its buffer until the block fits (its size hint is no cap: a 360 KiB
+    block of zeros is 64 MiB), so the size is bounded first: from the byte counts when that
+    is enough (only zero bytes expand more than 72x: each adds 255 to a length), else by
+    walking the block's instructions (~16 MB/s, only for blocks over limit/72).
+    """
     import lzallright
 
     if not data:
         return b""
-    size = max(4096, 8 * len(data))
-    while True:
-        try:
-            return lzallright.LZOCompressor.decompress(data, output_size_hint=min(size, limit))
-        except lzallright.LZOError as e:
-            if size >= limit:
-                raise DistccError(f"LZO body larger than {limit} bytes or corrupt ({e})") from None
-            size *= 2
+    size = 255 * data.count(0) + 72 * len(data)
+    if size > limit and (size := _lzo_size(data, limit)) > limit:
+        raise DistccError(f"LZO body larger than {limit} bytes")
+    try:
+        out = lzallright.LZOCompressor.decompress(data, output_size_hint=min(size, max(4096, 8 * len(data))))
+    except lzallright.LZOError as e:
+        raise DistccError(f"corrupt LZO body ({e!r})") from None
+    if len(out) > limit:  # cannot happen if _lzo_size is right
+        raise DistccError(f"LZO body larger than {limit} bytes")
+    return out
+
+
+_ZEROS = re.compile(rb"\0*")
+
+
+def _lzo_size(data: bytes, limit: int) -> int:
+    """At least what the LZO1X block ``data`` decodes to (or has decoded when it fails), stopping past ``limit``.
+
+    Walks the instructions as lzallright's decoder does, without its distance checks
+    (they only stop it sooner).
+    """
+    end, pos, out, state = len(data), 0, 0, 0
+    if data[0] >= 18:  # the first byte may open with literals
+        out = data[0] - 17
+        pos, state = 1 + out, min(out, 4)
+    while pos < end and out <= limit:
+        inst = data[pos]
+        pos += 1
+        if inst >= 64:  # M2: a 3-8 byte match, 1 distance byte
+            out += (inst >> 5) + 1
+            pos += 1
+        elif inst >= 16:  # M3 (32-63) or M4 (16-31): a match whose length may be extended, 2 distance bytes
+            base = 7 if inst < 32 else 31
+            length = (inst & base) + 2
+            if length == 2:
+                zeros = _ZEROS.match(data, pos).end() - pos
+                pos += zeros + 1
+                if pos > end:
+                    break
+                length += zeros * 255 + base + data[pos - 1]
+            if pos + 2 > end:
+                break
+            distance = data[pos] | data[pos + 1] << 8
+            pos += 2
+            if inst < 32 and ((inst & 8) << 11) + (distance >> 2) == 0:
+                break  # the end-of-stream marker
+            out += length
+            inst = distance  # its low bits count the literals that follow
+        elif state == 0:  # a run of 4 or more literals, its length maybe extended
+            length = inst + 3
+            if length == 3:
+                zeros = _ZEROS.match(data, pos).end() - pos
+                pos += zeros + 1
+                if pos > end:
+                    break
+                length += zeros * 255 + 15 + data[pos - 1]
+            out += length
+            pos += length
+            state = 4
+            continue
+        else:  # M1: a 2-byte match (after 1-3 literals) or a 3-byte one (after a run), 1 distance byte
+            out += 3 if state == 4 else 2
+            pos += 1
+        state = inst & 3  # then 0-3 literals
+        out += state
+        pos += state
+    return out
 
 
 class Parser:
@@ -68,8 +134,14 @@ class Parser:
     def __init__(self, max_input: int) -> None:
         self.max_input = max_input
         self._buffer = bytearray()
+        # The most a client ever has unread: "*", one token, then its request (argv and source
+        # share max_input); nothing once the request is in.
+        self._room = 1 + 12 + MAX_TOKEN + 12 * (3 + MAX_ARGC) + max_input
+        self._argv_read: tuple[int, list[str], int] | None = None  # the request's arguments read so far
 
     def feed(self, data: bytes) -> None:
+        if data and len(self._buffer) + len(data) > self._room:
+            raise DistccError("bytes after the request" if not self._room else "more unread bytes than a request holds")
         self._buffer += data
 
     def _header(self, pos: int, token: bytes, cap: int) -> int | None:
@@ -127,18 +199,23 @@ class Parser:
         argc = header(b"ARGC", MAX_ARGC)
         if argc is None:
             return None
-        argv = []
-        for _ in range(argc):
-            length = header(b"ARGV", MAX_ARG)
+        argv, room = [], self.max_input  # argv shares max_input with the source: else 4096 args of 64 KiB
+        if self._argv_read is not None:  # resume: rescanning 4096 args per 13-byte read cost 7 s of CPU
+            pos, argv, room = self._argv_read
+        while len(argv) < argc:
+            length = header(b"ARGV", min(MAX_ARG, room))
             if length is None or len(view) < pos + length:
                 return None
             argv.append(bytes(view[pos : pos + length]).decode("utf-8", "surrogateescape"))
             pos += length
-        length = header(b"DOTI", self.max_input)
+            room -= length
+            self._argv_read = (pos, argv, room)
+        length = header(b"DOTI", room)
         if length is None or len(view) < pos + length:
             return None
         body = bytes(view[pos : pos + length])
         del self._buffer[: pos + length]
+        self._room = 0
         source = lzo_decompress(body, self.max_input) if version == 2 else body
         return Request(version, argv, source)
 

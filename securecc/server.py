@@ -607,8 +607,8 @@ class DistccProtocol(protocol.Protocol):
             self.transport.getHandle().setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         except (AttributeError, OSError):
             pass
-        self.parser.feed(data)
         try:
+            self.parser.feed(data)
             self._advance()
         except (distcc.DistccError, GSSFailure) as e:
             if isinstance(e, GSSFailure):
