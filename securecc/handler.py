@@ -27,10 +27,8 @@ from twisted.protocols.basic import Int32StringReceiver
 
 from securecc import sandbox
 from securecc.cache import Entry, ResultCache
-from securecc.handler_protocol import LinkError, pack, unpack
+from securecc.handler_protocol import LINK_FD, MAX_LINK_MESSAGE, LinkError, pack, unpack
 
-LINK_FD = 3
-MAX_LINK_MESSAGE = 2**31 - 1
 _FILE_NAME = re.compile(r"[a-z0-9-]{1,32}")
 
 

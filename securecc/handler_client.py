@@ -19,8 +19,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 
 from securecc.cache import Entry
-from securecc.handler import LINK_FD, MAX_LINK_MESSAGE
-from securecc.handler_protocol import LinkError, pack, unpack
+from securecc.handler_protocol import LINK_FD, MAX_LINK_MESSAGE, LinkError, pack, unpack
 from securecc.sandbox import Outcome, Settings
 
 

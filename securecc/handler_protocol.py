@@ -17,6 +17,10 @@ import json
 import struct
 from typing import Any
 
+LINK_FD = 3
+"""The handler's end of the socketpair, in the handler."""
+MAX_LINK_MESSAGE = 2**31 - 1
+"""Int32StringReceiver's bound; the front's inputs and the handler's outputs are capped below it."""
 _LEN = struct.Struct(">I")
 OPS = {
     "start": {"settings": dict},
