@@ -88,7 +88,12 @@ class HandlerProtocol(Int32StringReceiver):
         assert self.settings is not None
         if not all(_FILE_NAME.fullmatch(name) for name in files) or len(files) != len(blobs):
             raise LinkError("bad job file names")
-        job_dir = sandbox.make_job_dir(self.scratch, id, {n: b or b"" for n, b in zip(files, blobs)})
+        try:
+            job_dir = sandbox.make_job_dir(self.scratch, id, {n: b or b"" for n, b in zip(files, blobs)})
+        except OSError as e:  # a full disk fails this job, not the handler
+            self._done(sandbox.Outcome(1, b"", f"securecc: the server cannot store the job ({e.strerror})\n".encode(),
+                                       None, "handler-error"), id, self.scratch / id)  # fmt: skip
+            return
         try:
             mounts = tuple((name, target) for name, target in spec.pop("mounts"))
             command = sandbox.command(sandbox.Spec(job_dir=job_dir, mounts=mounts, **spec), self.settings)

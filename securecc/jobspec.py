@@ -93,6 +93,8 @@ def _path(value: str, what: str) -> str:
     _text(value, what, MAX_PATH)
     if not value or value.startswith(("-", "@")):
         raise Invalid("denied:bad-path", f"{what} {value!r} could be read as an option")
+    if value.startswith("//"):  # POSIX normpath keeps two leading slashes; the kernel reads them as one
+        raise Invalid("denied:bad-path", f"{what} {value!r} is not a normalized path")
     if posixpath.normpath(value) != value.rstrip("/") or value.endswith("/") and value != "/":
         raise Invalid("denied:bad-path", f"{what} {value!r} is not a normalized path")
     if any(len(part) > MAX_NAME for part in value.split("/")):

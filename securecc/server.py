@@ -65,6 +65,7 @@ AUDIT_DOWN = "the server cannot write its audit log; it runs no job unrecorded"
 FAIR_SHARE_MEMORY = 10.0  # seconds a principal turned away counts as waiting for a share
 PREAUTH_TOTAL = 2048  # connections not yet authenticated, from everyone together (~11 KiB each)
 PREAUTH_PER_SOURCE = 256  # ... from one address: a make -j200 build host opens ~200 at once
+AUTH_FAILURE_WINDOW = 10.0  # seconds: one failed-handshake record per source address at most
 LISTEN_BACKLOG = 1024  # make -j64 on a few workstations connects in bursts; 50 would drop SYNs (1 s retries)
 
 
@@ -136,6 +137,7 @@ class CompileService:
     caching: bool = False
     compiler_roots: tuple[str, ...] = ()
     stopping: bool = False
+    auth_failures: dict[str, tuple[float, int]] = field(default_factory=dict)  # source -> last recorded, left out since
     running: set[Running] = field(default_factory=set)
     active: collections.Counter[str] = field(default_factory=collections.Counter)  # jobs per principal
     turned_away: dict[str, float] = field(default_factory=dict)  # principal -> when it was last told BUSY
@@ -143,6 +145,23 @@ class CompileService:
     metrics: Metrics = field(default_factory=Metrics)
     jobs_now: dict[str, dict[str, object]] = field(default_factory=dict)  # job id -> who compiles what, since when
     _log = Logger()
+
+    def auth_failed(self, peer: str, detail: str, **extra: str) -> None:
+        """Record a failed handshake: the first from a source in ``AUTH_FAILURE_WINDOW`` seconds, with how
+        many were left out before it, so unauthenticated peers cannot flood the log (and fill its disk)."""
+        source, now = peer.rpartition(":")[0] or peer, self.clock.seconds()
+        last, suppressed = self.auth_failures.get(source, (float("-inf"), 0))
+        if now - last < AUTH_FAILURE_WINDOW:
+            self.auth_failures[source] = (last, suppressed + 1)
+            return
+        if len(self.auth_failures) > 10000:  # forget the quiet ones
+            self.auth_failures = {k: v for k, v in self.auth_failures.items() if now - v[0] < AUTH_FAILURE_WINDOW}
+        self.auth_failures[source] = (now, 0)
+        try:
+            self.audit.write(**extra, event="auth", peer=peer, decision="refused", reason="denied:authentication-failed",
+                             detail=detail[:500], **({"suppressed_before": suppressed} if suppressed else {}))  # fmt: skip
+        except AuditError:
+            pass  # logged by the caller; nothing ran
 
     @functools.cached_property
     def lookups(self) -> MembershipLookups:
@@ -488,11 +507,7 @@ class JobProtocol(protocol.Protocol):
             reply = self.context.step(token)
         except GSSFailure as e:
             self._log.info("{peer}: authentication failed: {error}", peer=self.peer, error=str(e))
-            try:
-                self.service.audit.write(event="auth", peer=self.peer, decision="refused",
-                                         reason="denied:authentication-failed", detail=str(e))  # fmt: skip
-            except AuditError:
-                pass  # logged above; nothing ran
+            self.service.auth_failed(self.peer, str(e))
             self.transport.write((wire.token(e.token) if e.token else b"") + wire.error("authentication-failed", str(e)))
             self.transport.loseConnection()
             return
@@ -646,11 +661,7 @@ class DistccProtocol(protocol.Protocol):
         self._timer = None
 
     def _audit_auth_failure(self, detail: str) -> None:
-        try:
-            self.service.audit.write(event="auth", peer=self.peer, protocol="distcc", decision="refused",
-                                     reason="denied:authentication-failed", detail=detail)  # fmt: skip
-        except AuditError:
-            pass
+        self.service.auth_failed(self.peer, detail, protocol="distcc")
 
     def _run(self, request: distcc.Request) -> None:
         assert self.principal is not None

@@ -71,6 +71,9 @@ def test_response_file_source_path_cannot_run_a_wrapper(realm, attack, workdir):
     ({"cwd": "/src/../etc"}, "denied:bad-path"),
     ({"cwd": "/usr/include"}, "denied:bad-path"),
     ({"cwd": "/job"}, "denied:bad-path"),
+    ({"cwd": "//usr/lib/x86_64-linux-gnu", "source_path": "libzstd.so.1.5.4"}, "denied:bad-path"),  # over cc1's library
+    ({"cwd": "//job"}, "denied:bad-path"),
+    ({"source_path": "//etc/passwd"}, "denied:bad-path"),
     ({"source_path": "a\nb.c"}, "denied:bad-path"),
     ({"source_path": "a\x1b[2J.c"}, "denied:bad-path"),
     ({"source_path": "x" * 5000}, "denied:bad-path"),
@@ -91,7 +94,7 @@ def test_fields_outside_their_grammar_are_refused_and_recorded(attack, fields, r
     assert one_record(s, reply)["reason"] == reason
 
 
-@pytest.mark.parametrize("path", ["/usr/include/stdio.h", "/src/a.c", "/src", "/", "/src/x.gch", "/etc/passwd",
+@pytest.mark.parametrize("path", ["/usr/include/stdio.h", "//usr/include/stdio.h", "///usr/include/stdio.h", "/src/a.c", "/src", "/", "/src/x.gch", "/etc/passwd",
                                   "/src/a.c/inner.h", "-I/tmp", "@/src/r"])  # fmt: skip
 def test_headers_cannot_overlay_the_system_the_source_or_be_compiled_input(attack, path):
     s, client = attack
@@ -168,6 +171,18 @@ def test_unauthenticated_connections_are_capped_per_source(as_alice, own_server)
     reply = client.job(compiler_identity=IDENTITIES["gcc"])
     client.close()
     assert isinstance(reply, wire.Result)
+
+
+def test_failed_handshakes_cannot_flood_the_audit_log(own_server):
+    """300 garbage tokens from one address: one record (the first), not 300; a later one says how many were left out."""
+    s = own_server()
+    for _ in range(300):
+        with socket.create_connection(("127.0.0.1", s.port), timeout=5) as sock:
+            sock.sendall(wire.hello() + wire.token(b"\x60\x05garbagegarbage"))
+            while sock.recv(4096):
+                pass
+    records = [r for r in s.audit() if r.get("event") == "auth"]
+    assert len(records) == 1 and records[0]["reason"] == "denied:authentication-failed"
 
 
 def test_a_handshake_frame_larger_than_a_token_is_refused_before_buffering(own_server):
