@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,28 @@ from securecc import protocol as wire
 FORMAT = 1
 
 
+# The macros that expand to the time of the compile; pasting can spell them from parts.
+_TIME_MACROS = re.compile(rb"__(?:DATE|TIME|TIMESTAMP)__")
+_TIME_PARTS = re.compile(rb"DATE|TIME|STAMP")
+
+
+def expands_time(job: wire.Job) -> bool:
+    """True when the compile may expand __DATE__, __TIME__ or __TIMESTAMP__ (unpinned by
+    SOURCE_DATE_EPOCH): its object then depends on when it ran, which no key can carry.
+
+    Conservative: the names anywhere in the text, the headers or the arguments, or
+    a ``##`` in a text that also holds DATE, TIME or STAMP, count as a use."""
+    if "SOURCE_DATE_EPOCH" in job.environment:
+        return False
+    args = "\0".join(job.args).encode(errors="surrogateescape")
+    for text in (job.source, job.original, *job.includes, args):
+        if _TIME_MACROS.search(text) or (b"##" in text and _TIME_PARTS.search(text)):
+            return True
+    return False
+
+
 def cache_key(identity: str, job: wire.Job) -> str:
-    """The key of a job's result: everything that can change it, nothing else."""
+    """The key of a job's result: everything that can change it, nothing else (see :func:`expands_time`)."""
     h = hashlib.sha256()
     head = [FORMAT, identity, job.compiler, job.language, job.mode, job.args, sorted(job.environment.items()),
             job.cwd, job.source_path, len(job.source), len(job.original), job.include_paths,

@@ -51,7 +51,7 @@ from securecc.acl import (
     use_service_credentials,
 )
 from securecc.audit import AuditError, AuditLog, forwarder, load_private_key, now_rfc3339, sha256
-from securecc.cache import Entry, cache_key
+from securecc.cache import Entry, cache_key, expands_time
 from securecc import handler_client, jobspec
 from securecc.handler_client import HandlerGone, HandlerLink, Running
 from securecc.config import Compiler, ConfigError, ServerConfig, load_config
@@ -285,7 +285,8 @@ class CompileService:
 
     def _digests(self, job: jobspec.ValidJob) -> tuple[str | None, str | None]:
         """The input's sha256 for the record and the cache key (None: not cached), in a thread."""
-        return sha256(job.source or job.original), cache_key(job.compiler_identity, job.job) if self.caching else None
+        cacheable = self.caching and not expands_time(job.job)  # a key cannot carry the time of the compile
+        return sha256(job.source or job.original), cache_key(job.compiler_identity, job.job) if cacheable else None
 
     def _entry(self, key: str | None, outcome: sandbox.Outcome, producer: dict[str, str]) -> Entry | None:
         """A cache entry of a successful compile, or None."""

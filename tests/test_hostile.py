@@ -318,3 +318,25 @@ def test_the_real_server_answers_every_crafted_job_and_records_it_once(as_alice,
     assert isinstance(reply, (wire.Refused, wire.Result)), reply
     assert len(server.jobs(job_id=reply.job_id)) == 1
     assert server.alive()
+
+
+@pytest.mark.parametrize("text, environment, cached", [
+    (b'const char *d = __DATE__;\n', {}, False),
+    (b'const char *t = __TIME__;\n', {}, False),
+    (b'#define P(a, b) a ## b\nconst char *t = P(__TIME, __);\n', {}, False),
+    pytest.param(b'#define P(a, b) a ## b\nconst char *t = P(__TI, ME__);\n', {}, False, marks=pytest.mark.xfail(
+        strict=True, reason="pasting from fragments shorter than DATE/TIME/STAMP is not detected (as for __BASE_FILE__)")),
+    (b'const char *d = __DATE__;\n', {"SOURCE_DATE_EPOCH": "1700000000"}, True),
+    (b'int plain;\n', {}, True),
+])  # fmt: skip
+def test_time_macros_are_never_served_from_the_cache(attack, text, environment, cached):
+    """An object that embeds the time of its compile must not come back from yesterday's cache."""
+    s, client = attack
+    replies = []
+    for _ in range(2):
+        replies.append(client.job(blobs=(text, b""), language="c-directives", environment=environment,
+                                  compiler_identity=IDENTITIES["gcc"]))  # fmt: skip
+        time.sleep(0.3)  # the handler writes the entry after the reply
+    assert all(isinstance(r, wire.Result) and r.exit_status == 0 for r in replies), replies
+    kinds = [one_record(s, r).get("cache") for r in replies]
+    assert kinds == (["stored", "hit"] if cached else [None, None])
