@@ -825,10 +825,23 @@ def start_handler(config: ServerConfig, reactor) -> HandlerLink:  # type: ignore
     })  # fmt: skip
 
 
+def _check_private(path: Path) -> None:
+    """A secret that others can read is a secret the job handler's uid (or anyone) can read: refuse it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing: the loader says so in its own words
+    if mode & 0o077:
+        raise ConfigError(f"{path} is open to other users (mode {mode & 0o777:04o}): chmod 600 {path}, owned by the "
+                          "server's user; the job handler must not be able to read it")  # fmt: skip
+
+
 def build(config: ServerConfig, reactor, handler: HandlerLink) -> tuple[ServiceFactory, ThreadPool]:  # type: ignore[no-untyped-def]
     """Everything the listener needs, with secrets; fails (ConfigError, AclError, GSSFailure) before listening."""
     if config.ldap.bind == "gssapi":
         use_service_credentials(config.keytab)
+    for secret in (Path(config.keytab), config.audit.key):
+        _check_private(secret)
     acceptor = Acceptor(config.principal, config.keytab)
     try:
         key = load_private_key(config.audit.key)

@@ -91,3 +91,12 @@ def test_compiler_roots_cannot_be_the_host_or_hold_secrets(realm, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({**base, "compilers": {"gcc": {"path": str(gcc), "root": str(toolchain)}}}))
     with pytest.raises(ConfigError, match="writable"):
         load_config(tmp_path / "c.yaml")
+
+
+def test_a_secret_open_to_other_users_stops_the_server(realm, own_server, workdir):
+    """A keytab others can read would be readable by the job handler's uid: the server refuses to start."""
+    keytab = workdir / "open.keytab"
+    shutil.copy(realm.dir / "service.keytab", keytab)
+    os.chmod(keytab, 0o644)
+    with pytest.raises(RuntimeError, match="open to other users"):
+        own_server(keytab=str(keytab))
