@@ -151,7 +151,7 @@ def validate(job: wire.Job, compiler_roots: tuple[str, ...] = ()) -> ValidJob:
     files = [source_mount, *job.include_paths]
     for path in job.include_paths:
         _mount_point(path, "header", compiler_roots)
-        if path.endswith(_COMPILED_INPUT):
+        if path.endswith(_COMPILED_INPUT) or ".gch/" in path or ".pch/" in path:  # gcc tries x.h.gch/* too
             raise Invalid("denied:bad-path", f"header {path!r} is compiled input, not source")
     directories = {cwd, *_ancestors(cwd), *(d for f in files for d in _ancestors(f))}
     clash = next((f for f in files if f in directories), None)

@@ -94,7 +94,7 @@ def test_fields_outside_their_grammar_are_refused_and_recorded(attack, fields, r
     assert one_record(s, reply)["reason"] == reason
 
 
-@pytest.mark.parametrize("path", ["/usr/include/stdio.h", "//usr/include/stdio.h", "///usr/include/stdio.h", "/src/a.c", "/src", "/", "/src/x.gch", "/etc/passwd",
+@pytest.mark.parametrize("path", ["/usr/include/stdio.h", "//usr/include/stdio.h", "///usr/include/stdio.h", "/src/a.c", "/src", "/", "/src/x.gch", "/src/x.h.gch/a", "/etc/passwd",
                                   "/src/a.c/inner.h", "-I/tmp", "@/src/r"])  # fmt: skip
 def test_headers_cannot_overlay_the_system_the_source_or_be_compiled_input(attack, path):
     s, client = attack
