@@ -16,6 +16,14 @@ job is then compiled again.  Only successful compiles are cached: a failed
 one is cheap to repeat, and its diagnostics are what a developer who is
 fixing the code needs fresh.  The directory is bounded in bytes, evicting
 the least recently used entries (hits refresh an entry's mtime).
+
+A job whose compile reads the clock is not cached at all (:func:`expands_time`):
+``__DATE__`` and ``__TIME__`` expand to when the server compiled it, and
+keying on that time would make every such entry single-use, so the server
+neither looks such a job up nor stores it (its key is None).
+``SOURCE_DATE_EPOCH`` (keyed with the environment) pins those two, so such a
+job is cached; nothing pins ``__TIMESTAMP__`` (the mtime of the file the
+server wrote for the compile).
 """
 
 from __future__ import annotations
@@ -33,26 +41,6 @@ from securecc import protocol as wire
 FORMAT = 1
 
 
-# The macros that expand to the time of the compile; pasting can spell them from parts.
-_TIME_MACROS = re.compile(rb"__(?:DATE|TIME|TIMESTAMP)__")
-_TIME_PARTS = re.compile(rb"DATE|TIME|STAMP")
-
-
-def expands_time(job: wire.Job) -> bool:
-    """True when the compile may expand __DATE__, __TIME__ or __TIMESTAMP__ (unpinned by
-    SOURCE_DATE_EPOCH): its object then depends on when it ran, which no key can carry.
-
-    Conservative: the names anywhere in the text, the headers or the arguments, or
-    a ``##`` in a text that also holds DATE, TIME or STAMP, count as a use."""
-    if "SOURCE_DATE_EPOCH" in job.environment:
-        return False
-    args = "\0".join(job.args).encode(errors="surrogateescape")
-    for text in (job.source, job.original, *job.includes, args):
-        if _TIME_MACROS.search(text) or (b"##" in text and _TIME_PARTS.search(text)):
-            return True
-    return False
-
-
 def cache_key(identity: str, job: wire.Job) -> str:
     """The key of a job's result: everything that can change it, nothing else (see :func:`expands_time`)."""
     h = hashlib.sha256()
@@ -63,6 +51,73 @@ def cache_key(identity: str, job: wire.Job) -> str:
     for blob in (job.source, job.original, *job.includes):
         h.update(blob)
     return h.hexdigest()
+
+
+_CLOCK_MACROS = (b"__DATE__", b"__TIME__")  # pinned by SOURCE_DATE_EPOCH
+_MTIME_MACROS = (b"__TIMESTAMP__",)  # never pinned (gcc 12 reads the file's mtime)
+# Backslash-newline, also through the ??/ trigraph (on under -std=c11 and the like)
+# and with blanks before the newline (gcc warns, and splices).
+_SPLICE = re.compile(rb"(?:\\|\?\?/)[ \t\f\v]*\r?\n")
+_IDENT = rb"A-Za-z0-9_$\x80-\xff"  # gcc takes $ and UTF-8 in identifiers
+_LETTERS = bytes(sorted(set(b"".join(_CLOCK_MACROS + _MTIME_MACROS))))
+# Whole identifiers spelt only with the macros' letters; the first one matched
+# before the lookbehind lets the regex engine skip other bytes quickly.
+_PIECE = re.compile(rb"[%s](?<![%s][%s])[%s]*(?![%s])" % (_LETTERS, _IDENT, _LETTERS, _LETTERS, _IDENT))
+MOST_PASTED = 3  # the most operands of a paste that uncacheable() tries
+_SOURCE_DATE_EPOCH = re.compile(r"[0-9]+")
+
+
+def uncacheable(job: wire.Job) -> str | None:
+    """Why ``job``'s result must be neither looked up nor stored, or None when it may be cached.
+
+    Its compile may expand a time macro when one is spelt out in the source,
+    the original, any header sent or an argument (after line splices are
+    undone: ``__DA\\<newline>TE__``), or when it can be spelt by pasting
+    together at most ``MOST_PASTED`` identifiers found in them
+    (``CAT(__DA, TE__)``, ``CAT3(__, DATE, __)``).  Whether a paste macro
+    exists is not asked: the server's compiler may take one from its own /usr
+    (glibc's ``__CONCAT``), which no job carries.
+
+    Conservative: a name in a comment, a string or a longer name counts, and
+    so does a paste that no macro performs; a file naming ``DATE`` or ``TIME``
+    next to glibc's identifier ``__`` is not cached.  Not seen: a paste of
+    more operands (``_`` ``_`` ``D`` ``A``...: the one-letter names of every
+    C++ text would otherwise make all of it uncacheable); a time macro, or an
+    operand, that comes only from a header of the server's /usr (none in
+    Debian's /usr/include uses one); names spelt with universal character
+    names (``__DAT\\u0045__``: gcc 12 rejects them, and failed compiles are
+    not cached).
+    """
+    pinned = bool(_SOURCE_DATE_EPOCH.fullmatch(job.environment.get("SOURCE_DATE_EPOCH", "")))
+    macros = _MTIME_MACROS if pinned else _CLOCK_MACROS + _MTIME_MACROS
+    # Every argument (a -D value may be the next one), "-DX" read as "X": a name, not a part of "DX".
+    args = b"\n".join(a.removeprefix("-D").removeprefix("-U").encode("utf-8", "surrogateescape") for a in job.args)
+    texts = [_SPLICE.sub(b"", t) if b"\\" in t or b"??/" in t else t
+             for t in (job.source, job.original, *job.includes, args)]  # fmt: skip
+    for macro in macros:
+        if any(macro in text for text in texts):
+            return f"uses {macro.decode()}"
+    pieces = {piece for text in texts for piece in _PIECE.findall(text)}
+    for macro in macros:
+        if _spelt(macro, pieces, MOST_PASTED):
+            return f"may paste {macro.decode()} together"
+    return None
+
+
+def expands_time(job: wire.Job) -> bool:
+    """True when the compile may expand a time macro that SOURCE_DATE_EPOCH does not pin: no key can carry it."""
+    return uncacheable(job) is not None
+
+
+def _spelt(word: bytes, pieces: set[bytes], most: int) -> bool:
+    """Whether ``word`` is the concatenation of at most ``most`` of ``pieces`` (repeats allowed)."""
+    fewest = [0] + [most + 1] * len(word)  # fewest[i]: pieces that spell word[:i]
+    for i in range(len(word)):
+        if fewest[i] < most:
+            for j in range(i + 1, len(word) + 1):
+                if word[i:j] in pieces:
+                    fewest[j] = min(fewest[j], fewest[i] + 1)
+    return fewest[-1] <= most
 
 
 @dataclass(frozen=True)

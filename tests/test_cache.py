@@ -1,4 +1,4 @@
-"""The result cache: Bob reuses Alice's compile; keys, corruption, poisoning, concurrency, eviction."""
+"""The result cache: Bob reuses Alice's compile; keys, time macros, corruption, poisoning, concurrency, eviction."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import BIN, local, make_job, securecc
 from securecc import protocol as wire
-from securecc.cache import Entry, ResultCache, cache_key
+from securecc.cache import Entry, ResultCache, cache_key, expands_time, uncacheable
 from test_hosts import build, project, spec
 
 JOB = wire.Job("gcc", ["-O2"], "c", "-c", "/src", "a.c", b"int a;\n", environment={"LC_ALL": "C"})
@@ -170,3 +172,109 @@ def test_affinity_sends_identical_jobs_to_the_same_server(realm, own_server, wor
     hits = sum(len(s.jobs(principal="bob@TEST.REALM", cache="hit")) for s in servers)
     assert hits == len(names)
     assert sum(bool(s.jobs(principal="alice@TEST.REALM")) for s in servers) >= 2  # the work was spread
+
+
+# Sources whose compile expands a time macro, each spelt another way; gcc itself confirms (-Wdate-time).
+CAT = b"#define CAT(a, b) a ## b\n"
+DATED = {
+    "date": b"const char *d = __DATE__;\n",
+    "time-in-a-macro": b"#define WHEN __TIME__\nconst char *w = WHEN;\n",
+    "timestamp": b"const char *s = __TIMESTAMP__;\n",
+    "pasted": CAT + b"const char *d = CAT(__DA, TE__);\n",
+    "pasted-underscores": CAT + b"const char *t = CAT(__, TIME__);\n",
+    "pasted-digraph": b"#define CAT(a, b) a %:%: b\nconst char *t = CAT(__TI, ME__);\n",
+    "pasted-in-the-body": b"#define D __DA ## TE__\nconst char *d = D;\n",
+    "pasted-three": b"#define CAT3(a, b, c) a ## b ## c\nconst char *d = CAT3(__, DATE, __);\n",
+    "pasted-through-a-wrapper": CAT + b"#define X(a, b) CAT(a, b)\n#define H __DA\nconst char *d = X(H, TE__);\n",
+    "glibc-concat": b"#include <sys/cdefs.h>\nconst char *t = __CONCAT(__TIMES, TAMP__);\n",  # no ## in the job
+    "spliced": b"const char *d = __DA\\\nTE__;\n",
+    "spliced-after-blanks": b"const char *d = __DA\\  \nTE__;\n",
+    "spliced-trigraph": b"const char *d = __DA?" b"?/\nTE__;\n",
+    "spliced-paste": b"#define CAT(a, b) a #\\\n# b\nconst char *d = CAT(__DA, TE__);\n",
+}
+
+
+def expansions(text: bytes) -> int:
+    """How many time macros gcc expands compiling ``text`` (as C11: trigraphs on)."""
+    done = subprocess.run(["gcc", "-std=c11", "-Wdate-time", "-E", "-x", "c", "-o", "/dev/null", "-"], input=text,
+                          capture_output=True, env={**os.environ, "LC_ALL": "C"}, check=True)  # fmt: skip
+    return done.stderr.count(b"might prevent reproducible builds")
+
+
+@pytest.mark.parametrize("text", DATED.values(), ids=DATED.keys())
+def test_a_job_that_expands_a_time_macro_is_not_cached(text):
+    """Spelt out, pasted, spliced: yesterday's __DATE__ must not be served today, so the job has no key."""
+    assert expansions(text) >= 1
+    job = dataclasses.replace(JOB, source=text)
+    assert uncacheable(job) and expands_time(job)
+
+
+def test_the_macro_counts_wherever_the_compile_reads_it():
+    """The original, any header sent, a -D argument (joined or separate): each is part of the compile."""
+    header = CAT + b"#define WHEN CAT(__TI, ME__)\n"
+    source = b'#include "h.h"\nconst char *w = WHEN;\n'
+    jobs = [
+        dataclasses.replace(JOB, original=DATED["date"]),
+        dataclasses.replace(JOB, source=source, include_paths=["/src/h.h"], includes=[header]),
+        dataclasses.replace(JOB, source=b"const char *w = WHEN;\n", args=["-O2", "-DWHEN=__DATE__"]),
+        dataclasses.replace(JOB, source=b"const char *w = WHEN;\n", args=["-D", "WHEN=__DATE__"]),
+        dataclasses.replace(JOB, source=CAT + b"const char *w = CAT(__DA, WHEN);\n", args=["-DWHEN=TE__"]),
+        dataclasses.replace(JOB, source=b"const char *w = CAT(__DA, TE__);\n", args=["-DCAT(a,b)=a##b"]),
+    ]
+    assert [bool(uncacheable(job)) for job in jobs] == [True] * len(jobs)
+
+
+def test_source_date_epoch_pins_date_and_time_but_not_timestamp(tmp_path):
+    """gcc takes __DATE__/__TIME__ from SOURCE_DATE_EPOCH (keyed), __TIMESTAMP__ from the file's mtime."""
+    for name in ("date", "time-in-a-macro", "pasted", "spliced"):
+        job = dataclasses.replace(JOB, source=DATED[name], environment={"LC_ALL": "C", "SOURCE_DATE_EPOCH": "0"})
+        assert uncacheable(job) is None, name
+        later = dataclasses.replace(job, environment={"LC_ALL": "C", "SOURCE_DATE_EPOCH": "86400"})
+        assert cache_key("gcc 12", later) != cache_key("gcc 12", job)
+    for name in ("timestamp", "glibc-concat"):
+        assert uncacheable(dataclasses.replace(JOB, source=DATED[name], environment={"SOURCE_DATE_EPOCH": "0"})), name
+    (tmp_path / "s.c").write_bytes(DATED["timestamp"])
+    pinned = local(tmp_path, "gcc", "-E", "-P", "s.c", SOURCE_DATE_EPOCH="0", LC_ALL="C")
+    assert b"1970" not in pinned.stdout and b"__TIMESTAMP__" not in pinned.stdout  # unpinned, as assumed
+    for junk in ("", "soon", "1e9", "\u0661"):  # gcc does not honour these: not pinned
+        assert uncacheable(dataclasses.replace(JOB, source=DATED["date"], environment={"SOURCE_DATE_EPOCH": junk}))
+
+
+def test_lookalikes_without_a_possible_paste_stay_cacheable():
+    """A longer name, or parts that no three identifiers spell, do not cost the cache."""
+    for text in (b"int UPDATE__, DATE_, __DAT;\n", CAT + b"int CAT(x, DATE), __TIMER;\n", b"int TIME, __STAMP__;\n"):
+        assert uncacheable(dataclasses.replace(JOB, source=text)) is None, text
+
+
+@pytest.mark.parametrize("compiler, text", [
+    ("gcc", b"".join(b"#include <%s.h>\n" % h for h in b"stdio stdlib string time pthread math sys/socket".split())),
+    ("g++", b"".join(b"#include <%s>\n" % h for h in b"vector string iostream map memory regex chrono thread".split())),
+])  # fmt: skip
+def test_ordinary_code_stays_cacheable(tmp_path, compiler, text):
+    """A -fdirectives-only text with the C library's or libstdc++'s headers (full of ## and short names) is cached."""
+    (tmp_path / "a.c").write_bytes(text + b"int main(void) { return 0; }\n")
+    language = "c" if compiler == "gcc" else "c++"
+    done = local(tmp_path, compiler, "-x", language, "-E", "-fdirectives-only", "a.c")
+    assert done.returncode == 0, done.stderr
+    job = dataclasses.replace(JOB, compiler=compiler, language=language, source=done.stdout)
+    assert uncacheable(job) is None
+    # The raw source for a server that preprocesses, too (its headers are the server's own /usr).
+    assert uncacheable(dataclasses.replace(job, source=text)) is None
+
+
+def test_the_server_neither_looks_up_nor_stores_a_dated_compile(realm, own_server, workdir):
+    """Through the real server: a dated object is compiled every time, a pinned or undated one is reused."""
+    s = own_server()
+    (workdir / "dated.c").write_bytes(b"#include <stdio.h>\n" + DATED["pasted"])
+    (workdir / "plain.c").write_bytes(b"#include <stdio.h>\nint plain(void) { return puts(\"x\"); }\n")
+    for _ in range(2):
+        for name, extra in (("dated", {}), ("plain", {}), ("pinned", {"SOURCE_DATE_EPOCH": "86400"})):
+            source = "plain.c" if name == "plain" else "dated.c"
+            done = securecc(realm, s, "alice", workdir, "gcc", "-c", source, "-o", f"{name}.o", **extra)
+            assert done.returncode == 0, done.stderr
+    kinds = {name: [r.get("cache") for r in s.jobs(principal="alice@TEST.REALM", source=name)]
+             for name in ("dated.c", "plain.c")}  # fmt: skip
+    assert kinds["plain.c"] == ["stored", "hit"]
+    assert kinds["dated.c"] == [None, "stored", None, "hit"]  # unpinned, pinned, unpinned, pinned
+    pinned = local(workdir, "gcc", "-c", "dated.c", "-o", "local.o", SOURCE_DATE_EPOCH="86400")
+    assert pinned.returncode == 0 and (workdir / "pinned.o").read_bytes() == (workdir / "local.o").read_bytes()
