@@ -272,8 +272,8 @@ def read_output(job_dir: Path, cap: int) -> bytes:
 
 
 def make_job_dir(scratch: Path, job_id: str, files: dict[str, bytes]) -> Path:
-    """A private directory holding only this job's files and its empty output, made by the handler
-    (whose uid the sandbox runs as): traversable so bwrap can bind from it, writable by nobody else."""
+    """A directory (0700) holding only this job's files and its empty output, made by the handler,
+    whose uid bwrap and the sandbox run as: no other uid can enter it."""
     if "/" in job_id or job_id in ("", ".", ".."):
         raise ValueError(f"bad job id {job_id!r}")
     job_dir = scratch / job_id

@@ -733,22 +733,26 @@ class PreauthGate:
         self.total, self.per_source = total, per_source
         self.waiting: collections.Counter[str] = collections.Counter()
 
-    def admit(self, source: str) -> bool:
+    def admit(self, source: str) -> Callable[[], None] | None:
+        """A one-shot release for a new connection from ``source``, or None when a cap is reached."""
         if sum(self.waiting.values()) >= self.total or self.waiting[source] >= self.per_source:
-            return False
+            return None
         self.waiting[source] += 1
-        return True
+        released = False
 
-    def release(self, source: str) -> None:
-        self.waiting[source] -= 1
-        if self.waiting[source] <= 0:
-            del self.waiting[source]
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.waiting[source] -= 1
+                if self.waiting[source] <= 0:
+                    del self.waiting[source]
+
+        return release
 
 
 class ServiceFactory(protocol.Factory):
     """One listener: each connection gets a ``kind`` (JobProtocol or DistccProtocol) on the shared service."""
-
-    _log = Logger()
 
     def __init__(self, kind: type[JobProtocol] | type[DistccProtocol], service: CompileService, acceptor: Acceptor) -> None:
         self.kind = kind
@@ -757,18 +761,13 @@ class ServiceFactory(protocol.Factory):
         self.gate = PreauthGate()
 
     def buildProtocol(self, addr: object) -> protocol.Protocol | None:
-        source = str(getattr(addr, "host", "?"))
-        if not self.gate.admit(source):  # None: Twisted closes the connection at once
+        release = self.gate.admit(str(getattr(addr, "host", "?")))
+        if release is None:  # None: Twisted closes the connection at once
             self.service.metrics.preauth_refused.inc()
             return None
         proto = self.kind(self.service, self.acceptor)
-        proto.authenticated = lambda: self._release(proto, source)  # type: ignore[method-assign]
+        proto.authenticated = release  # type: ignore[method-assign]
         return proto
-
-    def _release(self, proto: protocol.Protocol, source: str) -> None:
-        if not getattr(proto, "released", False):
-            proto.released = True  # type: ignore[attr-defined]
-            self.gate.release(source)
 
 
 def _bind(config: ServerConfig) -> dict[str, socket.socket]:
