@@ -189,10 +189,11 @@ class FileStamp:
     inode: int
     size: int
     mtime_ns: int
+    changed_ns: int = field(default=0, compare=False)  # the later of mtime and ctime: utime cannot set ctime back
 
     @classmethod
     def of(cls, st: os.stat_result) -> FileStamp:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, max(st.st_mtime_ns, st.st_ctime_ns))
 
 
 class AclUnstable(AclError):
@@ -210,7 +211,9 @@ def file_stamp(path: Path) -> FileStamp | None:
         return None
 
 
-def read_acl_stable(path: Path, settle: float = 0.0, now: Callable[[], float] = time.time) -> Acl:
+def read_acl_stable(
+    path: Path, settle: float = 0.0, now: Callable[[], float] = time.time, steady_for: float = 0.0
+) -> Acl:
     """Load acl.yaml only from bytes that were not changing while read.
 
     An editor that writes in place (truncate, then write, maybe in several
@@ -224,9 +227,12 @@ def read_acl_stable(path: Path, settle: float = 0.0, now: Callable[[], float] = 
     ``settle`` (the server's hot reload uses :data:`SETTLE`) a file last
     changed less than ``settle`` seconds ago is not trusted yet: writes of
     one save come microseconds apart, far inside a second, while an admin
-    waits a second for an edit without noticing.  An mtime in the future
-    (clock skew, NFS) cannot be judged and is not held back.  Both refusals
-    are :class:`AclUnstable`; the caller keeps the previous ACL and retries.
+    waits a second for an edit without noticing.  "Changed" is the later of
+    mtime and ctime, as the kernel keeps them.  A change time in the future
+    (clock skew, NFS) cannot be judged by the clock: such a file is trusted
+    only once the caller has seen it unchanged for ``settle`` seconds of its
+    own steady clock (``steady_for``).  Both refusals are
+    :class:`AclUnstable`; the caller keeps the previous ACL and retries.
     """
     where = str(path)
     try:
@@ -240,9 +246,10 @@ def read_acl_stable(path: Path, settle: float = 0.0, now: Callable[[], float] = 
         raise AclError(f"{where}: {e}") from None
     if not (before == opened == read == after and len(data) == before.size):
         raise AclUnstable(f"{where}: changed while being read; keeping the previous ACL")
-    age = now() - before.mtime_ns / 1e9
-    if 0 <= age < settle:
-        raise AclUnstable(f"{where}: changed {age:.2f} s ago, maybe still being written; keeping the previous ACL")
+    age = now() - before.changed_ns / 1e9
+    if age < settle and steady_for < settle:
+        when = f"{age:.2f} s ago" if age >= 0 else f"{-age:.2f} s ahead of this host's clock"
+        raise AclUnstable(f"{where}: changed {when}, maybe still being written; keeping the previous ACL")
     return replace(parse_acl(data, where), stamp=before)
 
 

@@ -39,6 +39,7 @@ from securecc.acl import (
     Acl,
     AclError,
     AclUnstable,
+    FileStamp,
     MembershipLookups,
     file_stamp,
     read_acl_stable,
@@ -81,27 +82,40 @@ class AclFile:
     A version is loaded only when it parses whole and did not change while
     it was read, and (on a change seen by a job) once it is ``SETTLE``
     seconds old, so a non-atomic editor's half-written save is never used.
+    Its age is judged by the file's change time or, where that lies ahead of
+    this host's clock, by how long this server has seen it unchanged.
     """
 
     _log = Logger()
 
-    def __init__(self, path: Path, on_reload: Callable[..., None] | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        on_reload: Callable[..., None] | None = None,
+        steady_clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
         self.on_reload = on_reload
         self.acl: Acl = load_acl(path)  # a bad or changing file at start-up is fatal
         self._tried = self.acl.stamp  # the last version read, good or not
+        self._steady_clock = steady_clock
+        self._seen: tuple[FileStamp | None, float] = (self._tried, steady_clock())  # a version, and since when
 
     def current(self) -> Acl:
         """The ACL in force, re-read first if the file changed."""
-        if file_stamp(self.path) != self._tried:
-            self.reload(settle=SETTLE)
+        stamp = file_stamp(self.path)
+        if stamp != self._tried:
+            now = self._steady_clock()
+            if stamp != self._seen[0]:
+                self._seen = (stamp, now)
+            self.reload(settle=SETTLE, steady_for=now - self._seen[1])
         return self.acl
 
-    def reload(self, settle: float = 0.0) -> None:
+    def reload(self, settle: float = 0.0, steady_for: float = 0.0) -> None:
         """Re-read the file (on change, and at once on SIGHUP); keep the last good ACL if it is broken."""
         stamp = file_stamp(self.path)
         try:
-            self.acl = read_acl_stable(self.path, settle)
+            self.acl = read_acl_stable(self.path, settle, steady_for=steady_for)
             self._tried = self.acl.stamp
             self._log.info("reloaded ACL {path}", path=str(self.path))
             outcome: dict[str, object] = {"accepted": True}

@@ -18,6 +18,7 @@ from twisted.python.threadpool import ThreadPool
 from conftest import BIN, REPO, free_port, make_job, securecc
 from securecc import protocol as wire
 from securecc.acl import (
+    SETTLE,
     Acl,
     AclError,
     AclUnstable,
@@ -38,6 +39,7 @@ from securecc.acl import (
 from securecc.client import Channel
 from securecc.config import ConfigError, load_config
 from securecc.hosts import parse_host
+from securecc.server import AclFile
 
 
 def credentials_for(realm, user: str):  # type: ignore[no-untyped-def]
@@ -179,18 +181,11 @@ FULL_ACL = "realms: [TEST.REALM]\nallow:\n  - group: committers\ndeny:\n  princi
 HALF_ACL = FULL_ACL[: FULL_ACL.index("deny:")]  # what an in-place save has written so far: it parses, without the deny
 
 
-def write_settled(path: Path, text: str, age: float = 5.0) -> None:
-    """An edit finished ``age`` seconds ago (past the hot reload's settle time)."""
-    path.write_text(text)
-    then = time.time() - age
-    os.utime(path, (then, then))
-
-
 @pytest.mark.parametrize("moment", ["before the open", "during the read", "replaced during the read"])
 def test_acl_changing_while_read_is_not_loaded(tmp_path, monkeypatch, moment):
     """The rest of a save landing while the file is read: refused as unstable, never the half that was read."""
     path = tmp_path / "acl.yaml"
-    write_settled(path, HALF_ACL)
+    path.write_text(HALF_ACL)
     real_stat, calls = os.stat, []
 
     def save_the_rest() -> None:
@@ -225,17 +220,39 @@ def test_acl_just_written_waits_to_settle(tmp_path):
     with pytest.raises(AclUnstable, match="maybe still being written; keeping the previous ACL"):
         read_acl_stable(path, settle=1.0)
     assert load_acl(path).allow  # no settle time: an admin's explicit load
-    mtime = path.stat().st_mtime_ns / 1e9
-    assert read_acl_stable(path, settle=1.0, now=lambda: mtime + 1.0).allow
-    assert read_acl_stable(path, settle=1.0, now=lambda: mtime - 3600).allow  # an mtime ahead of our clock: not held back
-    acl = read_acl_stable(path, settle=1.0, now=lambda: mtime + 1.0)
+    changed = path.stat().st_ctime_ns / 1e9
+    assert read_acl_stable(path, settle=1.0, now=lambda: changed + 1.0).allow
+    acl = read_acl_stable(path, settle=1.0, now=lambda: changed + 1.0)
     assert acl.stamp == file_stamp(path) and acl == load_acl(path)  # the stamp is not part of the policy
+    old = time.time() - 3600
+    os.utime(path, (old, old))  # an mtime set back (cp -p, tar) does not make the edit old: ctime says when it was
+    with pytest.raises(AclUnstable, match="maybe still being written"):
+        read_acl_stable(path, settle=1.0)
+
+
+def test_a_change_time_ahead_of_the_clock_waits_for_the_steady_clock(tmp_path):
+    """Clock skew (NFS, a VM) puts the change in the future: the server trusts it after seeing it unchanged a while."""
+    path = tmp_path / "acl.yaml"
+    path.write_text(HALF_ACL)
+    changed = path.stat().st_ctime_ns / 1e9
+    with pytest.raises(AclUnstable, match="ahead of this host's clock"):
+        read_acl_stable(path, settle=1.0, now=lambda: changed - 3600)
+    assert read_acl_stable(path, settle=1.0, now=lambda: changed - 3600, steady_for=1.0).allow
+
+    steady = [0.0]
+    acls = AclFile(path, steady_clock=lambda: steady[0])
+    path.write_text(FULL_ACL)  # changed just now, by the real clock: held back until the steady clock says 1 s
+    assert acls.current().deny_principals == frozenset()
+    steady[0] = 0.5
+    assert acls.current().deny_principals == frozenset()
+    steady[0] = 1.5
+    assert acls.current().deny_principals == {"mallory"}
 
 
 def test_a_save_in_two_writes_is_never_loaded_half(tmp_path):
     """A real writer, pausing between its two writes, against a reader polling as the server does."""
     path = tmp_path / "acl.yaml"
-    write_settled(path, FULL_ACL)
+    path.write_text(FULL_ACL)
     done = threading.Event()
 
     def editor() -> None:
@@ -614,9 +631,11 @@ def test_acl_edits_apply_without_restart(realm, own_server, workdir):
         return s.jobs(principal="alice@TEST.REALM")[-1]["reason"]
 
     assert last_reason() == "allowed:group:committers"
-    write_settled(acl_path, "realms: [TEST.REALM]\ndeny:\n  principals: [alice]\nallow:\n  - group: committers\n")
+    acl_path.write_text("realms: [TEST.REALM]\ndeny:\n  principals: [alice]\nallow:\n  - group: committers\n")
+    time.sleep(SETTLE)
     assert last_reason() == "denied:principal-deny-list"
-    write_settled(acl_path, "realms: [TEST.REALM]\nallow:\n  - group: committers\n    max_jobz: 2\n")
+    acl_path.write_text("realms: [TEST.REALM]\nallow:\n  - group: committers\n    max_jobz: 2\n")
+    time.sleep(SETTLE)
     assert last_reason() == "denied:principal-deny-list"
     assert f"{acl_path}:4: unknown key 'max_jobz'" in s.log_path.read_text()
     reloads = [r for r in s.audit() if r.get("event") == "acl-reload"]
