@@ -63,16 +63,28 @@ _F_VALUES = (
     "trivial-auto-var-init|vect-cost-model|visibility|wide-exec-charset|zero-call-used-regs"
 )
 
+# Assembler options (-Wa,ITEM,... and -Xassembler ITEM) that read, write and run nothing: code
+# generation, notes and debug-section format only.  Any other item (-I, -a=, --MD, @file) stays local.
+_AS_ITEM = (
+    r"--noexecstack|--execstack|-mrelax-relocations=(yes|no)|-mx86-used-note=(yes|no)|-mno-shared|-mshared|"
+    r"--gdwarf-[2-5]|--gdwarf2|--gdwarf-sections|-g|--gen-debug|--nocompress-debug-sections|"
+    r"--compress-debug-sections(=(none|zlib|zlib-gnu|zlib-gabi|zstd))?|--generate-missing-build-notes=(yes|no)|"
+    r"--fatal-warnings|--warn|--no-warn|-W|--32|--64|--x32|-O[0-2s]?|-mbranches-within-32B-boundaries|"
+    r"-malign-branch-boundary=[0-9]+|-malign-branch=[a-z+]+|-malign-branch-prefix-size=[0-9]+|"
+    r"-mlfence-after-load=(yes|no)|-mlfence-before-(indirect-branch|ret)=[a-z]+|-mfence-as-lock-add=(yes|no)|"
+    r"-m(arch|tune)=[a-z0-9_.+-]+"
+)
+
 POLICY: tuple[tuple[str, Use], ...] = (
     # Run code, read or write files by name, or need this very machine.
     (r"@.*|-B.*|-specs(=.*)?|-wrapper|-fplugin.*|-fmodule.*|-fmodules-ts|-fdeps-.*", Use.LOCAL),
     (r"-fdump-.*|-fprofile.*|-fauto-profile.*|-fbranch-probabilities|-ftest-coverage|--coverage", Use.LOCAL),
-    (r"-fcallgraph-info.*|-fstack-usage|-fopt-info.*|-fsave-optimization-record|-fcompare-debug.*", Use.LOCAL),
+    (r"-fcallgraph-info.*|-fstack-usage|-fopt-info.*|-fsave-optimization-record|-fcompare-debug.*|-ftime-trace.*", Use.LOCAL),
     (r"-fdirectives-only|-fpreprocessed|-fworking-directory|-fno-working-directory|-traditional.*", Use.LOCAL),
     (r"-fsyntax-only|-save-temps.*|-E|-M|-MM|-v|-###|--help.*|--version|-dump.*|-print-.*", Use.LOCAL),
-    (r"-Wa,.*|-Xassembler|-aux-info|-no-integrated-cpp|-x", Use.LOCAL),
-    (r"-m(arch|tune|cpu)=native", Use.LOCAL),
-    (r"-g(gdb|stabs\+?|xcoff\+?|vms)?3|-gsplit-dwarf", Use.LOCAL),  # macro info / side files
+    (rf"-Wa,({_AS_ITEM})(,({_AS_ITEM}))*|-Xassembler", Use.REMOTE),  # -Xassembler's value: VALUE_FORMS
+    (r"-Wa,.*|-aux-info|-no-integrated-cpp|-x", Use.LOCAL),
+    (r"-m(arch|tune|cpu)=native", Use.LOCAL),  # the client expands them (securecc.native) before this table
     # Preprocessing: harmless in the sandbox, which holds nothing but /usr and the job's files.
     (r"-[IDU].*|-include|-imacros|-isystem|-iquote|-idirafter|-nostdinc|-nostdinc\+\+|-undef", Use.CPP_SEND),
     (r"-A.*|-iprefix|-iwithprefix(before)?|-isysroot|-imultilib|-trigraphs|-H|-Wp,.*|-Xpreprocessor", Use.CPP),
@@ -90,7 +102,8 @@ POLICY: tuple[tuple[str, Use], ...] = (
     (r"--param(=[a-z0-9-]+=[0-9a-z-]+)?", Use.REMOTE),
 )
 _COMPILED = tuple((re.compile(pattern), use) for pattern, use in POLICY)
-_PARAM_VALUE = re.compile(r"[a-z0-9-]+=[0-9a-z-]+")
+VALUE_FORMS = {"--param": re.compile(r"[a-z0-9-]+=[0-9a-z-]+"), "-Xassembler": re.compile(_AS_ITEM)}
+"""Options whose separate value a server runs too: the value must have this form."""
 
 
 # The only variables a client may set for its compiler, and their forms.
@@ -123,6 +136,12 @@ def takes_value(arg: str) -> bool:
     return arg in SEPARATE_VALUE
 
 
+def value_allowed(option: str, value: str) -> bool:
+    """Whether ``option``'s separate ``value`` has the form VALUE_FORMS asks (any, for other options)."""
+    form = VALUE_FORMS.get(option)
+    return form is None or bool(form.fullmatch(value))
+
+
 def refused_argument(args: list[str], preprocessing: bool = False) -> str | None:
     """Server side: the first argument the policy does not allow remotely, or None.
 
@@ -136,7 +155,7 @@ def refused_argument(args: list[str], preprocessing: bool = False) -> str | None
         if classify(arg) not in allowed:
             return arg
         if takes_value(arg):
-            if i + 1 >= len(args) or (arg == "--param" and not _PARAM_VALUE.fullmatch(args[i + 1])):
+            if i + 1 >= len(args) or not value_allowed(arg, args[i + 1]):
                 return arg
             i += 1
         i += 1
@@ -153,8 +172,11 @@ COMPILE_LANGUAGE: dict[str, tuple[str, ...]] = {
     "c++-directives": ("-x", "c++-cpp-output", "-fdirectives-only"),
     "c-source": ("-x", "c"),  # the server preprocesses: args may hold CPP_SEND options
     "c++-source": ("-x", "c++"),
+    "assembler-with-cpp-source": ("-x", "assembler-with-cpp"),  # .S: cpp, then as
+    "assembler-source": ("-x", "assembler"),  # .s: as reads it where the client has it
 }
-SERVER_PREPROCESSES = frozenset({"c-source", "c++-source"})
+SERVER_PREPROCESSES = frozenset({"c-source", "c++-source", "assembler-with-cpp-source", "assembler-source"})
+"""Jobs that carry the client's own files, at their paths, and compile them as gcc does there."""
 LANGUAGES = frozenset(COMPILE_LANGUAGE)
 
 SOURCE_LANGUAGES = {
@@ -168,7 +190,17 @@ SOURCE_LANGUAGES = {
     ".c++": "c++",
     ".C": "c++",
     ".ii": "c++-cpp-output",
+    ".S": "assembler-with-cpp",
+    ".sx": "assembler-with-cpp",
+    ".s": "assembler",
 }
+ASSEMBLER = frozenset({"assembler", "assembler-with-cpp"})
+_READS_FILES = re.compile(rb"^[ \t]*\.(include|incbin)\b", re.MULTILINE | re.IGNORECASE)
+
+
+def assembler_reads_files(text: bytes) -> bool:
+    """``.include`` and ``.incbin`` make ``as`` read files by name, which no job carries: keep those local."""
+    return bool(_READS_FILES.search(text))
 
 
 @dataclass
@@ -196,6 +228,11 @@ class Plan:
         levels = [a for a in self.remote_args if re.fullmatch(r"-g(gdb|dwarf(-\d)?)?\d?", a)]
         on = bool(levels) and not levels[-1].endswith("0")
         return on != (self.remote_args.count("-gtoggle") % 2 == 1)
+
+    @property
+    def split_dwarf(self) -> bool:
+        """``-gsplit-dwarf``: a ``.dwo`` file besides the object (gcc writes none with ``-S``)."""
+        return "-gsplit-dwarf" in self.remote_args and self.mode == "-c"
 
     @property
     def pedantic(self) -> bool:
@@ -237,7 +274,7 @@ def plan(args: list[str]) -> Plan:
             i += 1 if len(arg) > 2 else 2
             continue
         if arg == "-x":
-            if value not in ("c", "c++"):
+            if value not in ("c", "c++", *ASSEMBLER):
                 raise NotDistributable(f"-x {value}")
             if sources:
                 raise NotDistributable("-x after the source file")
@@ -262,8 +299,8 @@ def plan(args: list[str]) -> Plan:
             if value is None:
                 raise NotDistributable(f"{arg} without a value")
             group.append(value)
-        if arg == "--param" and not (value and _PARAM_VALUE.fullmatch(value)):
-            raise NotDistributable(f"--param {value}")
+        if not value_allowed(arg, value or ""):
+            raise NotDistributable(f"{arg} {value}")
         if arg in ("-MD", "-MMD"):
             deps = True
         cpp += group
@@ -285,6 +322,8 @@ def plan(args: list[str]) -> Plan:
         raise NotDistributable(f"source type {suffix or source!r}")
     if output == "-":
         raise NotDistributable("output to standard output")
+    if "-gsplit-dwarf" in remote and (mode == "-S" or language in ASSEMBLER):
+        raise NotDistributable("-gsplit-dwarf without a compile to an object")
     stem = os.path.splitext(os.path.basename(source))[0]
     if output is None:
         output = stem + (".o" if mode == "-c" else ".s")
@@ -296,9 +335,64 @@ def plan(args: list[str]) -> Plan:
     return Plan(source, language, mode, output, remote, cpp, deps, source_args)
 
 
-def preprocess_command(compiler: str, p: Plan) -> list[str]:
-    """The local preprocessing command; its standard output is what we send."""
-    return [compiler, *p.cpp_args, "-E", "-fdirectives-only"]
+def dwo_path(output: str) -> str:
+    """Where ``-gsplit-dwarf`` puts the ``.dwo`` of the object ``output`` (gcc 11 and later: its name,
+    extension dropped, in its directory); the object's DW_AT_dwo_name says the same path."""
+    return os.path.splitext(output)[0] + ".dwo"
+
+
+def each_source(args: list[str]) -> list[tuple[int, list[str]]] | None:
+    """``gcc -c a.c b.c`` as one command line per source (gcc compiles each on its own, to ``a.o`` and
+    ``b.o``): (the source's index, its line), or None when ``args`` do not name several sources or do
+    not compile them one by one (``-o``, linking)."""
+    sources: list[int] = []
+    compiles = False
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("-c", "-S"):
+            compiles = True
+        elif arg.startswith(("-o", "@")) or arg in ("-", "-MF", "-MT", "-MQ"):
+            return None  # one output (or dependency file) for several sources: gcc refuses or merges them
+        elif not arg.startswith("-"):
+            sources.append(i)
+        elif takes_value(arg):
+            i += 1
+        i += 1
+    if not compiles or len(sources) < 2:
+        return None
+    others = set(sources)
+    return [(n, [a for k, a in enumerate(args) if k == n or k not in others]) for n in sources]
+
+
+def preprocess_command(compiler: str, p: Plan, family: str = "gcc") -> list[str]:
+    """The local preprocessing command; its standard output names the files to send, or is what we send.
+
+    ``family`` is :func:`securecc.toolchain.family`.  Clang has no
+    ``-fdirectives-only``, and a server that preprocesses needs only the
+    list of files, so clang runs plain ``-E`` (a third of the size of its
+    ``-frewrite-includes`` text); :func:`remote_text` does not take that
+    text, so a clang job that cannot be preprocessed remotely stays here.
+    """
+    return [compiler, *p.cpp_args, "-E", *(["-fdirectives-only"] if family == "gcc" else [])]
+
+
+def check_family(p: Plan, family: str) -> None:
+    """Raises NotDistributable for what a compiler of this ``family`` cannot do remotely as it does here.
+
+    Clang names the debug info of preprocessed input (``.i``) after the
+    file's first line marker only when the file it reads is called ``*.i``,
+    which the server's ``/job/input`` is not (any ``-g`` option counts:
+    clang also has ``-gline-tables-only`` and ``-gmlt``); and it
+    preprocesses a ``.S`` file into a temporary file, which the sandbox's
+    read-only ``/tmp`` refuses even with ``-pipe``.
+    """
+    if family != "clang":
+        return
+    if p.preprocessed and any(a.startswith("-g") for a in p.remote_args):
+        raise NotDistributable("clang with -g on preprocessed input")
+    if p.language == "assembler-with-cpp":
+        raise NotDistributable("clang preprocesses .S into a temporary file")
 
 
 def full_preprocess_command(compiler: str, p: Plan) -> list[str]:
@@ -331,8 +425,12 @@ def included_files(text: bytes, cwd: str) -> list[str]:
         if b"\\" in name:
             name = re.sub(rb"\\(.)", rb"\1", name)
         name = name.decode("utf-8", "surrogateescape")
-        found[os.path.normpath(os.path.join(cwd, name))] = None
+        if name not in _PSEUDO_FILES:
+            found[os.path.normpath(os.path.join(cwd, name))] = None
     return list(found)
+
+
+_PSEUDO_FILES = frozenset({"<built-in>", "<command line>"})  # clang's -E enters them (flag 1) before the main file
 
 
 def project_files(included: list[str]) -> list[str]:
@@ -350,6 +448,11 @@ def project_files(included: list[str]) -> list[str]:
 def uses_push_macro(files: list[bytes]) -> bool:
     """``#pragma push_macro``: -fdirectives-only runs it and leaves a bare #undef (gcc 12)."""
     return any(b"push_macro" in data or b"pop_macro" in data for data in files)
+
+
+def system_files(included: list[str]) -> list[str]:
+    """The included files a server that preprocesses takes from its own /usr (see :func:`project_files`)."""
+    return [p for p in included if p.startswith("/usr/")]
 
 
 _BUILTINS = b'\n# 0 "<built-in>"\n'

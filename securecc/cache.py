@@ -38,7 +38,7 @@ from pathlib import Path
 
 from securecc import protocol as wire
 
-FORMAT = 1
+FORMAT = 2  # 2: system headers in the key
 
 
 def cache_key(identity: str, job: wire.Job) -> str:
@@ -46,7 +46,7 @@ def cache_key(identity: str, job: wire.Job) -> str:
     h = hashlib.sha256()
     head = [FORMAT, identity, job.compiler, job.language, job.mode, job.args, sorted(job.environment.items()),
             job.cwd, job.source_path, len(job.source), len(job.original), job.include_paths,
-            [len(i) for i in job.includes]]  # fmt: skip
+            [len(i) for i in job.includes], job.system_headers, job.system_digest]  # fmt: skip
     h.update(json.dumps(head).encode() + b"\0")
     for blob in (job.source, job.original, *job.includes):
         h.update(blob)

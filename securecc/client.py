@@ -30,8 +30,10 @@ from dataclasses import dataclass  # noqa: E402
 from typing import BinaryIO, Mapping, NamedTuple  # noqa: E402
 
 from securecc import args as argpolicy  # noqa: E402
+from securecc import native  # noqa: E402
+from securecc.toolchain import HeaderDigests  # noqa: E402
 
-MASQUERADE_NAMES = frozenset({"gcc", "cc", "g++", "c++"})
+MASQUERADE_NAMES = frozenset({"gcc", "cc", "g++", "c++", "clang", "clang++"})
 
 
 @dataclass
@@ -71,6 +73,8 @@ class LocalCompile:
 
     path: str
     argv: list[str]
+    reason: str = ""  # why not remotely: the NotDistributable or RemoteFailure text (the agent counts it)
+    failure: bool = False  # a RemoteFailure: the job was meant to go remote
 
 
 class Timeouts(NamedTuple):
@@ -101,6 +105,15 @@ def _seconds(inv: Invocation, name: str, default: float) -> float:
 
 class RemoteFailure(Exception):
     """The job could not be done remotely; compile locally and say why."""
+
+    quiet = False  # said only with SECURECC_VERBOSE
+
+
+class FailedRemotely(RemoteFailure):
+    """The server's compile failed.  The local compile gives the verdict and the messages, as distcc does:
+    an error of the user's prints exactly what gcc prints here, and one of the server's costs nothing."""
+
+    quiet = True
 
 
 class HostFailure(RemoteFailure):
@@ -323,23 +336,27 @@ def compiler_environment(env: Mapping[str, str] = os.environ) -> dict[str, str]:
 def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpolicy.Plan):  # type: ignore[no-untyped-def]
     """Preprocess here; return (job, the preprocessor's messages) or its failing status.
 
-    The usual job is ``-fdirectives-only`` text (see :mod:`securecc.args`).
-    When that cannot reproduce a local compile exactly, the server
-    preprocesses the original files, which the job carries (main file and
-    project headers; the server's /usr has the system headers, as it has
-    the compiler):
+    The job carries the main file and the project headers it read, at their
+    own paths, and names the system headers (under ``/usr``) with their
+    digest; the server preprocesses and compiles exactly as ``gcc`` does here,
+    from its own ``/usr``, after checking that those headers are the same.
+    Only that reproduces a local object in every case: text preprocessed with
+    ``-fdirectives-only`` differs under ``-O3 -g`` (extra line-table rows),
+    with ``__COUNTER__`` in an ``#if``, ``#pragma push_macro``, ``-pedantic``
+    and ``-g3``.  Local preprocessing still finds the files to send, writes
+    the ``-MD`` dependency file and catches the user's preprocessing errors.
 
-    - ``-fdirectives-only`` refuses the file (``__COUNTER__`` in an ``#if``,
-      as gnulib's verify.h has) and ``-g`` is on; without ``-g`` plain
-      ``-E`` text is exact and is sent instead;
-    - the source uses ``__BASE_FILE__``, or ``#pragma push_macro``;
-    - ``-pedantic`` with ``-g`` (whose DW_AT_producer would differ).
+    Exceptions, kept here: ``.i``/``.ii`` input is sent as it is; a
+    preprocessing-only option the server may not run (``-Wp,``, ``-H``,
+    ``--sysroot``...) sends the ``-fdirectives-only`` text instead, which is
+    exact without debug info, and is kept local with it; ``__TIMESTAMP__``
+    (the file's mtime) is kept local.
 
     The messages are held back until the reply: a local fallback compile
     prints its own, and a server that preprocesses prints them itself.
     """
     from securecc import protocol as wire
-    from securecc.toolchain import ProbeError, cached_identity
+    from securecc.toolchain import ProbeError, cached_identity, family
 
     cwd = working_directory(inv.env, inv.cwd)
     original = read_file(inv.path(plan.source))
@@ -347,31 +364,36 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
         identity = cached_identity(compiler_path, identity_cache(inv.env))
     except (ProbeError, OSError) as e:
         raise RemoteFailure(str(e)) from None
+    kind = family(identity)  # gcc or clang: how to preprocess here (securecc.args)
+    argpolicy.check_family(plan, kind)
 
-    def job(language: str, text: bytes, args: list[str], files: dict[str, bytes] | None = None) -> wire.Job:
+    def job(language: str, text: bytes, args: list[str], **fields: object) -> wire.Job:
         if inv.stderr_tty and not any("diagnostics-color" in a for a in args):
             args = [*args, "-fdiagnostics-color=always"]  # gcc would colour a terminal
-        files = files or {}
         return wire.Job(
             compiler=os.path.basename(compiler), args=args, language=language, mode=plan.mode, cwd=cwd,
             source_path=plan.source, source=text, original=b"" if plan.preprocessed else original,
-            environment=compiler_environment(inv.env), include_paths=list(files), includes=list(files.values()),
-            compiler_identity=identity,
+            environment=compiler_environment(inv.env), compiler_identity=identity,
+            output_path=plan.output if plan.split_dwarf else "", **fields,  # type: ignore[arg-type]
         )  # fmt: skip
 
-    def headers(text: bytes) -> dict[str, bytes]:
+    def server_preprocesses(text: bytes) -> tuple[wire.Job, bytes]:
+        if b"__TIMESTAMP__" in text:
+            raise argpolicy.NotDistributable("uses __TIMESTAMP__")
         main = os.path.normpath(os.path.join(cwd, plan.source))
-        paths = argpolicy.project_files(argpolicy.included_files(text, cwd))
-        return {p: read_file(p) for p in paths if p != main}
-
-    def server_preprocesses(text: bytes, why: str, files: dict[str, bytes] | None = None) -> tuple[wire.Job, bytes]:
-        if plan.source_args is None or b"__TIMESTAMP__" in text:
-            raise argpolicy.NotDistributable(why)
-        inv.verbose(f"the server preprocesses {plan.source}: {why}")
-        return job(f"{plan.language}-source", b"", plan.source_args, headers(text) if files is None else files), b""
+        included = argpolicy.included_files(text, cwd)
+        files = {p: read_file(p) for p in argpolicy.project_files(included) if p != main}
+        system = argpolicy.system_files(included)
+        return job(f"{plan.language}-source", b"", plan.source_args or [], include_paths=list(files),
+                   includes=list(files.values()), system_headers=system,
+                   system_digest=SYSTEM_HEADERS.of(system)), b""  # fmt: skip
 
     if plan.preprocessed:
         return job(plan.language, original, plan.remote_args), b""
+    if plan.language == "assembler":  # nothing to preprocess: as reads the file itself
+        if argpolicy.assembler_reads_files(original):
+            raise argpolicy.NotDistributable("assembler .include or .incbin")
+        return job("assembler-source", b"", plan.remote_args, system_digest=SYSTEM_HEADERS.of([])), b""
     import subprocess
 
     def run(command: list[str]) -> subprocess.CompletedProcess[bytes]:
@@ -385,25 +407,28 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
             os.close(out)
             os.close(err)
 
-    directives = run(argpolicy.preprocess_command(compiler_path, plan))
-    if directives.returncode == 0:
-        if plan.pedantic and plan.debug:
-            return server_preprocesses(directives.stdout, "-pedantic with -g")
-        files = headers(directives.stdout)
-        if argpolicy.uses_push_macro([original, *files.values()]):
-            return server_preprocesses(directives.stdout, "#pragma push_macro", files)
-        try:
-            text = argpolicy.remote_text(plan, directives.stdout)
-        except argpolicy.NotDistributable as e:
-            return server_preprocesses(directives.stdout, str(e), files)
-        return job(argpolicy.remote_language(plan), text, plan.remote_args), directives.stderr
-    full = run(argpolicy.full_preprocess_command(compiler_path, plan))
-    if full.returncode != 0:
-        inv.err.write(full.stderr)
-        return full.returncode
+    directives = run(argpolicy.preprocess_command(compiler_path, plan, kind))
+    if directives.returncode != 0:  # __COUNTER__ in an #if, say: plain -E reads it, and names the same files
+        directives = run(argpolicy.full_preprocess_command(compiler_path, plan))
+        if directives.returncode != 0:
+            inv.err.write(directives.stderr)
+            return directives.returncode
+        if plan.source_args is None:
+            raise argpolicy.NotDistributable("gcc -fdirectives-only cannot preprocess it")
+    if plan.language in argpolicy.ASSEMBLER and (plan.source_args is None or argpolicy.assembler_reads_files(directives.stdout)):
+        raise argpolicy.NotDistributable("assembler .include or .incbin, or a preprocessing option")
+    if plan.source_args is not None:
+        return server_preprocesses(directives.stdout)
     if plan.debug:
-        return server_preprocesses(full.stdout, "gcc -fdirectives-only cannot preprocess it")
-    return job(argpolicy.PREPROCESSED[plan.language], full.stdout, plan.remote_args), full.stderr
+        raise argpolicy.NotDistributable("a preprocessing option with -g")
+    if argpolicy.uses_push_macro([original, *(read_file(p) for p in argpolicy.included_files(directives.stdout, cwd))]):
+        raise argpolicy.NotDistributable("#pragma push_macro with a preprocessing option")
+    return job(argpolicy.remote_language(plan), argpolicy.remote_text(plan, directives.stdout), plan.remote_args), \
+        directives.stderr
+
+
+SYSTEM_HEADERS = HeaderDigests()
+"""The system headers' digests, kept for the agent's lifetime (a header is re-read only when it changes)."""
 
 
 def unrepeated(local: bytes, remote: bytes) -> bytes:
@@ -475,19 +500,22 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
         if not isinstance(reply, wire.Result):
             raise RemoteFailure(f"unexpected reply from {host.name}")
         state.succeeded(host, time.monotonic() - started)
-        if reply.exit_status == 0:
-            if reply.output is None:
-                raise RemoteFailure(f"{host.name} returned no output file")
+        if reply.exit_status != 0:
+            raise FailedRemotely(f"the compile failed on {host.name} (job {reply.job_id}, exit {reply.exit_status})")
+        if reply.output is None or (reply.dwo is None) == plan.split_dwarf:
+            raise RemoteFailure(f"{host.name} returned no output file, or not the ones asked for")
+        outputs = {plan.output: reply.output, **({argpolicy.dwo_path(plan.output): reply.dwo} if reply.dwo else {})}
+        for name, data in outputs.items():
             try:
-                write_atomically(inv.path(plan.output), reply.output, inv.umask)
+                write_atomically(inv.path(name), data, inv.umask)
             except OSError as e:
-                raise RemoteFailure(f"cannot write {plan.output}: {e.strerror or e}") from None
+                raise RemoteFailure(f"cannot write {name}: {e.strerror or e}") from None
         inv.out.write(reply.stdout)
         inv.out.flush()
         inv.err.write(unrepeated(messages, reply.stderr) + reply.stderr)
         inv.err.flush()
         inv.verbose(f"compiled {plan.source} on {host.name} (job {reply.job_id})")
-        return reply.exit_status
+        return 0
     raise RemoteFailure("; ".join(troubles))
 
 
@@ -526,7 +554,7 @@ def show_hosts(inv: Invocation) -> int:
     return 0
 
 
-USAGE = "usage: securecc COMPILER [ARGS...]   (or call it through a symlink named gcc, cc, g++ or c++)"
+USAGE = "usage: securecc COMPILER [ARGS...]   (or call it through a symlink named gcc, cc, g++, c++, clang or clang++)"
 
 
 def run(inv: Invocation, sessions=None) -> int | LocalCompile:  # type: ignore[no-untyped-def]
@@ -546,19 +574,56 @@ def run(inv: Invocation, sessions=None) -> int | LocalCompile:  # type: ignore[n
     if path is None:
         inv.say(f"compiler {compiler!r} not found in PATH; install it or give its full path")
         return 127
+    parts = argpolicy.each_source(args)
+    if parts:
+        return compile_each(inv, compiler, path, args, parts, sessions)
+    return compile_one(inv, compiler, path, args, sessions)
+
+
+def compile_one(inv: Invocation, compiler: str, path: str, args: list[str], sessions=None) -> int | LocalCompile:  # type: ignore[no-untyped-def]
+    """One source: remotely, or the local compile to run (with why)."""
     local = LocalCompile(path, [compiler, *args])
     try:
-        plan = argpolicy.plan(args)
+        plan = argpolicy.plan(native.expand(path, args))
+        if plan.debug and native.records_switches(args) and any(native.NATIVE.fullmatch(a) for a in args):
+            raise argpolicy.NotDistributable("-march=native with -g (gcc would record its switches in another order)")
+    except native.NotExpanded as e:
+        inv.verbose(f"compiling locally: {e}")
+        local.reason = "option -m...=native"
+        return local
     except argpolicy.NotDistributable as e:
         inv.verbose(f"compiling locally: {e}")
+        local.reason = str(e)
         return local
     try:
         return compile_remotely(inv, compiler, path, plan, sessions)
     except argpolicy.NotDistributable as e:
         inv.verbose(f"compiling locally: {e}")
+        local.reason = str(e)
     except RemoteFailure as e:
-        inv.say(f"{e}; compiling locally")
+        (inv.verbose if e.quiet else inv.say)(f"{e}; compiling locally")
+        local.reason, local.failure = str(e), True
     return local
+
+
+def compile_each(inv: Invocation, compiler: str, path: str, args: list[str], parts: list[tuple[int, list[str]]],
+                 sessions=None) -> int | LocalCompile:  # type: ignore[no-untyped-def]
+    """``gcc -c a.c b.c``: one job per source, one after another as gcc does them; the sources that stay
+    local are compiled here by one gcc with the other sources taken out."""
+    done: set[int] = set()
+    kept: LocalCompile | None = None
+    for source, part in parts:
+        outcome = compile_one(inv, compiler, path, part, sessions)
+        if isinstance(outcome, LocalCompile):
+            kept = kept or outcome
+        elif outcome == 0:
+            done.add(source)
+        else:
+            return outcome  # a preprocessing error, already printed: gcc would stop there too
+    if kept is None:
+        return 0
+    remaining = [a for k, a in enumerate(args) if k not in done]
+    return LocalCompile(path, [compiler, *remaining], kept.reason, kept.failure)
 
 
 def main() -> None:

@@ -134,6 +134,10 @@ def _compiler(name: object, value: object, default_timeout: float, where: str) -
             raise ConfigError(f"{where}: compiler '{name}': root {root} {why}; give the toolchain's own directory")
     if root is None and not path.startswith("/usr/"):
         raise ConfigError(f"{where}: compiler '{name}': {path} is outside /usr; give the directory to bind as 'root'")
+    real = os.path.realpath(path)  # Debian's /usr/bin/clang leads to /usr/lib/llvm-14/bin/clang: still in the sandbox
+    if not real.startswith(("/usr/", *([root.rstrip("/") + "/"] if root else []))):
+        raise ConfigError(f"{where}: compiler '{name}': {path} leads to {real}, which the sandbox does not have "
+                          "(only /usr and the compiler's root)")  # fmt: skip
     timeout = _typed(value.get("timeout", default_timeout), (int, float), where, f"compilers.{name}.timeout")
     return Compiler(path, float(timeout), root)
 

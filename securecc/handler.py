@@ -27,6 +27,7 @@ from twisted.protocols.basic import Int32StringReceiver
 
 from securecc import sandbox
 from securecc.cache import Entry, ResultCache
+from securecc.toolchain import HeaderDigests
 from securecc.handler_protocol import LINK_FD, MAX_LINK_MESSAGE, LinkError, pack, unpack
 
 _FILE_NAME = re.compile(r"[a-z0-9-]{1,32}")
@@ -61,6 +62,8 @@ class HandlerProtocol(Int32StringReceiver):
         self.scratch = Path("/nonexistent")
         self.cache: ResultCache | None = None
         self.running: dict[str, sandbox.RunningJob] = {}
+        self.checking: dict[str, str | None] = {}  # jobs whose headers are being compared: id -> why killed
+        self.digests = HeaderDigests()
 
     def stringReceived(self, data: bytes) -> None:
         try:
@@ -85,11 +88,31 @@ class HandlerProtocol(Int32StringReceiver):
 
     def _run(self, blobs: list[bytes | None], id: str, spec: dict[str, Any], files: list[str], timeout: float,
              output_cap: int) -> None:  # fmt: skip
-        assert self.settings is not None
+        """Compare the job's system headers with this host's (in a thread: reading them may take a while
+        the first time), then start its sandbox."""
         if not all(_FILE_NAME.fullmatch(name) for name in files) or len(files) != len(blobs):
             raise LinkError("bad job file names")
+        headers, digest = spec.pop("system_headers"), spec.pop("system_digest")
+        self.checking[id] = None
+        d = threads.deferToThread(self.digests.of, headers) if headers or digest else defer.succeed(digest)
+        d.addCallback(self._checked, digest, id, spec, {n: b or b"" for n, b in zip(files, blobs)}, timeout, output_cap)
+        d.addErrback(self._done, id, self.scratch / id)
+
+    def _checked(self, ours: str, theirs: str, id: str, spec: dict[str, Any], files: dict[str, bytes], timeout: float,
+                 output_cap: int) -> None:  # fmt: skip
+        assert self.settings is not None
+        killed = self.checking.pop(id)
+        if killed is not None:
+            self._done(sandbox.Outcome(1, b"", b"", None, killed), id, self.scratch / id)
+            return
+        if ours != theirs:
+            message = b"securecc: this server's system headers differ from the client's: objects would differ\n"
+            self._done(sandbox.Outcome(1, b"", message, None, "system-headers-differ"), id, self.scratch / id)
+            return
+        split = spec.pop("split_dwarf")
+        spec["split_dwarf"] = tuple(split) if split else None
         try:
-            job_dir = sandbox.make_job_dir(self.scratch, id, {n: b or b"" for n, b in zip(files, blobs)})
+            job_dir = sandbox.make_job_dir(self.scratch, id, files, split_dwarf=bool(split))
         except OSError as e:  # a full disk fails this job, not the handler
             self._done(sandbox.Outcome(1, b"", f"securecc: the server cannot store the job ({e.strerror})\n".encode(),
                                        None, "handler-error"), id, self.scratch / id)  # fmt: skip
@@ -97,8 +120,9 @@ class HandlerProtocol(Int32StringReceiver):
         try:
             mounts = tuple((name, target) for name, target in spec.pop("mounts"))
             command = sandbox.command(sandbox.Spec(job_dir=job_dir, mounts=mounts, **spec), self.settings)
-            job = sandbox.RunningJob(reactor, reactor, command, job_dir, timeout,
-                                     process_group=self.settings.mode != "bwrap", output_cap=output_cap)  # fmt: skip
+            job = sandbox.RunningJob(reactor, reactor, command, job_dir, timeout, process_group=self.settings.mode != "bwrap",
+                                     output_cap=output_cap,
+                                     split_dwarf=(os.path.basename(split[1]), os.path.basename(split[2])) if split else None)  # fmt: skip
         except BaseException:
             sandbox.remove_job_dir(job_dir)
             raise
@@ -107,13 +131,16 @@ class HandlerProtocol(Int32StringReceiver):
 
     def _done(self, outcome: sandbox.Outcome, id: str, job_dir: Path) -> None:
         self.running.pop(id, None)
+        self.checking.pop(id, None)
         sandbox.remove_job_dir(job_dir)
         if not isinstance(outcome, sandbox.Outcome):  # a failure: report it as the compile's
             outcome = sandbox.Outcome(1, b"", f"securecc: the job handler failed: {outcome}\n".encode(), None, "handler-error")
-        self.sendString(pack("done", [outcome.stdout, outcome.stderr, outcome.output], id=id,
+        self.sendString(pack("done", [outcome.stdout, outcome.stderr, outcome.output, outcome.dwo], id=id,
                              exit_status=outcome.exit_status, ended_by=outcome.ended_by))  # fmt: skip
 
     def _kill(self, blobs: list[bytes | None], id: str, why: str) -> None:
+        if id in self.checking:
+            self.checking[id] = self.checking[id] or why
         job = self.running.get(id)
         if job is not None:
             job.kill(why)

@@ -86,9 +86,9 @@ class HandlerLink(Int32StringReceiver):
             elif op == "fatal":
                 self.ready.errback(HandlerGone(header["error"]))
             elif op == "done":
-                stdout, stderr, output = blobs
+                stdout, stderr, output, dwo = blobs
                 self.jobs.pop(header["id"]).result.callback(
-                    Outcome(header["exit_status"], stdout or b"", stderr or b"", output, header["ended_by"]))
+                    Outcome(header["exit_status"], stdout or b"", stderr or b"", output, header["ended_by"], dwo))
             elif op == "cache-entry":
                 producer = header["producer"]
                 entry = Entry(blobs[0] or b"", blobs[1] or b"", blobs[2] or b"", producer) if producer else None

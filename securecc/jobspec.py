@@ -12,6 +12,9 @@ client field first.  The grammar, per field:
 - names that are not UTF-8 arrive as surrogate escapes (``'\\udcff'``) and
   are kept as they are: :func:`os.fsencode` gives the client's bytes back
   for the command line, and the audit log escapes them;
+- the system headers a job names are normalized paths under ``/usr`` (not
+  ``/usr/local``), with a SHA-256 digest: the job handler, not the front,
+  compares them with its own (:class:`securecc.toolchain.HeaderDigests`);
 - language and mode are enums; headers are plain source files (no ``.gch``,
   ``.pch`` or other compiled input) at distinct paths;
 - arguments go through the one argument policy (:mod:`securecc.args`), the
@@ -38,6 +41,7 @@ MAX_HEADERS = 20000
 MAX_IDENTITY = 4096
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _COMPILER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9+._-]{0,63}")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 _COMPILED_INPUT = (".gch", ".pch", ".pcm", ".gcm", ".o", ".obj", ".a", ".so")
 
 
@@ -67,6 +71,7 @@ class ValidJob:
     mode: Mode
     source_mount: str  # where the client's main file lives: absolute, normalized
     preprocessing: bool  # the server preprocesses: source and headers at their paths
+    split_dwarf: tuple[str, str, str] | None = None  # -gsplit-dwarf: (-o as the client names it, its mount, the .dwo's)
 
     def __getattr__(self, name: str) -> object:  # the wire fields, read-only
         return getattr(self.job, name)
@@ -153,8 +158,26 @@ def validate(job: wire.Job, compiler_roots: tuple[str, ...] = ()) -> ValidJob:
         _mount_point(path, "header", compiler_roots)
         if path.endswith(_COMPILED_INPUT) or ".gch/" in path or ".pch/" in path:  # gcc tries x.h.gch/* too
             raise Invalid("denied:bad-path", f"header {path!r} is compiled input, not source")
+    if (job.system_headers or job.system_digest) and not preprocessing:
+        raise Invalid("denied:argument-refused", "system headers named by a preprocessed job")
+    if preprocessing and not _DIGEST.fullmatch(job.system_digest):
+        raise Invalid("denied:argument-refused", "a job the server preprocesses needs its system headers' digest")
+    if len(job.system_headers) > MAX_HEADERS:
+        raise Invalid("denied:bad-path", f"more than {MAX_HEADERS} system headers")
+    for path in job.system_headers:
+        if not _path(path, "system header").startswith("/usr/") or path.startswith("/usr/local/"):
+            raise Invalid("denied:bad-path", f"system header {path!r} is not under /usr")
+    split_dwarf = None
+    if job.output_path or "-gsplit-dwarf" in job.args:
+        if not job.output_path or mode is not Mode.OBJECT or "-gsplit-dwarf" not in job.args:
+            raise Invalid("denied:argument-refused", "an output path goes with -gsplit-dwarf and -c, and only with them")
+        _path(job.output_path, "output path")
+        output = _mount_point(posixpath.normpath(posixpath.join(cwd, job.output_path)), "output", compiler_roots)
+        _mount_point(posixpath.dirname(output), "output directory", compiler_roots)  # bound writable: never "/"
+        split_dwarf = (job.output_path, output, _mount_point(argpolicy.dwo_path(output), "split debug file", compiler_roots))
+        files += split_dwarf[1:]
     directories = {cwd, *_ancestors(cwd), *(d for f in files for d in _ancestors(f))}
     clash = next((f for f in files if f in directories), None)
     if clash is not None or len(set(files)) != len(files):
-        raise Invalid("denied:bad-path", f"{clash or 'a header'!r} is both a file and a directory of the job, or sent twice")
-    return ValidJob(job, language, mode, source_mount, preprocessing)
+        raise Invalid("denied:bad-path", f"{clash or 'a file'!r} is both a file and a directory of the job, or named twice")
+    return ValidJob(job, language, mode, source_mount, preprocessing, split_dwarf)

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Union
 
 MAGIC = b"securecc"
-VERSION = 1
-MIN_VERSION = 1
+VERSION = 2
+MIN_VERSION = 2  # 2: jobs name the system headers they need (Job.system_headers)
 
 MAX_FRAME = 512 * 1024
 """Largest sealed frame, header excluded."""
@@ -98,6 +98,11 @@ class Job:
     # Jobs the server preprocesses: the project headers, at their absolute paths.
     include_paths: list[str] = field(default_factory=list)
     includes: list[bytes] = field(default_factory=list, repr=False)
+    # ... and the headers of /usr they read, which the server's own must match (toolchain.HeaderDigests).
+    system_headers: list[str] = field(default_factory=list)
+    system_digest: str = ""
+    # -gsplit-dwarf: the object's path as the client names it; the .dwo goes next to it, as gcc puts it.
+    output_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,7 @@ class Result:
     stderr: bytes = field(repr=False)
     output: bytes | None = field(repr=False)  # None when the compile failed
     job_id: str = ""
+    dwo: bytes | None = field(default=None, repr=False)  # -gsplit-dwarf's .dwo
 
 
 @dataclass(frozen=True)
@@ -155,7 +161,7 @@ Message = Union[Job, Result, Refused, Busy, Alive, StatusRequest, Status]
 _TYPE_CODES: dict[type, int] = {Job: 1, Result: 2, Refused: 3, Busy: 4, Alive: 5, StatusRequest: 6, Status: 7}
 _BLOB_FIELDS: dict[type, tuple[str, ...]] = {
     Job: ("source", "original"),
-    Result: ("stdout", "stderr", "output"),
+    Result: ("stdout", "stderr", "output", "dwo"),
     Refused: (),
     Busy: (),
     Alive: (),
@@ -164,7 +170,7 @@ _BLOB_FIELDS: dict[type, tuple[str, ...]] = {
 }
 _HEADER_FIELDS: dict[type, dict[str, type | tuple[type, ...]]] = {
     Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str, "environment": dict, "include_paths": list,
-          "compiler_identity": str},
+          "compiler_identity": str, "system_headers": list, "system_digest": str, "output_path": str},
     Result: {"exit_status": int, "job_id": str},
     Refused: {"reason": str, "message": str, "job_id": str},
     Busy: {"reason": str, "load": int, "slots": int},
@@ -212,8 +218,9 @@ def decode_message(data: bytes) -> Message:
     if kind is Job and not (
         all(isinstance(v, str) for v in header["environment"].values())
         and all(isinstance(p, str) for p in header["include_paths"])
+        and all(isinstance(p, str) for p in header["system_headers"])
     ):
-        raise ProtocolError("bad Job.environment or Job.include_paths")
+        raise ProtocolError("bad Job.environment, Job.include_paths or Job.system_headers")
     lengths = header.pop("blobs")
     names = _BLOB_FIELDS[kind]
     if kind is Job:
@@ -223,7 +230,7 @@ def decode_message(data: bytes) -> Message:
         raise ProtocolError("bad blob list")
     offset = _HEADER.size + header_len
     for name, length in zip(names, lengths):
-        if length is None and name == "output":
+        if length is None and name in ("output", "dwo"):
             header[name] = None
             continue
         if not isinstance(length, int) or isinstance(length, bool) or length < 0:

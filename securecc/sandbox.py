@@ -44,6 +44,12 @@ MAX_STREAM = 4 * 1024 * 1024
 """Bytes of compiler stdout/stderr kept; the rest is dropped."""
 OUTPUT = "output"
 """The one file of the job directory a compile may write: created empty, bound writable at /job/output."""
+SPLIT_DIR = "out"
+"""With ``-gsplit-dwarf``, an empty directory bound writable at the object's own directory instead:
+gcc's ``objcopy --strip-dwo`` rewrites the object through a temporary file beside it, and the object
+names its ``.dwo`` by path.  The job's inputs are bound read-only on top; the outputs are read from it
+as from ``output`` (no links, own, one link, capped).  Such a job can create files there, on the
+scratch disk, each capped by RLIMIT_FSIZE; nothing else is writable."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,9 @@ class Spec:
     mounts: tuple[tuple[str, str], ...] = ()  # (file in job_dir, absolute path inside), read-only
     preprocessed: bool = True  # compile job_dir/input; else the client's files at their paths
     compiler_root: str | None = None  # directory bound read-only for a compiler outside /usr
+    # -gsplit-dwarf: the object as the client names it, its path and its .dwo's, in one directory
+    # (SPLIT_DIR): the object names the .dwo (DW_AT_dwo_name), so both go where the client has them
+    split_dwarf: tuple[str, str, str] | None = None
 
 
 def command(spec: Spec, settings: Settings) -> list[str]:
@@ -131,6 +140,7 @@ def command(spec: Spec, settings: Settings) -> list[str]:
         *(["--ro-bind", spec.compiler_root, spec.compiler_root] if spec.compiler_root else []),
         "--ro-bind", str(spec.job_dir), "/job",
         "--bind", str(spec.job_dir / OUTPUT), _OUTPUT,
+        *(["--bind", str(spec.job_dir / SPLIT_DIR), os.path.dirname(spec.split_dwarf[1])] if spec.split_dwarf else []),
         "--dir", spec.cwd,
         *[arg for name, target in spec.mounts for arg in ("--ro-bind", str(spec.job_dir / name), target)],
         # Nothing else is writable: not /tmp (gcc -pipe needs no temporary files), not the job's
@@ -142,10 +152,11 @@ def command(spec: Spec, settings: Settings) -> list[str]:
         *[arg for key, value in environment.items() for arg in ("--setenv", key, value)],
         "--",
     ]  # fmt: skip
+    output = spec.split_dwarf[0] if spec.split_dwarf else _OUTPUT
     if spec.preprocessed:
-        names = [f"-fdebug-prefix-map={_INPUT}={spec.source_path}", "-o", _OUTPUT, _INPUT]
+        names = [f"-fdebug-prefix-map={_INPUT}={spec.source_path}", "-o", output, _INPUT]
     else:
-        names = ["-o", _OUTPUT, spec.source_path]
+        names = ["-o", output, spec.source_path]
     return [*rlimits, *bwrap, spec.compiler, "-pipe", *spec.args, *names]
 
 
@@ -179,6 +190,7 @@ class Outcome:
     stderr: bytes
     output: bytes | None
     ended_by: str | None = None  # timeout / disconnect / shutdown (we killed it), or the rlimit that did
+    dwo: bytes | None = None  # -gsplit-dwarf's second output
 
 
 class _Collector(protocol.ProcessProtocol):
@@ -204,9 +216,10 @@ class RunningJob:
 
     def __init__(
         self, reactor: IReactorProcess, clock: IReactorTime, argv: list[str], job_dir: Path, timeout: float,
-        process_group: bool = False, output_cap: int = Limits().file_size,
+        process_group: bool = False, output_cap: int = Limits().file_size, split_dwarf: tuple[str, str] | None = None,
     ) -> None:  # fmt: skip
         self._job_dir = job_dir
+        self._split_dwarf = split_dwarf  # the object's and the .dwo's names in SPLIT_DIR
         self._output_cap = output_cap
         self._process_group = process_group
         self.ended_by: str | None = None
@@ -235,27 +248,30 @@ class RunningJob:
     def _finished(self, code: int) -> Outcome:
         if self._timer.active():
             self._timer.cancel()
-        output = None
+        output = dwo = None
         if code == 0 and self.ended_by is None:
             try:
-                output = read_output(self._job_dir, self._output_cap)
+                if self._split_dwarf:
+                    output, dwo = (read_output(self._job_dir / SPLIT_DIR, self._output_cap, n) for n in self._split_dwarf)
+                else:
+                    output = read_output(self._job_dir, self._output_cap)
             except OutputError as e:
-                code, self.ended_by = 1, "bad-output"
+                code, self.ended_by, output = 1, "bad-output", None
                 self._collector.streams[2] += f"securecc: {e}\n".encode()
         stdout, stderr = bytes(self._collector.streams[1]), bytes(self._collector.streams[2])
-        return Outcome(code, stdout, stderr, output, self.ended_by or limit_reached(code, stderr))
+        return Outcome(code, stdout, stderr, output, self.ended_by or limit_reached(code, stderr), dwo)
 
 
 class OutputError(Exception):
     """The compile left something other than a plain file of its own as its output."""
 
 
-def read_output(job_dir: Path, cap: int) -> bytes:
-    """The job's output file, opened without following links, checked to be a regular file of
-    ours (the handler's uid, which the sandbox writes as) and at most ``cap`` bytes."""
+def read_output(job_dir: Path, cap: int, name: str = OUTPUT) -> bytes:
+    """The job's output file ``name``, opened without following links, checked to be a regular file
+    of ours (the handler's uid, which the sandbox writes as) and at most ``cap`` bytes."""
     directory = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        fd = os.open(OUTPUT, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=directory)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=directory)
     except OSError as e:
         raise OutputError(f"the compile's output cannot be opened ({e.strerror})") from None
     finally:
@@ -271,13 +287,15 @@ def read_output(job_dir: Path, cap: int) -> bytes:
     return data
 
 
-def make_job_dir(scratch: Path, job_id: str, files: dict[str, bytes]) -> Path:
+def make_job_dir(scratch: Path, job_id: str, files: dict[str, bytes], split_dwarf: bool = False) -> Path:
     """A directory (0700) holding only this job's files and its empty output, made by the handler,
     whose uid bwrap and the sandbox run as: no other uid can enter it."""
     if "/" in job_id or job_id in ("", ".", ".."):
         raise ValueError(f"bad job id {job_id!r}")
     job_dir = scratch / job_id
     job_dir.mkdir(mode=0o700)
+    if split_dwarf:
+        (job_dir / SPLIT_DIR).mkdir(mode=0o700)
     for name, data in {**files, OUTPUT: b""}.items():
         fd = os.open(job_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:

@@ -282,7 +282,7 @@ class CompileService:
             record.update(
                 decision="allowed", exit_status=outcome.exit_status, ended_by=outcome.ended_by,
                 output_sha256=sha256(outcome.output),
-                bytes_out=len(outcome.output or b"") + len(outcome.stdout) + len(outcome.stderr),
+                bytes_out=len(outcome.output or b"") + len(outcome.dwo or b"") + len(outcome.stdout) + len(outcome.stderr),
             )  # fmt: skip
             entry = self._entry(key, outcome, {"job_id": job_id, "principal": principal})
             if entry is not None:
@@ -295,11 +295,12 @@ class CompileService:
                 self._share(key, stored, hit)
         if outcome.ended_by == "timeout":
             return wire.Refused("timeout", f"compile killed after {compiler.timeout:g} s", job_id)
-        return wire.Result(outcome.exit_status, outcome.stdout, outcome.stderr, outcome.output, job_id)
+        return wire.Result(outcome.exit_status, outcome.stdout, outcome.stderr, outcome.output, job_id, outcome.dwo)
 
     def _digests(self, job: jobspec.ValidJob) -> tuple[str | None, str | None]:
         """The input's sha256 for the record and the cache key (None: not cached), in a thread."""
-        cacheable = self.caching and not expands_time(job.job)  # a key cannot carry the time of the compile
+        # A key cannot carry the time of the compile; an entry holds one output, not a .dwo too.
+        cacheable = self.caching and not expands_time(job.job) and not job.split_dwarf
         return sha256(job.source or job.original), cache_key(job.compiler_identity, job.job) if cacheable else None
 
     def _entry(self, key: str | None, outcome: sandbox.Outcome, producer: dict[str, str]) -> Entry | None:
@@ -381,8 +382,9 @@ class CompileService:
         if job.compiler_identity != identity:
             raise _Refusal("denied:compiler-mismatch", f"this server's {job.compiler} is {identity}, yours is "
                            f"{job.compiler_identity[:200] or 'unknown'}; objects would differ")  # fmt: skip
-        if self.config.sandbox.mode != "bwrap" and job.preprocessing:
-            raise _Refusal("denied:unsupported", "this server runs without bubblewrap and cannot preprocess")
+        if self.config.sandbox.mode != "bwrap" and (job.preprocessing or job.split_dwarf):
+            raise _Refusal("denied:unsupported", "this server runs without bubblewrap: it cannot preprocess, "
+                           "nor write a -gsplit-dwarf .dwo")  # fmt: skip
         return compiler
 
     @defer.inlineCallbacks
@@ -415,6 +417,7 @@ class CompileService:
             "compiler": compiler.path, "args": [*argpolicy.COMPILE_LANGUAGE[job.language.value], *job.args, job.mode.value],
             "cwd": job.cwd, "source_path": job.source_path, "environment": job.environment, "mounts": mounts,
             "preprocessed": not job.preprocessing, "compiler_root": compiler.root,
+            "system_headers": job.system_headers, "system_digest": job.system_digest, "split_dwarf": job.split_dwarf,
         }  # fmt: skip
         running = self.handler.run(job_id, spec, files, compiler.timeout, self.config.sandbox.limits.file_size)
         session.running = running

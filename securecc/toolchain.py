@@ -4,14 +4,29 @@ The identity is what ``COMPILER -v`` says of itself: its version line (with
 the distribution's revision) and its target.  Objects from two compilers
 with different identities may differ, so a server refuses a job whose
 identity is not its own compiler's (distcc#380, icecream#442) and the client
-compiles locally.  The client probes once per compiler binary and caches
-the answer by path, size and mtime in ``~/.cache/securecc/compilers.json``.
+compiles locally.  The client probes once per compiler and caches the answer
+by path, size and mtime in ``~/.cache/securecc/compilers.json``.
+
+gcc (native or cross: ``aarch64-linux-gnu-gcc`` says ``Target:
+aarch64-linux-gnu``) and clang both print such a version line.  Clang's
+(``Debian clang version 14.0.6``) lacks the package revision, so the
+identity adds the package that installed the binary when dpkg knows it.
+Clang also takes its target and driver mode from the name it is run by
+(``aarch64-linux-gnu-clang``, ``clang++``), so a compiler is probed by the
+path it is run as, never by the file a link leads to.
+
+A job the server preprocesses also depends on the system headers it reads
+from ``/usr``, which the server takes from its own ``/usr``: both ends digest
+them with :func:`headers_digest`, and a server whose headers differ does not
+compile the job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import subprocess
 
 
@@ -22,36 +37,62 @@ class ProbeError(Exception):
 def probe(path: str) -> str:
     """``"<version line>; target <triple>"`` from ``path -v``."""
     try:
-        done = subprocess.run([path, "-v"], capture_output=True, timeout=30, env={**os.environ, "LC_ALL": "C"})
+        done = subprocess.run([path, "-v"], check=False, capture_output=True, timeout=30, env={**os.environ, "LC_ALL": "C"})
     except (OSError, subprocess.TimeoutExpired) as e:
         raise ProbeError(f"cannot run {path} -v: {e}") from None
     lines = done.stderr.decode("utf-8", "replace").splitlines()
-    version = next((line for line in lines if " version " in line and not line.startswith("Configured")), None)
+    version = next((line.strip() for line in lines if " version " in line and not line.startswith("Configured")), None)
     target = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("Target:")), None)
     if done.returncode != 0 or version is None or target is None:
         raise ProbeError(f"{path} -v did not print its version and target")
-    return f"{version.strip()}; target {target}"
+    if family(version) == "clang":
+        version += _package(path)
+    return f"{version}; target {target}"
+
+
+def family(identity: str) -> str:
+    """``"clang"`` or ``"gcc"``: how the client preprocesses for it (clang has no ``-fdirectives-only``)."""
+    return "clang" if _CLANG.search(identity.partition("; target ")[0]) else "gcc"
+
+
+_CLANG = re.compile(r"(^| )clang version ")  # "clang version 17.0.6", "Debian clang version 14.0.6", "Apple clang ..."
+
+
+def _package(path: str) -> str:
+    """`` (clang-14 1:14.0.6-12)``: the Debian package holding the compiler, or "" where dpkg does not know it."""
+
+    def query(*args: str) -> str:
+        done = subprocess.run(["/usr/bin/dpkg-query", *args], check=False, capture_output=True, text=True, timeout=30)
+        return done.stdout if done.returncode == 0 else ""
+
+    try:
+        name = query("-S", os.path.realpath(path)).partition(":")[0]  # "clang-14: /usr/lib/llvm-14/bin/clang"
+        version = query("-W", "-f", "${Version}", name) if name and "," not in name else ""
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return f" ({name} {version})" if version else ""
 
 
 def cached_identity(path: str, cache_file: str | None = None) -> str:
-    """The identity of the compiler at ``path``, probing only when the binary changed."""
+    """The identity of the compiler run as ``path``, probing only when the binary changed."""
     cache_file = cache_file or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "securecc", "compilers.json"
     )
+    path = os.path.abspath(path)
     real = os.path.realpath(path)
     st = os.stat(real)
-    stamp = [st.st_size, st.st_mtime_ns]
+    stamp = [st.st_size, st.st_mtime_ns, real]  # the name is probed: it may choose clang's target
     try:
         with open(cache_file) as f:
             cache = json.load(f)
-        entry = cache.get(real)
-        if isinstance(entry, list) and entry[:2] == stamp and isinstance(entry[2], str):
-            return entry[2]
+        entry = cache.get(path)
+        if isinstance(entry, list) and entry[:3] == stamp and isinstance(entry[3], str):
+            return entry[3]
     except (OSError, ValueError, AttributeError, IndexError):
         cache = {}
-    identity = probe(real)
+    identity = probe(path)
     cache = cache if isinstance(cache, dict) else {}
-    cache[real] = [*stamp, identity]
+    cache[path] = [*stamp, identity]
     try:
         os.makedirs(os.path.dirname(cache_file), exist_ok=True)
         temp = f"{cache_file}.{os.getpid()}.tmp"
@@ -61,3 +102,35 @@ def cached_identity(path: str, cache_file: str | None = None) -> str:
     except OSError:
         pass  # an unwritable cache only costs a probe next time
     return identity
+
+
+class HeaderDigests:
+    """SHA-256 of files, remembered by (device, inode, size, mtime, ctime): a build reads the same few
+    hundred system headers for every job, and a stat costs a microsecond where reading them costs a millisecond."""
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    def file(self, path: str) -> str:
+        """The digest of one file; OSError when it cannot be read."""
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            known = self._known.get(path)
+            if known and known[0] == stamp:
+                return known[1]
+            digest = hashlib.sha256(f.read()).hexdigest()
+        self._known[path] = (stamp, digest)
+        return digest
+
+    def of(self, paths: list[str], within: str = "/usr/") -> str:
+        """One digest of ``paths`` and their contents, in order.  A missing file counts as such, and so
+        does one whose links lead outside ``within`` (the sandbox sees only /usr: neither is read)."""
+        h = hashlib.sha256()
+        for path in paths:
+            try:
+                digest = self.file(path) if os.path.realpath(path).startswith(within) else "outside"
+            except OSError:
+                digest = "missing"
+            h.update(f"{path}\0{digest}\n".encode("utf-8", "surrogateescape"))
+        return h.hexdigest()

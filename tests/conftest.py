@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import yaml
 
 from securecc import protocol as wire
 from securecc.audit import records as audit_records
-from securecc.toolchain import probe
+from securecc.args import SERVER_PREPROCESSES
+from securecc.toolchain import HeaderDigests, probe
 
 REPO = Path(__file__).resolve().parent.parent
 TESTREALM = REPO / "krb5-testrealm" / "testrealm"
@@ -236,4 +238,7 @@ IDENTITIES = {"gcc": probe("/usr/bin/gcc"), "g++": probe("/usr/bin/g++")}
 def make_job(compiler: str, *fields: object, **named: object) -> wire.Job:
     """A wire.Job as the client builds it, with the compiler identity it would send."""
     named.setdefault("compiler_identity", IDENTITIES.get(compiler, ""))
-    return wire.Job(compiler, *fields, **named)  # type: ignore[arg-type]
+    job = wire.Job(compiler, *fields, **named)  # type: ignore[arg-type]
+    if job.language in SERVER_PREPROCESSES and not job.system_digest:
+        job = dataclasses.replace(job, system_digest=HeaderDigests().of(job.system_headers))
+    return job

@@ -188,9 +188,8 @@ NOT_DISTRIBUTABLE = [
     "-c foo.c -wrapper gdb,--args",
     "-c foo.c -march=native",
     "-c foo.c -mtune=native",
-    "-c foo.c -g3",
-    "-c foo.c -ggdb3",
-    "-c foo.c -gsplit-dwarf",
+    "-S foo.c -gsplit-dwarf",
+    "-c foo.s -gsplit-dwarf",
     "-c foo.c -save-temps",
     "-c foo.c -save-temps=obj",
     "-c foo.c -fprofile-generate",
@@ -201,12 +200,13 @@ NOT_DISTRIBUTABLE = [
     "-c foo.c -fstack-usage",
     "-c foo.c -Wa,-adhln=x",
     "-c foo.c -Xassembler -adhln",
-    "-x assembler -c foo.c",
-    "-x assembler-with-cpp -c foo.c",
+    "-c foo.c -Wa,--noexecstack,-Iinc",  # one item naming a directory keeps the whole option local
+    "-c foo.c -Wa,--MD,deps",
+    "-c foo.c -Wa,@opts",
+    "-c foo.c -Wa,-v",
+    "-c foo.c -Xassembler --noexecstack -Xassembler -I -Xassembler inc",
     "-x none -c foo.c",
     "-c foo.c -x c",  # -x after the source would apply to a next file only
-    "-c foo.s",
-    "-c foo.S",
     "-c foo.f90",
     "-c foo",
     "-c foo.c -fsomething-new=/path",
@@ -263,6 +263,9 @@ def test_refused_argument_accepts_ordinary_flags():
         (["max-inline-insns-single=100"], "max-inline-insns-single=100"),  # a --param value on its own
         (["-x", "c"], "-x"),
         (["-Wa,-a=/tmp/l"], "-Wa,-a=/tmp/l"),
+        (["-Wa,--noexecstack,-I/etc"], "-Wa,--noexecstack,-I/etc"),
+        (["-Xassembler", "-a=/tmp/l"], "-Xassembler"),
+        (["-Xassembler"], "-Xassembler"),
         (["-Wl,-T"], "-Wl,-T"),
         (["-Wp,-MD,/tmp/d"], "-Wp,-MD,/tmp/d"),
         (["--param"], "--param"),
@@ -353,6 +356,9 @@ DEBIAN_FLAGS = [
     "-m64", "-msse4.2", "-mavx2", "-march=x86-64-v2", "-mtune=generic", "-fcf-protection=full",
     "-ftrivial-auto-var-init=zero", "-fzero-call-used-regs=used-gpr", "-fstrict-flex-arrays=3", "-fopenmp",
     "-w", "-pedantic", "-Wpedantic", "-pedantic-errors", "-ansi", "-fmessage-length=0",
+    # hardened C (zstd, openssl, the kernel's JCC-erratum builds) and macro debug info
+    "-Wa,--noexecstack", "-Wa,--noexecstack,-mrelax-relocations=no", "-Wa,--compress-debug-sections=zlib",
+    "-Wa,-mbranches-within-32B-boundaries", "-Wa,--gdwarf-5", "-g3", "-ggdb3",
 ]  # fmt: skip
 
 
@@ -383,6 +389,8 @@ def test_realistic_flags_together():
         "-D -fplugin=x.so -c foo.c",
         "-include -O2 -c foo.c",
         "-Iinc -DX -Wp,-MD,d -O2 -c foo.c",
+        "-Xassembler --noexecstack -c foo.c",
+        "-Xassembler -Iinc -c foo.c",
         "-O2 -DNDEBUG -Iinclude -isystem /usr/include/glib-2.0 -MD -c foo.c",
     ],
 )
@@ -470,7 +478,8 @@ def test_remote_language(line, language):
 def test_every_plan_language_has_a_server_form():
     """What a client names (text, or source for a server that preprocesses) is a language the server knows."""
     for language in set(argpolicy.SOURCE_LANGUAGES.values()):
-        assert language in argpolicy.LANGUAGES
+        assert language in argpolicy.LANGUAGES or language in argpolicy.ASSEMBLER  # assembler: only as source
+        assert language.endswith("cpp-output") or f"{language}-source" in argpolicy.SERVER_PREPROCESSES
     for language in ("c", "c++"):
         assert f"{language}-source" in argpolicy.SERVER_PREPROCESSES
         assert f"{language}-directives" in argpolicy.LANGUAGES

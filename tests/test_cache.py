@@ -97,7 +97,14 @@ def test_corrupt_entry_is_recompiled(realm, own_server, workdir):
     s = own_server()
     (workdir / "a.c").write_text("int a(int x) { return x * 7; }\n")
     assert securecc(realm, s, "alice", workdir, "gcc", "-O2", "-c", "a.c", "-o", "first.o").returncode == 0
-    (entry,) = [p for p in (Path(s.config_path.parent) / "cache").glob("*/*")]
+
+    def entries() -> list[Path]:  # the handler stores the entry after the reply: wait for its rename
+        return [p for p in (Path(s.config_path.parent) / "cache").glob("*/*") if not p.name.endswith(".tmp")]
+
+    deadline = time.monotonic() + 10
+    while not entries() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (entry,) = entries()
     data = bytearray(entry.read_bytes())
     data[-10] ^= 0xFF
     entry.write_bytes(bytes(data))

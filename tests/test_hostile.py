@@ -221,7 +221,8 @@ def test_a_handshake_frame_larger_than_a_token_is_refused_before_buffering(own_s
 # --- the sandbox itself, attacked from inside --------------------------------
 
 
-def sandboxed_shell(tmp_path: Path, script: str, file_size: int = 1 << 20) -> tuple[subprocess.CompletedProcess, Path]:
+def sandboxed_shell(tmp_path: Path, script: str, file_size: int = 1 << 20,
+                    split_dwarf: tuple[str, str, str] | None = None) -> tuple[subprocess.CompletedProcess, Path]:  # fmt: skip
     """Run ``script`` where a compiler would run, as the job handler would (its uid: 65534 when root)."""
     scratch = tmp_path / "scratch"
     scratch.mkdir(mode=0o700)
@@ -231,12 +232,12 @@ def sandboxed_shell(tmp_path: Path, script: str, file_size: int = 1 << 20) -> tu
         os.chown(scratch, 65534, 65534)
     code = (
         "import sys; from pathlib import Path; from securecc import sandbox;"
-        "d = sandbox.make_job_dir(Path(sys.argv[1]), 'j', {'input': b''}); print(d)"
+        f"d = sandbox.make_job_dir(Path(sys.argv[1]), 'j', {{'input': b''}}, {bool(split_dwarf)}); print(d)"
     )
     job_dir = Path(subprocess.run([*as_handler, os.sys.executable, "-I", "-c", code, scratch], check=True,
                                   capture_output=True, text=True).stdout.strip())  # fmt: skip
     limits = sandbox.Limits(file_size=file_size)
-    spec = sandbox.Spec("/bin/sh", ["-c", script], job_dir, "/tmp/w", "a.c", {})
+    spec = sandbox.Spec("/bin/sh", ["-c", script], job_dir, "/tmp/w", "a.c", {}, split_dwarf=split_dwarf)
     argv = sandbox.command(spec, sandbox.Settings(limits, 65534 if as_handler else None, 65534 if as_handler else None))
     done = subprocess.run([*as_handler, *argv], capture_output=True, timeout=60, cwd=job_dir)
     return done, job_dir
@@ -257,6 +258,28 @@ def test_the_output_is_bounded_by_the_file_size_limit(workdir):
     done, job_dir = sandboxed_shell(workdir, "set +e; head -c 3000000 /dev/zero > /job/output", file_size=1 << 20)
     assert done.returncode != 0
     assert os.stat(job_dir / "output").st_size <= 1 << 20
+
+
+def test_a_split_dwarf_job_writes_only_its_output_directory(workdir):
+    """-gsplit-dwarf binds the object's directory writable: links made there are not followed, nothing else is writable."""
+    script = ("set +e; echo dwo > /tmp/w/obj/n.dwo; ln -s /etc/shadow /tmp/w/obj/n.o; touch /tmp/w/new /job/new /new;"
+              "ln -s / /tmp/w/obj/root")  # fmt: skip
+    done, job_dir = sandboxed_shell(workdir, script, split_dwarf=("obj/n.o", "/tmp/w/obj/n.o", "/tmp/w/obj/n.dwo"))
+    assert done.returncode == 0, done.stderr
+    out = job_dir / sandbox.SPLIT_DIR
+    assert sorted(p.name for p in out.iterdir()) == ["n.dwo", "n.o", "root"] and not (job_dir / "new").exists()
+    assert read_as_handler(out, "n.dwo") == repr(b"dwo\n")
+    assert read_as_handler(out, "n.o") == read_as_handler(out, "root") == "OutputError"
+
+
+def read_as_handler(directory: Path, name: str) -> str:
+    """sandbox.read_output() of ``name`` as the job handler does it (its uid: 65534 when root)."""
+    as_handler = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"] if os.geteuid() == 0 else []
+    code = ("import sys; from pathlib import Path; from securecc import sandbox\n"
+            "try: print(repr(sandbox.read_output(Path(sys.argv[1]), 100, sys.argv[2])))\n"
+            "except sandbox.OutputError: print('OutputError')")  # fmt: skip
+    return subprocess.run([*as_handler, os.sys.executable, "-I", "-c", code, directory, name], check=True,
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "directory", "hardlink", "oversize"])

@@ -234,7 +234,7 @@ def test_hello_token_and_error_frames():
     assert not conn.is_secure
     events = conn.receive_data(wire.hello() + wire.token(b"\x60\x82gss") + wire.error("bad-version", "speak 1"))
     assert events == [
-        wire.HelloReceived(1, 1),
+        wire.HelloReceived(wire.MIN_VERSION, wire.VERSION),
         wire.TokenReceived(b"\x60\x82gss"),
         wire.ErrorReceived("bad-version", "speak 1"),
     ]
@@ -252,10 +252,11 @@ def test_error_message_is_truncated():
 
 @pytest.mark.parametrize(
     ("low", "high", "chosen"),
-    [(1, 1, 1), (1, 5, 1), (0, 1, 1), (0, 0, None), (2, 3, None), (7, 9, None)],
+    [(2, 2, 2), (2, 5, 2), (0, 2, 2), (1, 1, None), (0, 0, None), (3, 4, None), (7, 9, None)],
 )
 def test_choose_version(low, high, chosen):
-    """The highest common version, or None when the ranges do not overlap."""
+    """The highest common version, or None when the ranges do not overlap (version 1 jobs lack system headers)."""
+    assert (wire.MIN_VERSION, wire.VERSION) == (2, 2)
     assert wire.choose_version(wire.HelloReceived(low, high)) == chosen
 
 
@@ -436,7 +437,7 @@ def raw_message(code: int, header: object, blobs: bytes = b"", header_len: int |
 
 
 def result_header(**changes: object) -> dict[str, object]:
-    header: dict[str, object] = {"exit_status": 0, "job_id": "j", "blobs": [2, 3, 1]}
+    header: dict[str, object] = {"exit_status": 0, "job_id": "j", "blobs": [2, 3, 1, None]}
     header.update(changes)
     return {k: v for k, v in header.items() if v is not DROP}
 
@@ -444,7 +445,8 @@ def result_header(**changes: object) -> dict[str, object]:
 def job_header(**changes: object) -> dict[str, object]:
     header: dict[str, object] = {
         "compiler": "gcc", "args": ["-O2"], "language": "c", "mode": "-c", "cwd": "/",
-        "source_path": "a.c", "environment": {"LC_ALL": "C"}, "include_paths": [], "compiler_identity": "", "blobs": [3, 0],
+        "source_path": "a.c", "environment": {"LC_ALL": "C"}, "include_paths": [], "compiler_identity": "",
+        "system_headers": [], "system_digest": "", "output_path": "", "blobs": [3, 0],
     }  # fmt: skip
     header.update(changes)
     return {k: v for k, v in header.items() if v is not DROP}
@@ -463,7 +465,7 @@ def test_hand_built_messages_decode():
         include_paths=["/p/a.h", "/p/b.h"], includes=[b"AA", b"BBB"],
     )
     assert wire.decode_message(raw_message(3, {"reason": "r", "message": "m", "job_id": "", "blobs": []})) == Refused("r", "m")
-    assert wire.decode_message(raw_message(2, result_header(blobs=[0, 0, None]))) == Result(0, b"", b"", None, "j")
+    assert wire.decode_message(raw_message(2, result_header(blobs=[0, 0, None, None]))) == Result(0, b"", b"", None, "j")
 
 
 BAD_MESSAGES = {
@@ -498,12 +500,12 @@ BAD_MESSAGES = {
     "refused-reason-null": raw_message(3, {"reason": None, "message": "m", "job_id": "", "blobs": []}),
     "blobs-not-a-list": raw_message(2, result_header(blobs="2,3,1"), RESULT_BLOBS),
     "blobs-too-few": raw_message(2, result_header(blobs=[2, 4]), RESULT_BLOBS),
-    "blobs-too-many": raw_message(2, result_header(blobs=[2, 3, 1, 0]), RESULT_BLOBS),
-    "blobs-short-of-data": raw_message(2, result_header(blobs=[2, 3, 0]), RESULT_BLOBS),
-    "blobs-past-data": raw_message(2, result_header(blobs=[2, 3, 2]), RESULT_BLOBS),
-    "blob-negative": raw_message(2, result_header(blobs=[-1, 6, 1]), RESULT_BLOBS),
-    "blob-negative-last": raw_message(2, result_header(blobs=[2, 3, -1]), RESULT_BLOBS),
-    "blob-str": raw_message(2, result_header(blobs=["2", 3, 1]), RESULT_BLOBS),
+    "blobs-too-many": raw_message(2, result_header(blobs=[2, 3, 1, None, 0]), RESULT_BLOBS),
+    "blobs-short-of-data": raw_message(2, result_header(blobs=[2, 3, 0, None]), RESULT_BLOBS),
+    "blobs-past-data": raw_message(2, result_header(blobs=[2, 3, 2, None]), RESULT_BLOBS),
+    "blob-negative": raw_message(2, result_header(blobs=[-1, 6, 1, None]), RESULT_BLOBS),
+    "blob-negative-last": raw_message(2, result_header(blobs=[2, 3, 1, -1]), RESULT_BLOBS),
+    "blob-str": raw_message(2, result_header(blobs=["2", 3, 1, None]), RESULT_BLOBS),
     "blob-bool": raw_message(2, result_header(blobs=[2, 3, True]), RESULT_BLOBS),
     "blob-float": raw_message(2, result_header(blobs=[2.0, 3, 1]), RESULT_BLOBS),
     "stdout-null": raw_message(2, result_header(blobs=[None, 5, 1]), RESULT_BLOBS),

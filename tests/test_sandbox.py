@@ -207,12 +207,20 @@ def test_client_with_another_compiler_version_compiles_locally(realm, server, wo
 
 
 def test_rlimits_only_mode_is_explicit_and_marked(realm, own_server, workdir):
-    """Without bubblewrap an admin may choose rlimits-only: it works, warns at start, and marks every record."""
+    """Without bubblewrap an admin may choose rlimits-only: it works, warns at start, and marks every record.
+
+    It compiles preprocessed input only (.i files, stock distcc jobs): a job
+    of source files needs them at their own paths, which takes namespaces.
+    """
     s = own_server(sandbox={"mode": "rlimits-only"})
     (workdir / "a.c").write_text("int a(void) { return 1; }\n")
     done = securecc(realm, s, "alice", workdir, "gcc", "-O2", "-c", "a.c", "-o", "r.o", SECURECC_VERBOSE="1")
-    assert done.returncode == 0 and b"compiled a.c" in done.stderr
-    local(workdir, "gcc", "-O2", "-c", "a.c", "-o", "l.o")
+    assert done.returncode == 0 and b"runs without bubblewrap: it cannot preprocess" in done.stderr
+    assert s.jobs(cwd=str(workdir))[-1]["reason"] == "denied:unsupported"
+    assert local(workdir, "gcc", "-E", "a.c", "-o", "a.i").returncode == 0
+    done = securecc(realm, s, "alice", workdir, "gcc", "-O2", "-c", "a.i", "-o", "r.o", SECURECC_VERBOSE="1")
+    assert done.returncode == 0 and b"compiled a.i" in done.stderr
+    local(workdir, "gcc", "-O2", "-c", "a.i", "-o", "l.o")
     assert (workdir / "r.o").read_bytes() == (workdir / "l.o").read_bytes()
     assert "SANDBOX DISABLED" in s.log_path.read_text()
     assert s.jobs(cwd=str(workdir))[-1]["sandbox"] == "rlimits-only"
