@@ -11,6 +11,9 @@ instead of 21 ms for a console-script wrapper in a virtualenv.  It is a
 module next to the script so that its bytecode is cached (compiling it
 would cost 1.5 ms per run).
 
+``securecc stats``, ``--help`` and ``--version`` are answered here too,
+without starting an agent: stats asks a running one, if any.
+
 Anything unusual (no agent, a directory that is not private, an agent of
 another version or Kerberos environment, an agent that dies mid-job) falls
 back to doing the whole job here (:mod:`securecc.client`, "direct mode"),
@@ -26,9 +29,39 @@ import _socket  # socket.py would cost 5 ms of imports; the C module is all a Un
 
 _signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # ^C kills us the way it kills gcc
 
-AGENT_PROTOCOL = b"securecc-agent 1"
+AGENT_PROTOCOL = b"securecc-agent 2"  # securecc.agent.PROTOCOL
 START_WAIT = 5.0  # seconds to wait for a freshly started agent (a cold Python start on a loaded box)
 ENVIRON = posix.environ  # bytes to bytes, as the kernel gave it
+MASQUERADE_NAMES = ("gcc", "cc", "g++", "c++", "clang", "clang++")  # securecc.client's: all args are the compiler's
+OWN_COMMANDS = ("stats", "--help", "-h", "--version")
+NO_AGENT = b"securecc: no agent is running for this Kerberos environment (the first compile starts one); no counters\n"
+
+HELP = b"""\
+usage: securecc COMPILER [ARGS...]   (or through a symlink named gcc, cc, g++, c++, clang or clang++)
+       securecc stats [-z]    the agent's counters: since it started, since the last -z (resets)
+       securecc --show-hosts  the compile servers, where they came from, back-off and latency
+       securecc --version | --help
+
+Environment:
+  SECURECC_HOSTS              compile servers: host[:port][/limit][,principal=NAME] ...; default:
+                              ~/.config/securecc/hosts, /etc/securecc/hosts, DNS SRV records
+  SECURECC_DOMAIN             the domain of the SRV records (default: the resolver's search list)
+  SECURECC_DNS                HOST:PORT of the DNS server to ask for them
+  SECURECC_VERBOSE=1          one line per job: where it was compiled, or why it stayed local
+  SECURECC_CONNECT_TIMEOUT    seconds to connect to a server (2)
+  SECURECC_HANDSHAKE_TIMEOUT  seconds for the Kerberos handshake (5)
+  SECURECC_IO_TIMEOUT         seconds of silence after which a server is taken as hung (20)
+  SECURECC_BACKOFF            seconds a failing server is left alone, doubling up to 300 (15)
+  SECURECC_AGENT=off          no agent: every securecc process does its job itself
+  SECURECC_AGENT_DIR          the agent's socket and log (default: $XDG_RUNTIME_DIR/securecc,
+                              else /tmp/securecc-UID)
+  SECURECC_AGENT_IDLE         seconds without a job after which the agent exits (600)
+  SECURECC_CONFIG             securecc-admin's server config (/etc/securecc/securecc.yaml)
+Also read: KRB5CCNAME and the other KRB5* (your ticket; one agent per set of values),
+KRB5_CLIENT_KTNAME (a keytab to get the ticket from), PATH (the real compiler),
+XDG_CACHE_HOME (~/.cache: host back-off, compiler identities); the remote compiler gets
+LC_ALL, LC_MESSAGES or LANG, TZ and SOURCE_DATE_EPOCH.
+"""
 
 
 def fnv1a(data: bytes) -> str:
@@ -92,7 +125,8 @@ def start_agent(directory: bytes, name: bytes) -> None:
     posix.waitpid(pid, 0)  # it forks and its first process exits once the agent listens
 
 
-def agent_connection(environment: bytes) -> "_socket.socket | None":
+def agent_connection(environment: bytes, start: bool = True) -> "_socket.socket | None":
+    """A connection to our agent, started if need be and ``start``; None: direct mode (or no agent)."""
     directory = agent_directory()
     why = private_directory(directory)
     if why:
@@ -103,7 +137,9 @@ def agent_connection(environment: bytes) -> "_socket.socket | None":
     try:
         return connect(path)
     except OSError:
-        pass
+        if not start:
+            write_all(2, NO_AGENT)
+            return None
     try:
         start_agent(directory, name)
         return wait_for_agent(directory + b"/" + name, path)
@@ -155,8 +191,11 @@ def through_agent() -> int | None:
     could not be asked or failed before answering, and direct mode should do the job."""
     environment = kerberos_environment()
     sock = agent_connection(environment)
-    if sock is None:
-        return None
+    return None if sock is None else exchange(sock, environment)
+
+
+def exchange(sock: "_socket.socket", environment: bytes) -> int | None:
+    """Send this run to the agent on ``sock`` and carry out its answer (see through_agent)."""
     mask = posix.umask(0o022)
     posix.umask(mask)
     encoding = sys.getfilesystemencoding()
@@ -193,7 +232,34 @@ def through_agent() -> int | None:
     return None  # "D" (do it yourself) or a reply cut short: the agent went away
 
 
+def own_command(command: str) -> int:
+    """securecc's own commands: never a compile, never an agent started."""
+    if command == "stats":
+        environment = kerberos_environment()
+        sock = agent_connection(environment, start=False)
+        if sock is None:
+            return 1  # said why
+        status = exchange(sock, environment)
+        if status is None:
+            write_all(2, b"securecc: the agent did not answer (its log, agent-*.log beside its socket, may say why)\n")
+            return 1
+        return status
+    if command == "--version":
+        if sys.flags.no_site:
+            import site
+
+            site.main()  # where the package is: 20 ms, without the client's imports or an agent
+        from securecc import __version__
+
+        write_all(1, f"securecc {__version__}\n".encode())
+        return 0
+    write_all(1, HELP)
+    return 0
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in OWN_COMMANDS and sys.argv[0].rpartition("/")[2] not in MASQUERADE_NAMES:
+        sys.exit(own_command(sys.argv[1]))
     # `securecc --show-hosts` and the like are for people, not builds: direct mode
     if len(sys.argv) > 1 and not sys.argv[1].startswith("--") and ENVIRON.get(b"SECURECC_AGENT", b"on") != b"off":
         status = through_agent()

@@ -18,6 +18,9 @@ is compiled locally with the usual message, and a renewed ticket is used
 by the next handshake (a session is dropped a minute before its ticket
 ends).
 
+It also keeps the counters of ``securecc stats`` (:mod:`securecc.stats`)
+and, once in its lifetime, tells the user when most compiles stayed local.
+
 Run by the shim as ``python -I -m securecc.agent DIR NAME``.
 """
 
@@ -34,9 +37,10 @@ import traceback
 
 from securecc import client
 from securecc import protocol as wire
+from securecc import stats as counters
 from securecc.hosts import host_key
 
-PROTOCOL = b"securecc-agent 1"  # the shim's AGENT_PROTOCOL
+PROTOCOL = b"securecc-agent 2"  # the shim's AGENT_PROTOCOL; 2: `securecc stats`
 
 
 def _idle_seconds() -> float:
@@ -59,11 +63,12 @@ def log(message: str) -> None:
 class SessionPool:
     """Authenticated channels to servers, kept between jobs, per server and principal."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats: counters.Stats | None = None) -> None:
         self._idle: dict[tuple[str, str], list[client.Channel]] = {}
         self._lock = threading.Lock()
         self._credentials: tuple[object, object, str, float] | None = None  # (ccache state, credentials, principal, end)
         self.handshakes = 0
+        self.stats = stats or counters.Stats()
 
     def credentials(self):  # type: ignore[no-untyped-def]
         """The ticket the next handshake would use and its principal; RemoteFailure if there is none.
@@ -115,10 +120,11 @@ class SessionPool:
                     self._give(key, channel)
                     return reply
                 channel.close()
-        channel = client.Channel(host, timeouts=timeouts)
+        channel = CountedChannel(host, self.stats, timeouts)
         try:
             channel.authenticate(credentials)
             self.handshakes += 1
+            self.stats.add("handshakes")
             reply = channel.call(job, inv.watch)
         except BaseException:
             channel.close()
@@ -151,6 +157,49 @@ class SessionPool:
             self._idle.clear()
         for channel in channels:
             channel.close()
+
+
+class CountingSocket:
+    """A socket that adds the bytes it moves to the stats (``securecc stats``); the rest is the socket's."""
+
+    def __init__(self, sock: socket.socket, stats: counters.Stats) -> None:
+        self._sock, self._stats = sock, stats
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.sendall(data)
+        self._stats.add("bytes", "sent", len(data))
+
+    def recv(self, size: int) -> bytes:
+        data = self._sock.recv(size)
+        self._stats.add("bytes", "received", len(data))
+        return data
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+class CountedChannel(client.Channel):
+    """A channel whose traffic (handshake, jobs, replies, heartbeats) the stats count."""
+
+    def __init__(self, host, stats: counters.Stats, timeouts: client.Timeouts) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(host, timeouts=timeouts)
+        self.sock = CountingSocket(self.sock, stats)  # type: ignore[assignment]
+
+
+class JobSessions:
+    """The pool as one job sees it: also notes whether a server returned a Result (the job went remote)."""
+
+    def __init__(self, pool: SessionPool) -> None:
+        self.pool = pool
+        self.answered = False
+
+    def call(self, inv: client.Invocation, host, job: wire.Job, timeouts: client.Timeouts):  # type: ignore[no-untyped-def]
+        reply = self.pool.call(inv, host, job, timeouts)
+        self.answered = self.answered or isinstance(reply, wire.Result)
+        return reply
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.pool, name)
 
 
 def ccache_state() -> tuple[int, int, int] | None:
@@ -206,7 +255,8 @@ class Agent:
     def __init__(self, directory: str, name: str) -> None:
         self.path = os.path.join(directory, name + ".sock")
         self.pid_path = os.path.join(directory, name + ".pid")
-        self.pool = SessionPool()
+        self.stats = counters.Stats()
+        self.pool = SessionPool(self.stats)
         self.active = 0
         self.last = time.monotonic()
         self._lock = threading.Lock()
@@ -248,6 +298,7 @@ class Agent:
         listener.close()
         self.pool.close_all()
         log(f"exiting ({'idle' if idle else 'socket removed'}); {self.pool.handshakes} handshakes made")
+        sys.stderr.write(self.stats.report())  # the counters die with us: their last state, in the log
 
     def handle(self, conn: socket.socket) -> None:
         try:
@@ -262,14 +313,20 @@ class Agent:
             if inv is None:
                 conn.sendall(b"D\n")  # not ours to do: direct mode
                 return
+            if counters.is_command(inv.argv):
+                out, err, status = counters.command(self.stats, inv.argv[2:])
+                conn.sendall(b"R %d %d %d\n" % (status, len(out), len(err)) + out + err)
+                return
+            sessions = JobSessions(self.pool)
             try:
-                outcome = client.run(inv, self.pool)
+                outcome = client.run(inv, sessions)
             except client.Cancelled:
                 return  # the shim is gone; closing its job's connection killed the compile
             except Exception:
                 log(f"job failed inside the agent:\n{traceback.format_exc()}")
                 conn.sendall(b"D\n")
                 return
+            self.count(inv, outcome, sessions.answered)
             err = inv.err.getvalue()  # type: ignore[attr-defined]
             if isinstance(outcome, client.LocalCompile):
                 command = b"\0".join(os.fsencode(a) for a in (outcome.path, *outcome.argv))
@@ -284,6 +341,18 @@ class Agent:
             with self._lock:
                 self.active -= 1
                 self.last = time.monotonic()
+
+    def count(self, inv: client.Invocation, outcome: int | client.LocalCompile, answered: bool) -> None:
+        """Count the job; if it is the one that shows most compiles stay local, say so on its stderr (once)."""
+        try:
+            counted = counters.outcome_of(inv, outcome, answered)
+            notice = self.stats.job(counted) if counted else None
+        except Exception:  # the counters must never cost a job
+            log(f"counting a job failed:\n{traceback.format_exc()}")
+            return
+        if notice:
+            inv.say(notice)
+            log(notice)
 
 
 def daemonize() -> int:
