@@ -7,22 +7,15 @@ tried in order, first match wins, and anything no rule matches is ``LOCAL``:
 an unknown option is never sent to a server.
 
 How a job keeps objects byte-identical to a local compile, ``-g`` included:
-the client runs the preprocessor with ``-fdirectives-only`` (includes and
-conditionals resolved here, macros left unexpanded), drops the compiler's
-built-in macro definitions from the output, and the server compiles that text
-as ordinary C/C++ at the client's own working directory and source path
-(mounted inside the sandbox).  Column numbers in the debug line table, the
-compilation directory and the file names therefore come out exactly as a
-local build.  Fully expanded ``-E`` output would shift columns after every
-macro (and lose the comments ``-Wimplicit-fallthrough`` reads).
-
-``-pedantic`` builds cannot compile line markers as ordinary source (the
-compiler pedwarns about each), so they keep the built-ins and compile with
-``-fpreprocessed -fdirectives-only``: same diagnostics, same code, and with
-``-g`` the one difference that DW_AT_producer mentions ``-fdirectives-only``.
-
-Sources that use ``__BASE_FILE__`` or ``__TIMESTAMP__`` compile locally:
-remotely they would name the server's input file and its time.
+the server preprocesses the client's own files at their own paths (the job
+carries the source and project headers; ``SERVER_PREPROCESSES``) from a
+``/usr`` whose headers match the client's, so it runs exactly the compile
+gcc runs here (see ``client.prepare_job`` for the exceptions).  This module
+still makes the ``-fdirectives-only`` text of the one exception that sends
+text (a preprocessing-only option, without ``-g``): it drops the compiler's
+built-in macros, which the server defines itself, and ``-pedantic`` builds
+keep them and compile with ``-fpreprocessed -fdirectives-only``.  Such text
+is not exact with debug info (an ``-O3 -g`` line table gains rows).
 """
 
 from __future__ import annotations

@@ -94,13 +94,17 @@ def _text(value: str, what: str, limit: int) -> str:
     return value
 
 
-def _path(value: str, what: str) -> str:
+def _path(value: str, what: str, normalized: bool = True) -> str:
+    """A path: bounded, never an option, and (unless it is only handed to gcc, as the source path and
+    the object's path are: ``.//lib/x.c`` is what zstd's Makefile writes, and debug info keeps it)
+    normalized.  What a path names in the sandbox is always its normalized form, validated as a mount
+    point; with no links among the job's files, the kernel resolves the name as given to the same file."""
     _text(value, what, MAX_PATH)
     if not value or value.startswith(("-", "@")):
         raise Invalid("denied:bad-path", f"{what} {value!r} could be read as an option")
     if value.startswith("//"):  # POSIX normpath keeps two leading slashes; the kernel reads them as one
         raise Invalid("denied:bad-path", f"{what} {value!r} is not a normalized path")
-    if posixpath.normpath(value) != value.rstrip("/") or value.endswith("/") and value != "/":
+    if normalized and (posixpath.normpath(value) != value.rstrip("/") or value.endswith("/") and value != "/"):
         raise Invalid("denied:bad-path", f"{what} {value!r} is not a normalized path")
     if any(len(part) > MAX_NAME for part in value.split("/")):
         raise Invalid("denied:bad-path", f"{what} has a component longer than {MAX_NAME}")
@@ -145,7 +149,7 @@ def validate(job: wire.Job, compiler_roots: tuple[str, ...] = ()) -> ValidJob:
     if bad is not None:
         raise Invalid("denied:argument-refused", f"environment {bad} is not allowed on a compile server")
     cwd = _mount_point(job.cwd, "working directory", compiler_roots)
-    _path(job.source_path, "source path")
+    _path(job.source_path, "source path", normalized=False)
     source_mount = _mount_point(posixpath.normpath(posixpath.join(cwd, job.source_path)), "source", compiler_roots)
     if source_mount == cwd:
         raise Invalid("denied:bad-path", "the source path names the working directory")
@@ -171,7 +175,7 @@ def validate(job: wire.Job, compiler_roots: tuple[str, ...] = ()) -> ValidJob:
     if job.output_path or "-gsplit-dwarf" in job.args:
         if not job.output_path or mode is not Mode.OBJECT or "-gsplit-dwarf" not in job.args:
             raise Invalid("denied:argument-refused", "an output path goes with -gsplit-dwarf and -c, and only with them")
-        _path(job.output_path, "output path")
+        _path(job.output_path, "output path", normalized=False)
         output = _mount_point(posixpath.normpath(posixpath.join(cwd, job.output_path)), "output", compiler_roots)
         _mount_point(posixpath.dirname(output), "output directory", compiler_roots)  # bound writable: never "/"
         split_dwarf = (job.output_path, output, _mount_point(argpolicy.dwo_path(output), "split debug file", compiler_roots))

@@ -109,6 +109,7 @@ CASES = {
     "assembler-with-cpp": ({"a.S": ASM_WITH_CPP, "inc/asm.h": ASM_H}, ["-g", "-Wa,--noexecstack"], "a.S"),
     "x-assembler-with-cpp": ({"a.asm": ASM_WITH_CPP, "inc/asm.h": ASM_H}, ["-x", "assembler-with-cpp", "-g"], "a.asm"),
     "assembler": ({"p.s": PLAIN_ASM}, ["-g"], "p.s"),
+    "unnormalized-path": ({"lib/m.c": C_MAIN, "lib/inc/conv.h": CONV_H}, ["-O2", "-g", "-Ilib"], ".//lib/m.c"),  # zstd
     "md-dependencies": ({"m.c": C_MAIN, "inc/conv.h": CONV_H}, ["-O2", "-MD", "-MP"], "m.c"),
     "march-native": ({"m.c": C_MAIN, "inc/conv.h": CONV_H}, ["-O3", "-march=native"], "m.c"),
     "mtune-native-g-unrecorded": ({"m.c": C_MAIN, "inc/conv.h": CONV_H},

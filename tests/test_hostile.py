@@ -60,11 +60,16 @@ def test_response_file_source_path_cannot_run_a_wrapper(realm, attack, workdir):
     keytab = realm.dir / "service.keytab"
     header = str(workdir / "resp")
     options = f"-wrapper /bin/sh,-c,ln\\ -sf\\ {keytab}\\ /job/output".encode()
-    for source_path in ("@" + header, "@resp", "-wrapper", "./@resp"):
+    for source_path in ("@" + header, "@resp", "-wrapper"):
         reply = client.job(language="c-source", cwd=str(workdir), source_path=source_path, include_paths=[header],
                            includes=[options], compiler_identity=IDENTITIES["gcc"])  # fmt: skip
         assert isinstance(reply, wire.Refused) and reply.reason == "denied:bad-path", (source_path, reply)
         assert one_record(s, reply)["decision"] == "refused"
+    # './@resp' is a file name to gcc, never a response file: it compiles as C (and fails: not C), nothing runs.
+    reply = client.job((b"", options), language="c-source", cwd=str(workdir), source_path="./@resp",
+                       compiler_identity=IDENTITIES["gcc"])  # fmt: skip
+    assert isinstance(reply, wire.Result) and reply.exit_status != 0 and reply.output is None
+    assert b"-wrapper" in reply.stderr and not any(secret in reply.stderr for secret in secrets_of(realm))
 
 
 @pytest.mark.parametrize("fields, reason", [
