@@ -70,7 +70,8 @@ _AS_ITEM = (
 
 POLICY: tuple[tuple[str, Use], ...] = (
     # Run code, read or write files by name, or need this very machine.
-    (r"@.*|-B.*|-specs(=.*)?|-wrapper|-fplugin.*|-fmodule.*|-fmodules-ts|-fdeps-.*", Use.LOCAL),
+    # @file anywhere is a response file, also as the value the driver hands cc1 apart (-D@f: "-D" "@f").
+    (r"@.*|-[IDU]@.*|-B.*|-specs(=.*)?|-wrapper|-fplugin.*|-fmodule.*|-fmodules-ts|-fdeps-.*", Use.LOCAL),
     (r"-fdump-.*|-fprofile.*|-fauto-profile.*|-fbranch-probabilities|-ftest-coverage|--coverage", Use.LOCAL),
     (r"-fcallgraph-info.*|-fstack-usage|-fopt-info.*|-fsave-optimization-record|-fcompare-debug.*|-ftime-trace.*", Use.LOCAL),
     (r"-fdirectives-only|-fpreprocessed|-fworking-directory|-fno-working-directory|-traditional.*", Use.LOCAL),
@@ -130,7 +131,11 @@ def takes_value(arg: str) -> bool:
 
 
 def value_allowed(option: str, value: str) -> bool:
-    """Whether ``option``'s separate ``value`` has the form VALUE_FORMS asks (any, for other options)."""
+    """Whether ``option``'s separate ``value`` has the form VALUE_FORMS asks (any, for other options), and
+    never begins with ``@``: gcc (and cc1) read any argument that does as a response file of options,
+    wherever it stands (``-D @opts`` would bring ``-wrapper`` or ``-fplugin=`` past this policy)."""
+    if takes_value(option) and value.startswith("@"):
+        return False
     form = VALUE_FORMS.get(option)
     return form is None or bool(form.fullmatch(value))
 

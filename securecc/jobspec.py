@@ -176,8 +176,13 @@ def validate(job: wire.Job, compiler_roots: tuple[str, ...] = ()) -> ValidJob:
         if not job.output_path or mode is not Mode.OBJECT or "-gsplit-dwarf" not in job.args:
             raise Invalid("denied:argument-refused", "an output path goes with -gsplit-dwarf and -c, and only with them")
         _path(job.output_path, "output path", normalized=False)
+        if any(part.startswith(("@", "-")) for part in job.output_path.split("/")):  # gcc hands cc1 "-dumpdir
+            raise Invalid("denied:bad-path", f"output path {job.output_path!r} names a response file")  # DIR/ -dumpbase NAME.c"
         output = _mount_point(posixpath.normpath(posixpath.join(cwd, job.output_path)), "output", compiler_roots)
-        _mount_point(posixpath.dirname(output), "output directory", compiler_roots)  # bound writable: never "/"
+        directory = _mount_point(posixpath.dirname(output), "output directory", compiler_roots)  # bound writable: never "/"
+        for root in compiler_roots:  # nor over a compiler's root, which it would hide
+            if root.startswith(directory.rstrip("/") + "/"):
+                raise Invalid("denied:bad-path", f"output directory {directory!r} would cover the compiler root {root!r}")
         split_dwarf = (job.output_path, output, _mount_point(argpolicy.dwo_path(output), "split debug file", compiler_roots))
         files += split_dwarf[1:]
     directories = {cwd, *_ancestors(cwd), *(d for f in files for d in _ancestors(f))}

@@ -143,9 +143,10 @@ def command(spec: Spec, settings: Settings) -> list[str]:
         *(["--bind", str(spec.job_dir / SPLIT_DIR), os.path.dirname(spec.split_dwarf[1])] if spec.split_dwarf else []),
         "--dir", spec.cwd,
         *[arg for name, target in spec.mounts for arg in ("--ro-bind", str(spec.job_dir / name), target)],
-        # Nothing else is writable: not /tmp (gcc -pipe needs no temporary files), not the job's
+        # Nothing else is writable: not /tmp (gcc -pipe needs no temporary files), not /dev, not the job's
         # input, not the tree the mounts were made in.  The output is one file capped by RLIMIT_FSIZE.
         "--remount-ro", "/tmp",
+        "--remount-ro", "/dev",  # bwrap's --dev is a tmpfs without a size: /dev/shm and /dev itself
         "--remount-ro", "/",
         "--chdir", spec.cwd,
         "--clearenv",

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import subprocess
 
 
@@ -106,31 +107,46 @@ def cached_identity(path: str, cache_file: str | None = None) -> str:
 
 class HeaderDigests:
     """SHA-256 of files, remembered by (device, inode, size, mtime, ctime): a build reads the same few
-    hundred system headers for every job, and a stat costs a microsecond where reading them costs a millisecond."""
+    hundred system headers for every job, and a stat costs a microsecond where reading them costs a millisecond.
+
+    The memory is keyed by the file, not by its name: /usr has loops (Debian's ``/usr/bin/X11 -> .``,
+    llvm-14's ``build/Release -> ..``), so a job can name one large file in countless ways, and each name
+    would otherwise read it again (and stay in memory)."""
 
     def __init__(self) -> None:
-        self._known: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._known: dict[tuple[int, int], tuple[tuple[int, ...], str]] = {}
 
-    def file(self, path: str) -> str:
-        """The digest of one file; OSError when it cannot be read."""
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
+    def _digest(self, path: str, within: str) -> str:
+        """``path``'s digest, or "missing" (no such regular file) or "outside" (its links leave ``within``).
+        The name is resolved once, by the kernel (at most 40 links), into an O_PATH descriptor: nothing is
+        opened for reading but a regular file inside ``within``, so a FIFO or device is never opened."""
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return "missing"
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith(within):
+                return "outside"
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return "missing"
             stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            known = self._known.get(path)
+            known = self._known.get(stamp[:2])
             if known and known[0] == stamp:
                 return known[1]
-            digest = hashlib.sha256(f.read()).hexdigest()
-        self._known[path] = (stamp, digest)
-        return digest
+            with open(f"/proc/self/fd/{fd}", "rb") as f:  # the same file, reopened for reading
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            self._known[stamp[:2]] = (stamp, digest)
+            return digest
+        except OSError:
+            return "missing"
+        finally:
+            os.close(fd)
 
     def of(self, paths: list[str], within: str = "/usr/") -> str:
         """One digest of ``paths`` and their contents, in order.  A missing file counts as such, and so
         does one whose links lead outside ``within`` (the sandbox sees only /usr: neither is read)."""
         h = hashlib.sha256()
         for path in paths:
-            try:
-                digest = self.file(path) if os.path.realpath(path).startswith(within) else "outside"
-            except OSError:
-                digest = "missing"
-            h.update(f"{path}\0{digest}\n".encode("utf-8", "surrogateescape"))
+            h.update(f"{path}\0{self._digest(path, within)}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()

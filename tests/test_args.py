@@ -320,6 +320,11 @@ def test_cpp_send_options_only_for_a_server_that_preprocesses():
         (["@/etc/shadow"], "@/etc/shadow"),
         (["-o", "/etc/passwd"], "-o"),
         (["/etc/passwd"], "/etc/passwd"),
+        (["-D@opts"], "-D@opts"),  # the driver gives cc1 "-D" "@opts", and cc1 reads the file as options
+        (["-I@dir"], "-I@dir"),
+        (["-U@x"], "-U@x"),
+        (["-D", "@opts"], "-D"),
+        (["-include", "@opts"], "-include"),
         (["-include"], "-include"),  # missing value
         (["-I"], "-I"),
         (["--param", "a=b;rm"], "--param"),
