@@ -45,9 +45,10 @@ def write_project(directory: Path) -> None:
     (directory / "lib.cc").write_text(CXX_SOURCE)
 
 
-def sandbox_processes() -> list[str]:
-    """Compiler sandboxes still alive (bwrap's own argv names /job/output)."""
-    uid_procs = processes_of_uid(65534) if os.geteuid() == 0 else []
+def sandbox_processes(cwd: Path | None = None) -> list[str]:
+    """Compiler sandboxes still alive (bwrap's own argv names /job/output); with ``cwd``, only those
+    compiling there (``--chdir CWD``), so that other servers' sandboxes on this machine do not count."""
+    uid_procs = processes_of_uid(65534) if os.geteuid() == 0 and cwd is None else []
     uid_procs = [p for p in uid_procs if "securecc.handler" not in p]  # the job handlers themselves
     others = []
     for entry in Path("/proc").iterdir():
@@ -55,7 +56,7 @@ def sandbox_processes() -> list[str]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if b"/job/output" in cmdline:
+        if b"/job/output" in cmdline and (cwd is None or b"\0--chdir\0%s\0" % os.fsencode(cwd) in cmdline):
             others.append(cmdline.replace(b"\0", b" ").decode())
     return uid_procs + others
 
@@ -283,13 +284,13 @@ def test_server_killed_mid_job_falls_back_locally(realm, own_server, workdir):
 
     thread = threading.Thread(target=run)
     thread.start()
-    assert wait_until(lambda: bool(sandbox_processes()), 20), "the remote compile never started"
+    assert wait_until(lambda: bool(sandbox_processes(workdir)), 20), "the remote compile never started"
     s.process.kill()
     thread.join(120)
     done = result["done"]
     assert done.returncode == 0 and (workdir / "slow.o").exists()
     assert "closed the connection; compiling locally" in done.stderr.decode()
-    assert wait_until(lambda: not sandbox_processes(), 10), sandbox_processes()
+    assert wait_until(lambda: not sandbox_processes(workdir), 10), sandbox_processes(workdir)
 
 
 def authenticated_channel(server, realm, monkeypatch, user: str = "alice") -> Channel:  # type: ignore[no-untyped-def]
@@ -315,7 +316,7 @@ def test_timeout_kills_the_compile_and_its_children(realm, own_server, workdir, 
     channel.close()
     assert isinstance(reply, wire.Refused) and reply.reason == "timeout"
     assert time.monotonic() - started < 5
-    assert wait_until(lambda: not sandbox_processes(), 5), sandbox_processes()
+    assert wait_until(lambda: not sandbox_processes(workdir), 5), sandbox_processes(workdir)
     record = s.jobs(principal="alice@TEST.REALM")[-1]
     assert record["ended_by"] == "timeout"
 
@@ -325,9 +326,9 @@ def test_client_disconnect_kills_its_job(realm, own_server, workdir, monkeypatch
     s = own_server()
     channel = authenticated_channel(s, realm, monkeypatch)
     channel.sock.sendall(channel.wire.seal(slow_job(workdir, "20000000L")))
-    assert wait_until(lambda: bool(sandbox_processes()), 10)
+    assert wait_until(lambda: bool(sandbox_processes(workdir)), 10)
     channel.close()
-    assert wait_until(lambda: not sandbox_processes(), 5), sandbox_processes()
+    assert wait_until(lambda: not sandbox_processes(workdir), 5), sandbox_processes(workdir)
     assert wait_until(lambda: bool(s.jobs(ended_by="disconnect")), 5)
 
 
@@ -339,7 +340,7 @@ def test_job_whose_client_left_before_it_started_is_not_compiled(realm, own_serv
         channel.sock.sendall(channel.wire.seal(slow_job(workdir, "1000000000L")))
         channel.close()
     assert wait_until(lambda: len(s.jobs(ended_by="disconnect")) == 3, 10), s.jobs()
-    assert wait_until(lambda: not sandbox_processes(), 5), sandbox_processes()
+    assert wait_until(lambda: not sandbox_processes(workdir), 5), sandbox_processes(workdir)
 
 
 def closed_by_peer(sock: socket.socket, timeout: float = 5) -> bool:
