@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -82,20 +83,45 @@ def timed_make(project: Path, args: list[str], env: dict[str, str] | None = None
 def debian_source(package: str, where: Path) -> Path:
     """The upstream tree of a Debian source package: ``apt-get source --download-only``, then its
     .orig tarball unpacked (the Debian-patched tree needs its packaging's configure step to build).
-    deb-src is enabled for the same suite if need be."""
+    deb-src is enabled for the same suite if need be; a version whose files 404 gives way to older ones."""
     target = where / package
-    if target.is_dir():
+    if target.is_dir() and any(p.is_dir() for p in target.iterdir()):
         return next(p for p in target.iterdir() if p.is_dir())
+    shutil_rm(target)  # what an interrupted earlier call left
     target.mkdir(parents=True)
     sources = Path("/etc/apt/sources.list.d/debian-src.sources")
     if not sources.exists() and Path("/etc/apt/sources.list.d/debian.sources").exists() and os.geteuid() == 0:
         text = Path("/etc/apt/sources.list.d/debian.sources").read_text().replace("Types: deb\n", "Types: deb-src\n")
         sources.write_text(text)
         subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True)
-    subprocess.run(["apt-get", "source", "-q", "--download-only", package], cwd=target, check=True, capture_output=True)
+    failures: list[str] = []
+    for version in [None, *source_versions(package)]:  # the candidate first, then the suite's own versions
+        wanted = package if version is None else f"{package}={version}"
+        done = subprocess.run(["apt-get", "source", "-q", "--download-only", wanted], cwd=target, capture_output=True,
+                              check=False)  # fmt: skip
+        if done.returncode == 0:
+            break
+        failures.append(f"{wanted}: {done.stderr.decode(errors='replace').strip().splitlines()[-1:]}")
+        for leftover in target.iterdir():  # a security update's files can 404 while part of it arrived
+            leftover.unlink()
+    else:
+        target.rmdir()
+        raise SystemExit(f"apt-get source {package} failed for every version: {'; '.join(failures)}")
     orig = next(p for p in target.iterdir() if ".orig.tar." in p.name and not p.name.endswith(".asc"))
     subprocess.run(["tar", "xf", orig.name], cwd=target, check=True)
     return next(p for p in target.iterdir() if p.is_dir())
+
+
+def source_versions(package: str) -> list[str]:
+    """The versions of a source package that apt knows, newest first: a security update's files may be
+    missing from a mirror (404) while the suite's own version is there."""
+    shown = subprocess.run(["apt-cache", "showsrc", package], capture_output=True, text=True, check=True).stdout
+    versions = list(dict.fromkeys(line.split()[1] for line in shown.splitlines() if line.startswith("Version: ")))
+
+    def compare(a: str, b: str) -> int:
+        return -1 if subprocess.run(["dpkg", "--compare-versions", a, "lt", b], check=False).returncode == 0 else 1
+
+    return sorted(versions, key=functools.cmp_to_key(compare), reverse=True)
 
 
 def shutil_rm(path: Path) -> None:
