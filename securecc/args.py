@@ -62,7 +62,7 @@ _AS_ITEM = (
     r"--noexecstack|--execstack|-mrelax-relocations=(yes|no)|-mx86-used-note=(yes|no)|-mno-shared|-mshared|"
     r"--gdwarf-[2-5]|--gdwarf2|--gdwarf-sections|-g|--gen-debug|--nocompress-debug-sections|"
     r"--compress-debug-sections(=(none|zlib|zlib-gnu|zlib-gabi|zstd))?|--generate-missing-build-notes=(yes|no)|"
-    r"--fatal-warnings|--warn|--no-warn|-W|--32|--64|--x32|-O[0-2s]?|-mbranches-within-32B-boundaries|"
+    r"--fatal-warnings|--warn|--no-warn|-W|-v|--32|--64|--x32|-O[0-2s]?|-mbranches-within-32B-boundaries|"
     r"-malign-branch-boundary=[0-9]+|-malign-branch=[a-z+]+|-malign-branch-prefix-size=[0-9]+|"
     r"-mlfence-after-load=(yes|no)|-mlfence-before-(indirect-branch|ret)=[a-z]+|-mfence-as-lock-add=(yes|no)|"
     r"-m(arch|tune)=[a-z0-9_.+-]+"

@@ -203,7 +203,7 @@ NOT_DISTRIBUTABLE = [
     "-c foo.c -Wa,--noexecstack,-Iinc",  # one item naming a directory keeps the whole option local
     "-c foo.c -Wa,--MD,deps",
     "-c foo.c -Wa,@opts",
-    "-c foo.c -Wa,-v",
+    "-c foo.c -Wa,--version",  # prints and assembles nothing
     "-c foo.c -Xassembler --noexecstack -Xassembler -I -Xassembler inc",
     "-x none -c foo.c",
     "-c foo.c -x c",  # -x after the source would apply to a next file only
@@ -363,7 +363,7 @@ DEBIAN_FLAGS = [
     "-w", "-pedantic", "-Wpedantic", "-pedantic-errors", "-ansi", "-fmessage-length=0",
     # hardened C (zstd, openssl, the kernel's JCC-erratum builds) and macro debug info
     "-Wa,--noexecstack", "-Wa,--noexecstack,-mrelax-relocations=no", "-Wa,--compress-debug-sections=zlib",
-    "-Wa,-mbranches-within-32B-boundaries", "-Wa,--gdwarf-5", "-g3", "-ggdb3",
+    "-Wa,-mbranches-within-32B-boundaries", "-Wa,--gdwarf-5", "-Wa,-v", "-g3", "-ggdb3",
 ]  # fmt: skip
 
 
