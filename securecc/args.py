@@ -428,7 +428,36 @@ def included_files(text: bytes, cwd: str) -> list[str]:
     return list(found)
 
 
-_PSEUDO_FILES = frozenset({"<built-in>", "<command line>"})  # clang's -E enters them (flag 1) before the main file
+_PSEUDO_FILES = frozenset({"<built-in>", "<command line>"})
+_SEARCH_DIRS = ("-I", "-iquote", "-isystem", "-idirafter")
+
+
+def lookup_directories(p: Plan, text: bytes, cwd: str) -> list[str]:
+    """Directories the compile must find although no file of the job lies in them, absolute.
+
+    The kernel resolves ``empty/../inc/x.h`` (an include directory written
+    so, or a marker's name) only when ``empty`` exists; a server that
+    preprocesses creates the directories holding the job's files, not
+    these.  Only names with a ``..`` component need them.
+    """
+    names = [m.group(1).decode("utf-8", "surrogateescape") for m in _INCLUDE_MARKER.finditer(b"\n" + text)]
+    args = p.source_args or []
+    for n, arg in enumerate(args):
+        if arg in _SEARCH_DIRS and n + 1 < len(args):
+            names.append(args[n + 1])
+        elif arg.startswith("-I") and len(arg) > 2:
+            names.append(arg[2:])
+    found: dict[str, None] = {}
+    for name in names:
+        parts = name.split("/")
+        if ".." not in parts:
+            continue
+        path = cwd if not name.startswith("/") else "/"
+        for part in parts[:-1]:
+            path = os.path.dirname(path) if part == ".." else path if part in ("", ".") else os.path.join(path, part)
+            if part not in ("..", "", ".") and os.path.isdir(path) and not path.startswith("/usr/"):
+                found[os.path.normpath(path)] = None
+    return list(found)  # clang's -E enters them (flag 1) before the main file
 
 
 def project_files(included: list[str]) -> list[str]:

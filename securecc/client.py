@@ -385,8 +385,8 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
         files = {p: read_file(p) for p in argpolicy.project_files(included) if p != main}
         system = argpolicy.system_files(included)
         return job(f"{plan.language}-source", b"", plan.source_args or [], include_paths=list(files),
-                   includes=list(files.values()), system_headers=system,
-                   system_digest=SYSTEM_HEADERS.of(system)), b""  # fmt: skip
+                   includes=list(files.values()), system_headers=system, system_digest=SYSTEM_HEADERS.of(system),
+                   directories=argpolicy.lookup_directories(plan, text, cwd)), b""  # fmt: skip
 
     if plan.preprocessed:
         return job(plan.language, original, plan.remote_args), b""

@@ -111,6 +111,7 @@ class HandlerProtocol(Int32StringReceiver):
             return
         split = spec.pop("split_dwarf")
         spec["split_dwarf"] = tuple(split) if split else None
+        spec["directories"] = tuple(spec["directories"])
         try:
             job_dir = sandbox.make_job_dir(self.scratch, id, files, split_dwarf=bool(split))
         except OSError as e:  # a full disk fails this job, not the handler

@@ -72,6 +72,7 @@ class ValidJob:
     source_mount: str  # where the client's main file lives: absolute, normalized
     preprocessing: bool  # the server preprocesses: source and headers at their paths
     split_dwarf: tuple[str, str, str] | None = None  # -gsplit-dwarf: (-o as the client names it, its mount, the .dwo's)
+    directories: tuple[str, ...] = ()  # to create in the sandbox (absolute, normalized, not the job's files)
 
     def __getattr__(self, name: str) -> object:  # the wire fields, read-only
         return getattr(self.job, name)
@@ -185,8 +186,13 @@ def validate(job: wire.Job, compiler_roots: tuple[str, ...] = ()) -> ValidJob:
                 raise Invalid("denied:bad-path", f"output directory {directory!r} would cover the compiler root {root!r}")
         split_dwarf = (job.output_path, output, _mount_point(argpolicy.dwo_path(output), "split debug file", compiler_roots))
         files += split_dwarf[1:]
-    directories = {cwd, *_ancestors(cwd), *(d for f in files for d in _ancestors(f))}
+    if job.directories and not preprocessing:
+        raise Invalid("denied:argument-refused", "directories named by a preprocessed job")
+    if len(job.directories) > MAX_HEADERS:
+        raise Invalid("denied:bad-path", f"more than {MAX_HEADERS} directories")
+    made = [_mount_point(d, "directory", compiler_roots) for d in job.directories]
+    directories = {cwd, *_ancestors(cwd), *(d for f in files for d in _ancestors(f)), *made, *(a for d in made for a in _ancestors(d))}
     clash = next((f for f in files if f in directories), None)
     if clash is not None or len(set(files)) != len(files):
         raise Invalid("denied:bad-path", f"{clash or 'a file'!r} is both a file and a directory of the job, or named twice")
-    return ValidJob(job, language, mode, source_mount, preprocessing, split_dwarf)
+    return ValidJob(job, language, mode, source_mount, preprocessing, split_dwarf, tuple(made))

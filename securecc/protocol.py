@@ -103,6 +103,8 @@ class Job:
     system_digest: str = ""
     # -gsplit-dwarf: the object's path as the client names it; the .dwo goes next to it, as gcc puts it.
     output_path: str = ""
+    # Jobs the server preprocesses: directories to create that hold none of the job's files (args.lookup_directories).
+    directories: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -170,7 +172,7 @@ _BLOB_FIELDS: dict[type, tuple[str, ...]] = {
 }
 _HEADER_FIELDS: dict[type, dict[str, type | tuple[type, ...]]] = {
     Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str, "environment": dict, "include_paths": list,
-          "compiler_identity": str, "system_headers": list, "system_digest": str, "output_path": str},
+          "compiler_identity": str, "system_headers": list, "system_digest": str, "output_path": str, "directories": list},
     Result: {"exit_status": int, "job_id": str},
     Refused: {"reason": str, "message": str, "job_id": str},
     Busy: {"reason": str, "load": int, "slots": int},
@@ -219,8 +221,9 @@ def decode_message(data: bytes) -> Message:
         all(isinstance(v, str) for v in header["environment"].values())
         and all(isinstance(p, str) for p in header["include_paths"])
         and all(isinstance(p, str) for p in header["system_headers"])
+        and all(isinstance(p, str) for p in header["directories"])
     ):
-        raise ProtocolError("bad Job.environment, Job.include_paths or Job.system_headers")
+        raise ProtocolError("bad Job.environment, Job.include_paths, Job.system_headers or Job.directories")
     lengths = header.pop("blobs")
     names = _BLOB_FIELDS[kind]
     if kind is Job:

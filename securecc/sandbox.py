@@ -99,6 +99,7 @@ class Spec:
     # -gsplit-dwarf: the object as the client names it, its path and its .dwo's, in one directory
     # (SPLIT_DIR): the object names the .dwo (DW_AT_dwo_name), so both go where the client has them
     split_dwarf: tuple[str, str, str] | None = None
+    directories: tuple[str, ...] = ()  # created empty (validated mount points): a path like empty/../inc resolves
 
 
 def command(spec: Spec, settings: Settings) -> list[str]:
@@ -142,6 +143,7 @@ def command(spec: Spec, settings: Settings) -> list[str]:
         "--bind", str(spec.job_dir / OUTPUT), _OUTPUT,
         *(["--bind", str(spec.job_dir / SPLIT_DIR), os.path.dirname(spec.split_dwarf[1])] if spec.split_dwarf else []),
         "--dir", spec.cwd,
+        *[arg for directory in spec.directories for arg in ("--dir", directory)],
         *[arg for name, target in spec.mounts for arg in ("--ro-bind", str(spec.job_dir / name), target)],
         # Nothing else is writable: not /tmp (gcc -pipe needs no temporary files), not /dev, not the job's
         # input, not the tree the mounts were made in.  The output is one file capped by RLIMIT_FSIZE.

@@ -418,6 +418,7 @@ class CompileService:
             "cwd": job.cwd, "source_path": job.source_path, "environment": job.environment, "mounts": mounts,
             "preprocessed": not job.preprocessing, "compiler_root": compiler.root,
             "system_headers": job.system_headers, "system_digest": job.system_digest, "split_dwarf": job.split_dwarf,
+            "directories": job.directories,
         }  # fmt: skip
         running = self.handler.run(job_id, spec, files, compiler.timeout, self.config.sandbox.limits.file_size)
         session.running = running

@@ -28,7 +28,7 @@ def job_header(**fields: object) -> dict[str, object]:
     """A Job header as the server expects it, with ``fields`` changed."""
     header: dict[str, object] = {"compiler": "gcc", "args": [], "language": "cpp-output", "mode": "-c", "cwd": "/src",
                                  "source_path": "a.c", "environment": {}, "include_paths": [], "compiler_identity": "",
-                                 "system_headers": [], "system_digest": "", "output_path": ""}  # fmt: skip
+                                 "system_headers": [], "system_digest": "", "output_path": "", "directories": []}  # fmt: skip
     header.update(fields)
     if header["language"] in SERVER_PREPROCESSES and "system_digest" not in fields:
         header["system_digest"] = NO_HEADERS  # as a client sends for a file that includes nothing

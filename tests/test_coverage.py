@@ -110,6 +110,8 @@ CASES = {
     "x-assembler-with-cpp": ({"a.asm": ASM_WITH_CPP, "inc/asm.h": ASM_H}, ["-x", "assembler-with-cpp", "-g"], "a.asm"),
     "assembler": ({"p.s": PLAIN_ASM}, ["-g"], "p.s"),
     "unnormalized-path": ({"lib/m.c": C_MAIN, "lib/inc/conv.h": CONV_H}, ["-O2", "-g", "-Ilib"], ".//lib/m.c"),  # zstd
+    "include-through-dotdot": ({"m.c": C_MAIN.replace('"inc/conv.h"', '"conv.h"'), "inc/conv.h": CONV_H, "empty/.keep": ""},
+                               ["-O2", "-Iempty/../inc"], "m.c"),  # a directory no file of the job is in
     "md-dependencies": ({"m.c": C_MAIN, "inc/conv.h": CONV_H}, ["-O2", "-MD", "-MP"], "m.c"),
     "march-native": ({"m.c": C_MAIN, "inc/conv.h": CONV_H}, ["-O3", "-march=native"], "m.c"),
     "mtune-native-g-unrecorded": ({"m.c": C_MAIN, "inc/conv.h": CONV_H},
@@ -281,6 +283,28 @@ def test_system_headers_outside_usr_are_refused(realm, server, workdir, monkeypa
     reply = Hostile(server.port).job((b"", b"int x;\n"), language="c-source", cwd=str(workdir), source_path="m.c",
                                      compiler_identity=IDENTITIES["gcc"], system_headers=[path])  # fmt: skip
     assert isinstance(reply, wire.Refused) and reply.reason == "denied:bad-path", reply
+
+
+@pytest.mark.parametrize(
+    ("directories", "fields", "reason"),
+    [
+        (["/etc/ssl"], {}, "denied:bad-path"),
+        (["/usr/include/x"], {}, "denied:bad-path"),
+        (["/job/x"], {}, "denied:bad-path"),
+        (["relative/dir"], {}, "denied:bad-path"),
+        (["/"], {}, "denied:bad-path"),
+        (["WD/m.c"], {}, "denied:bad-path"),  # over the source
+        (["WD/x"], {"language": "cpp-output"}, "denied:argument-refused"),  # text jobs name no directories
+    ],
+)
+def test_directories_a_job_names_are_checked(realm, server, workdir, monkeypatch, directories, fields, reason):
+    """The empty directories a job asks for (for 'empty/../inc') are mount points like any, never over its files."""
+    for key, value in realm.user_env("alice", workdir).items():
+        monkeypatch.setenv(key, value)
+    fields = {"language": "c-source", **fields}
+    reply = Hostile(server.port).job((b"", b"int x;\n"), cwd=str(workdir), source_path="m.c", compiler_identity=IDENTITIES["gcc"],
+                                     directories=[d.replace("WD", str(workdir)) for d in directories], **fields)  # fmt: skip
+    assert isinstance(reply, wire.Refused) and reply.reason == reason, reply
 
 
 def test_header_digests_do_not_follow_links_out_of_usr(tmp_path):

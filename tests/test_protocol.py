@@ -446,7 +446,7 @@ def job_header(**changes: object) -> dict[str, object]:
     header: dict[str, object] = {
         "compiler": "gcc", "args": ["-O2"], "language": "c", "mode": "-c", "cwd": "/",
         "source_path": "a.c", "environment": {"LC_ALL": "C"}, "include_paths": [], "compiler_identity": "",
-        "system_headers": [], "system_digest": "", "output_path": "", "blobs": [3, 0],
+        "system_headers": [], "system_digest": "", "output_path": "", "directories": [], "blobs": [3, 0],
     }  # fmt: skip
     header.update(changes)
     return {k: v for k, v in header.items() if v is not DROP}
