@@ -80,7 +80,7 @@ POLICY: tuple[tuple[str, Use], ...] = (
     (r"-Wa,.*|-aux-info|-no-integrated-cpp|-x", Use.LOCAL),
     (r"-m(arch|tune|cpu)=native", Use.LOCAL),  # the client expands them (securecc.native) before this table
     # Preprocessing: harmless in the sandbox, which holds nothing but /usr and the job's files.
-    (r"-[IDU].*|-include|-imacros|-isystem|-iquote|-idirafter|-nostdinc|-nostdinc\+\+|-undef", Use.CPP_SEND),
+    (r"-[IDU].*|-include|-imacros|-isystem|-iquote|-idirafter|-nostdinc|-nostdinc\+\+|-undef|-CC?", Use.CPP_SEND),
     (r"-A.*|-iprefix|-iwithprefix(before)?|-isysroot|-imultilib|-trigraphs|-H|-Wp,.*|-Xpreprocessor", Use.CPP),
     (r"-MD|-MMD|-MF|-MT|-MQ|-MP|-MG|--sysroot(=.*)?", Use.CPP),
     # Linking only.
@@ -89,7 +89,7 @@ POLICY: tuple[tuple[str, Use], ...] = (
     # What a server may run.
     (r"-O[0-3sgz]?|-Ofast|-std=[a-z0-9+]+|-ansi|-w|-pedantic|-pedantic-errors|-pthread|-pg?|-pipe", Use.REMOTE),
     (r"-g[a-z0-9-]*|-gz(=[a-z]+)?", Use.REMOTE),
-    (r"-W[A-Za-z0-9][-A-Za-z0-9+_]*(=[-A-Za-z0-9_+.]+)?", Use.REMOTE),
+    (r"-W|-W[A-Za-z0-9][-A-Za-z0-9+_]*(=[-A-Za-z0-9_+.]+)?", Use.REMOTE),  # -W: the old -Wextra (nettle)
     (r"-m[a-z0-9][-a-z0-9_.+]*(=[-A-Za-z0-9_.,+]+)?", Use.REMOTE),
     (rf"-f(no-)?({_F_VALUES})=[^\s;|&`$]*", Use.REMOTE),
     (r"-f[A-Za-z0-9][-A-Za-z0-9+_.]*", Use.REMOTE),

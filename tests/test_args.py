@@ -292,7 +292,7 @@ def test_refused_argument_names_the_offender(bad, offender):
     assert refused_argument([*ALLOWED, *bad]) == offender
 
 
-CPP_SEND = ["-Iinc", "-I", "/src/include", "-DX=1", "-D", "Y", "-UZ", "-U", "W", "-include", "config.h",
+CPP_SEND = ["-C", "-CC", "-Iinc", "-I", "/src/include", "-DX=1", "-D", "Y", "-UZ", "-U", "W", "-include", "config.h",
             "-imacros", "m.h", "-isystem", "/opt/x", "-iquote", "q", "-idirafter", "d", "-nostdinc", "-undef"]  # fmt: skip
 
 
@@ -363,7 +363,7 @@ DEBIAN_FLAGS = [
     "-w", "-pedantic", "-Wpedantic", "-pedantic-errors", "-ansi", "-fmessage-length=0",
     # hardened C (zstd, openssl, the kernel's JCC-erratum builds) and macro debug info
     "-Wa,--noexecstack", "-Wa,--noexecstack,-mrelax-relocations=no", "-Wa,--compress-debug-sections=zlib",
-    "-Wa,-mbranches-within-32B-boundaries", "-Wa,--gdwarf-5", "-Wa,-v", "-g3", "-ggdb3",
+    "-Wa,-mbranches-within-32B-boundaries", "-Wa,--gdwarf-5", "-Wa,-v", "-g3", "-ggdb3", "-W",
 ]  # fmt: skip
 
 
