@@ -81,6 +81,7 @@ POLICY: tuple[tuple[str, Use], ...] = (
     (r"-m(arch|tune|cpu)=native", Use.LOCAL),  # the client expands them (securecc.native) before this table
     # Preprocessing: harmless in the sandbox, which holds nothing but /usr and the job's files.
     (r"-[IDU].*|-include|-imacros|-isystem|-iquote|-idirafter|-nostdinc|-nostdinc\+\+|-undef|-CC?", Use.CPP_SEND),
+    (r"-Wp,-[DU][^,@][^,]*(,-[DU][^,@][^,]*)*", Use.CPP_SEND),  # -Wp,-D_FORTIFY_SOURCE=2 (Fedora's hardening)
     (r"-A.*|-iprefix|-iwithprefix(before)?|-isysroot|-imultilib|-trigraphs|-H|-Wp,.*|-Xpreprocessor", Use.CPP),
     (r"-MD|-MMD|-MF|-MT|-MQ|-MP|-MG|--sysroot(=.*)?", Use.CPP),
     # Linking only.

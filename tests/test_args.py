@@ -292,7 +292,7 @@ def test_refused_argument_names_the_offender(bad, offender):
     assert refused_argument([*ALLOWED, *bad]) == offender
 
 
-CPP_SEND = ["-C", "-CC", "-Iinc", "-I", "/src/include", "-DX=1", "-D", "Y", "-UZ", "-U", "W", "-include", "config.h",
+CPP_SEND = ["-Wp,-D_FORTIFY_SOURCE=2", "-Wp,-UX,-DY=1", "-C", "-CC", "-Iinc", "-I", "/src/include", "-DX=1", "-D", "Y", "-UZ", "-U", "W", "-include", "config.h",
             "-imacros", "m.h", "-isystem", "/opt/x", "-iquote", "q", "-idirafter", "d", "-nostdinc", "-undef"]  # fmt: skip
 
 
@@ -321,6 +321,8 @@ def test_cpp_send_options_only_for_a_server_that_preprocesses():
         (["-o", "/etc/passwd"], "-o"),
         (["/etc/passwd"], "/etc/passwd"),
         (["-D@opts"], "-D@opts"),  # the driver gives cc1 "-D" "@opts", and cc1 reads the file as options
+        (["-Wp,-D@opts"], "-Wp,-D@opts"),
+        (["-Wp,-DX,-MD,/tmp/d"], "-Wp,-DX,-MD,/tmp/d"),
         (["-I@dir"], "-I@dir"),
         (["-U@x"], "-U@x"),
         (["-D", "@opts"], "-D"),

@@ -112,6 +112,7 @@ CASES = {
     "unnormalized-path": ({"lib/m.c": C_MAIN, "lib/inc/conv.h": CONV_H}, ["-O2", "-g", "-Ilib"], ".//lib/m.c"),  # zstd
     "include-through-dotdot": ({"m.c": C_MAIN.replace('"inc/conv.h"', '"conv.h"'), "inc/conv.h": CONV_H, "empty/.keep": ""},
                                ["-O2", "-Iempty/../inc"], "m.c"),  # a directory no file of the job is in
+    "wp-fortify-g": ({"m.c": C_MAIN, "inc/conv.h": CONV_H}, ["-O2", "-g", "-Wp,-D_FORTIFY_SOURCE=2"], "m.c"),
     "md-dependencies": ({"m.c": C_MAIN, "inc/conv.h": CONV_H}, ["-O2", "-MD", "-MP"], "m.c"),
     "march-native": ({"m.c": C_MAIN, "inc/conv.h": CONV_H}, ["-O3", "-march=native"], "m.c"),
     "mtune-native-g-unrecorded": ({"m.c": C_MAIN, "inc/conv.h": CONV_H},
