@@ -84,6 +84,12 @@ def openssl_subset(tree: Path) -> tuple[list[str], list[str]]:
     return [s for _, s in assembler], list(dict.fromkeys([o for o, _ in assembler] + crypto))
 
 
+def libffi_host(tree: Path) -> tuple[list[str], list[str]]:
+    """make -C HOST all-am, HOST the directory libffi's configure builds in (x86_64-pc-linux-gnu): its Makefiles
+    set MAKEOVERRIDES empty, so make's recursion (all, then all-recursive) drops CC=... and compiles with gcc."""
+    return [], ["-C", next(p.name for p in tree.iterdir() if (p / "fficonfig.h").exists()), "all-am"]
+
+
 RECIPES: dict[str, Recipe] = {
     "zstd": Recipe("make", "C, assembler (.S)", targets=("BUILD_DIR=obj/coverage",),
                    note="default target (lib-release zstd-release), -O3; BUILD_DIR fixed: zstd names its object "
@@ -113,6 +119,25 @@ RECIPES: dict[str, Recipe] = {
                       note="subset: libssl.a, libcrypto's perlasm objects (.s) and crypto/{" + ",".join(OPENSSL_CRYPTO)
                            + "}, not the rest of libcrypto; -O3"),
     "fribidi": Recipe("meson", "C", ("--buildtype=debugoptimized", "-Ddocs=false"), note="debugoptimized (-O2 -g)"),
+    # Not tuned on: added to find what the 14 above did not exercise.
+    "libsodium": Recipe("configure", "C, assembler (.S)", ("--disable-static",),
+                        note="autoreconf -fi, --disable-static; per-directory -m flags (-msse4.1, -mavx2, ...)"),
+    "libffi": Recipe("configure", "C, assembler (.S)", ("--disable-static", "--disable-docs"), extra=libffi_host,
+                     note="--disable-static, no docs; x86-64 .S through the driver (libtool --mode=compile)"),
+    "nettle": Recipe("configure", "C, assembler (m4 .asm to .s)", ("--disable-shared", "--disable-documentation",
+                                                                   "--disable-openssl"),
+                     note="static only, no docs or openssl glue; x86_64 .asm preprocessed by m4 into .s, -O2 -g"),
+    "pcre2": Recipe("configure", "C", ("--disable-shared", "--enable-pcre2-16", "--enable-pcre2-32", "--enable-jit"),
+                    note="static; the 8-, 16- and 32-bit libraries (each source three times, per-target "
+                         "-DPCRE2_CODE_UNIT_WIDTH), JIT (sljit, #included .c files), -O2"),
+    "json-c": Recipe("cmake", "C", ("-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DBUILD_STATIC_LIBS=OFF",
+                                    "-DBUILD_TESTING=OFF"),
+                     note="RelWithDebInfo (-O2 -g), shared only, tests off; its -Werror and warning flags"),
+    "snappy": Recipe("cmake", "C++", ("-DCMAKE_BUILD_TYPE=Release", "-DSNAPPY_BUILD_TESTS=OFF",
+                                      "-DSNAPPY_BUILD_BENCHMARKS=OFF"),
+                     note="Release (-O3), no tests or benchmarks (their googletest/benchmark submodules are absent)"),
+    "double-conversion": Recipe("cmake", "C++", ("-DCMAKE_BUILD_TYPE=Debug", "-DBUILD_TESTING=ON"),
+                                note="Debug (-g, no -O), its test programs built, not run"),
 }  # fmt: skip
 
 
@@ -338,7 +363,7 @@ def build_package(package: str, recipe: Recipe, modes: list[Mode], work: Path, w
                     result["seconds"]["configure"] = wall
                 canonical.rename(configured)
             shutil.copytree(configured, canonical, symlinks=True)
-            command = [*make, f"CC={cc['CC']}", f"CXX={cc['CXX']}"]
+            command = [*make, f"CC={cc['CC']}", f"CXX={cc['CXX']}", f"CCAS={cc['CC']}"]  # automake's .S: $(CCAS)
         else:
             shutil.copytree(pristine, canonical, symlinks=True)
             result["seconds"][f"configure_{mode.name}"], command = configure(recipe, canonical, cc, mode.env, jobs, log)
@@ -449,7 +474,10 @@ def main() -> None:
     try:
         securecc = start_securecc(realm, top, "server", options.jobs, groups)
         distcc = start_distcc(top, "distccd", options.jobs, daemons, groups)
+        # Fallback on, and no backoff: a compile that fails remotely (json-c's -Werror on distcc's expanded text)
+        # would otherwise keep distccd "disliked" for 60 s, and every job after it, in later packages too, local.
         distcc_env = {k: v for k, v in distcc.env.items() if k not in ("DISTCC_FALLBACK", "DISTCC_SKIP_LOCAL_RETRY")}
+        distcc_env["DISTCC_BACKOFF_PERIOD"] = "0"
         modes = [Mode("local", [], dict(os.environ), {}),
                  Mode("securecc", [f"{BIN}/securecc"], securecc.env, {"SECURECC_VERBOSE": "1"},
                       lambda run: securecc_outcome(run["stderr"]), securecc.remote_jobs),
