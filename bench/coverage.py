@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchrealm import BIN, REPO, Realm, debian_source, shutil_rm
-from vs_distcc import ACL, CpuGroup, machine, start_distcc, start_securecc, stop_agents
+from vs_distcc import ACL, CpuGroup, machine, start_distcc, start_securecc, tear_down
 
 # The tracing wrapper: everything before the compiler in CC/CXX or a CMake launcher list. Without
 # COVERAGE_TRACE (configure steps) it is exec; with it, one record per run: cwd and argv, NUL-separated, the
@@ -501,14 +501,7 @@ def main() -> None:
         print(table(out["packages"]))
         print(f"\n{options.json} ({out['seconds']:.0f} s)")
     finally:
-        stop_agents(top / "agent")
-        for process in daemons:
-            process.terminate()
-            process.wait()
-        realm.close()
-        for group in groups:
-            group.remove()
-        shutil_rm(top)
+        tear_down(top, daemons, realm, groups)
 
 
 if __name__ == "__main__":

@@ -598,6 +598,19 @@ def stop_agents(directory: Path) -> None:
             pass
 
 
+def tear_down(top: Path, daemons: list, realm, groups: list, keep: bool = False) -> None:  # type: ignore[no-untyped-def]
+    """Stop what a benchmark started (agents, daemons, the realm, CPU groups) and remove its directory."""
+    stop_agents(top / "agent")
+    for process in daemons:
+        process.terminate()
+        process.wait()
+    realm.close()
+    for group in groups:
+        group.remove()
+    if not keep:
+        shutil_rm(top)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--packages", default="lua5.4,zlib", help="Debian source packages, comma-separated")
@@ -644,15 +657,7 @@ def main() -> None:
         if os.environ.get("KEEP"):
             print(f"kept {top}")
     finally:
-        stop_agents(top / "agent")
-        for process in daemons:
-            process.terminate()
-            process.wait()
-        realm.close()
-        for group in groups:
-            group.remove()
-        if not os.environ.get("KEEP"):
-            shutil_rm(top)
+        tear_down(top, daemons, realm, groups, keep=bool(os.environ.get("KEEP")))
 
 
 if __name__ == "__main__":

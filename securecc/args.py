@@ -429,6 +429,14 @@ def included_files(text: bytes, cwd: str) -> list[str]:
     return list(found)
 
 
+RESERVED = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev", "/job", "/sys", "/run")
+"""The sandbox's own directories: no path a job names may be one or lie under one (securecc.jobspec)."""
+
+
+def reserved(path: str) -> bool:
+    return any(path == top or path.startswith(top + "/") for top in RESERVED)
+
+
 _PSEUDO_FILES = frozenset({"<built-in>", "<command line>"})
 _SEARCH_DIRS = ("-I", "-iquote", "-isystem", "-idirafter")
 
@@ -456,7 +464,7 @@ def lookup_directories(p: Plan, text: bytes, cwd: str) -> list[str]:
         path = cwd if not name.startswith("/") else "/"
         for part in parts[:-1]:
             path = os.path.dirname(path) if part == ".." else path if part in ("", ".") else os.path.join(path, part)
-            if part not in ("..", "", ".") and os.path.isdir(path) and not path.startswith("/usr/"):
+            if part not in ("..", "", ".") and os.path.isdir(path) and not reserved(os.path.normpath(path)):
                 found[os.path.normpath(path)] = None
     return list(found)  # clang's -E enters them (flag 1) before the main file
 

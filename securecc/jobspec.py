@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 from securecc import args as argpolicy
 from securecc import protocol as wire
-from securecc.sandbox import RESERVED
 
 MAX_PATH = 4096
 MAX_NAME = 255  # one path component
@@ -117,9 +116,9 @@ def _mount_point(value: str, what: str, roots: tuple[str, ...]) -> str:
     _path(value, what)
     if not value.startswith("/") or value == "/":
         raise Invalid("denied:bad-path", f"{what} {value!r} is not an absolute path")
-    for reserved in (*RESERVED, *roots):
-        if value == reserved or value.startswith(reserved.rstrip("/") + "/"):
-            raise Invalid("denied:bad-path", f"{what} {value!r} is inside the sandbox's {reserved}")
+    for top in (*argpolicy.RESERVED, *roots):
+        if value == top or value.startswith(top.rstrip("/") + "/"):
+            raise Invalid("denied:bad-path", f"{what} {value!r} is inside the sandbox's {top}")
     return value
 
 

@@ -36,8 +36,6 @@ from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.python.failure import Failure
 
-# Sandbox paths a client-chosen path may neither be, nor lie under (securecc.jobspec).
-RESERVED = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev", "/job", "/sys", "/run")
 _INPUT = "/job/input"
 _OUTPUT = "/job/output"
 MAX_STREAM = 4 * 1024 * 1024

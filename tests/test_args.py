@@ -689,3 +689,13 @@ def test_messages_are_printed_once(tmp_path, case):
     local = subprocess.run([GCC, *flags, "-c", "foo.c"], cwd=tmp_path, capture_output=True)
     assert local.stderr, "the case must make gcc say something"
     assert unrepeated(directives.stderr, remote.stderr) + remote.stderr == local.stderr
+
+
+def test_lookup_directories_are_the_ones_a_dotdot_walks_through(tmp_path):
+    """'empty/../inc' needs 'empty'; system directories (clang's /usr/lib/llvm-14/.../../include) are never named."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "inc").mkdir()
+    p = plan(["-Iempty/../inc", "-I", "/usr/lib/../include", "-c", "foo.c"])
+    text = b'# 1 "foo.c"\n# 1 "/usr/lib/llvm-14/lib/clang/14.0.6/include/../../../../include/x.h" 1\n'
+    assert argpolicy.lookup_directories(p, text, str(tmp_path)) == [str(tmp_path / "empty")]
+    assert argpolicy.lookup_directories(plan(["-Iinc", "-c", "foo.c"]), b"", str(tmp_path)) == []  # no '..': none needed
