@@ -18,9 +18,11 @@ and recent latency, so many clients do not stampede the same server.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -180,6 +182,7 @@ class HostState:
         except (OSError, ValueError):
             self.data = {}
         self.hosts: dict[str, dict] = self.data.setdefault("hosts", {})  # type: ignore[type-arg]
+        self._changed: set[str] = set()  # what this process changed: the entries save() writes back
 
     def backed_off(self, host: Host, now: float | None = None) -> float:
         """Seconds this host is still skipped for (0: usable)."""
@@ -191,6 +194,7 @@ class HostState:
         entry["failures"] = entry.get("failures", 0) + 1
         entry["until"] = time.time() + min(MAX_BACKOFF, self.base_backoff * 2 ** (entry["failures"] - 1))
         entry["why"] = why
+        self._changed.add(host_key(host))
         self.save()
 
     def succeeded(self, host: Host, latency: float) -> None:
@@ -202,6 +206,7 @@ class HostState:
         material = previous is None or entry.get("failures") or abs(smoothed - previous) > 0.25 * previous
         entry.update(failures=0, until=0, latency=smoothed)
         entry.pop("why", None)
+        self._changed.add(host_key(host))
         if material:
             self.save()
 
@@ -238,15 +243,37 @@ class HostState:
 
     def remember_srv(self, name: str, hosts: list[Host], ttl: float) -> None:
         self.data["srv"] = {"name": name, "expires": time.time() + ttl, "hosts": [[h.name, h.port, h.principal] for h in hosts]}
+        self._changed.add("srv")
         self.save()
 
     def save(self) -> None:
-        """Atomically: parallel compiles share this file, and the last writer wins."""
+        """Write back what this process changed, merged into the file as it is now.
+
+        Parallel compiles (processes, and the agent's threads) share the
+        file: under an exclusive lock each re-reads it, replaces only the
+        entries it changed, and renames a temporary file of its own over it,
+        so no writer drops another's back-off.
+        """
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            temp = f"{self.path}.{os.getpid()}.tmp"
-            with open(temp, "w") as f:
-                json.dump(self.data, f)
-            os.replace(temp, self.path)
+            with open(f"{self.path}.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    with open(self.path) as f:
+                        current = json.load(f)
+                    if not isinstance(current, dict) or not isinstance(current.get("hosts"), dict):
+                        raise ValueError
+                except (OSError, ValueError):
+                    current = {"hosts": {}}
+                for key in self._changed:
+                    if key == "srv":
+                        current["srv"] = self.data["srv"]
+                    else:
+                        current["hosts"][key] = self.hosts[key]
+                temp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+                with open(temp, "w") as f:
+                    json.dump(current, f)
+                os.replace(temp, self.path)
+            self.data, self.hosts = current, current["hosts"]
         except OSError:
             pass

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -69,6 +70,32 @@ def build(realm, workdir: Path, hosts: str, **env: str) -> tuple[float, subproce
 
 def spec(server) -> str:  # type: ignore[no-untyped-def]
     return f"127.0.0.1:{server.port}/4,principal={PRINCIPAL}"
+
+
+def test_concurrent_writers_keep_every_backoff(tmp_path):
+    """Many jobs (processes, or the agent's threads) loaded the file at once and each backs off its own host:
+    every back-off is in the file afterwards (the last writer used to drop the others')."""
+    path = str(tmp_path / "hosts.json")
+    hosts = [Host(f"h{n}", 3637, 4, f"securecc/h{n}") for n in range(16)]
+    states = [HostState(path=path) for _ in hosts]  # all read the file before anyone writes
+    barrier = threading.Barrier(len(hosts))
+
+    def fail(state: HostState, host: Host) -> None:
+        barrier.wait()
+        state.failed(host, "cannot connect")
+
+    threads = [threading.Thread(target=fail, args=pair) for pair in zip(states, hosts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    fresh = HostState(path=path)
+    assert all(fresh.backed_off(h) > 0 for h in hosts), sorted(fresh.hosts)
+    assert not list(tmp_path.glob("*.tmp"))
+    subprocess.run([sys.executable, "-c", "import sys; from securecc.hosts import Host, HostState; "
+                    "HostState(path=sys.argv[1]).succeeded(Host('h0', 3637, 4, 'securecc/h0'), 0.01)", path], check=True)  # fmt: skip
+    fresh = HostState(path=path)
+    assert not fresh.backed_off(hosts[0]) and all(fresh.backed_off(h) > 0 for h in hosts[1:])
 
 
 def test_full_hung_and_down_servers_do_not_stop_the_build(realm, own_server, workdir, monkeypatch):
