@@ -382,7 +382,11 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
             raise argpolicy.NotDistributable("uses __TIMESTAMP__")
         main = os.path.normpath(os.path.join(cwd, plan.source))
         included = argpolicy.included_files(text, cwd)
-        files = {p: read_file(p) for p in argpolicy.project_files(included) if p != main}
+        project = argpolicy.project_files(included)
+        pch = next((p for p in project if os.path.exists(p + ".gch")), None)
+        if pch:  # gcc here reads the .gch instead (CMake's cmake_pch.h), which no server can have
+            raise argpolicy.NotDistributable(f"precompiled header {pch}.gch")
+        files = {p: read_file(p) for p in project if p != main}
         system = argpolicy.system_files(included)
         return job(f"{plan.language}-source", b"", plan.source_args or [], include_paths=list(files),
                    includes=list(files.values()), system_headers=system, system_digest=SYSTEM_HEADERS.of(system),

@@ -226,6 +226,14 @@ def test_native_is_sent_as_what_it_means_here(realm, server, workdir):
     assert done.returncode == 0 and b"compiling locally: -march=native with -g" in done.stderr, done.stderr
 
 
+def test_a_precompiled_header_keeps_the_compile_local(realm, server, workdir):
+    """gcc uses pch.h.gch here (CMake's target_precompile_headers), which no server has: compiled here."""
+    write(workdir, {"pch.h": CONV_H, "m.c": "int f(void) { unsigned char a[4] = {1}, b[4]; convert(a, b, 4); return b[0]; }\n"})
+    assert local(workdir, "gcc", "-O2", "-x", "c-header", "pch.h", "-o", "pch.h.gch").returncode == 0
+    done = securecc(realm, server, "alice", workdir, "gcc", "-O2", "-include", "pch.h", "-c", "m.c", SECURECC_VERBOSE="1")
+    assert done.returncode == 0 and f"compiling locally: precompiled header {workdir}/pch.h.gch".encode() in done.stderr
+
+
 def test_several_sources_in_one_command_are_one_job_each(realm, server, workdir):
     """lz4's `cc -c a.c b.c c.c`: every source is a job of its own, and a.o b.o c.o equal gcc's."""
     write(workdir, {"inc/conv.h": CONV_H, **{f"{n}.c": f'#include "inc/conv.h"\nint {n}(void) {{ return {i}; }}\n'
