@@ -27,8 +27,8 @@ from twisted.protocols.basic import Int32StringReceiver
 
 from securecc import sandbox
 from securecc.cache import Entry, ResultCache
-from securecc.toolchain import HeaderDigests
 from securecc.handler_protocol import LINK_FD, MAX_LINK_MESSAGE, LinkError, pack, unpack
+from securecc.toolchain import HeaderDigests
 
 _FILE_NAME = re.compile(r"[a-z0-9-]{1,32}")
 

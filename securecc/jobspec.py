@@ -176,8 +176,9 @@ def validate(job: wire.Job, compiler_roots: tuple[str, ...] = ()) -> ValidJob:
         if not job.output_path or mode is not Mode.OBJECT or "-gsplit-dwarf" not in job.args:
             raise Invalid("denied:argument-refused", "an output path goes with -gsplit-dwarf and -c, and only with them")
         _path(job.output_path, "output path", normalized=False)
-        if any(part.startswith(("@", "-")) for part in job.output_path.split("/")):  # gcc hands cc1 "-dumpdir
-            raise Invalid("denied:bad-path", f"output path {job.output_path!r} names a response file")  # DIR/ -dumpbase NAME.c"
+        # gcc hands cc1 "-dumpdir DIR/ -dumpbase NAME.c" from it, and cc1 reads an "@..." argument as options
+        if any(part.startswith(("@", "-")) for part in job.output_path.split("/")):
+            raise Invalid("denied:bad-path", f"output path {job.output_path!r} names a response file")
         output = _mount_point(posixpath.normpath(posixpath.join(cwd, job.output_path)), "output", compiler_roots)
         directory = _mount_point(posixpath.dirname(output), "output directory", compiler_roots)  # bound writable: never "/"
         for root in compiler_roots:  # nor over a compiler's root, which it would hide
