@@ -11,7 +11,9 @@ machine-readable reason (``allowed:group:committers``,
 (blocking: the server calls it on a bounded thread pool) with positive and
 negative answers cached for separate TTLs; when LDAP cannot answer, an
 answer younger than ``max_stale`` is used, otherwise the job is refused as
-``denied:ldap-unavailable`` (fail closed).  A principal is an exact,
+``denied:ldap-unavailable`` (fail closed).  An outage is noticed once: until a
+background probe (every ``retry_down`` seconds) reaches LDAP again, lookups
+do not wait for it.  A principal is an exact,
 case-preserving ``name@REALM`` (:func:`principal_named`); its directory entry
 must name it exactly (:meth:`Directory.identifies`), so ``ALICE@R``,
 ``alice/admin@R`` and ``alice@OTHER`` never get alice's groups.
@@ -378,6 +380,7 @@ class LdapConfig:
     positive_ttl: float = 60.0
     negative_ttl: float = 10.0
     max_stale: float = 300.0  # how old a cached answer may be when LDAP is down
+    retry_down: float = 5.0  # while LDAP is down, how often it is tried again (in the background)
     realm: str = ""  # whose principals an entry's uid names; "": the realm spelled by base's dc= parts
 
     @property
@@ -413,6 +416,7 @@ class Directory:
         self._cache: dict[str, tuple[float, Membership]] = {}
         self._pending: dict[str, concurrent.futures.Future[Membership]] = {}
         self._lock = threading.Lock()
+        self._down: str | None = None  # why LDAP is down, while it is: the circuit breaker (see _known_down)
 
     def groups_of(self, principal: str) -> frozenset[str]:
         return self.membership(principal).groups
@@ -434,6 +438,8 @@ class Directory:
         if fresh is not None:
             return fresh
         now = time.monotonic()
+        if self._down is not None:
+            return self._stale(principal, now, self._down)
         with self._lock:  # concurrent misses for one principal share one query
             cached = self._cache.get(principal)
             pending = self._pending.get(principal)
@@ -447,10 +453,9 @@ class Directory:
                 answer = self._query(principal)
                 with self._lock:
                     self._cache[principal] = (now, answer)
-            except DirectoryUnavailable:
-                if not (cached and now - cached[0] < self.config.max_stale):
-                    raise
-                answer = Membership(cached[1].user_dn, cached[1].groups, [*cached[1].facts, "LDAP down: cached answer"], True)
+            except DirectoryUnavailable as e:
+                self._known_down(str(e))
+                answer = self._stale(principal, now, str(e))
         except BaseException as e:
             pending.set_exception(e)
             raise
@@ -459,6 +464,35 @@ class Directory:
                 del self._pending[principal]
         pending.set_result(answer)
         return answer
+
+    def _stale(self, principal: str, now: float, why: str) -> Membership:
+        """LDAP is down: the cached answer while younger than ``max_stale``, else DirectoryUnavailable."""
+        with self._lock:
+            cached = self._cache.get(principal)
+        if not (cached and now - cached[0] < self.config.max_stale):
+            raise DirectoryUnavailable(why)
+        return Membership(cached[1].user_dn, cached[1].groups, [*cached[1].facts, "LDAP down: cached answer"], True)
+
+    def _known_down(self, why: str) -> None:
+        """Open the breaker: until a background probe reaches LDAP again, no job waits for it (each would
+        pay the LDAP timeout), and they are answered from the cache or refused at once."""
+        with self._lock:
+            if self._down is not None:
+                return
+            self._down = f"{why} (down; retried every {self.config.retry_down:g} s in the background)"
+        threading.Thread(target=self._probe, name="ldap-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        while True:
+            time.sleep(self.config.retry_down)
+            try:
+                self._connection()  # binds, after a root DSE read: LDAP answers again
+            except (ldap.LDAPError, OSError):
+                self._local.conn = None
+                continue
+            with self._lock:
+                self._down = None
+            return
 
     def _query(self, principal: str) -> Membership:
         errors: list[Exception] = []

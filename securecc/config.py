@@ -93,7 +93,7 @@ _CACHE = {"path", "max_bytes"}
 _DISTCC = {"listen", "principal", "cleartext"}
 _MONITOR = {"listen", "principal", "scrape"}
 _LDAP = {"uris", "base", "users", "groups", "bind", "bind_dn", "password_file", "starttls", "ca_file", "timeout",
-         "user_filter", "membership", "nested", "positive_ttl", "negative_ttl", "max_stale"}
+         "user_filter", "membership", "nested", "positive_ttl", "negative_ttl", "max_stale", "retry_down"}
 _SANDBOX = {"scratch", "uid", "gid", "timeout", "mode"}
 _COMPILER = {"path", "timeout", "root"}
 _AUDIT = {"path", "key", "rotate_bytes", "checkpoint_every", "checkpoint_seconds", "syslog"}
@@ -224,6 +224,7 @@ def load_config(path: Path) -> ServerConfig:
         positive_ttl=seconds("positive_ttl", 60),
         negative_ttl=seconds("negative_ttl", 10),
         max_stale=seconds("max_stale", 300),
+        retry_down=seconds("retry_down", 5),
     )
 
     distcc = _section(data, "distcc", _DISTCC, where)

@@ -587,6 +587,63 @@ class Proxy:
             s.close()
 
 
+class HangingRelay(Proxy):
+    """A relay to slapd that, once told to hang, holds every connection silent (an LDAP server that froze)."""
+
+    def __init__(self, port: int) -> None:
+        self.hanging = False
+        super().__init__(port)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(client)
+            if not self.hanging:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+                self.sockets.append(upstream)
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def hang(self) -> None:
+        self.hanging = True
+        for s in self.sockets[1:]:  # the kept connections die; new ones get no answer
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def test_a_known_ldap_outage_costs_one_timeout_then_is_probed_in_the_background(realm, own_server, workdir):
+    """LDAP hangs after the cache expired: one job pays the LDAP timeout, the next are decided at once (a stale
+    answer within max_stale, or a refusal), and LDAP is asked again soon after it is back."""
+    relay = HangingRelay(realm.info["ldap_port"])
+    s = own_server(ldap={"uris": [f"ldap://localhost:{relay.port}/"], "timeout": 2, "positive_ttl": 0.2,
+                         "negative_ttl": 0.2, "max_stale": 60, "retry_down": 0.5})  # fmt: skip
+    (workdir / "a.c").write_text("int a;\n")
+
+    def job(user: str) -> tuple[float, str]:
+        started = time.monotonic()
+        securecc(realm, s, user, workdir, "gcc", "-c", "a.c", "-o", "a.o")
+        return time.monotonic() - started, s.jobs(principal=f"{user}@TEST.REALM")[-1]["reason"]
+
+    assert job("alice")[1] == "allowed:group:committers"
+    time.sleep(0.3)
+    relay.hang()
+    took, why = job("alice")
+    assert why == "allowed:group:committers" and took >= 2  # the one job that finds LDAP gone waits for it
+    for user, reason in (("alice", "allowed:group:committers"), ("bob", "denied:ldap-unavailable")) * 2:
+        took, why = job(user)
+        assert why == reason and took < 1.5, (user, took, why)  # known down: no wait
+    relay.hanging = False
+    deadline = time.monotonic() + 10
+    while job("bob")[1] != "denied:not-in-group" and time.monotonic() < deadline:  # LDAP answers bob again
+        time.sleep(0.2)
+    assert job("bob")[1] == "denied:not-in-group"
+
+
 def test_ldap_outage_uses_a_recent_answer_then_fails_closed(realm, own_server, workdir):
     """slapd unreachable: a cached answer younger than max_stale is used, then jobs are refused and audited."""
     proxy = Proxy(realm.info["ldap_port"])
