@@ -27,11 +27,12 @@ import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import BinaryIO, Mapping, NamedTuple  # noqa: E402
+from typing import TYPE_CHECKING, BinaryIO, Mapping, NamedTuple  # noqa: E402
 
 from securecc import args as argpolicy  # noqa: E402
-from securecc import native  # noqa: E402
-from securecc.toolchain import HeaderDigests  # noqa: E402
+
+if TYPE_CHECKING:
+    from securecc.toolchain import HeaderDigests
 
 MASQUERADE_NAMES = frozenset({"gcc", "cc", "g++", "c++", "clang", "clang++"})
 
@@ -389,7 +390,7 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
         files = {p: read_file(p) for p in project if p != main}
         system = argpolicy.system_files(included)
         return job(f"{plan.language}-source", b"", plan.source_args or [], include_paths=list(files),
-                   includes=list(files.values()), system_headers=system, system_digest=SYSTEM_HEADERS.of(system),
+                   includes=list(files.values()), system_headers=system, system_digest=system_headers().of(system),
                    directories=argpolicy.lookup_directories(plan, text, cwd)), b""  # fmt: skip
 
     if plan.preprocessed:
@@ -397,7 +398,7 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
     if plan.language == "assembler":  # nothing to preprocess: as reads the file itself
         if argpolicy.assembler_reads_files(original):
             raise argpolicy.NotDistributable("assembler .include or .incbin")
-        return job("assembler-source", b"", plan.remote_args, system_digest=SYSTEM_HEADERS.of([])), b""
+        return job("assembler-source", b"", plan.remote_args, system_digest=system_headers().of([])), b""
     import subprocess
 
     def run(command: list[str]) -> subprocess.CompletedProcess[bytes]:
@@ -431,8 +432,16 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
         directives.stderr
 
 
-SYSTEM_HEADERS = HeaderDigests()
-"""The system headers' digests, kept for the agent's lifetime (a header is re-read only when it changes)."""
+_SYSTEM_HEADERS: list[HeaderDigests] = []
+
+
+def system_headers() -> HeaderDigests:
+    """The system headers' digests, kept for the agent's lifetime (a header is re-read only when it changes)."""
+    if not _SYSTEM_HEADERS:
+        from securecc.toolchain import HeaderDigests
+
+        _SYSTEM_HEADERS.append(HeaderDigests())
+    return _SYSTEM_HEADERS[0]
 
 
 def unrepeated(local: bytes, remote: bytes) -> bytes:
@@ -588,13 +597,7 @@ def compile_one(inv: Invocation, compiler: str, path: str, args: list[str], sess
     """One source: remotely, or the local compile to run (with why)."""
     local = LocalCompile(path, [compiler, *args])
     try:
-        plan = argpolicy.plan(native.expand(path, args))
-        if plan.debug and native.records_switches(args) and any(native.NATIVE.fullmatch(a) for a in args):
-            raise argpolicy.NotDistributable("-march=native with -g (gcc would record its switches in another order)")
-    except native.NotExpanded as e:
-        inv.verbose(f"compiling locally: {e}")
-        local.reason = "option -m...=native"
-        return local
+        plan = argpolicy.plan(without_native(path, args))
     except argpolicy.NotDistributable as e:
         inv.verbose(f"compiling locally: {e}")
         local.reason = str(e)
@@ -608,6 +611,22 @@ def compile_one(inv: Invocation, compiler: str, path: str, args: list[str], sess
         (inv.verbose if e.quiet else inv.say)(f"{e}; compiling locally")
         local.reason, local.failure = str(e), True
     return local
+
+
+def without_native(compiler: str, args: list[str]) -> list[str]:
+    """``args`` with ``-m...=native`` expanded into what it means here (:mod:`securecc.native`, imported
+    only then); NotDistributable where the expansion cannot give the local object."""
+    if not any(a.endswith("=native") for a in args):
+        return args
+    from securecc import native
+
+    try:
+        expanded = native.expand(compiler, args)
+    except native.NotExpanded as e:
+        raise argpolicy.NotDistributable(str(e)) from None
+    if argpolicy.plan(expanded).debug and native.records_switches(args):
+        raise argpolicy.NotDistributable("-march=native with -g (gcc would record its switches in another order)")
+    return expanded
 
 
 def compile_each(inv: Invocation, compiler: str, path: str, args: list[str], parts: list[tuple[int, list[str]]],

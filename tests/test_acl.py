@@ -560,10 +560,14 @@ class Proxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            self.sockets += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            self.sockets.append(client)
+            self._relay(client)
+
+    def _relay(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.target))
+        self.sockets.append(upstream)
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
     @staticmethod
     def _pump(a: socket.socket, b: socket.socket) -> None:
@@ -594,18 +598,9 @@ class HangingRelay(Proxy):
         self.hanging = False
         super().__init__(port)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            self.sockets.append(client)
-            if not self.hanging:
-                upstream = socket.create_connection(("127.0.0.1", self.target))
-                self.sockets.append(upstream)
-                for a, b in ((client, upstream), (upstream, client)):
-                    threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+    def _relay(self, client: socket.socket) -> None:
+        if not self.hanging:
+            super()._relay(client)
 
     def hang(self) -> None:
         self.hanging = True
