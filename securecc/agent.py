@@ -66,29 +66,36 @@ class SessionPool:
     def __init__(self, stats: counters.Stats | None = None) -> None:
         self._idle: dict[tuple[str, str], list[client.Channel]] = {}
         self._lock = threading.Lock()
-        self._credentials: tuple[object, object, str, float] | None = None  # (ccache state, credentials, principal, end)
+        self._credentials: tuple[object, str, float] | None = None  # (ccache state, principal, ticket's end)
         self.handshakes = 0
         self.stats = stats or counters.Stats()
 
-    def credentials(self):  # type: ignore[no-untyped-def]
-        """The ticket the next handshake would use and its principal; RemoteFailure if there is none.
+    def principal(self, deadline: float) -> str:
+        """Whose ticket the next handshake would use; RemoteFailure if there is none.
 
         Asked of the ccache for every job (1.5 ms), except that a FILE ccache
         unchanged since the last job (same inode, size and mtime) and a ticket
-        not yet ended give the same answer without asking.
+        not yet ended give the same answer without asking.  With a client
+        keytab and no ticket yet, asking means asking the KDC: bounded by
+        ``deadline`` (:mod:`securecc.tickets`).
         """
         import gssapi.exceptions
 
-        from securecc.gss import explain
+        from securecc import tickets
+        from securecc.gss import explain, kdc_down
 
         state = ccache_state()
         cached = self._credentials
-        if cached is not None and state is not None and cached[0] == state and time.time() < cached[3]:
-            return cached[1], cached[2]
+        if cached is not None and state is not None and cached[0] == state and time.time() < cached[2]:
+            return cached[1]
         try:
-            credentials = gssapi.Credentials(usage="initiate")
+            credentials = tickets.bounded("an initial ticket", lambda: gssapi.Credentials(usage="initiate"), deadline)
             principal, lifetime = str(credentials.name), credentials.lifetime
+        except tickets.NoAnswer as e:
+            raise client.KdcUnavailable(str(e), pending=e.pending) from None
         except gssapi.exceptions.GSSError as e:
+            if kdc_down(e):
+                raise client.KdcUnavailable(explain(e)) from None
             self._credentials = None
             self.close_all()  # kdestroy or an expired ticket: no job goes out on the old sessions
             raise client.RemoteFailure(explain(e)) from None
@@ -96,11 +103,11 @@ class SessionPool:
             self._credentials = None
             self.close_all()
             raise client.RemoteFailure("Kerberos ticket expired: run kinit")
-        self._credentials = (state, credentials, principal, time.time() + (lifetime or 0))
-        return credentials, principal
+        self._credentials = (state, principal, time.time() + (lifetime or 0))
+        return principal
 
     def call(self, inv: client.Invocation, host, job: wire.Job, timeouts: client.Timeouts):  # type: ignore[no-untyped-def]
-        credentials, principal = self.credentials()
+        principal = self.principal(timeouts.kdc)
         key = (host_key(host), principal)
         channel = self._take(key)
         if channel is not None:
@@ -122,7 +129,7 @@ class SessionPool:
                 channel.close()
         channel = CountedChannel(host, self.stats, timeouts)
         try:
-            channel.authenticate(credentials)
+            channel.authenticate()  # its own credentials: MIT krb5 serializes the ticket requests made on one
             self.handshakes += 1
             self.stats.add("handshakes")
             reply = channel.call(job, inv.watch)
@@ -183,7 +190,10 @@ class CountedChannel(client.Channel):
 
     def __init__(self, host, stats: counters.Stats, timeouts: client.Timeouts) -> None:  # type: ignore[no-untyped-def]
         super().__init__(host, timeouts=timeouts)
-        self.sock = CountingSocket(self.sock, stats)  # type: ignore[assignment]
+        self.stats = stats
+
+    def _connect(self):  # type: ignore[no-untyped-def]
+        return CountingSocket(super()._connect(), self.stats)
 
 
 class JobSessions:

@@ -82,13 +82,18 @@ class Timeouts(NamedTuple):
     connect: float = 2.0
     io: float = 20.0  # a server sends Alive every few seconds while it compiles: this much silence means it hung
     handshake: float = 5.0  # a healthy server answers a handshake in milliseconds
+    kdc: float = 3.0  # a service ticket from a healthy KDC takes milliseconds; libkrb5 waits ~27 s for a dead one
 
     @classmethod
     def of(cls, inv: Invocation) -> Timeouts:
         default = cls()
         io = _seconds(inv, "SECURECC_IO_TIMEOUT", default.io)
         return cls(_seconds(inv, "SECURECC_CONNECT_TIMEOUT", default.connect), io,
-                   min(io, _seconds(inv, "SECURECC_HANDSHAKE_TIMEOUT", default.handshake)))  # fmt: skip
+                   min(io, _seconds(inv, "SECURECC_HANDSHAKE_TIMEOUT", default.handshake)),
+                   _seconds(inv, "SECURECC_KDC_TIMEOUT", default.kdc))  # fmt: skip
+
+
+CACHED_TICKET_WAIT = 0.25  # seconds a job waits for a ticket during a KDC outage: a cached one takes ~1 ms
 
 
 def _seconds(inv: Invocation, name: str, default: float) -> float:
@@ -115,6 +120,15 @@ class FailedRemotely(RemoteFailure):
     an error of the user's prints exactly what gcc prints here, and one of the server's costs nothing."""
 
     quiet = True
+
+
+class KdcUnavailable(RemoteFailure):
+    """No service ticket: the KDC did not answer in time or could not be reached (``pending``: a request
+    for this server is still out).  Not the server's fault: the next server may have a cached ticket."""
+
+    def __init__(self, message: str, pending: bool = False) -> None:
+        super().__init__(message)
+        self.pending = pending
 
 
 class HostFailure(RemoteFailure):
@@ -205,19 +219,23 @@ class Channel:
     """
 
     def __init__(self, host, io_timeout: float | None = None, timeouts: Timeouts = Timeouts()) -> None:  # type: ignore[no-untyped-def]
-        import socket
-
         from securecc import protocol as wire
 
         self.host = host
         self.timeouts = timeouts._replace(io=io_timeout) if io_timeout else timeouts
         self.wire = wire.Connection()
         self.expires = 0.0
+        self.sock = None  # connected by authenticate() once it holds the first token: never while the KDC is asked
+
+    def _connect(self):  # type: ignore[no-untyped-def]
+        import socket
+
         try:
-            self.sock = socket.create_connection((host.name, host.port), timeout=min(self.timeouts.connect, self.timeouts.io))
+            sock = socket.create_connection((self.host.name, self.host.port), timeout=min(self.timeouts.connect, self.timeouts.io))
         except OSError as e:
-            raise HostFailure(f"cannot connect to {host.name}:{host.port}: {e.strerror or e}") from None
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raise HostFailure(f"cannot connect to {self.host.name}:{self.host.port}: {e.strerror or e}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
     def _events(self, timeout: float, watch: object | None = None) -> list:  # type: ignore[type-arg]
         from securecc import protocol as wire
@@ -249,12 +267,19 @@ class Channel:
 
     def authenticate(self, credentials=None) -> None:  # type: ignore[no-untyped-def]
         from securecc import protocol as wire
+        from securecc import tickets
         from securecc.gss import GSSFailure, Initiator
 
+        initiator = Initiator(self.host.target, credentials)
         try:
-            initiator = Initiator(self.host.target, credentials)
-            first = initiator.step()
-            self.sock.sendall(wire.hello() + wire.token(first or b""))
+            first = tickets.first_token(initiator, self.timeouts.kdc)
+        except tickets.NoAnswer as e:
+            raise KdcUnavailable(str(e), pending=e.pending) from None
+        except GSSFailure as e:
+            raise (KdcUnavailable if e.kdc_down else RemoteFailure)(str(e)) from None
+        self.sock = self._connect()
+        try:
+            self.sock.sendall(wire.hello() + wire.token(first))
             greeted = False
             while not (greeted and initiator.complete):
                 for event in self._events(min(self.timeouts.io, self.timeouts.handshake)):
@@ -299,7 +324,8 @@ class Channel:
         return not select.select([self.sock], [], [], 0)[0]
 
     def close(self) -> None:
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
 
 
 class OneShot:
@@ -491,17 +517,27 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
     job, messages = prepared
     from securecc.cache import cache_key
 
-    troubles = []
+    troubles: list[str] = []
+    kdc_trouble: KdcUnavailable | None = None
     if len(candidates) > 1:  # the key's owner first: it may hold the result (hashing 300 KB costs 0.3 ms)
         candidates = state.with_affinity(candidates, cache_key(job.compiler_identity, job))
     for host in candidates:
         started = time.monotonic()
+        realm = host.target.partition("@")[2]
+        outage = state.kdc_backed_off(realm)
         try:
-            reply = (sessions or OneShot()).call(inv, host, job, timeouts)
+            reply = (sessions or OneShot()).call(inv, host, job, timeouts._replace(kdc=CACHED_TICKET_WAIT) if outage else timeouts)
         except HostFailure as e:
             state.failed(host, str(e))
             troubles.append(str(e))
             continue
+        except KdcUnavailable as e:  # not the server's fault: the next one may have a cached ticket
+            e.quiet = e.pending or outage or not state.kdc_failed(realm, str(e))
+            if kdc_trouble is None or not e.quiet:
+                kdc_trouble = e
+            continue
+        if not outage:
+            state.kdc_answered(realm)
         if isinstance(reply, wire.Busy):
             troubles.append(f"{host.name} busy ({reply.load}/{reply.slots})")
             continue
@@ -527,9 +563,20 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
         inv.out.flush()
         inv.err.write(unrepeated(messages, reply.stderr) + reply.stderr)
         inv.err.flush()
-        inv.verbose(f"compiled {plan.source} on {host.name} (job {reply.job_id})")
+        inv.verbose(f"compiled {plan.source} on {host.name}:{host.port} (job {reply.job_id})")
         return 0
-    raise RemoteFailure("; ".join(troubles))
+    if kdc_trouble is not None and not troubles:
+        raise kdc_outage(kdc_trouble)
+    raise RemoteFailure("; ".join(troubles + ([str(kdc_trouble)] if kdc_trouble else [])))
+
+
+def kdc_outage(trouble: KdcUnavailable) -> KdcUnavailable:
+    """What a job that got no ticket says: the first job of an outage says it once for the build, the
+    others fall back quietly (the back-off file remembers the outage; ``securecc --show-hosts``)."""
+    if trouble.quiet:
+        return trouble
+    return KdcUnavailable(f"{trouble}: compiles that need a new ticket stay local until it answers"
+                          " (tickets already cached still work)")  # fmt: skip
 
 
 # Refusals that another server may not give: try the next one.
@@ -562,6 +609,12 @@ def show_hosts(inv: Invocation) -> int:
         status = f"backed off {wait:.0f} s more ({entry.get('why', '')})" if wait else "ok"
         latency = f", latency {entry['latency'] * 1000:.0f} ms" if "latency" in entry else ""
         lines.append(f"  {host.name}:{host.port}/{host.limit} principal {host.target}: {status}{latency}")
+    for key, entry in sorted(state.hosts.items()):
+        wait = entry.get("until", 0) - time.time() if key.startswith("kdc") else 0
+        if wait > 0:
+            realm = key.partition(" ")[2] or "the default realm"
+            lines.append(f"  Kerberos KDC of {realm}: not answering, only cached tickets tried for {wait:.0f} s more"
+                         f" ({entry.get('why', '')})")  # fmt: skip
     lines.append(f"state: {state.path}")
     inv.out.write("\n".join(lines).encode() + b"\n")
     return 0
@@ -608,7 +661,7 @@ def compile_one(inv: Invocation, compiler: str, path: str, args: list[str], sess
         inv.verbose(f"compiling locally: {e}")
         local.reason = str(e)
     except RemoteFailure as e:
-        (inv.verbose if e.quiet else inv.say)(f"{e}; compiling locally")
+        (inv.verbose if e.quiet else inv.say)(f"{plan.source}: {e}; compiling locally")
         local.reason, local.failure = str(e), True
     return local
 

@@ -40,10 +40,11 @@ _KRB5_MESSAGES = {
     41: "the server's key does not match the KDC's (wrong or stale keytab): ask the securecc admin to re-extract the keytab",
     44: "the server's key version does not match the KDC's: ask the securecc admin to re-extract the keytab",
 }
+_KDC_UNREACH = -1765328228  # KRB5_KDC_UNREACH: an outage, which the client backs off
 _KRB5_NAMED = {
     -1765328189: "no Kerberos ticket: run kinit (or point KRB5_CLIENT_KTNAME at a keytab)",  # KRB5_FCC_NOFILE
     -1765328243: "no Kerberos ticket: run kinit (or point KRB5_CLIENT_KTNAME at a keytab)",  # KRB5_CC_NOTFOUND
-    -1765328228: "cannot reach the Kerberos KDC: check the network and krb5.conf",  # KRB5_KDC_UNREACH
+    _KDC_UNREACH: "cannot reach the Kerberos KDC: check the network and krb5.conf",  # KRB5_KDC_UNREACH
     -1765328203: "the server's keytab has no key for the requested principal: ask the securecc admin to fix its keytab",  # KRB5_KT_NOTFOUND
 }
 
@@ -51,24 +52,36 @@ _KRB5_NAMED = {
 class GSSFailure(Exception):
     """Authentication failed; ``str()`` is one sentence for the user.
 
-    ``token`` is an error token to send to the peer, when GSS produced one.
+    ``token`` is an error token to send to the peer, when GSS produced one;
+    ``kdc_down`` says the KDC could not be reached (an outage, not a refusal).
     """
 
-    def __init__(self, message: str, token: bytes | None = None) -> None:
+    def __init__(self, message: str, token: bytes | None = None, kdc_down: bool = False) -> None:
         super().__init__(message)
         self.token = token
+        self.kdc_down = kdc_down
+
+
+def _signed_minor(error: gssapi.exceptions.GSSError) -> int:
+    minor = error.min_code or 0
+    return minor - 2**32 if minor >= 2**31 else minor
+
+
+def kdc_down(error: gssapi.exceptions.GSSError) -> bool:
+    """The KDC could not be reached: an outage to back off, not a refusal."""
+    return _signed_minor(error) == _KDC_UNREACH
 
 
 def explain(error: gssapi.exceptions.GSSError, target: str = "") -> str:
     """Turn a GSS-API error into one sentence that says what to do."""
+    signed = _signed_minor(error)
+    if signed in _KRB5_NAMED:
+        return _KRB5_NAMED[signed]
     if isinstance(error, gssapi.exceptions.MissingCredentialsError) and "Decrypt" not in str(error):
         return _KRB5_NAMED[-1765328189]
     if isinstance(error, gssapi.exceptions.ExpiredCredentialsError):
         return _KRB5_MESSAGES[32]
     minor = error.min_code or 0
-    signed = minor - 2**32 if minor >= 2**31 else minor
-    if signed in _KRB5_NAMED:
-        return _KRB5_NAMED[signed]
     if 0 <= minor - _KRB5_BASE < 128 and (minor - _KRB5_BASE) in _KRB5_MESSAGES:
         return _KRB5_MESSAGES[minor - _KRB5_BASE].format(target=target or "securecc/<host>")
     detail = " ".join(error.gen_message().split())
@@ -129,7 +142,7 @@ class Initiator:
                 _check_flags(self._context)
             return out
         except gssapi.exceptions.GSSError as e:
-            raise GSSFailure(explain(e, self.principal)) from None
+            raise GSSFailure(explain(e, self.principal), kdc_down=kdc_down(e)) from None
 
     @property
     def complete(self) -> bool:

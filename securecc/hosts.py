@@ -25,7 +25,9 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
+
+T = TypeVar("T")
 
 DEFAULT_PORT = 3637
 DEFAULT_LIMIT = 4
@@ -189,13 +191,42 @@ class HostState:
         until = self.hosts.get(host_key(host), {}).get("until", 0)
         return max(0.0, until - (now or time.time()))
 
-    def failed(self, host: Host, why: str) -> None:
-        entry = self.hosts.setdefault(host_key(host), {})
-        entry["failures"] = entry.get("failures", 0) + 1
-        entry["until"] = time.time() + min(MAX_BACKOFF, self.base_backoff * 2 ** (entry["failures"] - 1))
-        entry["why"] = why
-        self._changed.add(host_key(host))
-        self.save()
+    def failed(self, host: Host, why: str) -> int:
+        """Back ``host`` off; the number of failures in a row, counted across every writer of the file."""
+        return self._fail(host_key(host), why)
+
+    def _fail(self, key: str, why: str) -> int:
+        def count(current: dict) -> int:  # type: ignore[type-arg]
+            entry = current["hosts"].setdefault(key, {})
+            if not isinstance(entry, dict):
+                entry = current["hosts"][key] = {}
+            entry["failures"] = failures = int(entry.get("failures", 0)) + 1
+            entry["until"] = time.time() + min(MAX_BACKOFF, self.base_backoff * 2 ** (failures - 1))
+            entry["why"] = why
+            return failures
+
+        failures = self.save(count)
+        return failures if failures is not None else count(self.data)
+
+    # The KDC of a realm ("" for the default one) is remembered like a host: an outage is said once, and
+    # while it lasts only cached tickets are tried (tickets.py).
+    @staticmethod
+    def _kdc_key(realm: str) -> str:
+        return f"kdc {realm}".rstrip()
+
+    def kdc_backed_off(self, realm: str) -> bool:
+        return self.hosts.get(self._kdc_key(realm), {}).get("until", 0) > time.time()
+
+    def kdc_failed(self, realm: str, why: str) -> bool:
+        """Note an unanswered ticket request; True for the first of an outage (the one to tell the user)."""
+        return self._fail(self._kdc_key(realm), why) == 1
+
+    def kdc_answered(self, realm: str) -> None:
+        key = self._kdc_key(realm)
+        if self.hosts.get(key, {}).get("failures"):
+            self.hosts[key] = {"failures": 0, "until": 0}
+            self._changed.add(key)
+            self.save()
 
     def succeeded(self, host: Host, latency: float) -> None:
         """Clear a back-off and fold in the latency; written only when that changes the picture (every
@@ -246,13 +277,15 @@ class HostState:
         self._changed.add("srv")
         self.save()
 
-    def save(self) -> None:
+    def save(self, update: Callable[[dict], T] | None = None) -> T | None:  # type: ignore[type-arg]
         """Write back what this process changed, merged into the file as it is now.
 
         Parallel compiles (processes, and the agent's threads) share the
         file: under an exclusive lock each re-reads it, replaces only the
-        entries it changed, and renames a temporary file of its own over it,
-        so no writer drops another's back-off.
+        entries it changed, applies ``update`` (a read-modify-write, such
+        as counting a failure) and renames a temporary file of its own
+        over it, so no writer drops another's back-off.  Returns what
+        ``update`` returned; None when the file could not be written.
         """
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -270,10 +303,13 @@ class HostState:
                         current["srv"] = self.data["srv"]
                     else:
                         current["hosts"][key] = self.hosts[key]
+                result = update(current) if update else None
                 temp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
                 with open(temp, "w") as f:
                     json.dump(current, f)
                 os.replace(temp, self.path)
             self.data, self.hosts = current, current["hosts"]
+            self._changed.clear()
+            return result
         except OSError:
-            pass
+            return None

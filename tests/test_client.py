@@ -49,4 +49,4 @@ def test_bad_host_list_is_explained(tmp_path):
     env = {**os.environ, "SECURECC_HOSTS": "host:notaport"}
     done = subprocess.run([BIN / "securecc", "gcc", "-c", "a.c"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert done.returncode == 0 and (tmp_path / "a.o").exists()
-    assert done.stderr == "securecc: cannot parse the host list (bad port in 'host:notaport'); fix SECURECC_HOSTS; compiling locally\n"
+    assert done.stderr == "securecc: a.c: cannot parse the host list (bad port in 'host:notaport'); fix SECURECC_HOSTS; compiling locally\n"

@@ -243,7 +243,7 @@ def test_no_ticket_compiles_locally_with_clear_message(realm, server, workdir):
     done = securecc(realm, server, None, workdir, "gcc", "-DSCALE=1", "-I.", "-c", "src/main.c", "-o", "n.o")
     assert done.returncode == 0 and (workdir / "n.o").exists()
     assert done.stderr.decode() == (
-        "securecc: no Kerberos ticket: run kinit (or point KRB5_CLIENT_KTNAME at a keytab); compiling locally\n"
+        "securecc: src/main.c: no Kerberos ticket: run kinit (or point KRB5_CLIENT_KTNAME at a keytab); compiling locally\n"
     )
 
 
@@ -269,7 +269,7 @@ def test_unreachable_server_compiles_locally(realm, workdir):
     done = securecc(realm, None, "alice", workdir, "gcc", "-DSCALE=1", "-I.", "-c", "src/main.c", "-o", "u.o",
                     hosts=f"127.0.0.1:{port},principal=securecc/localhost@TEST.REALM")  # fmt: skip
     assert done.returncode == 0 and (workdir / "u.o").exists()
-    assert done.stderr.decode().startswith(f"securecc: cannot connect to 127.0.0.1:{port}")
+    assert done.stderr.decode().startswith(f"securecc: src/main.c: cannot connect to 127.0.0.1:{port}")
 
 
 def test_server_killed_mid_job_falls_back_locally(realm, own_server, workdir):

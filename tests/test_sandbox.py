@@ -201,7 +201,7 @@ def test_client_with_another_compiler_version_compiles_locally(realm, server, wo
                     PATH=f"{fake}:{os.environ['PATH']}")  # fmt: skip
     assert done.returncode == 0 and (workdir / "a.o").exists()
     err = done.stderr.decode()
-    assert err.startswith("securecc: 127.0.0.1 refused the job: this server's gcc is gcc version 12")
+    assert err.startswith("securecc: a.c: 127.0.0.1 refused the job: this server's gcc is gcc version 12")
     assert "yours is gcc version 99.1.0 (Imaginary); target x86_64-linux-gnu" in err and err.endswith("compiling locally\n")
     assert server.jobs(cwd=str(workdir))[-1]["reason"] == "denied:compiler-mismatch"
 

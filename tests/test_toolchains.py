@@ -309,7 +309,7 @@ def test_server_without_the_cross_compiler_says_so_and_it_builds_here(realm, ser
     (workdir / "x.c").write_text(CROSS_SOURCE)
     done = securecc(realm, server, "alice", workdir, "aarch64-linux-gnu-gcc", "-O2", "-c", "x.c", "-o", "r.o")
     assert done.returncode == 0
-    assert done.stderr.decode() == ("securecc: 127.0.0.1 refused the job: compiler 'aarch64-linux-gnu-gcc' is not "
+    assert done.stderr.decode() == ("securecc: x.c: 127.0.0.1 refused the job: compiler 'aarch64-linux-gnu-gcc' is not "
                                     "offered by this server; compiling locally\n")  # fmt: skip
     local(workdir, "aarch64-linux-gnu-gcc", "-O2", "-c", "x.c", "-o", "l.o")
     assert elf_machine(workdir / "r.o") == AARCH64 and (workdir / "r.o").read_bytes() == (workdir / "l.o").read_bytes()
@@ -323,7 +323,7 @@ def test_server_whose_cross_compiler_is_another_target_refuses(realm, own_server
     done = securecc(realm, wrong, "alice", workdir, "aarch64-linux-gnu-gcc", "-O2", "-c", "x.c", "-o", "r.o")
     assert done.returncode == 0 and elf_machine(workdir / "r.o") == AARCH64
     lines = done.stderr.decode().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("securecc: 127.0.0.1 refused the job: this server's"), lines
+    assert len(lines) == 1 and lines[0].startswith("securecc: x.c: 127.0.0.1 refused the job: this server's"), lines
     assert "target x86_64-linux-gnu" in lines[0] and "target aarch64-linux-gnu" in lines[0]
     assert lines[0].endswith("objects would differ; compiling locally")
     assert wrong.jobs(cwd=str(workdir))[-1]["reason"] == "denied:compiler-mismatch"
