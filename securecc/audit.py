@@ -14,7 +14,8 @@ are not UTF-8), so its bytes are its identity:
   shutdown, or the rlimit: cpu-limit, file-size-limit, memory-limit,
   process-limit), ``duration`` (s), ``bytes_in``, ``bytes_out``,
   ``decision`` (allowed/refused), ``reason`` (the ACL's reason when allowed,
-  the refusal's when refused), ``detail``; ``sandbox`` when not bwrap.
+  the refusal's when refused), ``detail``; ``sandbox`` when not bwrap;
+  ``delivered`` (false: the client had gone before the reply could be sent).
 - ``event: auth`` — a connection whose authentication failed (``peer``,
   ``reason``, ``detail``).
 - ``event: server-start`` (``sandbox``, ``compilers`` and their identities,
@@ -37,6 +38,14 @@ checkpoints still verifies: only a copy of a later checkpoint kept elsewhere
 cut the same way: a chain starts at seq 0 or, once older files are rotated
 away, at the ``rotation`` record that opens each newer file (:func:`verify`).
 
+Full disks: space is reserved (``fallocate`` past the end of the file,
+which appends then fill) before a compile starts, for its ``job-start`` and
+its final record, and a standing reserve keeps room for the records that
+close the log (``audit-recovered``, ``server-stop``, a checkpoint).  A job
+whose space cannot be reserved is refused, so no compile runs without room
+for its record, and a clean stop can always sign; its ``server-stop``
+record says how many records were lost while the disk was full (``lost``).
+
 Crash safety: one ``write()`` per line on an O_APPEND descriptor; a short
 write is cut back off.  At start the last line is checked: a torn one
 (no newline) is terminated, never glued to the next record, and the
@@ -49,6 +58,7 @@ also when the server died between the rename and that record.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -65,6 +75,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 VERSION = 1
 GENESIS = "0" * 64
+STANDING_RESERVE = 16 << 10  # bytes always kept for audit-recovered, server-stop and checkpoints
+JOB_MARGIN = 4 << 10  # what a job's final record may add to its start record (detail, digests, figures)
+ALLOCATE_AHEAD = 64 << 10  # reserve space in steps this large: a syscall per many records, not per record
 
 
 class AuditError(Exception):
@@ -150,6 +163,25 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 # --- writing ----------------------------------------------------------------
 
 
+def _preallocate(fd: int, offset: int, length: int) -> None:
+    """Allocate [offset, offset + length) of the file without changing its size (fallocate
+    FALLOC_FL_KEEP_SIZE; the os module has only posix_fallocate, which changes it)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, 1, offset, length) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, os.strerror(errno))
+
+
+@dataclass
+class Reservation:
+    """Space set aside in the log for one job's records."""
+
+    size: int
+
+
 def _last_line(path: Path) -> tuple[bytes | None, bool, int]:
     """(last complete line, whether a torn fragment follows it, number of lines incl. the fragment)."""
     try:
@@ -208,6 +240,15 @@ class AuditLog:
         self._unsigned = 0
         self._last_checkpoint = time.monotonic()
         self._lost = 0
+        self._reserved = 0  # bytes promised to jobs under way
+        self._allocated = self._size  # the file's blocks are ours up to here (a crash's leftovers not counted)
+        try:
+            self._allocate(self._size + STANDING_RESERVE)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise AuditError(f"the filesystem of {self.path} cannot reserve space for records (fallocate: "
+                                 f"{e.strerror}); put the audit log on ext4, xfs, btrfs or tmpfs") from None  # fmt: skip
+            self.healthy = False  # full already: the server starts, and refuses jobs until there is room
         if continues_rotated:  # died between rename and rotation record, or moved away by hand: verify needs the record
             self._append({"event": "rotation"})
             self._unsigned += 1
@@ -220,23 +261,78 @@ class AuditLog:
                 return last
         return None
 
-    def recover(self) -> None:
-        """After failed writes: record how many were lost, or raise AuditError while still broken."""
-        if not self.healthy:
-            self._append({"event": "audit-recovered", "lost": self._lost})
-            self._unsigned += 1
+    def _allocate(self, end: int) -> None:
+        """Make the file's blocks ours up to ``end`` (OSError: no room), a step ahead when there is room."""
+        if end <= self._allocated:
+            return
+        try:
+            _preallocate(self._fd, self._allocated, end + ALLOCATE_AHEAD - self._allocated)
+            self._allocated = end + ALLOCATE_AHEAD
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            _preallocate(self._fd, self._allocated, end - self._allocated)
+            self._allocated = end
 
-    def write(self, **fields: Any) -> None:
-        """Append one record; raises AuditError, and only that, if it cannot be written or has a value JSON cannot take."""
-        self.recover()
-        self._append(fields)
+    def reserve(self, start_record: dict[str, Any]) -> Reservation:
+        """Room for a job's ``job-start`` record and its final one, or AuditError: then the job must not run."""
+        try:
+            size = 2 * len(canonical({"v": VERSION, "seq": self._seq, "prev": self._head, "time": now_rfc3339(),
+                                       "server": self.server, **start_record})) + JOB_MARGIN  # fmt: skip
+        except (TypeError, ValueError, RecursionError) as e:
+            raise AuditError(f"cannot record this job: {e}") from None
+        try:
+            self.recover()
+            self._allocate(self._size + self._reserved + size + STANDING_RESERVE)
+        except OSError as e:
+            self.healthy = False
+            raise AuditError(f"no room in the audit log {self.path} for a job's records: {e.strerror or e}") from None
+        self._reserved += size
+        return Reservation(size)
+
+    def release(self, reservation: Reservation) -> None:
+        """A job's records are written (or it ended without them): its room goes back."""
+        self._reserved -= reservation.size
+        reservation.size = 0
+
+    def recover(self) -> None:
+        """After failed writes or a refused reservation: once there is room for a job again, record how
+        many records were lost (``audit-recovered``); AuditError while there is not."""
+        if self.healthy:
+            return
+        try:
+            self._allocate(self._size + self._reserved + STANDING_RESERVE + JOB_MARGIN)
+        except OSError as e:
+            raise AuditError(f"cannot write the audit log {self.path}: {e.strerror or e}") from None
+        self._recovered()
+
+    def _recovered(self) -> None:
+        self._append({"event": "audit-recovered", "lost": self._lost}, essential=True)
+        self._unsigned += 1
+        self._lost, self.healthy = 0, True
+
+    def write(self, reservation: Reservation | None = None, **fields: Any) -> None:
+        """Append one record; raises AuditError, and only that, if it cannot be written or has a value JSON cannot take.
+
+        A record without a ``reservation`` is written only if it leaves the
+        room promised to jobs under way and the standing reserve intact.
+        """
+        try:
+            if reservation is None:  # a reserved record is written even while the log is out of room
+                self.recover()
+        except AuditError:
+            self._lost += 1
+            raise
+        self._append(fields, reservation=reservation)
         self._unsigned += 1
         if self._unsigned >= self.checkpoint_every:
             self.checkpoint()
         if self.rotate_bytes and self._size >= self.rotate_bytes:
             self.rotate()
 
-    def _append(self, fields: dict[str, Any], sign: bool = False) -> bytes:
+    def _append(self, fields: dict[str, Any], sign: bool = False, reservation: Reservation | None = None,
+                essential: bool = False) -> bytes:  # fmt: skip
+        """``essential``: a record that closes or repairs the log, drawn from the standing reserve."""
         record = {"v": VERSION, "seq": self._seq, "prev": self._head, "time": now_rfc3339(), "server": self.server, **fields}
         try:
             if sign:
@@ -245,17 +341,21 @@ class AuditLog:
         except (TypeError, ValueError, RecursionError) as e:  # this record only: the log stays healthy
             raise AuditError(f"cannot record this {fields.get('event', 'event')}: {e}") from None
         try:
+            if reservation is None:  # room beyond what is promised: jobs' and the standing reserve
+                kept = self._reserved + (0 if essential or sign else STANDING_RESERVE)
+                self._allocate(self._size + len(line) + 1 + kept)
             written = os.write(self._fd, line + b"\n")
             if written != len(line) + 1:
                 os.ftruncate(self._fd, self._size)  # a short write (disk full) is cut back off
                 raise OSError(f"short write ({written} of {len(line) + 1} bytes)")
         except OSError as e:
-            if self.healthy:
-                self._lost = 0
             self.healthy = False
             self._lost += 1
             raise AuditError(f"cannot write the audit log {self.path}: {e.strerror or e}") from None
-        self.healthy = True
+        if reservation is not None:
+            used = min(reservation.size, len(line) + 1)
+            reservation.size -= used
+            self._reserved -= used
         self._seq += 1
         self._head = line_hash(line)
         self._size += len(line) + 1
@@ -284,20 +384,46 @@ class AuditLog:
                 pass
 
     def rotate(self) -> None:
+        """Start a new file, unless the disk has no room for what is promised (then later)."""
+        free = os.statvfs(self.path.parent)
+        if free.f_bavail * free.f_frsize < self._reserved + STANDING_RESERVE + ALLOCATE_AHEAD:
+            return
         self.checkpoint()
-        os.close(self._fd)
+        self._give_back()
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
         os.rename(self.path, self.path.with_name(f"{self.path.name}.{stamp}"))
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._size = 0
-        self._append({"event": "rotation"})
+        self._size = self._allocated = 0
+        try:
+            self._allocate(self._reserved + STANDING_RESERVE)
+        except OSError:
+            self.healthy = False
+        self._append({"event": "rotation"}, essential=True)
         self._unsigned += 1
 
-    def close(self) -> None:
+    def _give_back(self) -> None:
+        """Close the file, returning the blocks allocated past its end."""
         try:
-            self.checkpoint()
+            os.ftruncate(self._fd, self._size)
         finally:
             os.close(self._fd)
+
+    def close(self, **stop: Any) -> None:
+        """A clean stop: the ``stop`` record (``full_disk`` when the log was out of room, after the
+        ``audit-recovered`` count of what was lost) and a checkpoint over it, from the standing reserve;
+        AuditError says exactly what could not be written and what stays unsigned."""
+        try:
+            if stop:
+                full = not self.healthy
+                if full:
+                    self._recovered()
+                self._append({**stop, **({"full_disk": True} if full else {})}, essential=True)
+                self._unsigned += 1
+            self.checkpoint()
+        except AuditError as e:
+            raise AuditError(f"{e}; {self._unsigned} records (up to seq {self._seq - 1}) stay unsigned") from None
+        finally:
+            self._give_back()
 
 
 def forwarder(target: str | None) -> Callable[[bytes], None] | None:
@@ -372,6 +498,8 @@ class Report:
     files: int = 0
     unsigned_tail: int = 0
     first_seq: int | None = None
+    lost: int = 0  # records the server could not write (its audit-recovered records say so)
+    full_disk_stops: int = 0  # clean stops while the disk was full
     problem: str | None = None  # the first thing wrong, with file and line
 
     @property
@@ -475,13 +603,20 @@ def verify(paths: list[Path], public_keys: Ed25519PublicKey | list[Ed25519Public
         else:
             report.records += 1
             report.unsigned_tail += 1
+            if event == "audit-recovered" and type(record.get("lost")) is int:
+                report.lost += record["lost"]
+            report.full_disk_stops += event == "server-stop" and record.get("full_disk") is True
         prev = line
     if pending_torn is not None:
         report.problem = f"{pending_torn.where}: torn last line (the server crashed mid-write, or the file was cut)"
     elif report.unsigned_tail and not live:
         where = prev.where if prev else "?"
-        report.problem = (f"{where}: the log ends {report.unsigned_tail} record(s) after its last checkpoint: "
-                          "cut, or its server died (then its next start continues it); --live for a running server")  # fmt: skip
+        if prev is not None and prev.record is not None and prev.record.get("event") == "server-stop":
+            why = ("its server stopped but could not sign them (no room or an I/O error for the checkpoint; "
+                   "the server's own log says which)")  # fmt: skip
+        else:
+            why = "cut, or its server died (then its next start continues it); --live for a running server"
+        report.problem = f"{where}: the log ends {report.unsigned_tail} record(s) after its last checkpoint: {why}"
     return report
 
 

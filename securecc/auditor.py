@@ -132,7 +132,10 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(1)
             tail = f", {report.unsigned_tail} record(s) after the last checkpoint" if report.unsigned_tail else ""
             start = f", starts at seq {report.first_seq} (the older rotated files not given)" if report.first_seq else ""
-            print(f"OK: {report.records} records, {report.checkpoints} signed checkpoints, {report.files} file(s){start}{tail}")
+            full = f", stopped {report.full_disk_stops} time(s) on a full disk" if report.full_disk_stops else ""
+            lost = f"; {report.lost} record(s) lost while the log could not be written" if report.lost else ""
+            print(f"OK: {report.records} records, {report.checkpoints} signed checkpoints, {report.files} file(s)"
+                  f"{start}{tail}{full}{lost}")  # fmt: skip
         elif options.command == "show":
             if options.follow:
                 _follow(options.logs[-1], options)

@@ -51,7 +51,7 @@ from securecc.acl import (
     split_principal,
     use_service_credentials,
 )
-from securecc.audit import AuditError, AuditLog, forwarder, load_private_key, now_rfc3339, sha256
+from securecc.audit import AuditError, AuditLog, Reservation, forwarder, load_private_key, now_rfc3339, sha256
 from securecc.cache import Entry, cache_key, expands_time
 from securecc import handler_client, jobspec
 from securecc.handler_client import HandlerGone, HandlerLink, Running
@@ -68,6 +68,22 @@ PREAUTH_TOTAL = 2048  # connections not yet authenticated, from everyone togethe
 PREAUTH_PER_SOURCE = 256  # ... from one address: a make -j200 build host opens ~200 at once
 AUTH_FAILURE_WINDOW = 10.0  # seconds: one failed-handshake record per source address at most
 LISTEN_BACKLOG = 1024  # make -j64 on a few workstations connects in bursts; 50 would drop SYNs (1 s retries)
+
+
+def client_gone(session) -> bool:  # type: ignore[no-untyped-def]
+    """The job's client has left: noticed already, or its FIN or RST waiting unread in the socket (as
+    when this process was frozen meanwhile: the reactor has not seen it yet)."""
+    if session.lost:
+        return True
+    handle = getattr(getattr(session, "transport", None), "getHandle", None)
+    if handle is None:
+        return False
+    try:
+        return handle().recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 class _Refusal(Exception):
@@ -202,10 +218,9 @@ class CompileService:
         yield defer.DeferredList([job.result for job in killed], consumeErrors=True)
         yield task.deferLater(self.clock, 0, lambda: None)  # let their records be written first
         try:
-            self.audit.write(event="server-stop", killed=len(killed))
-            self.audit.close()
+            self.audit.close(event="server-stop", killed=len(killed))
         except AuditError as e:
-            self._log.critical("{error}", error=str(e))
+            self._log.critical("the audit log could not be closed: {error}", error=str(e))
 
     @defer.inlineCallbacks
     def run(self, principal: str, peer: str, job: wire.Job, session, extra: dict | None = None):  # type: ignore[no-untyped-def]
@@ -228,12 +243,12 @@ class CompileService:
             reply = yield self._run(job_id, principal, job, session, record, started)
         except _Refusal as refusal:
             record.update(decision="refused", reason=refusal.reason, detail=str(refusal))
-            self._record(record, started)
+            self._record(record, started, session)
             return wire.Refused(refusal.reason, str(refusal), job_id)
         except Exception as e:  # ours, not the client's: still recorded, and the server goes on
             self._log.failure("job {job_id} failed", Failure(), job_id=job_id)
             record.update(decision="error", reason="server-error", detail=f"{type(e).__name__}: {e}"[:500])
-            self._record(record, started)
+            self._record(record, started, session)
             return wire.Refused("server-error", "internal server error; the job was not run", job_id)
         return reply
 
@@ -253,21 +268,23 @@ class CompileService:
         # Authorized: only now the large work (hashing the input, the cache key), off the reactor.
         record["input_sha256"], key = yield threads.deferToThreadPool(self.clock, self.hash_pool, self._digests, job)
         hit, owner = yield self._cached(key)
-        stored = None
+        stored = room = None
         try:
             if hit is not None:
                 record.update(decision="allowed", cache="hit", cached_from=hit.producer.get("job_id"), exit_status=0,
                               output_sha256=sha256(hit.output), bytes_out=len(hit.output) + len(hit.stderr))  # fmt: skip
-                if not self._record(record, started):
+                if not self._record(record, started, session):
                     return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
                 return wire.Result(0, hit.stdout, hit.stderr, hit.output, job_id)
             busy = self._admit(principal, decision.rule.max_jobs if decision.rule else None)
             if busy is not None:
                 record.update(decision="busy", reason=busy.reason, load=busy.load)
-                self._record(record, started)
+                self._record(record, started, session)
                 return busy
-            try:
-                self.audit.write(**{**record, "event": "job-start"})
+            start = {**record, "event": "job-start"}
+            try:  # room for both of its records first: no compile runs that its record could not follow
+                room = self.audit.reserve(start)
+                self.audit.write(room, **start)
             except AuditError as e:
                 self._log.critical("{error}; refusing jobs until it can be written", error=str(e))
                 return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
@@ -287,10 +304,12 @@ class CompileService:
             entry = self._entry(key, outcome, {"job_id": job_id, "principal": principal})
             if entry is not None:
                 record["cache"] = "stored"
-            if not self._record(record, started):
+            if not self._record(record, started, session, room):
                 return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
             stored = entry  # recorded first: the cache never holds an unaudited result
         finally:
+            if room is not None:
+                self.audit.release(room)
             if owner:
                 self._share(key, stored, hit)
         if outcome.ended_by == "timeout":
@@ -356,12 +375,19 @@ class CompileService:
         self.turned_away[principal] = now
         return wire.Busy(reason, load, slots)
 
-    def _record(self, record: dict[str, object], started: float) -> bool:
-        """Write a job's audit record; False (and a log line) when the log cannot take it."""
+    def _record(self, record: dict[str, object], started: float, session, room: Reservation | None = None) -> bool:  # type: ignore[no-untyped-def]
+        """Write a job's audit record (into its ``room`` if it ran); False (and a log line) when the log cannot take it.
+
+        ``delivered``: the reply goes to the client's open connection right
+        after this record (the record comes first, so nothing unrecorded is
+        ever delivered); false when the client had gone (a result computed
+        for nobody, e.g. on a server frozen past the client's patience).
+        """
         record["duration"] = round(self.clock.seconds() - started, 4)
+        record["delivered"] = not client_gone(session)
         self.metrics.observe(record)
         try:
-            self.audit.write(**record)
+            self.audit.write(room, **record)
             return True
         except AuditError as e:
             self.metrics.audit_errors.inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, securecc
-from securecc.audit import AuditLog, generate_key, load_private_key, load_public_key, verify
+from securecc.audit import AuditError, AuditLog, generate_key, load_private_key, load_public_key, records, verify
 from securecc.audit import key_id as load_key_id
 
 
@@ -221,6 +222,91 @@ def test_full_disk_refuses_jobs_and_recovers(realm, own_server, workdir):
     assert recovered and recovered[0]["lost"] >= 1
     s.stop()
     assert verify([s.audit_path], load_public_key(realm.dir / "audit.key.pub")).ok
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real filesystem that fills: a 1 MiB tmpfs (the tests run as root, as CI does)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> None:
+    """Write a file until the disk refuses another byte."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        for size in (1 << 16, 4096, 1):
+            try:
+                while True:
+                    f.write(b"x" * size)
+            except OSError:
+                continue
+
+
+START = {"event": "job-start", "job_id": "0123456789abcdef", "principal": "alice@TEST.REALM", "compiler": "gcc",
+         "args": ["-O2", "-Wall", "-c"] * 20, "source": "src/" + "deep/" * 40 + "a.c", "headers": 3}  # fmt: skip
+
+
+def test_every_reserved_job_gets_its_record_on_a_full_disk_and_the_stop_signs(small_disk, keys):
+    """Reservations are refused once the disk is full; every job that got one still writes its final record
+    (a long detail too), an unreserved record is refused rather than eat into them, and the stop signs."""
+    private, public, _ = keys
+    log = AuditLog(small_disk / "audit.jsonl", private, "full", checkpoint_every=7)
+    log.write(event="server-start")
+    fill(small_disk)
+    rooms = []
+    with pytest.raises(AuditError, match="no room in the audit log"):
+        for n in range(10000):
+            room = log.reserve(START)
+            log.write(room, **{**START, "n": n})
+            rooms.append(room)
+    assert len(rooms) > 10 and not log.healthy
+    with pytest.raises(AuditError):
+        log.write(event="auth", peer="127.0.0.1:1", decision="refused", reason="denied:authentication-failed")
+    for n, room in enumerate(rooms):
+        log.write(room, **{**START, "event": "job", "n": n, "decision": "allowed", "exit_status": 0,
+                           "output_sha256": "f" * 64, "detail": "\u202e" * 500, "duration": 1.5})  # fmt: skip
+        log.release(room)
+    log.close(event="server-stop", killed=0)
+    report = verify([small_disk / "audit.jsonl"], public)
+    assert report.ok and report.unsigned_tail == 0, report.problem
+    assert report.full_disk_stops == 1 and report.lost == 1
+    written = [r for r in records([small_disk / "audit.jsonl"]) if r["event"] == "job"]
+    assert [r["n"] for r in written] == list(range(len(rooms)))
+
+
+def test_a_full_disk_runs_no_compile_unrecorded(realm, own_server, workdir, small_disk):
+    """A server whose log's disk fills: each job either runs with both its records or is refused before it runs;
+    the client compiles the refused ones here; a clean stop signs the log and verify says it stopped full."""
+    s = own_server(audit={"path": str(small_disk / "audit.jsonl")})
+    (workdir / "d.c").write_text("int d(void) { return 4; }\n")
+    assert securecc(realm, s, "alice", workdir, "gcc", "-c", "d.c", "-o", "d0.o").returncode == 0
+    fill(small_disk)
+    said: list[str] = []
+    for freed in range(5):  # the disk fills at a different point of a record each round
+        if freed:
+            filler = small_disk / "filler"
+            os.truncate(filler, filler.stat().st_size - 3 * 4096)
+        for _ in range(200):
+            (workdir / "d.c").write_text(f"int d(void) {{ return {len(said)}; }}\n")  # a compile, not a cache hit
+            done = securecc(realm, s, "alice", workdir, "gcc", "-c", "d.c", "-o", f"d{len(said)}.o", SECURECC_VERBOSE="1")
+            assert done.returncode == 0 and (workdir / f"d{len(said)}.o").exists(), done.stderr
+            said.append(done.stderr.decode())
+            if "cannot write its audit log" in said[-1]:
+                break
+        assert "cannot write its audit log" in said[-1] and "compiling locally" in said[-1], said[-1]
+    remote = [re.search(r"\(job (\w+)\)", line).group(1) for line in said if "compiled d.c on" in line]  # type: ignore[union-attr]
+    s.stop()
+    log = list(records([s.audit_path]))
+    started = {r["job_id"] for r in log if r["event"] == "job-start"}
+    ended = {r["job_id"]: r for r in log if r["event"] == "job"}
+    assert started <= set(ended), f"compiles without their record: {started - set(ended)}"
+    assert len(remote) > 3  # the room reserved ahead keeps serving after the disk filled
+    assert all(ended[job]["output_sha256"] and ended[job]["exit_status"] == 0 for job in remote)
+    checked = run_tool("securecc-audit", "verify", "--key", str(realm.dir / "audit.key.pub"), str(s.audit_path))
+    assert checked.returncode == 0 and "stopped 1 time(s) on a full disk" in checked.stdout, checked.stdout
 
 
 def test_checkpoints_are_forwarded_to_syslog(realm, own_server, workdir):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -330,6 +331,26 @@ def test_client_disconnect_kills_its_job(realm, own_server, workdir, monkeypatch
     channel.close()
     assert wait_until(lambda: not sandbox_processes(workdir), 5), sandbox_processes(workdir)
     assert wait_until(lambda: bool(s.jobs(ended_by="disconnect")), 5)
+
+
+def test_a_result_computed_after_its_client_left_is_recorded_as_not_delivered(realm, own_server, workdir, monkeypatch):
+    """The server's front freezes (SIGSTOP) mid-compile, the client gives up, the compile ends meanwhile: once the
+    front runs again its record says ``delivered: false``, unlike a result that reached its client."""
+    s = own_server()
+    channel = authenticated_channel(s, realm, monkeypatch)
+    assert isinstance(channel.call(slow_job(workdir, "1000L")), wire.Result)
+    channel.sock.sendall(channel.wire.seal(slow_job(workdir, "1500000L")))  # about 3 s of compile
+    assert wait_until(lambda: bool(sandbox_processes(workdir)), 10)
+    os.kill(s.process.pid, signal.SIGSTOP)
+    try:
+        channel.close()
+        assert wait_until(lambda: not sandbox_processes(workdir), 30), "the compile did not end"
+    finally:
+        os.kill(s.process.pid, signal.SIGCONT)
+    assert wait_until(lambda: len(s.jobs(principal="alice@TEST.REALM")) >= 2, 10)
+    delivered, computed = s.jobs(principal="alice@TEST.REALM")[-2:]
+    assert delivered["delivered"] is True and delivered["exit_status"] == 0
+    assert computed["delivered"] is False, computed
 
 
 def test_job_whose_client_left_before_it_started_is_not_compiled(realm, own_server, workdir, monkeypatch):
