@@ -405,6 +405,9 @@ class Membership:
     cached: bool = False
 
 
+STALE_WAIT = 0.5  # seconds a job with a cached answer waits for LDAP before it takes that answer
+
+
 class Directory:
     """Group membership from LDAP: one connection per pool thread, answers cached."""
 
@@ -417,6 +420,7 @@ class Directory:
         self._pending: dict[str, concurrent.futures.Future[Membership]] = {}
         self._lock = threading.Lock()
         self._down: str | None = None  # why LDAP is down, while it is: the circuit breaker (see _known_down)
+        self._queries = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="ldap-query")
 
     def groups_of(self, principal: str) -> frozenset[str]:
         return self.membership(principal).groups
@@ -433,21 +437,36 @@ class Directory:
         return Membership(answer.user_dn, answer.groups, answer.facts, cached=True)
 
     def membership(self, principal: str) -> Membership:
-        """The principal's groups (cn), from the cache while fresh, else from LDAP."""
+        """The principal's groups (cn), from the cache while fresh, else from LDAP.
+
+        Concurrent misses for one principal share one query.  A caller with
+        a cached answer younger than ``max_stale`` waits at most STALE_WAIT
+        for it, then takes the cached answer while the query goes on: a
+        healthy LDAP answers in milliseconds (so a revoked member is refused
+        once the TTL is over, as before), and a hung one costs no job more
+        than STALE_WAIT (the query's failure opens the breaker).
+        """
         fresh = self.fresh(principal)
         if fresh is not None:
             return fresh
         now = time.monotonic()
         if self._down is not None:
             return self._stale(principal, now, self._down)
-        with self._lock:  # concurrent misses for one principal share one query
+        with self._lock:
             cached = self._cache.get(principal)
-            pending = self._pending.get(principal)
-            leader = pending is None
-            if pending is None:
-                pending = self._pending[principal] = concurrent.futures.Future()
-        if not leader:
-            return pending.result()
+            query = self._pending.get(principal)
+            if query is None:
+                query = self._pending[principal] = concurrent.futures.Future()
+                self._queries.submit(self._refresh, principal, query)
+        usable = cached is not None and now - cached[0] < self.config.max_stale
+        try:
+            return query.result(timeout=STALE_WAIT if usable else None)
+        except concurrent.futures.TimeoutError:
+            return self._stale(principal, now, "LDAP is slow to answer")
+
+    def _refresh(self, principal: str, query: concurrent.futures.Future[Membership]) -> None:
+        """Ask LDAP (on a query thread, with its own connection), keep the answer, hand it to the waiters."""
+        now = time.monotonic()
         try:
             try:
                 answer = self._query(principal)
@@ -456,14 +475,14 @@ class Directory:
             except DirectoryUnavailable as e:
                 self._known_down(str(e))
                 answer = self._stale(principal, now, str(e))
-        except BaseException as e:
-            pending.set_exception(e)
-            raise
+        except BaseException as e:  # noqa: BLE001 -- handed to every waiter
+            query.set_exception(e)
+        else:
+            query.set_result(answer)
         finally:
             with self._lock:
-                del self._pending[principal]
-        pending.set_result(answer)
-        return answer
+                if self._pending.get(principal) is query:
+                    del self._pending[principal]
 
     def _stale(self, principal: str, now: float, why: str) -> Membership:
         """LDAP is down: the cached answer while younger than ``max_stale``, else DirectoryUnavailable."""
@@ -502,6 +521,8 @@ class Directory:
             except (ldap.LDAPError, OSError) as e:
                 self._local.conn = None
                 errors.append(e)
+                if isinstance(e, ldap.TIMEOUT):  # not a stale connection: a server that does not answer
+                    break
         raise DirectoryUnavailable(f"LDAP unavailable: {_ldap_message(errors[-1])}")
 
     def identifies(self, attrs: dict[str, list[bytes]], principal: str) -> bool:
