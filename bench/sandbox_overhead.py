@@ -40,7 +40,7 @@ def main() -> None:
         for n in range(options.n):
             job_dir = sandbox.make_job_dir(scratch, f"j{n}", {"input": SOURCE}, settings.uid, settings.gid)
             spec = sandbox.Spec("/usr/bin/gcc", ["-x", "c", "-O2", "-c"], job_dir, "/build", "tiny.c", {})
-            boxed.append(timed(sandbox.command(spec, settings), job_dir))
+            boxed.append(timed(sandbox.command(spec, settings, info_fd=None), job_dir))
             bare.append(timed(["/usr/bin/gcc", "-x", "c", "-O2", "-c", "-o", "bare.o", "input"], job_dir))
             sandbox.remove_job_dir(job_dir)
     finally:

@@ -42,7 +42,7 @@ def self_test(scratch: Path, settings: sandbox.Settings, compiler: str, root: st
     job_dir = sandbox.make_job_dir(scratch, "self-test", {"input": b"int securecc_probe;\n"})
     try:
         spec = sandbox.Spec(compiler, ["-x", "c", "-c"], job_dir, "/build", "probe.c", {}, compiler_root=root)
-        done = subprocess.run(sandbox.command(spec, settings), capture_output=True, timeout=60, cwd=job_dir)
+        done = subprocess.run(sandbox.command(spec, settings, info_fd=None), capture_output=True, timeout=60, cwd=job_dir)
         if done.returncode != 0 or not sandbox.read_output(job_dir, settings.limits.file_size):
             detail = done.stderr.decode(errors="replace").strip().splitlines()
             raise RuntimeError(f"the sandbox cannot compile ({detail[-1] if detail else done.returncode}); "

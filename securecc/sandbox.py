@@ -25,12 +25,14 @@ every audit record.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
@@ -100,7 +102,10 @@ class Spec:
     directories: tuple[str, ...] = ()  # created empty (validated mount points): a path like empty/../inc resolves
 
 
-def command(spec: Spec, settings: Settings) -> list[str]:
+INFO_FD = 3  # bwrap writes the sandbox's inner pid here (--info-fd), for RunningJob.kill
+
+
+def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD) -> list[str]:
     """The complete command line for one sandboxed compile.
 
     A ``preprocessed`` job compiles ``/job/input`` (named back to
@@ -131,6 +136,7 @@ def command(spec: Spec, settings: Settings) -> list[str]:
         "--unshare-all",
         "--die-with-parent",
         "--new-session",
+        *(["--info-fd", str(info_fd)] if info_fd is not None else []),
         "--cap-drop", "ALL",
         *_system_binds(),
         "--proc", "/proc",
@@ -195,14 +201,19 @@ class Outcome:
 
 
 class _Collector(protocol.ProcessProtocol):
-    def __init__(self, done: defer.Deferred[int]) -> None:
+    def __init__(self, done: defer.Deferred[int], on_info: Callable[[bytes], None] | None = None) -> None:
         self.done = done
-        self.streams: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+        self.streams: dict[int, bytearray] = {1: bytearray(), 2: bytearray(), INFO_FD: bytearray()}
+        self._on_info = on_info
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         stream = self.streams.get(fd)
         if stream is not None and len(stream) < MAX_STREAM:
             stream += data[: MAX_STREAM - len(stream)]
+
+    def childConnectionLost(self, fd: int) -> None:
+        if fd == INFO_FD and self._on_info is not None:
+            self._on_info(bytes(self.streams[INFO_FD]))
 
     def processEnded(self, reason: Failure) -> None:
         status = getattr(reason.value, "status", None)
@@ -224,18 +235,27 @@ class RunningJob:
         self._output_cap = output_cap
         self._process_group = process_group
         self.ended_by: str | None = None
+        self._inner: int | None = None  # a pidfd of bwrap's inner process, once --info-fd named it
         done: defer.Deferred[int] = defer.Deferred()
-        self._collector = _Collector(done)
+        self._collector = _Collector(done, None if process_group else self._inner_started)
         self._process = reactor.spawnProcess(
             self._collector, shutil.which(argv[0]) or argv[0], argv, env={"PATH": "/usr/bin:/bin"},
-            path=str(job_dir), childFDs={0: "w", 1: "r", 2: "r"},
+            path=str(job_dir), childFDs={0: "w", 1: "r", 2: "r", **({} if process_group else {INFO_FD: "r"})},
         )  # fmt: skip
         self._process.closeStdin()
         self._timer = clock.callLater(timeout, self.kill, "timeout")
         self.result: defer.Deferred[Outcome] = done.addCallback(self._finished)
 
     def kill(self, why: str) -> None:
-        """Kill the whole sandbox: the pid namespace dies with bwrap (rlimits-only: the process group)."""
+        """Kill the whole sandbox (rlimits-only: the process group).
+
+        bwrap's outer process, and its inner one: the pid namespace's init,
+        in a session of its own, which dies with its parent only once it has
+        asked to (a kill early in bwrap's start left it running, measured:
+        the fault campaign's ^C).  Killed, the init takes the namespace with
+        it.  A kill before bwrap has named the inner process is completed
+        when it does.
+        """
         if self.ended_by is None:
             self.ended_by = why
         try:
@@ -245,10 +265,42 @@ class RunningJob:
                 self._process.signalProcess(signal.SIGKILL)
         except (OSError, error.ProcessExitedAlready):
             pass
+        self._kill_inner()
+
+    def _inner_started(self, info: bytes) -> None:
+        """Pin bwrap's inner process by a pidfd, provided the pid is still the init of the sandbox's own pid
+        namespace (not a pid reused meanwhile by another process of this uid)."""
+        try:
+            named = json.loads(info)
+            pid, namespace = named["child-pid"], named["pid-namespace"]
+            if not (isinstance(pid, int) and pid > 1):
+                return
+            pidfd = os.pidfd_open(pid)
+        except (ValueError, KeyError, TypeError, OSError):  # no info (bwrap failed early) or the process is gone
+            return
+        try:
+            if os.stat(f"/proc/{pid}/ns/pid").st_ino != namespace:
+                raise OSError("another process")
+        except OSError:
+            os.close(pidfd)
+            return
+        self._inner = pidfd
+        if self.ended_by is not None:
+            self._kill_inner()
+
+    def _kill_inner(self) -> None:
+        if self._inner is not None:
+            try:
+                signal.pidfd_send_signal(self._inner, signal.SIGKILL)
+            except OSError:
+                pass
 
     def _finished(self, code: int) -> Outcome:
         if self._timer.active():
             self._timer.cancel()
+        if self._inner is not None:
+            os.close(self._inner)
+            self._inner = None
         output = dwo = None
         if code == 0 and self.ended_by is None:
             try:

@@ -243,7 +243,8 @@ def sandboxed_shell(tmp_path: Path, script: str, file_size: int = 1 << 20,
                                   capture_output=True, text=True).stdout.strip())  # fmt: skip
     limits = sandbox.Limits(file_size=file_size)
     spec = sandbox.Spec("/bin/sh", ["-c", script], job_dir, "/tmp/w", "a.c", {}, split_dwarf=split_dwarf)
-    argv = sandbox.command(spec, sandbox.Settings(limits, 65534 if as_handler else None, 65534 if as_handler else None))
+    argv = sandbox.command(spec, sandbox.Settings(limits, 65534 if as_handler else None, 65534 if as_handler else None),
+                           info_fd=None)  # fmt: skip
     done = subprocess.run([*as_handler, *argv], capture_output=True, timeout=60, cwd=job_dir)
     return done, job_dir
 

@@ -333,6 +333,20 @@ def test_client_disconnect_kills_its_job(realm, own_server, workdir, monkeypatch
     assert wait_until(lambda: bool(s.jobs(ended_by="disconnect")), 5)
 
 
+def test_no_sandbox_outlives_a_kill_at_any_moment_of_its_start(realm, own_server, workdir, monkeypatch):
+    """Clients that leave as their job starts (^C on a make): the kill lands at every moment of bwrap's start,
+    including before its inner process (the pid namespace's init, in a session of its own) has asked to die
+    with its parent.  No sandbox is left alive."""
+    s = own_server()
+    channels = [authenticated_channel(s, realm, monkeypatch) for _ in range(24)]
+    for n, channel in enumerate(channels):
+        channel.sock.sendall(channel.wire.seal(slow_job(workdir, f"{1000000 + n}L")))
+        time.sleep(0.002 * n)  # later and later into the start
+        channel.close()
+    assert wait_until(lambda: len(s.jobs(ended_by="disconnect")) == len(channels), 20), s.jobs()
+    assert wait_until(lambda: not sandbox_processes(workdir), 10), sandbox_processes(workdir)
+
+
 def test_a_result_computed_after_its_client_left_is_recorded_as_not_delivered(realm, own_server, workdir, monkeypatch):
     """The server's front freezes (SIGSTOP) mid-compile, the client gives up, the compile ends meanwhile: once the
     front runs again its record says ``delivered: false``, unlike a result that reached its client."""

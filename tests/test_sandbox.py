@@ -7,6 +7,8 @@ with the config's ``root``) that does what the first line of its input says.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import socket
 import stat
 import threading
@@ -242,3 +244,30 @@ def test_server_refuses_to_start_when_bubblewrap_fails(realm, workdir):
             start_server(realm, realm.dir / "no-bwrap")
     finally:
         os.environ["PATH"] = old
+
+
+KILL_SCRIPT = """
+import sys
+from pathlib import Path
+from twisted.internet import reactor
+from securecc import sandbox
+
+job_dir = sandbox.make_job_dir(Path(sys.argv[1]), "j", {"input": b""})
+spec = sandbox.Spec("/bin/sh", ["-c", "sleep 120 & sleep 120"], job_dir, "/tmp/w", "a.c", {})
+argv = sandbox.command(spec, sandbox.Settings(sandbox.Limits(), None, None))
+argv.remove("--die-with-parent")  # as if the kill came before the inner process had asked to die with its parent
+job = sandbox.RunningJob(reactor, reactor, argv, job_dir, 120)
+reactor.callLater(1.0, job.kill, "disconnect")
+job.result.addBoth(lambda outcome: (print(outcome.ended_by), reactor.stop()))
+reactor.run()
+"""
+
+
+def test_a_kill_takes_the_whole_sandbox_even_where_die_with_parent_did_not(tmp_path):
+    """RunningJob.kill kills bwrap's inner process (the pid namespace's init, in its own session) as well as
+    the outer one, so the namespace and everything in it die even when the inner would outlive its parent."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o700)
+    done = subprocess.run([sys.executable, "-I", "-c", KILL_SCRIPT, scratch], capture_output=True, text=True, timeout=20)
+    assert done.returncode == 0 and done.stdout.strip() == "disconnect", done.stderr
+    assert wait_until(lambda: not [p for p in sandbox_processes() if str(scratch) in p], 5), sandbox_processes()
