@@ -3,7 +3,7 @@
 ``SECURECC_HOSTS`` is a whitespace-separated list of ``host[:port][/limit][,option...]``
 (``#`` starts a comment).  ``localhost`` (without a port) means "compile
 here".  Options: ``principal=NAME`` names the server's Kerberos principal
-when it is not ``securecc/<host>`` in the host's realm (e.g. a server
+when it is not ``securecc/<host>`` in the default realm (e.g. a server
 reached by address).  Without the variable: ``~/.config/securecc/hosts``,
 then ``/etc/securecc/hosts``, then DNS SRV ``_securecc._tcp.<domain>``
 (``SECURECC_DOMAIN``, else the resolver's search list; the principal is
@@ -50,8 +50,14 @@ class Host:
 
     @property
     def target(self) -> str:
-        """The GSS target: an explicit principal, or the host-based service name."""
-        return self.principal or f"securecc@{self.name}"
+        """The server's Kerberos principal: the explicit one, or ``securecc/<host>`` in the default realm
+        (never canonicalized through DNS)."""
+        return self.principal or f"securecc/{self.name}"
+
+    @property
+    def realm(self) -> str:
+        """The realm of the server's principal, "" for the default one: whose KDC gives its tickets."""
+        return self.target.rpartition("@")[2] if "@" in self.target else ""
 
 
 def parse_host(spec: str) -> Host:

@@ -322,3 +322,14 @@ def test_four_servers_two_hundred_jobs(realm, own_server, workdir):
     for n in sources[:: 20]:
         local(workdir, "gcc", "-O2", "-c", f"{n}.c", "-o", f"{n}.local")
         assert (workdir / f"{n}.o").read_bytes() == (workdir / f"{n}.local").read_bytes()
+
+
+def test_a_host_without_principal_is_securecc_slash_host_in_the_default_realm(realm, server, workdir):
+    """``localhost:PORT`` alone reaches securecc/localhost@TEST.REALM (it asked for securecc@localhost, a principal
+    of a realm named "localhost", before)."""
+    (workdir / "a.c").write_text("int a;\n")
+    done = securecc(realm, server, "alice", workdir, "gcc", "-c", "a.c", hosts=f"localhost:{server.port}",
+                    SECURECC_VERBOSE="1")  # fmt: skip
+    assert done.returncode == 0 and f"compiled a.c on localhost:{server.port}".encode() in done.stderr, done.stderr
+    assert parse_host("build1.example.com").target == "securecc/build1.example.com"
+    assert parse_host("build1.example.com").realm == "" and parse_host("h,principal=securecc/h@R.ORG").realm == "R.ORG"
