@@ -50,9 +50,9 @@ Environment:
   SECURECC_VERBOSE=1          one line per job: where it was compiled, or why it stayed local
   SECURECC_CONNECT_TIMEOUT    seconds to connect to a server (2)
   SECURECC_HANDSHAKE_TIMEOUT  seconds for the Kerberos handshake (5)
-  SECURECC_KDC_TIMEOUT        seconds to wait for a service ticket from the KDC (3); while the KDC
+  SECURECC_KDC_TIMEOUT        seconds to wait for a service ticket from the KDC (2); while the KDC
                               does not answer, only tickets already cached are used
-  SECURECC_IO_TIMEOUT         seconds of silence after which a server is taken as hung (20)
+  SECURECC_IO_TIMEOUT         seconds of silence after which a server is taken as hung (8)
   SECURECC_BACKOFF            seconds a failing server is left alone, doubling up to 300 (15)
   SECURECC_AGENT=off          no agent: every securecc process does its job itself
   SECURECC_AGENT_DIR          the agent's socket and log (default: $XDG_RUNTIME_DIR/securecc,

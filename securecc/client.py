@@ -80,9 +80,9 @@ class LocalCompile:
 
 class Timeouts(NamedTuple):
     connect: float = 2.0
-    io: float = 20.0  # a server sends Alive every few seconds while it compiles: this much silence means it hung
+    io: float = 8.0  # a server sends Alive every 2 s while it compiles: four missed mean it hung (or froze)
     handshake: float = 5.0  # a healthy server answers a handshake in milliseconds
-    kdc: float = 3.0  # a service ticket from a healthy KDC takes milliseconds; libkrb5 waits ~27 s for a dead one
+    kdc: float = 2.0  # a ticket from a healthy KDC takes ms (a dead first KDC: 1 s to the next); libkrb5 waits ~27 s
 
     @classmethod
     def of(cls, inv: Invocation) -> Timeouts:
@@ -511,6 +511,7 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
     if not candidates:
         raise RemoteFailure("every compile server is backed off after failures (see securecc --show-hosts)")
     timeouts = Timeouts.of(inv)
+    need_a_cached_ticket(state, candidates)
     prepared = prepare_job(inv, compiler, compiler_path, plan)
     if isinstance(prepared, int):
         return prepared  # a preprocessing error is the user's, already printed
@@ -523,7 +524,7 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
         candidates = state.with_affinity(candidates, cache_key(job.compiler_identity, job))
     for host in candidates:
         started = time.monotonic()
-        realm = host.target.partition("@")[2]
+        realm = host.realm
         outage = state.kdc_backed_off(realm)
         try:
             reply = (sessions or OneShot()).call(inv, host, job, timeouts._replace(kdc=CACHED_TICKET_WAIT) if outage else timeouts)
@@ -568,6 +569,18 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
     if kdc_trouble is not None and not troubles:
         raise kdc_outage(kdc_trouble)
     raise RemoteFailure("; ".join(troubles + ([str(kdc_trouble)] if kdc_trouble else [])))
+
+
+def need_a_cached_ticket(state, candidates) -> None:  # type: ignore[no-untyped-def]
+    """While every candidate's KDC is backed off, go on only with a ticket cached for one of them (asked
+    before preprocessing: a job that cannot go remote does not pay for it); quietly fall back otherwise."""
+    if all(state.kdc_backed_off(h.realm) for h in candidates):
+        from securecc import tickets
+
+        if not any(tickets.obtainable(h.target, CACHED_TICKET_WAIT) for h in candidates):
+            failure = KdcUnavailable("the Kerberos KDC is not answering and no ticket is cached", pending=True)
+            failure.quiet = True  # the first job of the outage said so
+            raise failure
 
 
 def kdc_outage(trouble: KdcUnavailable) -> KdcUnavailable:

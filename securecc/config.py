@@ -82,7 +82,7 @@ class ServerConfig:
     slots: int = 1  # jobs at once; beyond, BUSY (the client tries another server)
     handshake_timeout: float = 10.0
     idle_timeout: float = 60.0
-    heartbeat: float = 5.0  # seconds between Alive messages while a job runs
+    heartbeat: float = 2.0  # seconds between Alive messages while a job runs (clients give up after 8 s)
     max_input: int = 128 << 20
     run_as: tuple[int, int] | None = None  # (uid, gid) the front drops to after its root steps; None: stay
 
@@ -308,7 +308,7 @@ def load_config(path: Path) -> ServerConfig:
         cache=CacheConfig(resolve(cache["path"], "cache.path"),
                           _typed(cache.get("max_bytes", 10 << 30), int, where, "cache.max_bytes")) if cache else None,
         handshake_timeout=float(_typed(timeouts.get("handshake", 10), (int, float), where, "timeouts.handshake")),
-        heartbeat=float(_typed(timeouts.get("heartbeat", 5), (int, float), where, "timeouts.heartbeat")),
+        heartbeat=float(_typed(timeouts.get("heartbeat", 2), (int, float), where, "timeouts.heartbeat")),
         idle_timeout=float(_typed(timeouts.get("idle", 60), (int, float), where, "timeouts.idle")),
         max_input=_typed(limits.get("max_input", 128 << 20), int, where, "limits.max_input"),
     )

@@ -33,6 +33,7 @@ NATURAL = frozenset({"no source file", "source from standard input", "output to 
 FAILURES = (
     ("refused the", "refused"),  # the job or the connection; not "Connection refused" (unreachable)
     ("kinit", "no Kerberos ticket"),
+    ("KDC", "KDC not answering"),
     ("Kerberos", "Kerberos error"),
     ("keytab", "Kerberos error"),
     ("clock skew", "Kerberos error"),

@@ -5,7 +5,7 @@ krb5 1.20 (Debian 12) has no setting that shortens it (``request_timeout``
 came later).  So the step runs in a daemon thread and the job waits at most
 its deadline; a job that gives up compiles locally.  While a request for
 a server's ticket is still out, the next job does not start another one
-(nor pile up threads): it is told at once, and tries the next server.
+(nor pile up threads): it waits for that one (:func:`bounded`).
 
 A ticket already in the ccache answers in about a millisecond, so a short
 deadline during a KDC outage keeps cached tickets working and costs a job
@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Callable, TypeVar
 
-from securecc.gss import Initiator
+from securecc.gss import GSSFailure, Initiator
 
 T = TypeVar("T")
 
@@ -33,9 +33,10 @@ class NoAnswer(Exception):
 
 
 class _Request:
-    def __init__(self, gives_up: float) -> None:
+    def __init__(self, gives_up: float, deadline: float) -> None:
         self.done = threading.Event()
         self.gives_up = gives_up  # when the job that started it stops waiting (monotonic)
+        self.deadline = deadline
 
 
 _pending: dict[str, _Request] = {}  # requests that have not returned (in this process), by what they ask for
@@ -47,9 +48,11 @@ def bounded(key: str, request: Callable[[], T], deadline: float) -> T:
 
     The request runs on in its thread after a timeout, and meanwhile no
     second request for ``key`` starts.  A job that finds one out waits for
-    it as long as its starter does (a healthy KDC answers it in
-    milliseconds, and then the ticket is cached for everyone), and not at
-    all once its starter gave up: the KDC is not answering.
+    it as long as its starter does (a healthy KDC answers in milliseconds,
+    and then the ticket is cached for everyone; a loaded one may take
+    longer, and a job that gave up early would compile here for nothing),
+    and not at all once its starter gave up: the KDC is not answering.  So
+    an outage costs the jobs under way when it begins one deadline, once.
     """
     now = time.monotonic()
     end = now + deadline
@@ -57,9 +60,11 @@ def bounded(key: str, request: Callable[[], T], deadline: float) -> T:
         with _lock:
             running = _pending.get(key)
             if running is None:
-                mine = _pending[key] = _Request(end)
+                mine = _pending[key] = _Request(end, deadline)
                 break
         if not running.done.wait(max(0.0, min(end, running.gives_up) - time.monotonic())):
+            if time.monotonic() >= running.gives_up:  # its starter gave up: that is an unanswered request
+                raise NoAnswer(f"the Kerberos KDC did not answer within {running.deadline:g} s")
             raise NoAnswer(f"a ticket request for {key} is still waiting for the KDC", pending=True)
     outcome: list[T | BaseException] = []
 
@@ -85,3 +90,13 @@ def bounded(key: str, request: Callable[[], T], deadline: float) -> T:
 def first_token(initiator: Initiator, deadline: float) -> bytes:
     """``initiator.step()`` within ``deadline`` (NoAnswer); GSSFailure as the step raises it."""
     return bounded(initiator.principal, lambda: initiator.step() or b"", deadline)
+
+
+def obtainable(target: str, deadline: float) -> bool:
+    """Whether a ticket for ``target`` is had within ``deadline``: during a KDC outage, whether one is
+    cached.  Asked before a job is preprocessed, so a job that cannot go remote does not pay for it."""
+    try:
+        first_token(Initiator(target), deadline)
+        return True
+    except (NoAnswer, GSSFailure):
+        return False

@@ -90,7 +90,7 @@ def build(realm, workdir: Path, hosts: str, kdc_conf: str, **env: str) -> tuple[
 
 
 def kdc_lines(runs: list) -> list[str]:
-    return [line for run in runs for line in run.stderr.decode().splitlines() if "KDC" in line]
+    return [line for run in runs for line in run.stderr.decode().splitlines() if "Kerberos KDC" in line]
 
 
 def objects_are_gccs(workdir: Path) -> None:

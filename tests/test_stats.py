@@ -181,7 +181,9 @@ def test_local_reasons_have_short_stable_categories(reason, category):
 @pytest.mark.parametrize(("message", "category"), [
     ("build1 busy (4/4); build2 busy (8/8)", "busy everywhere"),
     ("build1 busy (4/4); cannot connect to build2:3637: Connection refused", "unreachable"),
-    ("build1 did not answer within 20 s", "timed out"),
+    ("build1 did not answer within 8 s", "timed out"),
+    ("the Kerberos KDC did not answer within 2 s", "KDC not answering"),
+    ("cannot reach the Kerberos KDC: check the network and krb5.conf", "KDC not answering"),
     ("build1 refused the job: alice@TEST.REALM may not use this server", "refused"),
     ("no Kerberos ticket: run kinit (or point KRB5_CLIENT_KTNAME at a keytab)", "no Kerberos ticket"),
     ("no compile servers found in SECURECC_HOSTS; list them in SECURECC_HOSTS", "no servers configured"),
