@@ -19,6 +19,12 @@ BIN = Path(sys.executable).parent
 PRINCIPAL = ",principal=securecc/localhost@TEST.REALM"
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Realm:
     """testrealm up in ``directory``; servers started on demand; everything stopped by close()."""
 
@@ -34,9 +40,7 @@ class Realm:
     def server(self, name: str, **settings: object) -> tuple[subprocess.Popen, str]:
         """A securecc-server with the realm's config plus ``settings``; returns it and its SECURECC_HOSTS entry."""
         config = yaml.safe_load((self.dir / "securecc.yaml").read_text())
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         work = self.dir / name
         work.mkdir()
         os.chmod(work, 0o755)

@@ -45,9 +45,8 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.benchrealm import BIN, PRINCIPAL, REPO, Realm  # noqa: E402
-from securecc.audit import load_public_key, records, verify  # noqa: E402
+from benchrealm import BIN, PRINCIPAL, REPO, Realm, free_port
+from securecc.audit import load_public_key, records, verify
 
 SANDBOX_UID = 65534
 REMOTE = re.compile(r"^securecc: compiled (\S+) on (\S+) \(job (\w+)\)$", re.MULTILINE)
@@ -201,14 +200,6 @@ class Farm:
             if len(parts) == 2 and parts[0] == name:
                 return int(parts[1])
         raise SystemExit(f"no {name} pid in {self.realm.dir / 'pids'}")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

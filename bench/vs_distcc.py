@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import yaml
 
-from benchrealm import BIN, REPO, Realm, debian_source, shutil_rm, timed_make
+from benchrealm import BIN, REPO, Realm, debian_source, free_port, shutil_rm, timed_make
 
 ACL = "realms: [TEST.REALM]\nallow:\n  - principal: alice\n"
 SOURCES = Path("/tmp/securecc-bench-src")  # debian_source's cache, shared with cache_reuse.py
@@ -178,12 +178,6 @@ def wait_port(port: int, what: str) -> None:
         except OSError:
             time.sleep(0.05)
     raise SystemExit(f"{what} did not start")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_distcc(top: Path, name: str, jobs: int, daemons: list[subprocess.Popen], groups: list[CpuGroup]) -> Tool:
