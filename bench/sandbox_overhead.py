@@ -1,8 +1,16 @@
 #!/usr/bin/env python3
 """Per-job cost of the sandbox: the same tiny compile bare and through sandbox.command().
 
-Not a test: run it with `.venv/bin/python bench/sandbox_overhead.py [-n 50]`.
+Not a test: run it with `.venv/bin/python bench/sandbox_overhead.py [-n 50] [--breakdown]`.
 Prints the median wall time of each and their difference (the overhead).
+
+``--breakdown``: what each layer adds, as the job handler runs it (as
+root: under uid 65534, so bwrap makes a user namespace as it does for the
+handler): bare gcc; under prlimit; bwrap with only the user and mount
+namespaces and / bound read-only; with every namespace (--unshare-all);
+with the real system binds, /proc, /dev and a /tmp tmpfs instead of /;
+and the complete sandbox.command() line (job binds, read-only remounts,
+--die-with-parent, --new-session, --info-fd).
 """
 
 from __future__ import annotations
@@ -27,20 +35,76 @@ def timed(argv: list[str], cwd: Path) -> float:
     return time.perf_counter() - start
 
 
+def job_directory(scratch: Path, name: str, settings: sandbox.Settings) -> Path:
+    """A job directory as the handler makes it: owned by the sandbox uid when there is one."""
+    job_dir = sandbox.make_job_dir(scratch, name, {"input": SOURCE})
+    if settings.uid is not None:
+        for path in (job_dir, *job_dir.rglob("*")):
+            os.chown(path, settings.uid, settings.gid if settings.gid is not None else -1)
+    return job_dir
+
+
+def layers(full: list[str]) -> dict[str, list[str]]:
+    """The full command line, and the lighter ones that each drop a layer of it (see ``--breakdown``)."""
+    gcc = full.index("/usr/bin/gcc")
+    compile_args = full[gcc:]
+    bare = [a.replace("/job/input", "input").replace("/job/output", "output") for a in compile_args]
+    prlimit = full[: full.index("--") + 1]
+    system = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
+              "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]  # fmt: skip
+    over_root = ["--ro-bind", "/", "/", "--bind", ".", "/tmp", "--chdir", "/tmp"]  # the job dir where / has a mount point
+    return {
+        "bare gcc": bare,
+        "+ prlimit": [*prlimit, *bare],
+        "+ bwrap: user and mount namespaces, / read-only": [*prlimit, "bwrap", "--unshare-user", *over_root, "--", *bare],
+        "+ every namespace (--unshare-all)": [*prlimit, "bwrap", "--unshare-all", *over_root, "--", *bare],
+        "+ system binds, /proc, /dev, /tmp tmpfs": [*prlimit, "bwrap", "--unshare-all", *system, "--bind", ".", "/job",
+                                                    "--chdir", "/job", "--", *compile_args],
+        "the whole sandbox.command()": full,
+    }  # fmt: skip
+
+
+# As root, run as the job handler does: under the sandbox uid (bwrap then makes a user namespace).
+AS_HANDLER = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"] if os.geteuid() == 0 else []
+
+
+def breakdown(options: argparse.Namespace, settings: sandbox.Settings, scratch: Path) -> None:
+    times: dict[str, list[float]] = {}
+    for n in range(options.n):
+        job_dir = job_directory(scratch, f"b{n}", settings)
+        spec = sandbox.Spec("/usr/bin/gcc", ["-x", "c", "-O2", "-c"], job_dir, "/build", "tiny.c", {})
+        for name, argv in layers(sandbox.command(spec, settings, info_fd=None)).items():
+            times.setdefault(name, []).append(timed([*AS_HANDLER, *argv], job_dir))
+        sandbox.remove_job_dir(job_dir)
+    previous = None
+    for name, samples in times.items():
+        median = statistics.median(samples) * 1000
+        step = f"  (+{median - previous:.1f} ms)" if previous is not None else ""
+        print(f"{name:50s} {median:6.1f} ms{step}")
+        previous = median
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", type=int, default=50, help="compiles of each kind (interleaved)")
+    parser.add_argument("--breakdown", action="store_true", help="what each layer of the sandbox costs")
     options = parser.parse_args()
     root = os.geteuid() == 0
     settings = sandbox.Settings(sandbox.Limits(), 65534 if root else None, 65534 if root else None)
     scratch = Path(tempfile.mkdtemp(prefix="scc-bench-", dir="/tmp"))
     os.chmod(scratch, 0o711)
     bare, boxed = [], []
+    if options.breakdown:
+        try:
+            breakdown(options, settings, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     try:
         for n in range(options.n):
-            job_dir = sandbox.make_job_dir(scratch, f"j{n}", {"input": SOURCE}, settings.uid, settings.gid)
+            job_dir = job_directory(scratch, f"j{n}", settings)
             spec = sandbox.Spec("/usr/bin/gcc", ["-x", "c", "-O2", "-c"], job_dir, "/build", "tiny.c", {})
-            boxed.append(timed(sandbox.command(spec, settings, info_fd=None), job_dir))
+            boxed.append(timed([*AS_HANDLER, *sandbox.command(spec, settings, info_fd=None)], job_dir))
             bare.append(timed(["/usr/bin/gcc", "-x", "c", "-O2", "-c", "-o", "bare.o", "input"], job_dir))
             sandbox.remove_job_dir(job_dir)
     finally:
