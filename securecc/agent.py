@@ -66,7 +66,7 @@ class SessionPool:
     def __init__(self, stats: counters.Stats | None = None) -> None:
         self._idle: dict[tuple[str, str], list[client.Channel]] = {}
         self._lock = threading.Lock()
-        self._credentials: tuple[object, str, float] | None = None  # (ccache state, principal, ticket's end)
+        self._ticket: tuple[object, str, float] | None = None  # (ccache state, principal, ticket's end)
         self.handshakes = 0
         self.stats = stats or counters.Stats()
 
@@ -85,7 +85,7 @@ class SessionPool:
         from securecc.gss import explain, kdc_down
 
         state = ccache_state()
-        cached = self._credentials
+        cached = self._ticket
         if cached is not None and state is not None and cached[0] == state and time.time() < cached[2]:
             return cached[1]
         try:
@@ -96,14 +96,14 @@ class SessionPool:
         except gssapi.exceptions.GSSError as e:
             if kdc_down(e):
                 raise client.KdcUnavailable(explain(e)) from None
-            self._credentials = None
+            self._ticket = None
             self.close_all()  # kdestroy or an expired ticket: no job goes out on the old sessions
             raise client.RemoteFailure(explain(e)) from None
         if lifetime is not None and lifetime <= 0:
-            self._credentials = None
+            self._ticket = None
             self.close_all()
             raise client.RemoteFailure("Kerberos ticket expired: run kinit")
-        self._credentials = (state, principal, time.time() + (lifetime or 0))
+        self._ticket = (state, principal, time.time() + (lifetime or 0))
         return principal
 
     def call(self, inv: client.Invocation, host, job: wire.Job, timeouts: client.Timeouts):  # type: ignore[no-untyped-def]

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -163,16 +164,23 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 # --- writing ----------------------------------------------------------------
 
 
-def _preallocate(fd: int, offset: int, length: int) -> None:
-    """Allocate [offset, offset + length) of the file without changing its size (fallocate
-    FALLOC_FL_KEEP_SIZE; the os module has only posix_fallocate, which changes it)."""
+@functools.cache
+def _fallocate() -> Callable[[int, int, int, int], int]:
+    """libc's fallocate (the os module has only posix_fallocate, which changes the file's size)."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    if libc.fallocate(fd, 1, offset, length) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
+    return libc.fallocate  # type: ignore[no-any-return]
+
+
+def _preallocate(fd: int, offset: int, length: int) -> None:
+    """Allocate [offset, offset + length) of the file without changing its size (FALLOC_FL_KEEP_SIZE)."""
+    if _fallocate()(fd, 1, offset, length) != 0:
+        import ctypes
+
+        number = ctypes.get_errno()
+        raise OSError(number, os.strerror(number))
 
 
 @dataclass

@@ -578,7 +578,7 @@ def need_a_cached_ticket(state, candidates) -> None:  # type: ignore[no-untyped-
         from securecc import tickets
 
         if not any(tickets.obtainable(h.target, CACHED_TICKET_WAIT) for h in candidates):
-            failure = KdcUnavailable("the Kerberos KDC is not answering and no ticket is cached", pending=True)
+            failure = KdcUnavailable("the Kerberos KDC is not answering and no ticket is cached")
             failure.quiet = True  # the first job of the outage said so
             raise failure
 
