@@ -1,5 +1,9 @@
 """securecc: the compiler wrapper (``securecc gcc ARGS`` or a symlink named gcc); ``bin/securecc`` runs this.
 
+scripts/setup installs ``bin/securecc.c`` as ``securecc``: a C shim that speaks
+this file's protocol to a running agent and runs this one (``securecc-py``) for
+everything else, so this is the reference and the fallback.
+
 This runs once per compile, thousands of times a build, so it is the
 smallest thing that can hand the job over: it passes argv, the working
 directory and the environment to the user's securecc agent

@@ -200,8 +200,8 @@ def workdir(realm):
 
 
 def securecc(realm: Realm, server: Server | None, user: str | None, cwd: Path, *args: str,
-             hosts: str | None = None, **env_overrides: str) -> subprocess.CompletedProcess:  # fmt: skip
-    """Run the real ``securecc`` CLI as ``user`` in ``cwd``."""
+             hosts: str | None = None, shim: Path = BIN / "securecc", **env_overrides: str) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run the real ``securecc`` CLI (or ``shim``) as ``user`` in ``cwd``."""
     env = realm.user_env(user, cwd)
     if hosts is not None or server is not None:
         env["SECURECC_HOSTS"] = hosts if hosts is not None else server.hosts  # type: ignore[union-attr]
@@ -210,7 +210,7 @@ def securecc(realm: Realm, server: Server | None, user: str | None, cwd: Path, *
     env["PWD"] = str(cwd)
     env["XDG_CACHE_HOME"] = str(cwd / ".cache")  # the client's compiler-identity cache
     env.update(env_overrides)
-    return subprocess.run([BIN / "securecc", *args], cwd=cwd, env=env, capture_output=True, timeout=120)
+    return subprocess.run([shim, *args], cwd=cwd, env=env, capture_output=True, timeout=120)
 
 
 def local(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess:

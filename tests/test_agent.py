@@ -11,12 +11,21 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from conftest import BIN, REPO, local, make_job, securecc
 from test_job_path import SLOW_CXX, SLOW_FLAGS, sandbox_processes, wait_until, write_project
 
 from securecc import protocol as wire
 from securecc.client import Channel
 from securecc.hosts import parse_host
+
+SHIMS = {"c": BIN / "securecc", "python": BIN / "securecc-py"}  # scripts/setup builds both; C falls back to Python
+
+
+@pytest.fixture(params=SHIMS)
+def shim(request) -> Path:  # type: ignore[no-untyped-def]
+    """Each shim in turn: both must pass the same trust checks."""
+    return SHIMS[request.param]
 
 
 def running(pid: int) -> bool:
@@ -31,9 +40,10 @@ def agent_pids(directory: Path) -> list[int]:
     return [pid for pid in pids if running(pid) and b"securecc.agent" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
-def compile_main(realm, server, workdir: Path, user: str = "alice", **env: str) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+def compile_main(realm, server, workdir: Path, user: str = "alice", shim: Path = SHIMS["c"],  # type: ignore[no-untyped-def]
+                 **env: str) -> subprocess.CompletedProcess:  # fmt: skip
     return securecc(realm, server, user, workdir, "gcc", "-O2", "-DSCALE=3", "-I.", "-c", "src/main.c", "-o", "main.o",
-                    **env)  # fmt: skip
+                    shim=shim, **env)  # fmt: skip
 
 
 def kinit(realm, ccache: Path, user: str, lifetime: str | None = None) -> None:  # type: ignore[no-untyped-def]
@@ -138,14 +148,14 @@ def test_another_uid_cannot_use_the_agent(realm, server, workdir):
     assert "refused a connection from another uid" in next(agents.glob("*.log")).read_text()
 
 
-def test_a_directory_that_is_not_private_is_not_used(realm, server, workdir):
+def test_a_directory_that_is_not_private_is_not_used(realm, server, workdir, shim):
     """A world-writable agent directory (anyone could plant a socket): one line, then direct mode, still remote."""
     write_project(workdir)
     shared = workdir / "shared"
     shared.mkdir(mode=0o777)
     os.chmod(shared, 0o777)
     before = len(server.jobs(principal="alice@TEST.REALM"))
-    done = compile_main(realm, server, workdir, SECURECC_AGENT_DIR=str(shared))
+    done = compile_main(realm, server, workdir, shim=shim, SECURECC_AGENT_DIR=str(shared))
     assert done.returncode == 0
     assert done.stderr.decode() == (f"securecc: {shared} is not a private directory of yours (owner uid 0, mode 777); "
                                     "not using the agent (fix it or set SECURECC_AGENT_DIR)\n")  # fmt: skip
@@ -153,11 +163,71 @@ def test_a_directory_that_is_not_private_is_not_used(realm, server, workdir):
     assert len(server.jobs(principal="alice@TEST.REALM")) == before + 1
 
 
-def slow_compile(realm, server, workdir: Path, agents: Path, spin: str) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+FAKE_AGENT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(8); print("ready", flush=True)
+while True:
+    conn, _ = s.accept(); conn.settimeout(2)
+    try: got = conn.recv(1 << 16)
+    except OSError: got = b"?"
+    print(len(got), flush=True)
+    try: conn.sendall(b"L 0\\n/bin/sh\\0sh\\0-c\\0touch " + sys.argv[2].encode())
+    except OSError: pass
+    conn.close()
+"""
+
+
+def test_an_agent_socket_of_another_uid_is_not_trusted(realm, server, workdir, shim):
+    """Another user's "agent" planted at our agent's name (while the directory was open by mistake) would be
+    handed our job and could tell us what to run: each shim hangs up before sending a byte; the job is done."""
+    write_project(workdir)
+    agents = workdir / "agents"
+    agents.mkdir(mode=0o777)
+    os.chmod(agents, 0o777)
+    pwned = workdir / "pwned"
+    fake = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                             FAKE_AGENT, agents / f"{agent_name(realm.user_env('alice', workdir))}.sock", pwned],
+                            stdout=subprocess.PIPE, text=True, cwd="/")  # fmt: skip
+    try:
+        assert fake.stdout.readline() == "ready\n"  # type: ignore[union-attr]
+        os.chmod(agents, 0o700)
+        done = compile_main(realm, server, workdir, shim=shim, SECURECC_AGENT_DIR=str(agents))
+        assert done.returncode == 0 and (workdir / "main.o").exists(), done.stderr
+    finally:
+        fake.kill()
+    received = fake.communicate()[0].split()
+    assert received and set(received) == {"0"}, received  # connected (the shim asked who it is), never sent
+    assert not pwned.exists()
+    assert len(agent_pids(agents)) == 1  # our own agent replaced the planted socket and did the job
+
+
+def test_the_c_shim_hands_a_job_over_without_python(realm, server, workdir):
+    """Once the agent runs, a compile is one process, the C shim's: no interpreter started per job; the
+    Python shim finds the same agent (one agent per Kerberos environment, here with names whose order as
+    names and as "NAME=value" strings differ)."""
+    write_project(workdir)
+    agents = workdir / "agents"
+    env = {"SECURECC_AGENT_DIR": str(agents), "KRB5A": "1", "KRB5A-B": "2"}
+    assert compile_main(realm, server, workdir, **env).returncode == 0  # starts the agent, through Python
+    trace = workdir / "execve.trace"
+    shim_name = SHIMS["c"]
+    assert shim_name.read_bytes()[:4] == b"\x7fELF", "scripts/setup did not build bin/securecc.c"
+    done = securecc(realm, server, "alice", workdir, "-f", "-qq", "-e", "trace=execve", "-o", str(trace),
+                    str(shim_name), "gcc", "-O2", "-DSCALE=3", "-I.", "-c", "src/main.c", "-o", "main.o",
+                    shim=Path("/usr/bin/strace"), **env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    execs = [line for line in trace.read_text().splitlines() if "execve(" in line]
+    assert len(execs) == 1 and f'execve("{shim_name}"' in execs[0], execs
+    assert compile_main(realm, server, workdir, shim=SHIMS["python"], **env).returncode == 0
+    assert len(agent_pids(agents)) == 1
+    assert next(agents.glob("*.log")).read_text().count("listening on") == 1
+
+
+def slow_compile(realm, server, workdir: Path, agents: Path, spin: str, shim: Path) -> subprocess.Popen:  # type: ignore[no-untyped-def]
     (workdir / "slow.cc").write_text(SLOW_CXX)
     env = {**realm.user_env("alice", workdir), "SECURECC_HOSTS": server.hosts, "PWD": str(workdir),
            "XDG_CACHE_HOME": str(workdir / ".cache"), "SECURECC_AGENT_DIR": str(agents)}  # fmt: skip
-    return subprocess.Popen([BIN / "securecc", "g++", f"-DSPIN={spin}", *SLOW_FLAGS, "-c", "slow.cc", "-o", "slow.o"],
+    return subprocess.Popen([shim, "g++", f"-DSPIN={spin}", *SLOW_FLAGS, "-c", "slow.cc", "-o", "slow.o"],
                             cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
 
@@ -166,10 +236,10 @@ def sandboxes_of(workdir: Path) -> list[str]:
     return [p for p in sandbox_processes() if f"--chdir {workdir} " in p]
 
 
-def test_killing_the_shim_kills_the_remote_compile(realm, own_server, workdir):
+def test_killing_the_shim_kills_the_remote_compile(realm, own_server, workdir, shim):
     """^C on make kills the shim: the agent drops the job's connection and the server kills the compile."""
     s = own_server()
-    shim = slow_compile(realm, s, workdir, workdir / "agents", "1000000000L")
+    shim = slow_compile(realm, s, workdir, workdir / "agents", "1000000000L", shim)
     assert wait_until(lambda: bool(sandboxes_of(workdir)), 20), "the remote compile never started"
     shim.send_signal(signal.SIGINT)
     shim.wait(10)
@@ -177,10 +247,10 @@ def test_killing_the_shim_kills_the_remote_compile(realm, own_server, workdir):
     assert wait_until(lambda: bool(s.jobs(ended_by="disconnect")), 5)
 
 
-def test_agent_dying_mid_job_falls_back_to_direct_mode(realm, own_server, workdir):
+def test_agent_dying_mid_job_falls_back_to_direct_mode(realm, own_server, workdir, shim):
     """The agent is killed while the job runs: the shim does the job itself, remotely, and the build goes on."""
     s = own_server()
-    shim = slow_compile(realm, s, workdir, workdir / "agents", "400000L")
+    shim = slow_compile(realm, s, workdir, workdir / "agents", "400000L", shim)
     assert wait_until(lambda: bool(sandboxes_of(workdir)), 20), "the remote compile never started"
     (pid,) = agent_pids(workdir / "agents")
     os.kill(pid, signal.SIGKILL)
@@ -220,11 +290,11 @@ def test_idle_agent_exits_and_cleans_up(realm, server, workdir):
 
 def test_the_shim_loads_only_builtin_modules(tmp_path):
     """The per-compile process: no site, nothing but the interpreter's own modules (measured: 8.6 ms of start-up)."""
-    assert (BIN / "securecc").read_text().splitlines()[0].endswith("/python -ES")
+    assert SHIMS["python"].read_text().splitlines()[0].endswith("/python -ES")
     (tmp_path / "a.c").write_text("int a;\n")
     env = {**os.environ, "SECURECC_HOSTS": "", "SECURECC_AGENT_DIR": str(tmp_path / "agents")}
     for _ in range(2):  # the first run starts the agent (that path may import more); the second is every job's
-        done = subprocess.run([sys.executable, "-ES", "-X", "importtime", BIN / "securecc", "gcc", "-c", "a.c"],
+        done = subprocess.run([sys.executable, "-ES", "-X", "importtime", SHIMS["python"], "gcc", "-c", "a.c"],
                               cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
         assert done.returncode == 0, done.stderr
     loaded = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
