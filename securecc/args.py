@@ -413,20 +413,24 @@ def remote_language(p: Plan) -> str:
 _INCLUDE_MARKER = re.compile(rb'\n# \d+ "((?:[^"\\]|\\.)*)" 1')
 
 
-def included_files(text: bytes, cwd: str) -> list[str]:
-    """The files a preprocessed text entered by #include (or -include), absolute.
+def include_markers(text: bytes) -> list[str]:
+    """The names of the files a preprocessed text entered by #include (or -include), as written, once each.
 
     Only markers that enter a file count (flag 1), not ``#line`` renames.
+    One scan of the text serves included_files and lookup_directories.
     """
     found: dict[str, None] = {}
     for match in _INCLUDE_MARKER.finditer(b"\n" + text):
         name = match.group(1)
         if b"\\" in name:
             name = re.sub(rb"\\(.)", rb"\1", name)
-        name = name.decode("utf-8", "surrogateescape")
-        if name not in _PSEUDO_FILES:
-            found[os.path.normpath(os.path.join(cwd, name))] = None
-    return list(found)
+        found[name.decode("utf-8", "surrogateescape")] = None
+    return [name for name in found if name not in _PSEUDO_FILES]
+
+
+def included_files(markers: list[str], cwd: str) -> list[str]:
+    """The files the include markers name, absolute."""
+    return list(dict.fromkeys(os.path.normpath(os.path.join(cwd, name)) for name in markers))
 
 
 RESERVED = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev", "/job", "/sys", "/run")
@@ -441,7 +445,7 @@ _PSEUDO_FILES = frozenset({"<built-in>", "<command line>"})
 _SEARCH_DIRS = ("-I", "-iquote", "-isystem", "-idirafter")
 
 
-def lookup_directories(p: Plan, text: bytes, cwd: str) -> list[str]:
+def lookup_directories(p: Plan, markers: list[str], cwd: str) -> list[str]:
     """Directories the compile must find although no file of the job lies in them, absolute.
 
     The kernel resolves ``empty/../inc/x.h`` (an include directory written
@@ -449,7 +453,7 @@ def lookup_directories(p: Plan, text: bytes, cwd: str) -> list[str]:
     preprocesses creates the directories holding the job's files, not
     these.  Only names with a ``..`` component need them.
     """
-    names = [m.group(1).decode("utf-8", "surrogateescape") for m in _INCLUDE_MARKER.finditer(b"\n" + text)]
+    names = list(markers)
     args = p.source_args or []
     for n, arg in enumerate(args):
         if arg in _SEARCH_DIRS and n + 1 < len(args):

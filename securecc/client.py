@@ -408,7 +408,8 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
         if b"__TIMESTAMP__" in text:
             raise argpolicy.NotDistributable("uses __TIMESTAMP__")
         main = os.path.normpath(os.path.join(cwd, plan.source))
-        included = argpolicy.included_files(text, cwd)
+        markers = argpolicy.include_markers(text)
+        included = argpolicy.included_files(markers, cwd)
         project = argpolicy.project_files(included)
         pch = next((p for p in project if os.path.exists(p + ".gch")), None)
         if pch:  # gcc here reads the .gch instead (CMake's cmake_pch.h), which no server can have
@@ -417,7 +418,7 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
         system = argpolicy.system_files(included)
         return job(f"{plan.language}-source", b"", plan.source_args or [], include_paths=list(files),
                    includes=list(files.values()), system_headers=system, system_digest=system_headers().of(system),
-                   directories=argpolicy.lookup_directories(plan, text, cwd)), b""  # fmt: skip
+                   directories=argpolicy.lookup_directories(plan, markers, cwd)), b""  # fmt: skip
 
     if plan.preprocessed:
         return job(plan.language, original, plan.remote_args), b""
@@ -452,7 +453,7 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
         return server_preprocesses(directives.stdout)
     if plan.debug:
         raise argpolicy.NotDistributable("a preprocessing option with -g")
-    if argpolicy.uses_push_macro([original, *(read_file(p) for p in argpolicy.included_files(directives.stdout, cwd))]):
+    if argpolicy.uses_push_macro([original, *(read_file(p) for p in argpolicy.included_files(argpolicy.include_markers(directives.stdout), cwd))]):
         raise argpolicy.NotDistributable("#pragma push_macro with a preprocessing option")
     return job(argpolicy.remote_language(plan), argpolicy.remote_text(plan, directives.stdout), plan.remote_args), \
         directives.stderr

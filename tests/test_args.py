@@ -504,7 +504,7 @@ def test_included_files_from_line_markers():
         b'# 1 "/opt/lib/include/b.h" 1\n# 2 "inc/a.h" 2\n# 1 "inc/../inc/a.h" 1\n'
         b'# 1 "inc/we\\"ird\\\\.h" 1\n#include "not-a-marker.h"\n  # 1 "indented.h"\n'
     )
-    included = argpolicy.included_files(text, "/home/a/p")
+    included = argpolicy.included_files(argpolicy.include_markers(text), "/home/a/p")
     assert included == [
         "/usr/include/stdc-predef.h", "/home/a/p/inc/a.h", "/opt/lib/include/b.h", '/home/a/p/inc/we"ird\\.h',
     ]  # fmt: skip
@@ -516,7 +516,7 @@ def test_included_files_from_line_markers():
 def test_line_directives_do_not_name_files_to_send():
     """A '#line N "/etc/shadow"' in a hostile source renames lines; it is not an include, so nothing is read."""
     text = b'# 1 "foo.c"\n# 1 "/etc/shadow"\nint x;\n# 3 "/home/a/.ssh/id_rsa" 2\n'
-    assert argpolicy.included_files(text, "/home/a/p") == []
+    assert argpolicy.included_files(argpolicy.include_markers(text), "/home/a/p") == []
 
 
 def test_included_files_on_real_gcc_output(tmp_path):
@@ -527,7 +527,7 @@ def test_included_files_on_real_gcc_output(tmp_path):
     p = plan(["-Iinc", "-g", "-c", "foo.c"])
     for command in (argpolicy.preprocess_command, argpolicy.full_preprocess_command):
         text = subprocess.run(command(GCC, p), cwd=tmp_path, capture_output=True, check=True).stdout
-        included = argpolicy.included_files(text, str(tmp_path))
+        included = argpolicy.included_files(argpolicy.include_markers(text), str(tmp_path))
         assert "/usr/include/stdio.h" in included
         assert argpolicy.project_files(included) == [str(tmp_path / "inc" / "cfg.h")]
 
@@ -697,5 +697,5 @@ def test_lookup_directories_are_the_ones_a_dotdot_walks_through(tmp_path):
     (tmp_path / "inc").mkdir()
     p = plan(["-Iempty/../inc", "-I", "/usr/lib/../include", "-c", "foo.c"])
     text = b'# 1 "foo.c"\n# 1 "/usr/lib/llvm-14/lib/clang/14.0.6/include/../../../../include/x.h" 1\n'
-    assert argpolicy.lookup_directories(p, text, str(tmp_path)) == [str(tmp_path / "empty")]
-    assert argpolicy.lookup_directories(plan(["-Iinc", "-c", "foo.c"]), b"", str(tmp_path)) == []  # no '..': none needed
+    assert argpolicy.lookup_directories(p, argpolicy.include_markers(text), str(tmp_path)) == [str(tmp_path / "empty")]
+    assert argpolicy.lookup_directories(plan(["-Iinc", "-c", "foo.c"]), [], str(tmp_path)) == []  # no '..': none needed

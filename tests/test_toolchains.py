@@ -113,7 +113,7 @@ def test_clang_preprocessing_commands(tmp_path):
     (tmp_path / "a.h").write_text("#define Y 2\n")
     text = run(argpolicy.preprocess_command("/usr/bin/clang", argpolicy.plan(["-DX=1", "-c", "a.c"]), "clang"), tmp_path).stdout
     assert b'# 1 "<built-in>" 1' in text and b'# 1 "<command line>" 1' in text
-    assert argpolicy.included_files(text, str(tmp_path)) == [str(tmp_path / "a.h")]
+    assert argpolicy.included_files(argpolicy.include_markers(text), str(tmp_path)) == [str(tmp_path / "a.h")]
 
 
 def test_what_clang_keeps_here():
