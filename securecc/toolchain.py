@@ -105,6 +105,13 @@ def cached_identity(path: str, cache_file: str | None = None) -> str:
     return identity
 
 
+NAMES_REMEMBERED = 4096  # a build's system headers by name; more only costs the full check again
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns, b.st_ctime_ns)
+
+
 class HeaderDigests:
     """SHA-256 of files, remembered by (device, inode, size, mtime, ctime): a build reads the same few
     hundred system headers for every job, and a stat costs a microsecond where reading them costs a millisecond.
@@ -115,6 +122,23 @@ class HeaderDigests:
 
     def __init__(self) -> None:
         self._known: dict[tuple[int, int], tuple[tuple[int, ...], str]] = {}
+        self._named: dict[tuple[str, str], tuple[os.stat_result, str]] = {}
+
+    def _remembered(self, path: str, within: str) -> str:
+        """``_digest``, answered by one stat (which opens nothing) while the name still leads to the very
+        same file: a build asks for the same names job after job (lua: 63 headers a job)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return self._digest(path, within)
+        known = self._named.get((path, within))
+        if known and _same_file(known[0], st):
+            return known[1]
+        digest = self._digest(path, within)
+        if len(self._named) >= NAMES_REMEMBERED:  # a hostile job's countless names: memory stays bounded
+            self._named.clear()
+        self._named[(path, within)] = (st, digest)
+        return digest
 
     def _digest(self, path: str, within: str) -> str:
         """``path``'s digest, or "missing" (no such regular file) or "outside" (its links leave ``within``).
@@ -148,5 +172,5 @@ class HeaderDigests:
         does one whose links lead outside ``within`` (the sandbox sees only /usr: neither is read)."""
         h = hashlib.sha256()
         for path in paths:
-            h.update(f"{path}\0{self._digest(path, within)}\n".encode("utf-8", "surrogateescape"))
+            h.update(f"{path}\0{self._remembered(path, within)}\n".encode("utf-8", "surrogateescape"))
         return h.hexdigest()

@@ -104,6 +104,30 @@ def test_names_of_one_file_through_link_loops_hash_it_once(tmp_path, counted_has
     assert counted_hashing[0] - before < 4096  # a new alias of a known file: a stat, not a read
 
 
+def test_a_name_remembered_by_its_stat_is_checked_again_when_it_leads_elsewhere(tmp_path, counted_hashing):
+    """The one-stat answer for a name seen before holds only while the name leads to the same file: a link
+    moved to another header, or to a secret outside /usr, is found; a flood of names keeps the memory bounded."""
+    usr = tmp_path / "usr"
+    usr.mkdir()
+    (usr / "a.h").write_text("int a;\n")
+    (usr / "b.h").write_text("int b;\n")
+    (tmp_path / "secret").write_text("key\n")
+    link, within = usr / "link.h", f"{usr}/"
+    link.symlink_to("a.h")
+    digests = HeaderDigests()
+    assert digests.of([str(link)], within) == digest_of(entry(str(link), hashlib.sha256(b"int a;\n").hexdigest()))
+    link.unlink()
+    link.symlink_to("b.h")
+    assert digests.of([str(link)], within) == digest_of(entry(str(link), hashlib.sha256(b"int b;\n").hexdigest()))
+    link.unlink()
+    link.symlink_to(tmp_path / "secret")
+    assert digests.of([str(link)], within) == digest_of(entry(str(link), "outside"))
+    (usr / "loop").symlink_to(".")
+    flood = [str(usr) + "/loop" * (k % 30) + "/" * (k // 30 + 1) + "a.h" for k in range(2 * toolchain.NAMES_REMEMBERED)]
+    digests.of(flood, within)
+    assert len(digests._named) <= toolchain.NAMES_REMEMBERED
+
+
 def test_a_fifo_or_device_among_the_headers_is_not_opened(tmp_path):
     """A FIFO under /usr blocked the digest thread for ever (open() waits for a writer); a link to a
     device is never opened (opening /dev/watchdog or a tape has effects), and neither is read."""
