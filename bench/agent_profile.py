@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Where the client's CPU goes per job: the agent profiled over a real build, and make's side beside it.
+
+Not a test: `.venv/bin/python bench/agent_profile.py [--package lua5.4] [-j 4] [--top 25]`.
+Builds the package once (untimed warm-up: the agent's imports, tickets and compiler identities), then
+twice through `CC="securecc gcc"` against one securecc-server of a throwaway testrealm (result cache
+off): once plain, for the CPU per job of the agent and of make's process tree (make, the shim, the
+preprocessor), once with every agent job thread under cProfile timed by its own thread's CPU clock,
+for the functions that CPU is spent in. The agent runs in this process (securecc.agent.Agent, as the
+shim would start it), so its threads can be profiled; the shim finds it by the same name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchrealm import BIN, Realm, debian_source, timed_make
+
+ACL = "realms: [TEST.REALM]\nallow:\n  - principal: alice\n"
+SOURCES = Path("/tmp/securecc-bench-src")  # debian_source's cache, shared with vs_distcc.py
+TARGETS = {"lua5.4": "posix"}
+
+
+class Profiles:
+    """One cProfile per agent job while ``on``."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.taken: list[cProfile.Profile] = []
+
+
+def start_agent(directory: Path, env: dict[str, str], profiles: Profiles) -> None:
+    """The agent in this process, named as the shim names the agent of ``env``, its jobs profiled into
+    ``profiles`` while that is on."""
+    for key in [k for k in os.environ if k.startswith("KRB5")]:
+        del os.environ[key]
+    os.environ.update({k: v for k, v in env.items() if k.startswith("KRB5")})  # the agent's own, compared per job
+    from securecc import agent
+
+    sys.path.insert(0, str(BIN))
+    from securecc_shim import AGENT_PROTOCOL, fnv1a
+
+    name = "agent-" + fnv1a(AGENT_PROTOCOL + b"\0" + agent.kerberos_environment().replace(b"\n", b"\0"))
+    directory.mkdir(mode=0o700)
+    served = agent.Agent(str(directory), name)
+    handle = agent.Agent.handle
+
+    def profiled(self: agent.Agent, conn: object) -> None:
+        if not profiles.on:
+            return handle(self, conn)
+        profile = cProfile.Profile(time.thread_time_ns, 1e-9)  # CPU, not wall: the threads wait on cpp and servers
+        profile.enable()
+        try:
+            return handle(self, conn)
+        finally:
+            profile.disable()
+            profiles.taken.append(profile)
+
+    agent.Agent.handle = profiled  # type: ignore[method-assign]
+    threading.Thread(target=served.serve, args=(os.pipe()[1],), daemon=True).start()
+    while not (directory / f"{name}.sock").exists():
+        time.sleep(0.01)
+
+
+def cpu() -> tuple[float, float]:
+    """(this process's CPU: the agent; CPU of reaped children: make and everything under it), in seconds."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--package", default="lua5.4")
+    parser.add_argument("-j", type=int, default=4)
+    parser.add_argument("--top", type=int, default=25, help="functions to list, by their own CPU")
+    options = parser.parse_args()
+    top = Path(tempfile.mkdtemp(prefix="scc-agent-profile-", dir="/tmp"))
+    os.chmod(top, 0o755)
+    realm = Realm(top / "realm", ACL)
+    try:
+        _, host = realm.server("server", slots=options.j, monitor=None)
+        tree = debian_source(options.package, SOURCES)
+        if (tree / "configure").exists() and not (tree / "Makefile").exists():
+            subprocess.run(["sh", "./configure"], cwd=tree, env={**os.environ, "CC": "gcc"}, check=True,
+                           capture_output=True)  # fmt: skip
+        env = {**realm.user_env("alice", top), "SECURECC_HOSTS": host, "SECURECC_AGENT_DIR": str(top / "agent")}
+        profiles = Profiles()
+        start_agent(top / "agent", env, profiles)
+        make = [f"-j{options.j}", *filter(None, [TARGETS.get(options.package)])]
+
+        def build(n: int) -> tuple[float, float, int]:
+            cc = f"{BIN}/securecc gcc -DBENCH_BUILD={n}"  # each build new to the server's result cache
+            before = cpu()
+            timed_make(tree, [*make, f"CC={cc}"], env)
+            after = cpu()
+            jobs = sum(1 for _ in tree.rglob("*.o"))
+            return after[0] - before[0], after[1] - before[1], jobs
+
+        build(0)
+        agent_s, make_s, jobs = build(1)
+        profiles.on = True
+        build(2)
+        taken = profiles.taken
+        print(f"{options.package}: {jobs} jobs, -j{options.j}, one server on this machine")
+        print(f"agent CPU   {agent_s / jobs * 1e3:6.1f} ms/job (unprofiled)")
+        print(f"make's tree {make_s / jobs * 1e3:6.1f} ms/job (make, the shim, the preprocessor)")
+        stats = pstats.Stats(taken[0])
+        for profile in taken[1:]:
+            stats.add(profile)
+        total = sum(row[2] for row in stats.stats.values())  # type: ignore[attr-defined]
+        print(f"profiled agent CPU {total / len(taken) * 1e3:.1f} ms/job over {len(taken)} jobs "
+              f"(cProfile's own cost included); by own CPU, ms/job:")  # fmt: skip
+        rows = sorted(stats.stats.items(), key=lambda item: -item[1][2])  # type: ignore[attr-defined]
+        for (path, line, function), (_, calls, own, cumulative, _) in rows[: options.top]:
+            where = f"{Path(path).name}:{line}" if line else path
+            print(f"  {own / len(taken) * 1e3:6.2f} own {cumulative / len(taken) * 1e3:6.2f} cum"
+                  f"  {calls / len(taken):6.1f} calls  {function}  ({where})")  # fmt: skip
+    finally:
+        realm.close()
+
+
+if __name__ == "__main__":
+    main()
