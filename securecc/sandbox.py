@@ -238,9 +238,12 @@ class RunningJob:
         self._inner: int | None = None  # a pidfd of bwrap's inner process, once --info-fd named it
         done: defer.Deferred[int] = defer.Deferred()
         self._collector = _Collector(done, None if process_group else self._inner_started)
+        # bwrap sets the compile's working directory itself (--chdir): without a ``path`` of its own,
+        # Twisted spawns with posix_spawn instead of forking this process and running Python in the child.
         self._process = reactor.spawnProcess(
             self._collector, shutil.which(argv[0]) or argv[0], argv, env={"PATH": "/usr/bin:/bin"},
-            path=str(job_dir), childFDs={0: "w", 1: "r", 2: "r", **({} if process_group else {INFO_FD: "r"})},
+            path=str(job_dir) if process_group else None,
+            childFDs={0: "w", 1: "r", 2: "r", **({} if process_group else {INFO_FD: "r"})},
         )  # fmt: skip
         self._process.closeStdin()
         self._timer = clock.callLater(timeout, self.kill, "timeout")

@@ -37,6 +37,7 @@ case "$action" in
   spin) while :; do :; done ;;
   daemon) setsid sleep 600 & disown; exit 0 ;;
   whoami) id -u; id -g; ls /; cat /proc/self/status | grep -i cap ;;
+  fds) ls -l /proc/$$/fd/; exit 0 ;;
 esac
 exit 3
 """
@@ -128,6 +129,18 @@ def test_cannot_see_or_kill_the_server(evil, realm, monkeypatch, workdir):
     """kill -9 of the server's pid and of every process it can see: the server survives."""
     reply = run_evil(evil, realm, monkeypatch, workdir, f"kill {evil.process.pid}")
     assert isinstance(reply, wire.Result)
+    assert_contained(evil, reply)
+
+
+def test_no_descriptor_of_the_server_reaches_the_compile(evil, realm, monkeypatch, workdir):
+    """The compile holds its stdin, stdout and stderr and its own script, nothing the job handler had open
+    (its socket to the front, other jobs' pipes and files): however the sandbox is spawned."""
+    reply = run_evil(evil, realm, monkeypatch, workdir, "fds")
+    assert isinstance(reply, wire.Result) and reply.exit_status == 0, reply
+    links = [line.split()[-3:] for line in reply.stdout.decode().splitlines() if " -> " in line]  # fd -> target
+    fds = {fd: target for fd, _, target in links}
+    assert set(fds) - {"0", "1", "2"} <= {"255"} and fds.get("255", "/evilroot/bin/evilcc").endswith("/bin/evilcc"), fds
+    assert not [target for fd, target in fds.items() if fd not in {"0", "1", "2"} and target.startswith(("socket:", "pipe:"))]
     assert_contained(evil, reply)
 
 
