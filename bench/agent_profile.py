@@ -1,22 +1,25 @@
 #!/usr/bin/env python3
 """Where the client's CPU goes per job: the agent profiled over a real build, and make's side beside it.
 
-Not a test: `.venv/bin/python bench/agent_profile.py [--package lua5.4] [-j 4] [--top 25]`.
+Not a test: `.venv/bin/python bench/agent_profile.py [--package lua5.4] [-j 4] [--top 25] [--tiny 100]`.
 Builds the package once (untimed warm-up: the agent's imports, tickets and compiler identities), then
 twice through `CC="securecc gcc"` against one securecc-server of a throwaway testrealm (result cache
 off): once plain, for the CPU per job of the agent and of make's process tree (make, the shim, the
 preprocessor), once with every agent job thread under cProfile timed by its own thread's CPU clock,
 for the functions that CPU is spent in. The agent runs in this process (securecc.agent.Agent, as the
-shim would start it), so its threads can be profiled; the shim finds it by the same name.
+shim would start it), so its threads can be profiled; the shim finds it by the same name. Then tiny
+compiles end to end: securecc's wall, the server's part of it, and bare gcc's.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,6 +86,7 @@ def main() -> None:
     parser.add_argument("--package", default="lua5.4")
     parser.add_argument("-j", type=int, default=4)
     parser.add_argument("--top", type=int, default=25, help="functions to list, by their own CPU")
+    parser.add_argument("--tiny", type=int, default=100, help="tiny compiles timed end to end")
     options = parser.parse_args()
     top = Path(tempfile.mkdtemp(prefix="scc-agent-profile-", dir="/tmp"))
     os.chmod(top, 0o755)
@@ -119,14 +123,44 @@ def main() -> None:
             stats.add(profile)
         total = sum(row[2] for row in stats.stats.values())  # type: ignore[attr-defined]
         print(f"profiled agent CPU {total / len(taken) * 1e3:.1f} ms/job over {len(taken)} jobs "
-              f"(cProfile's own cost included); by own CPU, ms/job:")  # fmt: skip
-        rows = sorted(stats.stats.items(), key=lambda item: -item[1][2])  # type: ignore[attr-defined]
-        for (path, line, function), (_, calls, own, cumulative, _) in rows[: options.top]:
-            where = f"{Path(path).name}:{line}" if line else path
-            print(f"  {own / len(taken) * 1e3:6.2f} own {cumulative / len(taken) * 1e3:6.2f} cum"
-                  f"  {calls / len(taken):6.1f} calls  {function}  ({where})")  # fmt: skip
+              "(cProfile's own cost included), ms/job:")  # fmt: skip
+        for title, column in (("by own CPU", 2), ("securecc's functions by cumulative CPU", 3)):
+            print(f" {title}:")
+            rows = sorted(stats.stats.items(), key=lambda item: -item[1][column])  # type: ignore[attr-defined]
+            if column == 3:
+                rows = [row for row in rows if "/securecc/" in row[0][0]]
+            for (path, line, function), (_, calls, own, cumulative, _) in rows[: options.top]:
+                where = f"{Path(path).name}:{line}" if line else path
+                print(f"  {own / len(taken) * 1e3:6.2f} own {cumulative / len(taken) * 1e3:6.2f} cum"
+                      f"  {calls / len(taken):6.1f} calls  {function}  ({where})")  # fmt: skip
+        tiny_timeline(top, env, realm.dir / "server" / "audit.jsonl", options.tiny)
     finally:
         realm.close()
+
+
+def tiny_timeline(top: Path, env: dict[str, str], audit: Path, n: int) -> None:
+    """A tiny job end to end: its wall through securecc, the server's part of it (the audit record's
+    duration: from the job's arrival to its record, sandbox and compile included), and bare gcc."""
+    work = top / "tiny"
+    work.mkdir()
+    walls: dict[str, list[float]] = {"securecc": [], "gcc": [], "gcc -E -fdirectives-only": []}
+    commands = {"securecc": [str(BIN / "securecc"), "gcc", "-c", "tiny.c", "-o", "tiny.o"],
+                "gcc": ["gcc", "-c", "tiny.c", "-o", "tiny.o"],
+                "gcc -E -fdirectives-only": ["gcc", "-E", "-fdirectives-only", "tiny.c", "-o", "/dev/null"]}  # fmt: skip
+    before = len(audit.read_text().splitlines())
+    for i in range(n + 3):
+        for name, command in commands.items():
+            (work / "tiny.c").write_text(f"int f_{time.time_ns()}(void) {{ return {i}; }}\n")
+            started = time.monotonic()
+            subprocess.run(command, cwd=work, env={**env, "PWD": str(work)}, check=True)
+            if i >= 3:  # warm-up
+                walls[name].append(time.monotonic() - started)
+    records = [json.loads(line) for line in audit.read_text().splitlines()[before:]]
+    server = [r["duration"] for r in records if r.get("event") == "job" and r.get("decision") == "allowed"][3:]
+    print(f"\n{n} tiny compiles, median wall ms:")
+    for name, values in walls.items():
+        print(f"  {statistics.median(values) * 1e3:6.1f}  {name}")
+    print(f"  {statistics.median(server) * 1e3:6.1f}  of securecc's: the server's (audit duration, {len(server)} jobs)")
 
 
 if __name__ == "__main__":
