@@ -8,7 +8,8 @@ off): once plain, for the CPU per job of the agent and of make's process tree (m
 preprocessor), once with every agent job thread under cProfile timed by its own thread's CPU clock,
 for the functions that CPU is spent in. The agent runs in this process (securecc.agent.Agent, as the
 shim would start it), so its threads can be profiled; the shim finds it by the same name. Then tiny
-compiles end to end: securecc's wall, the server's part of it, and bare gcc's.
+compiles end to end, through securecc and through distcc (against a distccd started here): each
+one's wall and its server's part of it, and bare gcc's compile and preprocessing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import cProfile
 import json
 import os
 import pstats
+import re
 import resource
 import statistics
 import subprocess
@@ -26,8 +28,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from benchrealm import BIN, Realm, debian_source, timed_make
+from vs_distcc import CpuGroup, start_distcc
 
 ACL = "realms: [TEST.REALM]\nallow:\n  - principal: alice\n"
 SOURCES = Path("/tmp/securecc-bench-src")  # debian_source's cache, shared with vs_distcc.py
@@ -139,28 +143,66 @@ def main() -> None:
 
 
 def tiny_timeline(top: Path, env: dict[str, str], audit: Path, n: int) -> None:
-    """A tiny job end to end: its wall through securecc, the server's part of it (the audit record's
-    duration: from the job's arrival to its record, sandbox and compile included), and bare gcc."""
+    """A tiny job end to end through securecc and through distcc, the server's part of each (securecc's
+    audit record's duration, from the job's arrival to its record; distccd's logged job time), and bare
+    gcc's compile and each tool's preprocessing."""
+    from securecc import client
+
     work = top / "tiny"
     work.mkdir()
-    walls: dict[str, list[float]] = {"securecc": [], "gcc": [], "gcc -E -fdirectives-only": []}
-    commands = {"securecc": [str(BIN / "securecc"), "gcc", "-c", "tiny.c", "-o", "tiny.o"],
-                "gcc": ["gcc", "-c", "tiny.c", "-o", "tiny.o"],
-                "gcc -E -fdirectives-only": ["gcc", "-E", "-fdirectives-only", "tiny.c", "-o", "/dev/null"]}  # fmt: skip
-    before = len(audit.read_text().splitlines())
-    for i in range(n + 3):
-        for name, command in commands.items():
-            (work / "tiny.c").write_text(f"int f_{time.time_ns()}(void) {{ return {i}; }}\n")
+    stages: dict[str, list[float]] = {"preprocessing (prepare_job)": [], "the server call (Channel.call)": []}
+    unpatched = client.prepare_job, client.Channel.call
+
+    def timed(stage: str, function: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             started = time.monotonic()
-            subprocess.run(command, cwd=work, env={**env, "PWD": str(work)}, check=True)
-            if i >= 3:  # warm-up
-                walls[name].append(time.monotonic() - started)
-    records = [json.loads(line) for line in audit.read_text().splitlines()[before:]]
-    server = [r["duration"] for r in records if r.get("event") == "job" and r.get("decision") == "allowed"][3:]
+            try:
+                return function(*args, **kwargs)
+            finally:
+                stages[stage].append(time.monotonic() - started)
+
+        return wrapper
+
+    client.prepare_job = timed("preprocessing (prepare_job)", client.prepare_job)  # type: ignore[assignment]
+    client.Channel.call = timed("the server call (Channel.call)", client.Channel.call)  # type: ignore[method-assign]
+    daemons: list[subprocess.Popen] = []
+    groups: list[CpuGroup] = []
+    try:
+        distcc = start_distcc(top, "distccd", 4, daemons, groups)
+        commands = {"securecc": ([str(BIN / "securecc"), "gcc"], env), "distcc": (distcc.cc.split(), distcc.env),
+                    "gcc": (["gcc"], env)}  # fmt: skip
+        bare = {"gcc -E -fdirectives-only (securecc's client)": ["-E", "-fdirectives-only"],
+                "gcc -E (distcc's client)": ["-E"]}  # fmt: skip
+        walls: dict[str, list[float]] = {name: [] for name in [*commands, *bare]}
+        before = len(audit.read_text().splitlines())
+        log = top / "distccd.log"
+        logged = len(log.read_bytes().splitlines())
+        for i in range(n + 3):
+            runs = [(name, [*cc, "-c", "tiny.c", "-o", "tiny.o"], e) for name, (cc, e) in commands.items()]
+            runs += [(name, ["gcc", *flags, "tiny.c", "-o", "/dev/null"], env) for name, flags in bare.items()]
+            for name, command, run_env in runs:
+                (work / "tiny.c").write_text(f"int f_{time.time_ns()}(void) {{ return {i}; }}\n")
+                started = time.monotonic()
+                subprocess.run(command, cwd=work, env={**run_env, "PWD": str(work)}, check=True)
+                if i >= 3:  # warm-up
+                    walls[name].append(time.monotonic() - started)
+        records = [json.loads(line) for line in audit.read_text().splitlines()[before:]]
+        server = [r["duration"] * 1e3 for r in records if r.get("event") == "job" and r.get("decision") == "allowed"][3:]
+        distccd = [int(m) for m in re.findall(rb" COMPILE_OK .* time:(\d+)ms", b"\n".join(log.read_bytes().splitlines()[logged:]))][3:]
+    finally:
+        client.prepare_job, client.Channel.call = unpatched  # type: ignore[method-assign]
+        for process in daemons:
+            process.terminate()
+            process.wait()
+        for group in groups:
+            group.remove()
     print(f"\n{n} tiny compiles, median wall ms:")
     for name, values in walls.items():
         print(f"  {statistics.median(values) * 1e3:6.1f}  {name}")
-    print(f"  {statistics.median(server) * 1e3:6.1f}  of securecc's: the server's (audit duration, {len(server)} jobs)")
+    for stage, values in stages.items():
+        print(f"  {statistics.median(values[3:]) * 1e3:6.1f}  of securecc's, in the agent: {stage}")
+    print(f"  {statistics.median(server):6.1f}  of securecc's: the server's (audit duration, {len(server)} jobs)")
+    print(f"  {statistics.median(distccd):6.1f}  of distcc's: distccd's (its log's job time, {len(distccd)} jobs)")
 
 
 if __name__ == "__main__":
