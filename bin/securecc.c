@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/auxv.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -36,6 +37,14 @@
 
 extern char **environ;
 
+static void *allocated(void *memory) {
+    if (!memory) { /* never go on with less: an empty environment would be another Kerberos identity */
+        perror("securecc: out of memory");
+        exit(1);
+    }
+    return memory;
+}
+
 /* A growable byte buffer: the request and the reply. */
 struct buf {
     char *data;
@@ -45,10 +54,7 @@ struct buf {
 static void put(struct buf *b, const void *data, size_t len) {
     if (b->len + len + 1 > b->cap) {
         b->cap = (b->len + len + 1) * 2;
-        if (!(b->data = realloc(b->data, b->cap))) {
-            perror("securecc: out of memory");
-            exit(1);
-        }
+        b->data = allocated(realloc(b->data, b->cap));
     }
     memcpy(b->data + b->len, data, len);
     b->len += len;
@@ -72,11 +78,7 @@ static void write_all(int fd, const char *data, size_t len) {
 static void python_shim(int argc, char **argv) {
     static const char code[] =
         "import sys;sys.path.insert(0,sys.argv.pop(1));del sys.argv[0];from securecc_shim import main;main()";
-    char **args = calloc(argc + 7, sizeof *args); /* the 6 below, argv, NULL */
-    if (!args) {
-        perror("securecc: out of memory");
-        exit(1);
-    }
+    char **args = allocated(calloc(argc + 7, sizeof *args)); /* the 6 below, argv, NULL */
     args[0] = SHIM_PYTHON, args[1] = "-I", args[2] = "-S", args[3] = "-c", args[4] = (char *)code;
     args[5] = SHIM_DIR;
     memcpy(args + 6, argv, argc * sizeof *argv);
@@ -95,8 +97,8 @@ static size_t environment(char ***out) {
     size_t n = 0, kept = 0;
     while (environ[n])
         n++;
-    char **entries = calloc(n + 1, sizeof *entries);
-    for (size_t i = 0; entries && i < n; i++) {
+    char **entries = allocated(calloc(n + 1, sizeof *entries));
+    for (size_t i = 0; i < n; i++) {
         const char *eq = strchr(environ[i], '=');
         if (!eq)
             continue;
@@ -108,7 +110,7 @@ static size_t environment(char ***out) {
             entries[kept++] = environ[i];
     }
     *out = entries;
-    return entries ? kept : 0;
+    return kept;
 }
 
 /* Order of names (not of whole entries: "A-B=" sorts before "A=" as a string, after it as a name). */
@@ -123,9 +125,9 @@ static int by_name(const void *a, const void *b) {
 
 /* The KRB5* entries, sorted by name, joined by sep: whose tickets the agent uses. */
 static void kerberos_environment(struct buf *b, char **entries, size_t n, char sep) {
-    char **krb = calloc(n + 1, sizeof *krb);
+    char **krb = allocated(calloc(n + 1, sizeof *krb));
     size_t k = 0;
-    for (size_t i = 0; krb && i < n; i++)
+    for (size_t i = 0; i < n; i++)
         if (strncmp(entries[i], "KRB5", 4) == 0)
             krb[k++] = entries[i];
     qsort(krb, k, sizeof *krb, by_name);
@@ -181,7 +183,8 @@ static int connect_agent(const char *path) {
     return sock;
 }
 
-/* The reply's header numbers; how many were read, or -1 if the header is not "KIND n n...\n". */
+/* The reply's header numbers; how many were read, or -1 if the header is not "KIND n n...\n" with single
+ * spaces and decimal numbers, sizes not negative (the first number of an "R" header, the status, may be). */
 static int header(const char *reply, size_t len, long long *numbers, int max, const char **body) {
     const char *end = memchr(reply, '\n', len), *p = reply + 1;
     int count = 0;
@@ -189,11 +192,12 @@ static int header(const char *reply, size_t len, long long *numbers, int max, co
         return -1;
     while (p < end && count < max) {
         char *stop;
-        if (*p++ != ' ')
+        int signed_ok = count == 0 && *reply == 'R';
+        if (*p++ != ' ' || !(('0' <= *p && *p <= '9') || (signed_ok && *p == '-')))
             return -1;
         errno = 0;
         numbers[count++] = strtoll(p, &stop, 10);
-        if (stop == p || errno || numbers[count - 1] < (count == 1 && *reply == 'R' ? INT32_MIN : 0))
+        if (stop == p || errno || (!signed_ok && numbers[count - 1] < 0))
             return -1;
         p = stop;
     }
@@ -202,6 +206,14 @@ static int header(const char *reply, size_t len, long long *numbers, int max, co
 }
 
 int main(int argc, char **argv) {
+    /* The name we were run by, as the kernel took it (a script shim's sys.argv[0]): the client recognises
+     * itself on PATH by it, so a symlink named gcc run with a bare argv[0] does not run itself again. */
+    const char *run_as = (const char *)getauxval(AT_EXECFN);
+    static char *no_arguments[2];
+    if (argc == 0) /* execve with an empty argv: as if run by name alone */
+        argv = no_arguments, argc = 1, argv[0] = "securecc";
+    if (run_as && *run_as)
+        argv[0] = (char *)run_as;
     const char *command = argc > 1 ? argv[1] : "";
     const char *name = strrchr(argv[0], '/') ? strrchr(argv[0], '/') + 1 : argv[0];
     static const char *const masquerade[] = {"gcc", "cc", "g++", "c++", "clang", "clang++"};
@@ -281,27 +293,30 @@ int main(int argc, char **argv) {
     long long sizes[3];
     const char *body;
     size_t got = reply.len;
-    if (got && reply.data[0] == 'R' && header(reply.data, got, sizes, 3, &body) == 3 &&
-        (size_t)(reply.data + got - body) == (size_t)(sizes[1] + sizes[2])) {
-        write_all(1, body, sizes[1]);
-        write_all(2, body + sizes[1], sizes[2]);
-        return (int)sizes[0];
+    if (got && reply.data[0] == 'R' && header(reply.data, got, sizes, 3, &body) == 3) {
+        unsigned long long left = reply.data + got - body, out = sizes[1], err = sizes[2];
+        if (out <= left && err == left - out) {
+            write_all(1, body, out);
+            write_all(2, body + out, err);
+            return (int)(sizes[0] & 0xff); /* as exit(3) keeps it, and Python's sys.exit */
+        }
     }
     if (got && reply.data[0] == 'L' && header(reply.data, got, sizes, 1, &body) == 1 &&
-        (size_t)(reply.data + got - body) > (size_t)sizes[0]) {
+        (unsigned long long)(reply.data + got - body) > (unsigned long long)sizes[0]) {
         write_all(2, body, sizes[0]);
         const char *program = body + sizes[0], *end = reply.data + got;
         size_t count = 0;
         for (const char *p = program; p < end; p++)
             count += *p == '\0';
-        char **args = calloc(count + 1, sizeof *args); /* after the path: count fields, the last unterminated */
+        char **args = allocated(calloc(count + 1, sizeof *args)); /* after the path: count fields */
         size_t k = 0;
-        for (const char *p = program + strlen(program) + 1; args && p <= end && k < count; p += strlen(p) + 1)
+        for (const char *p = program + strlen(program) + 1; p <= end && k < count; p += strlen(p) + 1)
             args[k++] = (char *)p;
-        if (args)
+        if (count > 0 && *args[0]) { /* else not a command the agent sends: direct mode, below */
             execv(program, args);
-        fprintf(stderr, "securecc: cannot run %s: %s\n", program, strerror(errno));
-        return 127;
+            fprintf(stderr, "securecc: cannot run %s: %s\n", program, strerror(errno));
+            return 127;
+        }
     }
     direct_mode(argc, argv); /* "D" (do it yourself), or a reply cut short: the agent went away */
 }

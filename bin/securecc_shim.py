@@ -227,9 +227,11 @@ def exchange(sock: "_socket.socket", environment: bytes) -> int | None:
         write_all(1, body[: sizes[1]])
         write_all(2, body[sizes[1] :])
         return sizes[0]
-    if kind == b"L" and len(sizes) == 1 and len(body) > sizes[0]:
+    if kind == b"L" and len(sizes) == 1 and 0 <= sizes[0] < len(body):
         write_all(2, body[: sizes[0]])
         path, *argv = body[sizes[0] :].split(b"\0")
+        if not argv or not argv[0]:
+            return None  # not a command the agent sends
         try:
             posix.execv(path, argv)
         except OSError as e:

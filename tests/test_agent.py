@@ -201,6 +201,39 @@ def test_an_agent_socket_of_another_uid_is_not_trusted(realm, server, workdir, s
     assert len(agent_pids(agents)) == 1  # our own agent replaced the planted socket and did the job
 
 
+HOSTILE_AGENT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(8); print("ready", flush=True)
+while True:
+    conn, _ = s.accept()
+    conn.recv(1 << 20)
+    conn.sendall(bytes.fromhex(sys.argv[2]))
+    conn.close()
+"""
+
+
+@pytest.mark.parametrize("reply", [
+    b"R  0  1  3\nabcd", b"R 0 9223372036854775807 1\nx", b"R 0 5 5\nshort", b"R 0 -1 1\nx", b"X 1 2\n", b"",
+    b"L 0\n/bin/sh", b"L 0\n/bin/sh\0\0-c\0touch made", b"L -1\n/bin/sh\0sh\0-c\0touch made",
+], ids=["spaces", "overflow", "short", "negative", "kind", "empty", "no-argv", "empty-argv0", "negative-L"])  # fmt: skip
+def test_a_malformed_agent_reply_means_direct_mode(realm, workdir, shim, reply):
+    """An agent (ours, so trusted) answering nonsense: each shim does the job itself, runs nothing the reply
+    names, and prints no traceback."""
+    write_project(workdir)
+    agents = workdir / "agents"
+    agents.mkdir(mode=0o700)
+    fake = subprocess.Popen([sys.executable, "-c", HOSTILE_AGENT, agents / f"{agent_name(realm.user_env('alice', workdir))}.sock",
+                             reply.hex()], stdout=subprocess.PIPE, text=True, cwd=workdir)  # fmt: skip
+    try:
+        assert fake.stdout.readline() == "ready\n"  # type: ignore[union-attr]
+        done = compile_main(realm, None, workdir, shim=shim, SECURECC_AGENT_DIR=str(agents), SECURECC_HOSTS="")
+    finally:
+        fake.kill()
+        fake.wait()
+    assert done.returncode == 0 and (workdir / "main.o").exists(), done.stderr
+    assert b"Traceback" not in done.stderr and not (workdir / "made").exists()
+
+
 def test_the_c_shim_hands_a_job_over_without_python(realm, server, workdir):
     """Once the agent runs, a compile is one process, the C shim's: no interpreter started per job; the
     Python shim finds the same agent (one agent per Kerberos environment, here with names whose order as
@@ -221,6 +254,25 @@ def test_the_c_shim_hands_a_job_over_without_python(realm, server, workdir):
     assert compile_main(realm, server, workdir, shim=SHIMS["python"], **env).returncode == 0
     assert len(agent_pids(agents)) == 1
     assert next(agents.glob("*.log")).read_text().count("listening on") == 1
+
+
+def test_a_symlink_named_gcc_run_by_a_bare_name_does_not_run_itself(realm, workdir, shim):
+    """make may run a symlink named gcc with argv[0] "gcc" while /usr/bin comes first on PATH: the shim
+    must know itself by the file it was run as, not by argv[0], or it takes the symlink for the real
+    compiler and execs itself for ever when the job compiles locally (the C shim did, before AT_EXECFN)."""
+    write_project(workdir)
+    bindir = workdir / "bin"
+    bindir.mkdir()
+    (bindir / "gcc").symlink_to(shim)
+    env = {**realm.user_env("alice", workdir), "SECURECC_HOSTS": "", "PWD": str(workdir),
+           "XDG_CACHE_HOME": str(workdir / ".cache"), "SECURECC_AGENT_DIR": str(workdir / "agents"),
+           "PATH": f"/usr/bin:/bin:{bindir}"}  # fmt: skip
+    for agent in ("on", "off"):  # the agent's "compile it here", and direct mode
+        (workdir / "main.o").unlink(missing_ok=True)
+        done = subprocess.run(["gcc", "-O2", "-DSCALE=3", "-I.", "-c", "src/main.c", "-o", "main.o"],
+                              executable=bindir / "gcc", cwd=workdir, env={**env, "SECURECC_AGENT": agent},
+                              capture_output=True, timeout=30)  # fmt: skip
+        assert done.returncode == 0 and (workdir / "main.o").exists(), done.stderr
 
 
 def slow_compile(realm, server, workdir: Path, agents: Path, spin: str, shim: Path) -> subprocess.Popen:  # type: ignore[no-untyped-def]
