@@ -238,12 +238,14 @@ class RunningJob:
         self._inner: int | None = None  # a pidfd of bwrap's inner process, once --info-fd named it
         done: defer.Deferred[int] = defer.Deferred()
         self._collector = _Collector(done, None if process_group else self._inner_started)
-        # bwrap sets the compile's working directory itself (--chdir): without a ``path`` of its own,
-        # Twisted spawns with posix_spawn instead of forking this process and running Python in the child.
+        # A working directory makes Twisted fork and run Python in the child, not posix_spawn: ~5 ms a job,
+        # kept on purpose. With posix_spawn the spawn returns with bwrap already starting, so a kill
+        # that follows at once (the handler losing the front) lands where bwrap has not yet named its
+        # inner process nor made it die with its parent, and the inner was seen to outlive the job
+        # (CI, the fault campaign's kill -9 of a server). Faster spawning needs that kill made safe first.
         self._process = reactor.spawnProcess(
             self._collector, shutil.which(argv[0]) or argv[0], argv, env={"PATH": "/usr/bin:/bin"},
-            path=str(job_dir) if process_group else None,
-            childFDs={0: "w", 1: "r", 2: "r", **({} if process_group else {INFO_FD: "r"})},
+            path=str(job_dir), childFDs={0: "w", 1: "r", 2: "r", **({} if process_group else {INFO_FD: "r"})},
         )  # fmt: skip
         self._process.closeStdin()
         self._timer = clock.callLater(timeout, self.kill, "timeout")
