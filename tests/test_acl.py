@@ -442,7 +442,7 @@ class HangingDirectory:
     """A Directory (same interface) whose LDAP hangs for one principal until released."""
 
     def __init__(self, hangs_for: str) -> None:
-        self.hangs_for, self.release = hangs_for, threading.Event()
+        self.hangs_for, self.release, self.hanging = hangs_for, threading.Event(), threading.Event()
         self.asked: list[str] = []
         self.cache: dict[str, Membership] = {}
 
@@ -452,6 +452,7 @@ class HangingDirectory:
     def membership(self, principal: str) -> Membership:
         self.asked.append(principal)
         if principal == self.hangs_for:
+            self.hanging.set()
             self.release.wait(30)
         return Membership(f"uid={principal}", frozenset({f"group-of-{principal}"}))
 
@@ -479,6 +480,7 @@ def test_one_principals_lookups_do_not_starve_anothers():
     try:
         lookups = MembershipLookups.on_pool(directory, results, pool)
         alices = [lookups.lookup("alice@TEST.REALM") for _ in range(50)]
+        assert directory.hanging.wait(5)  # alice's lookup is in LDAP (else bob's thread may simply run first)
         bobs: list[Membership] = []
         lookups.lookup("bob@TEST.REALM").addCallback(bobs.append)
         results.drain_until(lambda: bobs, timeout=2.0)  # queue.Empty here: bob waited behind alice
