@@ -303,7 +303,6 @@ int main(int argc, char **argv) {
     }
     if (got && reply.data[0] == 'L' && header(reply.data, got, sizes, 1, &body) == 1 &&
         (unsigned long long)(reply.data + got - body) > (unsigned long long)sizes[0]) {
-        write_all(2, body, sizes[0]);
         const char *program = body + sizes[0], *end = reply.data + got;
         size_t count = 0;
         for (const char *p = program; p < end; p++)
@@ -313,6 +312,7 @@ int main(int argc, char **argv) {
         for (const char *p = program + strlen(program) + 1; p <= end && k < count; p += strlen(p) + 1)
             args[k++] = (char *)p;
         if (count > 0 && *args[0]) { /* else not a command the agent sends: direct mode, below */
+            write_all(2, body, sizes[0]);
             execv(program, args);
             fprintf(stderr, "securecc: cannot run %s: %s\n", program, strerror(errno));
             return 127;
