@@ -239,10 +239,9 @@ class RunningJob:
         done: defer.Deferred[int] = defer.Deferred()
         self._collector = _Collector(done, None if process_group else self._inner_started)
         # A working directory makes Twisted fork and run Python in the child, not posix_spawn: ~5 ms a job,
-        # kept on purpose. With posix_spawn the spawn returns with bwrap already starting, so a kill
-        # that follows at once (the handler losing the front) lands where bwrap has not yet named its
-        # inner process nor made it die with its parent, and the inner was seen to outlive the job
-        # (CI, the fault campaign's kill -9 of a server). Faster spawning needs that kill made safe first.
+        # kept on purpose. With posix_spawn (path=None) a sandbox's inner process outlived the job once in
+        # CI (the fault campaign's kill -9 of a server); a kill 0-20 ms after the spawn did not reproduce
+        # it, so the mechanism is not pinned down, and the fork stays until it is.
         self._process = reactor.spawnProcess(
             self._collector, shutil.which(argv[0]) or argv[0], argv, env={"PATH": "/usr/bin:/bin"},
             path=str(job_dir), childFDs={0: "w", 1: "r", 2: "r", **({} if process_group else {INFO_FD: "r"})},
