@@ -123,8 +123,8 @@ static int by_name(const void *a, const void *b) {
     }
 }
 
-/* The KRB5* entries, sorted by name, joined by sep: whose tickets the agent uses. */
-static void kerberos_environment(struct buf *b, char **entries, size_t n, char sep) {
+/* The KRB5* entries, sorted by name, joined by NULs: whose tickets the agent uses. */
+static void kerberos_environment(struct buf *b, char **entries, size_t n) {
     char **krb = allocated(calloc(n + 1, sizeof *krb));
     size_t k = 0;
     for (size_t i = 0; i < n; i++)
@@ -133,7 +133,7 @@ static void kerberos_environment(struct buf *b, char **entries, size_t n, char s
     qsort(krb, k, sizeof *krb, by_name);
     for (size_t i = 0; i < k; i++) {
         if (i)
-            put(b, &sep, 1);
+            put(b, "", 1);
         put_str(b, krb[i]);
     }
     free(krb);
@@ -241,7 +241,7 @@ int main(int argc, char **argv) {
 
     put_str(&request, AGENT_PROTOCOL), put(&request, "", 1);
     size_t start = request.len;
-    kerberos_environment(&request, env, nenv, '\0');
+    kerberos_environment(&request, env, nenv);
     snprintf(number, sizeof number, "/agent-%016llx.sock",
              (unsigned long long)fnv1a(request.data, request.len)); /* of "PROTOCOL\0KRB5..." */
     put_str(&path, directory.data), put_str(&path, number);

@@ -108,8 +108,9 @@ def cached_identity(path: str, cache_file: str | None = None) -> str:
 NAMES_REMEMBERED = 4096  # a build's system headers by name; more only costs the full check again
 
 
-def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
-    return (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns, b.st_ctime_ns)
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    """Which file, and which version of it: (device, inode, size, mtime, ctime)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 class HeaderDigests:
@@ -122,7 +123,7 @@ class HeaderDigests:
 
     def __init__(self) -> None:
         self._known: dict[tuple[int, int], tuple[tuple[int, ...], str]] = {}
-        self._named: dict[tuple[str, str], tuple[os.stat_result, str]] = {}
+        self._named: dict[tuple[str, str], tuple[tuple[int, ...], str]] = {}
 
     def _remembered(self, path: str, within: str) -> str:
         """``_digest``, answered by one stat (which opens nothing) while the name still leads to the very
@@ -132,12 +133,12 @@ class HeaderDigests:
         except OSError:
             return self._digest(path, within)
         known = self._named.get((path, within))
-        if known and _same_file(known[0], st):
+        if known and known[0] == _stamp(st):
             return known[1]
         digest = self._digest(path, within)
         if len(self._named) >= NAMES_REMEMBERED:  # a hostile job's countless names: memory stays bounded
             self._named.clear()
-        self._named[(path, within)] = (st, digest)
+        self._named[(path, within)] = (_stamp(st), digest)
         return digest
 
     def _digest(self, path: str, within: str) -> str:
@@ -154,7 +155,7 @@ class HeaderDigests:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 return "missing"
-            stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            stamp = _stamp(st)
             known = self._known.get(stamp[:2])
             if known and known[0] == stamp:
                 return known[1]
