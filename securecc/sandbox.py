@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from twisted.internet import defer, error, protocol
-from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.python.failure import Failure
 
 _INPUT = "/job/input"
@@ -103,6 +103,7 @@ class Spec:
 
 
 INFO_FD = 3  # bwrap writes the sandbox's inner pid here (--info-fd), for RunningJob.kill
+KILL_WAIT = 0.25  # seconds a kill waits for bwrap to name its inner process (it takes milliseconds)
 
 
 def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD) -> list[str]:
@@ -236,6 +237,9 @@ class RunningJob:
         self._process_group = process_group
         self.ended_by: str | None = None
         self._inner: int | None = None  # a pidfd of bwrap's inner process, once --info-fd named it
+        self._named = process_group  # bwrap has said who its inner process is (or closed --info-fd unsaid)
+        self._clock = clock
+        self._pending_kill: IDelayedCall | None = None
         done: defer.Deferred[int] = defer.Deferred()
         self._collector = _Collector(done, None if process_group else self._inner_started)
         # A working directory makes Twisted fork and run Python in the child, not posix_spawn: ~5 ms a job,
@@ -253,27 +257,50 @@ class RunningJob:
     def kill(self, why: str) -> None:
         """Kill the whole sandbox (rlimits-only: the process group).
 
-        bwrap's outer process, and its inner one: the pid namespace's init,
-        in a session of its own, which dies with its parent only once it has
-        asked to (a kill early in bwrap's start left it running, measured:
-        the fault campaign's ^C).  Killed, the init takes the namespace with
-        it.  A kill before bwrap has named the inner process is completed
-        when it does.
+        bwrap's inner process first, the pid namespace's init (killed, it
+        takes the namespace with it), then the outer one.  An outer killed
+        between its clone and its --info-fd report leaves the inner unnamed,
+        blocked for ever on the outer's go-ahead and not yet set to die with
+        it (measured: a leftover init holding the job's pipes, so the job
+        never ended).  So a kill that comes before bwrap has named its inner
+        process waits until it does (milliseconds), or KILL_WAIT.
         """
         if self.ended_by is None:
             self.ended_by = why
+        if self._process_group:
+            try:
+                if self._process.pid:
+                    os.killpg(self._process.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            return
+        if not self._named:
+            if self._pending_kill is None:
+                self._pending_kill = self._clock.callLater(KILL_WAIT, self._kill_now)
+            return
+        self._kill_now()
+
+    def _kill_now(self) -> None:
+        self._kill_inner()
         try:
-            if self._process_group and self._process.pid:
-                os.killpg(self._process.pid, signal.SIGKILL)
-            else:
-                self._process.signalProcess(signal.SIGKILL)
+            self._process.signalProcess(signal.SIGKILL)
         except (OSError, error.ProcessExitedAlready):
             pass
-        self._kill_inner()
 
     def _inner_started(self, info: bytes) -> None:
-        """Pin bwrap's inner process by a pidfd, provided the pid is still the init of the sandbox's own pid
-        namespace (not a pid reused meanwhile by another process of this uid)."""
+        """Pin bwrap's inner process by a pidfd, then finish a kill that waited for it."""
+        self._named = True
+        try:
+            self._pin_inner(info)
+        finally:
+            if self.ended_by is not None:
+                if self._pending_kill is not None and self._pending_kill.active():
+                    self._pending_kill.cancel()
+                self._kill_now()
+
+    def _pin_inner(self, info: bytes) -> None:
+        """The pidfd, provided the pid is still the init of the sandbox's own pid namespace (not a pid
+        reused meanwhile by another process of this uid)."""
         try:
             named = json.loads(info)
             pid, namespace = named["child-pid"], named["pid-namespace"]
@@ -289,8 +316,6 @@ class RunningJob:
             os.close(pidfd)
             return
         self._inner = pidfd
-        if self.ended_by is not None:
-            self._kill_inner()
 
     def _kill_inner(self) -> None:
         if self._inner is not None:
@@ -300,8 +325,9 @@ class RunningJob:
                 pass
 
     def _finished(self, code: int) -> Outcome:
-        if self._timer.active():
-            self._timer.cancel()
+        for timer in (self._timer, self._pending_kill):
+            if timer is not None and timer.active():
+                timer.cancel()
         if self._inner is not None:
             os.close(self._inner)
             self._inner = None
