@@ -146,12 +146,13 @@ def tiny_timeline(top: Path, env: dict[str, str], audit: Path, n: int) -> None:
     """A tiny job end to end through securecc and through distcc, the server's part of each (securecc's
     audit record's duration, from the job's arrival to its record; distccd's logged job time), and bare
     gcc's compile and each tool's preprocessing."""
-    from securecc import client
+    from securecc import agent, client
 
     work = top / "tiny"
     work.mkdir()
-    stages: dict[str, list[float]] = {"preprocessing (prepare_job)": [], "the server call (Channel.call)": []}
-    unpatched = client.prepare_job, client.Channel.call
+    whole, prepare, call = "the whole job (Agent.handle)", "preprocessing (prepare_job)", "the server call (Channel.call)"
+    stages: dict[str, list[float]] = {whole: [], prepare: [], call: []}
+    unpatched = agent.Agent.handle, client.prepare_job, client.Channel.call
 
     def timed(stage: str, function: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -163,8 +164,9 @@ def tiny_timeline(top: Path, env: dict[str, str], audit: Path, n: int) -> None:
 
         return wrapper
 
-    client.prepare_job = timed("preprocessing (prepare_job)", client.prepare_job)  # type: ignore[assignment]
-    client.Channel.call = timed("the server call (Channel.call)", client.Channel.call)  # type: ignore[method-assign]
+    agent.Agent.handle = timed(whole, agent.Agent.handle)  # type: ignore[method-assign]
+    client.prepare_job = timed(prepare, client.prepare_job)  # type: ignore[assignment]
+    client.Channel.call = timed(call, client.Channel.call)  # type: ignore[method-assign]
     daemons: list[subprocess.Popen] = []
     groups: list[CpuGroup] = []
     try:
@@ -190,7 +192,7 @@ def tiny_timeline(top: Path, env: dict[str, str], audit: Path, n: int) -> None:
         server = [r["duration"] * 1e3 for r in records if r.get("event") == "job" and r.get("decision") == "allowed"][3:]
         distccd = [int(m) for m in re.findall(rb" COMPILE_OK .* time:(\d+)ms", b"\n".join(log.read_bytes().splitlines()[logged:]))][3:]
     finally:
-        client.prepare_job, client.Channel.call = unpatched  # type: ignore[method-assign]
+        agent.Agent.handle, client.prepare_job, client.Channel.call = unpatched  # type: ignore[method-assign]
         for process in daemons:
             process.terminate()
             process.wait()

