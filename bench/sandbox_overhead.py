@@ -25,14 +25,23 @@ import time
 from pathlib import Path
 
 from securecc import sandbox
+from vs_distcc import CpuGroup
 
 SOURCE = b"int tiny(int x) { return x * 2; }\n"
 
 
 def timed(argv: list[str], cwd: Path) -> float:
-    start = time.perf_counter()
-    subprocess.run(argv, cwd=cwd, check=True, capture_output=True)
-    return time.perf_counter() - start
+    return measured(argv, cwd)[0]
+
+
+def measured(argv: list[str], cwd: Path, group: CpuGroup | None = None) -> tuple[float, float]:
+    """(wall, CPU), in seconds; the CPU of everything the command ran when ``group`` holds it (a cgroup:
+    bwrap does not reap its sandbox, so the compile's CPU is in no rusage of ours), else 0."""
+    join = (lambda: (group.path / "cgroup.procs").write_text(str(os.getpid()))) if group else None
+    before, start = group.cpu() if group else 0.0, time.perf_counter()
+    subprocess.run(argv, cwd=cwd, check=True, capture_output=True, preexec_fn=join)
+    wall = time.perf_counter() - start
+    return wall, (group.cpu() - before) if group else 0.0
 
 
 def job_directory(scratch: Path, name: str, settings: sandbox.Settings) -> Path:
@@ -69,19 +78,30 @@ AS_HANDLER = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--
 
 
 def breakdown(options: argparse.Namespace, settings: sandbox.Settings, scratch: Path) -> None:
-    times: dict[str, list[float]] = {}
+    times: dict[str, list[tuple[float, float]]] = {}
+    group = CpuGroup("sandbox-overhead")
+    try:
+        sample(options, settings, scratch, group, times)
+    finally:
+        group.remove()
+    previous = None
+    print(f"{'':50s} {'wall (median)':>20s} {'CPU (median)':>20s}")
+    for name, samples in times.items():
+        wall, cpu = (statistics.median(s[k] for s in samples) * 1000 for k in (0, 1))
+        steps = (f"(+{wall - previous[0]:.1f})", f"(+{cpu - previous[1]:.1f})") if previous else ("", "")
+        print(f"{name:50s} {wall:6.1f} ms {steps[0]:>9s} {cpu:6.1f} ms {steps[1]:>9s}")
+        previous = wall, cpu
+
+
+def sample(options: argparse.Namespace, settings: sandbox.Settings, scratch: Path, group: CpuGroup,
+           times: dict[str, list[tuple[float, float]]]) -> None:  # fmt: skip
     for n in range(options.n):
         job_dir = job_directory(scratch, f"b{n}", settings)
         spec = sandbox.Spec("/usr/bin/gcc", ["-x", "c", "-O2", "-c"], job_dir, "/build", "tiny.c", {})
         for name, argv in layers(sandbox.command(spec, settings, info_fd=None)).items():
-            times.setdefault(name, []).append(timed([*AS_HANDLER, *argv], job_dir))
+            wall = measured([*AS_HANDLER, *argv], job_dir)[0]  # joining a cgroup slows the start: timed apart
+            times.setdefault(name, []).append((wall, measured([*AS_HANDLER, *argv], job_dir, group)[1]))
         sandbox.remove_job_dir(job_dir)
-    previous = None
-    for name, samples in times.items():
-        median = statistics.median(samples) * 1000
-        step = f"  (+{median - previous:.1f} ms)" if previous is not None else ""
-        print(f"{name:50s} {median:6.1f} ms{step}")
-        previous = median
 
 
 def main() -> None:

@@ -112,15 +112,16 @@ class HandlerProtocol(Int32StringReceiver):
         split = spec.pop("split_dwarf")
         spec["split_dwarf"] = tuple(split) if split else None
         spec["directories"] = tuple(spec["directories"])
+        mounts = tuple((name, target) for name, target in spec.pop("mounts"))
+        job_spec = sandbox.Spec(job_dir=self.scratch / id, mounts=mounts, **spec)
         try:
-            job_dir = sandbox.make_job_dir(self.scratch, id, files, split_dwarf=bool(split))
+            job_dir = sandbox.make_job_dir(self.scratch, id, files, job_spec)
         except OSError as e:  # a full disk fails this job, not the handler
             self._done(sandbox.Outcome(1, b"", f"securecc: the server cannot store the job ({e.strerror})\n".encode(),
                                        None, "handler-error"), id, self.scratch / id)  # fmt: skip
             return
         try:
-            mounts = tuple((name, target) for name, target in spec.pop("mounts"))
-            command = sandbox.command(sandbox.Spec(job_dir=job_dir, mounts=mounts, **spec), self.settings)
+            command = sandbox.command(job_spec, self.settings)
             job = sandbox.RunningJob(reactor, reactor, command, job_dir, timeout, process_group=self.settings.mode != "bwrap",
                                      output_cap=output_cap,
                                      split_dwarf=(os.path.basename(split[1]), os.path.basename(split[2])) if split else None)  # fmt: skip

@@ -226,23 +226,25 @@ def test_a_handshake_frame_larger_than_a_token_is_refused_before_buffering(own_s
 # --- the sandbox itself, attacked from inside --------------------------------
 
 
-def sandboxed_shell(tmp_path: Path, script: str, file_size: int = 1 << 20,
-                    split_dwarf: tuple[str, str, str] | None = None) -> tuple[subprocess.CompletedProcess, Path]:  # fmt: skip
-    """Run ``script`` where a compiler would run, as the job handler would (its uid: 65534 when root)."""
+def sandboxed_shell(tmp_path: Path, script: str, file_size: int = 1 << 20, split_dwarf: tuple[str, str, str] | None = None,
+                    mounts: tuple[tuple[str, str], ...] = ()) -> tuple[subprocess.CompletedProcess, Path]:  # fmt: skip
+    """Run ``script`` where a compiler would run, as the job handler would (its uid: 65534 when root), with
+    ``mounts`` (name, path) holding their names."""
     scratch = tmp_path / "scratch"
     scratch.mkdir(mode=0o700)
     as_handler = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"] if os.geteuid() == 0 else []
     if as_handler:
         os.chmod(tmp_path, 0o755)
         os.chown(scratch, 65534, 65534)
+    spec = sandbox.Spec("/bin/sh", ["-c", script], scratch / "j", "/tmp/w", "a.c", {}, mounts, split_dwarf=split_dwarf)
+    files = {"input": b"", **{name: name.encode() for name, _ in mounts}}
     code = (
-        "import sys; from pathlib import Path; from securecc import sandbox;"
-        f"d = sandbox.make_job_dir(Path(sys.argv[1]), 'j', {{'input': b''}}, {bool(split_dwarf)}); print(d)"
+        "import sys; from pathlib import Path, PosixPath; from securecc import sandbox; from securecc.sandbox import *;"
+        f"d = sandbox.make_job_dir(Path(sys.argv[1]), 'j', {files!r}, {spec!r}); print(d)"
     )
     job_dir = Path(subprocess.run([*as_handler, os.sys.executable, "-I", "-c", code, scratch], check=True,
                                   capture_output=True, text=True).stdout.strip())  # fmt: skip
     limits = sandbox.Limits(file_size=file_size)
-    spec = sandbox.Spec("/bin/sh", ["-c", script], job_dir, "/tmp/w", "a.c", {}, split_dwarf=split_dwarf)
     argv = sandbox.command(spec, sandbox.Settings(limits, 65534 if as_handler else None, 65534 if as_handler else None),
                            info_fd=None)  # fmt: skip
     done = subprocess.run([*as_handler, *argv], capture_output=True, timeout=60, cwd=job_dir)
@@ -276,6 +278,60 @@ def test_a_split_dwarf_job_writes_only_its_output_directory(workdir):
     assert sorted(p.name for p in out.iterdir()) == ["n.dwo", "n.o", "root"] and not (job_dir / "new").exists()
     assert read_as_handler(out, "n.dwo") == repr(b"dwo\n")
     assert read_as_handler(out, "n.o") == read_as_handler(out, "root") == "OutputError"
+
+
+HEADERS = (("h0", "/tmp/w/inc/a.h"), ("h1", "/tmp/w/b.h"), ("h2", "/tmp/other/deep/c.h"), ("h3", "/top.h"))
+
+
+def test_the_job_tree_shows_each_file_at_its_path_and_cannot_be_written(workdir):
+    """The headers a job sends are bound as a tree per top-level directory: each is where the client has
+    it, with its own content, and nothing in the tree can be changed, added or removed."""
+    script = ("set +e; for f in /tmp/w/inc/a.h /tmp/w/b.h /tmp/other/deep/c.h /top.h; do echo \"$f=$(cat $f)\"; done;"
+              "echo x > /tmp/w/b.h; rm -f /tmp/w/inc/a.h; touch /tmp/w/new /tmp/other/new; mkdir /tmp/w/d;"
+              "mv /tmp/w/inc /tmp/w/moved; ln -s /etc /tmp/other/deep/l; exit 0")  # fmt: skip
+    done, job_dir = sandboxed_shell(workdir, script, mounts=HEADERS)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().split() == ["/tmp/w/inc/a.h=h0", "/tmp/w/b.h=h1", "/tmp/other/deep/c.h=h2", "/top.h=h3"]
+    assert done.stderr.count(b"Read-only file system") >= 7, done.stderr
+    tree = job_dir / sandbox.TREE
+    assert sorted(str(p.relative_to(tree)) for p in tree.rglob("*")) == [
+        "tmp", "tmp/other", "tmp/other/deep", "tmp/other/deep/c.h", "tmp/w", "tmp/w/b.h", "tmp/w/inc", "tmp/w/inc/a.h", "top.h"]
+    assert (tree / "tmp/w/b.h").read_bytes() == b"h1"
+
+
+def test_a_split_dwarf_job_sees_its_headers_inside_its_writable_directory(workdir):
+    """A header in the object's own (writable) directory is bound on top of it, read-only: a bind of the
+    whole tree there would be hidden by the writable directory."""
+    script = "set +e; cat /tmp/w/obj/h.h /tmp/w/b.h; echo > /tmp/w/obj/h.h; echo dwo > /tmp/w/obj/n.dwo"
+    done, job_dir = sandboxed_shell(workdir, script, split_dwarf=("obj/n.o", "/tmp/w/obj/n.o", "/tmp/w/obj/n.dwo"),
+                                    mounts=(("h0", "/tmp/w/obj/h.h"), ("h1", "/tmp/w/b.h")))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == b"h0h1" and b"Read-only file system" in done.stderr
+    assert read_as_handler(job_dir / sandbox.SPLIT_DIR, "n.dwo") == repr(b"dwo\n")
+
+
+def test_one_bind_per_top_level_directory_not_one_per_header():
+    """Dozens of headers in a project cost one mount; a file directly under / gets its own (the tree is never
+    bound at /), and so does one under the writable -gsplit-dwarf directory."""
+    headers = tuple((f"h{n}", f"/home/u/p/lib/h{n}.h") for n in range(40)) + (("m", "/home/u/p/src/m.c"), ("t", "/t.h"))
+    spec = sandbox.Spec("/usr/bin/gcc", [], Path("/s/j"), "/home/u/p/src", "m.c", {}, headers, directories=("/home/u/x", "/build"))
+    laid = sandbox.tree(spec)
+    assert laid == sandbox.Tree(("/home/u/p",), ("/t.h",), ("/home/u/p/src",), ("/home/u/x", "/build"))
+    argv = sandbox.command(spec, sandbox.Settings(sandbox.Limits(), None, None))
+    binds = [argv[k + 1 : k + 3] for k, a in enumerate(argv) if a == "--ro-bind" and argv[k + 1].startswith("/s/j/")]
+    assert binds == [["/s/j/tree/home/u/p", "/home/u/p"], ["/s/j/tree/t.h", "/t.h"]]
+    split = sandbox.Spec("/usr/bin/gcc", [], Path("/s/j"), "/w", "m.c", {}, (("m", "/w/m.c"), ("h", "/w/inc/h.h")),
+                         split_dwarf=("m.o", "/w/m.o", "/w/m.dwo"))  # fmt: skip
+    assert sandbox.tree(split) == sandbox.Tree((), ("/w/m.c", "/w/inc/h.h"), (), ("/w",))
+
+
+@pytest.mark.parametrize("target", ["tmp/x.h", "/tmp/../etc/x.h", "//tmp/x.h", "/"])
+def test_the_job_tree_takes_only_normalized_absolute_paths(tmp_path, target):
+    """The handler lays out the tree from paths the front validated, and checks them again as they become names."""
+    spec = sandbox.Spec("/usr/bin/gcc", [], tmp_path / "j", "/w", "a.c", {}, (("h", target),))
+    with pytest.raises(ValueError):
+        sandbox.make_job_dir(tmp_path, "j", {"h": b""}, spec)
+    assert not (tmp_path / "etc").exists()
 
 
 def read_as_handler(directory: Path, name: str) -> str:
