@@ -134,11 +134,11 @@ class HandlerProtocol(Int32StringReceiver):
     def _done(self, outcome: sandbox.Outcome, id: str, job_dir: Path) -> None:
         self.running.pop(id, None)
         self.checking.pop(id, None)
-        sandbox.remove_job_dir(job_dir)
         if not isinstance(outcome, sandbox.Outcome):  # a failure: report it as the compile's
             outcome = sandbox.Outcome(1, b"", f"securecc: the job handler failed: {outcome}\n".encode(), None, "handler-error")
         self.sendString(pack("done", [outcome.stdout, outcome.stderr, outcome.output, outcome.dwo], id=id,
                              exit_status=outcome.exit_status, ended_by=outcome.ended_by))  # fmt: skip
+        threads.deferToThread(sandbox.remove_job_dir, job_dir)  # while the answer goes: nobody waits for the unlinks
 
     def _kill(self, blobs: list[bytes | None], id: str, why: str) -> None:
         if id in self.checking:

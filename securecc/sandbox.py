@@ -428,24 +428,40 @@ def make_job_dir(scratch: Path, job_id: str, files: dict[str, bytes], spec: Spec
         raise ValueError(f"bad job id {job_id!r}")
     job_dir = scratch / job_id
     job_dir.mkdir(mode=0o700)
-    placed = {name: _tree_path(job_dir, target) for name, target in spec.mounts} if spec else {}
-    if spec and spec.split_dwarf:
-        (job_dir / SPLIT_DIR).mkdir(mode=0o700)
-    for directory in tree(spec).directories if spec else ():
-        _tree_path(job_dir, directory).mkdir(mode=0o700, parents=True, exist_ok=True)
-    for name, data in {**files, OUTPUT: b""}.items():
-        path = placed.get(name, job_dir / name)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a fresh tree of ours: no links in it
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+    placed = {name: _tree_path(target) for name, target in spec.mounts} if spec else {}
+    top = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    made: set[str] = set()
+
+    def make(directory: str) -> None:  # and its parents: a fresh tree of ours, with no links in it
+        if directory and directory not in made:
+            make(os.path.dirname(directory))
+            os.mkdir(directory, 0o700, dir_fd=top)
+            made.add(directory)
+
+    try:
+        if spec:
+            for directory in [SPLIT_DIR] * bool(spec.split_dwarf) + [_tree_path(d) for d in tree(spec).directories]:
+                make(directory)
+        for name, data in {**files, OUTPUT: b""}.items():
+            path = placed.get(name, name)
+            make(os.path.dirname(path))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=top)
+            try:
+                with memoryview(data) as view:
+                    while view:
+                        view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+    finally:
+        os.close(top)
     return job_dir
 
 
-def _tree_path(job_dir: Path, target: str) -> Path:
+def _tree_path(target: str) -> str:
+    """``target``'s name in the job directory (relative to it)."""
     if not target.startswith("/") or target.startswith("//") or os.path.normpath(target) != target or target == "/":
         raise ValueError(f"bad path in the job's tree: {target!r}")
-    return job_dir / TREE / target[1:]
+    return TREE + target
 
 
 def prepare_scratch(scratch: Path) -> None:
