@@ -180,9 +180,11 @@ def wait_port(port: int, what: str) -> None:
     raise SystemExit(f"{what} did not start")
 
 
-def start_distcc(top: Path, name: str, jobs: int, daemons: list[subprocess.Popen], groups: list[CpuGroup]) -> Tool:
+def start_distcc(top: Path, name: str, jobs: int, daemons: list[subprocess.Popen], groups: list[CpuGroup],
+                 scratch: Path | None = None) -> Tool:  # fmt: skip
     """distccd on 127.0.0.1, plain TCP, no fallback: a job that cannot go remote fails instead of quietly
-    compiling here. --nice 0: securecc-server does not renice its compilers either."""
+    compiling here. --nice 0: securecc-server does not renice its compilers either. ``scratch``: its
+    TMPDIR (where it writes each job's files), else /tmp."""
     port, log = free_port(), top / f"{name}.log"
     log.touch()
     if os.geteuid() == 0:
@@ -191,7 +193,8 @@ def start_distcc(top: Path, name: str, jobs: int, daemons: list[subprocess.Popen
     daemon = ["distccd", "--no-detach", "--daemon", "--listen", "127.0.0.1", "--port", str(port),
               "--allow", "127.0.0.1", "--jobs", str(jobs), "--nice", "0",
               "--log-level", "info", "--log-file", str(log)]  # fmt: skip
-    process = subprocess.Popen(groups[-1].command(daemon), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(groups[-1].command(daemon), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, **({"TMPDIR": str(scratch)} if scratch else {})})  # fmt: skip
     daemons.append(process)
     for _ in range(200):
         if b"listening on" in log.read_bytes():
@@ -211,9 +214,11 @@ def start_distcc(top: Path, name: str, jobs: int, daemons: list[subprocess.Popen
                 remote_jobs=lambda: log.read_bytes().count(b" COMPILE_OK "), via=via)  # fmt: skip
 
 
-def start_securecc(realm: Realm, top: Path, name: str, slots: int, groups: list[CpuGroup]) -> Tool:
+def start_securecc(realm: Realm, top: Path, name: str, slots: int, groups: list[CpuGroup],
+                   scratch: Path | None = None) -> Tool:  # fmt: skip
     """A securecc-server as Realm.server starts it, restarted without the result cache (which Realm.server
-    always configures) and the monitoring listener, in its CPU group: every job compiles, as with distccd."""
+    always configures) and the monitoring listener, in its CPU group: every job compiles, as with distccd.
+    ``scratch``: the directory its job handler's scratch goes in, else the server's own."""
     first, host = realm.server(name, slots=slots, monitor=None)
     first.terminate()
     first.wait()
@@ -221,6 +226,8 @@ def start_securecc(realm: Realm, top: Path, name: str, slots: int, groups: list[
     path = realm.dir / name / "securecc.yaml"
     config = yaml.safe_load(path.read_text())
     del config["cache"]
+    if scratch:
+        config["sandbox"]["scratch"] = str(scratch / name)
     path.write_text(yaml.safe_dump(config))
     groups.append(CpuGroup(name))
     process = subprocess.Popen(groups[-1].command([str(a) for a in first.args]), env={**os.environ, **realm.env},
@@ -618,6 +625,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "vs_distcc.json")
     parser.add_argument("--skip-builds", action="store_true")
     parser.add_argument("--skip-tiny", action="store_true", help="skip the sequential and the concurrent tiny compiles")
+    parser.add_argument("--scratch", choices=("disk", "tmpfs"), default="disk",
+                        help="where both servers write their jobs' files: this disk's /tmp, or a tmpfs (as root)")
     options = parser.parse_args()
     targets = {**TARGETS, **dict(t.split("=", 1) for t in options.target)}
     started = time.monotonic()
@@ -626,16 +635,21 @@ def main() -> None:
     realm = Realm(top / "realm", ACL)
     daemons: list[subprocess.Popen] = []
     groups: list[CpuGroup] = []
+    scratch = top / "scratch" if options.scratch == "tmpfs" else None
     try:
-        tools = [Tool("local", "gcc", dict(os.environ)), start_distcc(top, "distccd", options.j, daemons, groups),
-                 start_securecc(realm, top, "server", options.j, groups)]  # fmt: skip
-        result: dict[str, Any] = {"machine": machine(), "j": options.j, "reps": options.reps, "projects": []}
+        if scratch:
+            scratch.mkdir()
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4g,mode=1777", "tmpfs", scratch], check=True)
+        tools = [Tool("local", "gcc", dict(os.environ)), start_distcc(top, "distccd", options.j, daemons, groups, scratch),
+                 start_securecc(realm, top, "server", options.j, groups, scratch)]  # fmt: skip
+        result: dict[str, Any] = {"machine": machine(), "j": options.j, "reps": options.reps, "scratch": options.scratch,
+                                  "projects": []}  # fmt: skip
         if not options.skip_builds:
             result["projects"] = [bench_project(p, tools, options, top, targets) for p in options.packages.split(",")]
         if not options.skip_tiny:
             result["tiny"] = tiny(tools, options.tiny, top)
-            many = [tools[0], start_distcc(top, "distccd-many", options.clients, daemons, groups),
-                    start_securecc(realm, top, "many", options.clients, groups)]  # fmt: skip
+            many = [tools[0], start_distcc(top, "distccd-many", options.clients, daemons, groups, scratch),
+                    start_securecc(realm, top, "many", options.clients, groups, scratch)]  # fmt: skip
             result["concurrent"] = {tool.name: concurrent(tool, options.clients, options.each, top) for tool in many}
             result["tiny_ratios"] = ratios(result["tiny"], ["p50_ms", "p99_ms", "client_cpu_ms_per_job"])
             result["concurrent_ratios"] = ratios(result["concurrent"], ["jobs_per_s", "p50_ms", "p99_ms"])
@@ -645,13 +659,18 @@ def main() -> None:
         options.json.write_text(json.dumps(result, indent=1) + "\n")
         info = result["machine"]
         print(f"{info['nproc']} x {info['cpu']}, {info['os']}, {info['gcc']}; load {' '.join(info['loadavg'])} at the "
-              f"start, {' '.join(info['loadavg_end'])} at the end; medians of {options.reps} reps\n")
+              f"start, {' '.join(info['loadavg_end'])} at the end; medians of {options.reps} reps; "
+              f"servers' scratch on {options.scratch}\n")
         print(table(result))
         print(f"\n{options.json} ({result['seconds']:.0f} s)")
         if os.environ.get("KEEP"):
             print(f"kept {top}")
     finally:
-        tear_down(top, daemons, realm, groups, keep=bool(os.environ.get("KEEP")))
+        tear_down(top, daemons, realm, groups, keep=bool(os.environ.get("KEEP")) or bool(scratch))
+        if scratch:
+            subprocess.run(["umount", scratch], check=False)
+            if not os.environ.get("KEEP"):
+                shutil_rm(top)
 
 
 if __name__ == "__main__":
