@@ -34,6 +34,7 @@ from securecc import protocol as wire
 
 MAX_PATH = 4096
 MAX_NAME = 255  # one path component
+MAX_DEPTH = 64  # components of a path: the handler makes a job's directories, and removes them, by recursion
 MAX_ARGS = 2048
 MAX_ARG = 8192
 MAX_HEADERS = 20000
@@ -106,8 +107,11 @@ def _path(value: str, what: str, normalized: bool = True) -> str:
         raise Invalid("denied:bad-path", f"{what} {value!r} is not a normalized path")
     if normalized and (posixpath.normpath(value) != value.rstrip("/") or value.endswith("/") and value != "/"):
         raise Invalid("denied:bad-path", f"{what} {value!r} is not a normalized path")
-    if any(len(part) > MAX_NAME for part in value.split("/")):
+    parts = value.split("/")
+    if any(len(part) > MAX_NAME for part in parts):
         raise Invalid("denied:bad-path", f"{what} has a component longer than {MAX_NAME}")
+    if len(parts) > MAX_DEPTH + 1:
+        raise Invalid("denied:bad-path", f"{what} is more than {MAX_DEPTH} directories deep")
     return value
 
 

@@ -147,7 +147,7 @@ def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD) -> li
         "--bind", str(spec.job_dir / OUTPUT), _OUTPUT,
         *_job_binds(spec),
         # Nothing else is writable: not /tmp (gcc -pipe needs no temporary files), not /dev, not the job's
-        # input, not the tree the mounts were made in.  The output is one file capped by RLIMIT_FSIZE.
+        # input, not the root the mounts were made in.  The output is one file capped by RLIMIT_FSIZE.
         "--remount-ro", "/tmp",
         "--remount-ro", "/dev",  # bwrap's --dev is a tmpfs without a size: /dev/shm and /dev itself
         "--remount-ro", "/",

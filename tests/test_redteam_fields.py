@@ -323,6 +323,26 @@ def test_a_header_in_the_writable_directory_is_read_only_on_top(server, alice, w
     assert isinstance(reply, wire.Result) and reply.exit_status == 0 and reply.dwo, reply
 
 
+def test_a_job_cannot_make_the_handler_build_a_tree_it_cannot_remove(own_server, alice, workdir):
+    """BROKEN before the fix (found by an independent review): headers 600, 1200 and 1800 directories deep
+    passed validation, the handler made them in the job's tree, and shutil.rmtree's recursion gave up on
+    them (RecursionError, not an OSError), so every such job left ~1800 directories on the scratch disk
+    and a restarted handler failed in prepare_scratch.  Now a path has at most MAX_DEPTH components."""
+    s = own_server()
+    deep = [f"{workdir}{'/a' * depth}/x.h" for depth in (600, 1200, 1800)]
+    reply = send(s, workdir, b"int x;\n", include_paths=deep, includes=[b""] * 3)
+    assert isinstance(reply, wire.Refused) and reply.reason == "denied:bad-path", reply
+    within = f"{workdir}{'/a' * (jobspec.MAX_DEPTH - workdir.as_posix().count('/') - 1)}/x.h"
+    reply = send(s, workdir, b'#include "x.h"\nint f(void) { return X; }\n', include_paths=[within],
+                 includes=[b"#define X 1\n"], args=["-I" + os.path.dirname(within)])  # fmt: skip
+    assert isinstance(reply, wire.Result) and reply.exit_status == 0, reply
+    scratch = s.config_path.parent / "scratch"
+    deadline = time.monotonic() + 5  # removed in a thread, after the answer
+    while any(scratch.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(scratch.iterdir()), "a job directory was left behind"
+
+
 @pytest.mark.parametrize("trick", [
     "mkfifo /tmp/w/obj/n.o",  # the handler would wait for a writer
     "mkdir /tmp/w/obj/n.o",
