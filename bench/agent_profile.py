@@ -52,7 +52,7 @@ def start_agent(directory: Path, env: dict[str, str], profiles: Profiles) -> Non
     for key in [k for k in os.environ if k.startswith("KRB5")]:
         del os.environ[key]
     os.environ.update({k: v for k, v in env.items() if k.startswith("KRB5")})  # the agent's own, compared per job
-    from securecc import agent
+    from securecc.client import agent
 
     sys.path.insert(0, str(BIN))
     from securecc_shim import AGENT_PROTOCOL, fnv1a
@@ -146,7 +146,8 @@ def tiny_timeline(top: Path, env: dict[str, str], audit: Path, n: int) -> None:
     """A tiny job end to end through securecc and through distcc, the server's part of each (securecc's
     audit record's duration, from the job's arrival to its record; distccd's logged job time), and bare
     gcc's compile and each tool's preprocessing."""
-    from securecc import agent, client
+    from securecc.client import agent
+    from securecc.client import job as client
 
     work = top / "tiny"
     work.mkdir()

@@ -320,7 +320,7 @@ def leftover_processes(directory: Path, wait: float = 10.0) -> list[str]:
                 cwd = os.readlink(entry / "cwd")
             except OSError:
                 continue
-            if "\nState:\tZ" in status or "securecc.agent" in command or "securecc.handler" in command:
+            if "\nState:\tZ" in status or "securecc.client.agent" in command or "securecc.server.handler" in command:
                 continue
             sandboxed = f"\nUid:\t{SANDBOX_UID}\t" in status
             if (sandboxed or cwd.startswith(str(directory))) and command:
@@ -394,7 +394,7 @@ def main() -> None:
                 os.kill(farm.daemon(name), signal.SIGCONT)
             except (OSError, SystemExit):
                 pass
-        subprocess.run(["pkill", "-f", f"securecc.agent {top}"], check=False)
+        subprocess.run(["pkill", "-f", f"securecc.client.agent {top}"], check=False)
         realm.close()
         subprocess.run(["umount", "-l", str(top / "disk")], check=False)
         if not options.keep:

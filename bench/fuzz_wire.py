@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from securecc import distcc  # noqa: E402
+from securecc.server import distcc_wire as distcc  # noqa: E402
 from securecc import protocol as wire  # noqa: E402
 
 CHUNK, MAX_FRAME = wire.CHUNK, wire.MAX_FRAME

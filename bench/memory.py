@@ -31,8 +31,8 @@ from pathlib import Path
 
 from benchrealm import BIN, Realm, shutil_rm
 from securecc import protocol as wire
-from securecc.client import Channel
-from securecc.hosts import parse_host
+from securecc.client.job import Channel
+from securecc.client.hosts import parse_host
 from securecc.toolchain import probe
 
 IDENTITY = probe("/usr/bin/gcc")
@@ -55,7 +55,7 @@ def children(pid: int) -> list[int]:
 
 def server_rss(front: int) -> int:
     """Front plus job handler (its python child), in KiB."""
-    handlers = [p for p in children(front) if b"securecc.handler" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    handlers = [p for p in children(front) if b"securecc.server.handler" in Path(f"/proc/{p}/cmdline").read_bytes()]
     return rss_kib(front) + sum(rss_kib(p) for p in handlers)
 
 

@@ -4,7 +4,7 @@
  * build, and a Python interpreter costs ~8 ms of CPU per start where this
  * costs well under one.  It does only the common case, a job handed to an
  * agent that is already running, and it speaks exactly the Python shim's
- * protocol (bin/securecc_shim.py, whose docstring and securecc.agent's
+ * protocol (bin/securecc_shim.py, whose docstring and securecc.client.agent's
  * parse_request define it): same agent name, same trust checks on the
  * socket directory (ours, a directory, mode 0700) and on the peer (our uid).
  *

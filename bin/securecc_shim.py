@@ -7,7 +7,7 @@ everything else, so this is the reference and the fallback.
 This runs once per compile, thousands of times a build, so it is the
 smallest thing that can hand the job over: it passes argv, the working
 directory and the environment to the user's securecc agent
-(:mod:`securecc.agent`, started here on first use) over a Unix socket in a
+(:mod:`securecc.client.agent`, started here on first use) over a Unix socket in a
 private directory, then prints what the agent answers and exits with its
 status, or runs the local compiler when the agent says so.  Standard
 library built-ins only and no ``site`` (``-S``): 8 ms of interpreter start
@@ -20,7 +20,7 @@ without starting an agent: stats asks a running one, if any.
 
 Anything unusual (no agent, a directory that is not private, an agent of
 another version or Kerberos environment, an agent that dies mid-job) falls
-back to doing the whole job here (:mod:`securecc.client`, "direct mode"),
+back to doing the whole job here (:mod:`securecc.client.job`, "direct mode"),
 so the agent can only make a build faster, never break it.
 SECURECC_AGENT=off always uses direct mode.
 """
@@ -36,7 +36,7 @@ _signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # ^C kills us the way it kills 
 AGENT_PROTOCOL = b"securecc-agent 2"  # securecc.agent.PROTOCOL
 START_WAIT = 5.0  # seconds to wait for a freshly started agent (a cold Python start on a loaded box)
 ENVIRON = posix.environ  # bytes to bytes, as the kernel gave it
-MASQUERADE_NAMES = ("gcc", "cc", "g++", "c++", "clang", "clang++")  # securecc.client's: all args are the compiler's
+MASQUERADE_NAMES = ("gcc", "cc", "g++", "c++", "clang", "clang++")  # securecc.client.job's: all args are the compiler's
 OWN_COMMANDS = ("stats", "--help", "-h", "--version")
 NO_AGENT = b"securecc: no agent is running for this Kerberos environment (the first compile starts one); no counters\n"
 
@@ -124,7 +124,7 @@ def start_agent(directory: bytes, name: bytes) -> None:
     """Start the agent (it daemonizes; the first to lock its name wins, the others exit at once)."""
     log = directory + b"/" + name + b".log"
     python = sys.executable.encode()
-    pid = posix.posix_spawn(python, [python, b"-I", b"-m", b"securecc.agent", directory, name], ENVIRON,
+    pid = posix.posix_spawn(python, [python, b"-I", b"-m", b"securecc.client.agent", directory, name], ENVIRON,
                             file_actions=[(posix.POSIX_SPAWN_OPEN, 0, b"/dev/null", posix.O_RDONLY, 0),
                                           (posix.POSIX_SPAWN_OPEN, 1, log, posix.O_WRONLY | posix.O_CREAT | posix.O_APPEND, 0o600),
                                           (posix.POSIX_SPAWN_DUP2, 1, 2)])  # fmt: skip
@@ -277,6 +277,6 @@ def main() -> None:
         import site
 
         site.main()  # the virtualenv's packages, for direct mode
-    from securecc.client import main as direct
+    from securecc.client.job import main as direct
 
     direct()

@@ -78,7 +78,7 @@ POLICY: tuple[tuple[str, Use], ...] = (
     (r"-fsyntax-only|-save-temps.*|-E|-M|-MM|-v|-###|--help.*|--version|-dump.*|-print-.*", Use.LOCAL),
     (rf"-Wa,({_AS_ITEM})(,({_AS_ITEM}))*|-Xassembler", Use.REMOTE),  # -Xassembler's value: VALUE_FORMS
     (r"-Wa,.*|-aux-info|-no-integrated-cpp|-x", Use.LOCAL),
-    (r"-m(arch|tune|cpu)=native", Use.LOCAL),  # the client expands them (securecc.native) before this table
+    (r"-m(arch|tune|cpu)=native", Use.LOCAL),  # the client expands them (securecc.client.native) before this table
     # Preprocessing: harmless in the sandbox, which holds nothing but /usr and the job's files.
     (r"-[IDU].*|-include|-imacros|-isystem|-iquote|-idirafter|-nostdinc|-nostdinc\+\+|-undef|-CC?", Use.CPP_SEND),
     (r"-Wp,-[DU][^,@][^,]*(,-[DU][^,@][^,]*)*", Use.CPP_SEND),  # -Wp,-D_FORTIFY_SOURCE=2 (Fedora's hardening)
@@ -434,7 +434,7 @@ def included_files(markers: list[str], cwd: str) -> list[str]:
 
 
 RESERVED = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev", "/job", "/sys", "/run")
-"""The sandbox's own directories: no path a job names may be one or lie under one (securecc.jobspec)."""
+"""The sandbox's own directories: no path a job names may be one or lie under one (securecc.server.jobspec)."""
 
 
 def reserved(path: str) -> bool:

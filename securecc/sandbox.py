@@ -10,7 +10,7 @@ its project headers) are at their own paths in a read-only tree: debug info
 then names the same directories as a local build and diagnostics quote the
 same lines.  No network, no other pids, no capabilities, a clean
 environment, rlimits, and - when the server runs as root - the unprivileged
-uid of the job handler (:mod:`securecc.handler`), which starts bubblewrap
+uid of the job handler (:mod:`securecc.server.handler`), which starts bubblewrap
 (``bwrap --uid`` as root would map to root outside; see notes/infra.md).
 Only ``/job/output`` is writable, and it is one file bound in place: the
 compile cannot replace it with a link, create files, or fill a tmpfs.  Nothing else of the host is there: no
@@ -422,7 +422,7 @@ def read_output(job_dir: Path, cap: int, name: str = OUTPUT) -> bytes:
 def make_job_dir(scratch: Path, job_id: str, files: dict[str, bytes], spec: Spec | None = None) -> Path:
     """A directory (0700) holding only this job's files and its empty output, made by the handler,
     whose uid bwrap and the sandbox run as: no other uid can enter it.  The files ``spec`` mounts go
-    into its :data:`TREE` at their paths (validated by :mod:`securecc.jobspec`; checked again here, as
+    into its :data:`TREE` at their paths (validated by :mod:`securecc.server.jobspec`; checked again here, as
     they become names in this directory), with the directories :func:`tree` puts there."""
     if "/" in job_id or job_id in ("", ".", ".."):
         raise ValueError(f"bad job id {job_id!r}")

@@ -17,29 +17,11 @@ from twisted.python.threadpool import ThreadPool
 
 from conftest import BIN, REPO, free_port, make_job, securecc
 from securecc import protocol as wire
-from securecc.acl import (
-    SETTLE,
-    Acl,
-    AclError,
-    AclUnstable,
-    Directory,
-    DirectoryUnavailable,
-    LdapConfig,
-    Membership,
-    MembershipLookups,
-    Rule,
-    decide,
-    file_stamp,
-    load_acl,
-    parse_acl,
-    principal_named,
-    read_acl_stable,
-    split_principal,
-)
-from securecc.client import Channel
-from securecc.config import ConfigError, load_config
-from securecc.hosts import parse_host
-from securecc.server import AclFile
+from securecc.acl import SETTLE, Acl, AclError, AclUnstable, Directory, DirectoryUnavailable, LdapConfig, Membership, MembershipLookups, Rule, decide, file_stamp, load_acl, parse_acl, principal_named, read_acl_stable, split_principal
+from securecc.client.job import Channel
+from securecc.server.config import ConfigError, load_config
+from securecc.client.hosts import parse_host
+from securecc.server.aclfile import AclFile
 
 
 def credentials_for(realm, user: str):  # type: ignore[no-untyped-def]

@@ -16,8 +16,8 @@ from conftest import BIN, REPO, local, make_job, securecc
 from test_job_path import SLOW_CXX, SLOW_FLAGS, sandbox_processes, wait_until, write_project
 
 from securecc import protocol as wire
-from securecc.client import Channel
-from securecc.hosts import parse_host
+from securecc.client.job import Channel
+from securecc.client.hosts import parse_host
 
 SHIMS = {"c": BIN / "securecc", "python": BIN / "securecc-py"}  # scripts/setup builds both; C falls back to Python
 
@@ -37,7 +37,7 @@ def running(pid: int) -> bool:
 
 def agent_pids(directory: Path) -> list[int]:
     pids = [int(pid_file.read_text()) for pid_file in directory.glob("*.pid")]
-    return [pid for pid in pids if running(pid) and b"securecc.agent" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return [pid for pid in pids if running(pid) and b"securecc.client.agent" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
 def compile_main(realm, server, workdir: Path, user: str = "alice", shim: Path = SHIMS["c"],  # type: ignore[no-untyped-def]

@@ -14,7 +14,7 @@ import pytest
 
 from securecc import args as argpolicy
 from securecc.args import NotDistributable, Use, classify, plan, refused_argument
-from securecc.client import compiler_environment, unrepeated
+from securecc.client.job import compiler_environment, unrepeated
 
 GCC = "/usr/bin/gcc"  # installed by scripts/setup; the tests fail, not skip, without it
 

@@ -391,7 +391,7 @@ def assert_inert(text: str) -> None:
 
 def test_visible_escapes_what_a_terminal_would_act_on():
     """One function escapes control characters, bidi overrides, separators and lone surrogates, and the backslash."""
-    from securecc.auditor import visible
+    from securecc.tools.auditor import visible
 
     assert visible("a.c") == "a.c" and visible("é日本.c") == "é日本.c" and visible(None) == "None"
     assert visible("\x1b[2K\r\n\t\x00\x7f\x85\x9b") == r"\x1b[2K\r\n\t\x00\x7f\x85\x9b"

@@ -13,7 +13,8 @@ import pytest
 
 from conftest import BIN, local, make_job, securecc
 from securecc import protocol as wire
-from securecc.cache import Entry, ResultCache, cache_key, expands_time, uncacheable
+from securecc.server.cache import Entry, ResultCache
+from securecc.cachekey import cache_key, expands_time, uncacheable
 from test_hosts import build, project, spec
 
 JOB = wire.Job("gcc", ["-O2"], "c", "-c", "/src", "a.c", b"int a;\n", environment={"LC_ALL": "C"})
@@ -124,8 +125,8 @@ def test_identical_jobs_at_once_compile_once(realm, own_server, workdir, monkeyp
 
     def run() -> None:
         from test_acl import credentials_for
-        from securecc.client import Channel
-        from securecc.hosts import parse_hosts
+        from securecc.client.job import Channel
+        from securecc.client.hosts import parse_hosts
 
         channel = Channel(parse_hosts(s.hosts)[0])
         channel.authenticate(credentials_for(realm, "alice"))

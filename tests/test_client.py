@@ -8,13 +8,13 @@ import sys
 
 from conftest import BIN
 
-HEAVY = ("twisted", "ldap", "yaml", "cryptography", "securecc.server", "securecc.acl", "securecc.sandbox")
+HEAVY = ("twisted", "ldap", "yaml", "cryptography", "securecc.server.main", "securecc.acl", "securecc.sandbox")
 
 
 def test_client_loads_nothing_server_side():
     """Everything a remote compile touches on the client side loads no Twisted, LDAP, YAML or crypto."""
     code = (
-        "import sys, securecc.client, securecc.protocol, securecc.gss, securecc.hosts;"
+        "import sys, securecc.client.job, securecc.protocol, securecc.gss, securecc.client.hosts;"
         f"print([m for m in {HEAVY!r} if m in sys.modules])"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -25,7 +25,7 @@ def test_local_compile_does_not_load_gssapi(tmp_path):
     """A compile that is not distributable (here: a link) never imports gssapi."""
     (tmp_path / "m.c").write_text("int main(void) { return 0; }\n")
     code = (
-        "import sys, os, securecc.client as c\n"
+        "import sys, os, securecc.client.job as c\n"
         "os.execv = lambda *a: (print('gssapi' in sys.modules), sys.exit(0))\n"
         "sys.argv = ['securecc', 'gcc', 'm.c', '-o', 'm']; c.main()\n"
     )

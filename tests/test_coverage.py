@@ -17,7 +17,7 @@ from conftest import IDENTITIES, local, securecc
 from hostile import Hostile
 from test_args import compile_like_the_server, preprocessed
 from securecc import args as argpolicy
-from securecc import native
+from securecc.client import native
 from securecc import protocol as wire
 from securecc.toolchain import HeaderDigests
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from conftest import free_port
-from securecc import distcc
+from securecc.server import distcc_wire as distcc
 from test_hosts import project
 
 

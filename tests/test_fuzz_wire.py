@@ -25,7 +25,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from securecc import distcc
+from securecc.server import distcc_wire as distcc
 from securecc import protocol as wire
 from securecc.protocol import CHUNK, COMPRESSED, LAST, MAX_FRAME, Kind, ProtocolError
 

@@ -175,7 +175,7 @@ def test_status_names_nobody_to_a_refused_principal(realm, own_server, monkeypat
 def test_unauthenticated_connections_are_capped_per_source(as_alice, own_server):
     """Beyond the per-source cap, a new unauthenticated connection is closed at once; once they go,
     a real client authenticates again."""
-    from securecc.server import PREAUTH_PER_SOURCE
+    from securecc.server.admission import PREAUTH_PER_SOURCE
 
     s = own_server()
     idle = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(PREAUTH_PER_SOURCE + 8)]
@@ -386,7 +386,7 @@ _jobs = st.builds(
 @given(_jobs)
 def test_the_boundary_admits_only_jobs_whose_argv_the_policy_allows(job):
     from securecc import args as argpolicy
-    from securecc import jobspec
+    from securecc.server import jobspec
 
     job = wire.Job(**{**job.__dict__, "includes": [b""] * len(job.include_paths)})
     try:

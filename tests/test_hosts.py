@@ -16,7 +16,7 @@ import pytest
 
 from conftest import BIN, REPO, free_port, local, make_job, securecc
 from securecc import protocol as wire
-from securecc.hosts import Host, HostState, parse_hosts
+from securecc.client.hosts import Host, HostState, parse_hosts
 from test_acl import credentials_for
 from test_job_path import authenticated_channel, slow_job
 
@@ -92,7 +92,7 @@ def test_concurrent_writers_keep_every_backoff(tmp_path):
     fresh = HostState(path=path)
     assert all(fresh.backed_off(h) > 0 for h in hosts), sorted(fresh.hosts)
     assert not list(tmp_path.glob("*.tmp"))
-    subprocess.run([sys.executable, "-c", "import sys; from securecc.hosts import Host, HostState; "
+    subprocess.run([sys.executable, "-c", "import sys; from securecc.client.hosts import Host, HostState; "
                     "HostState(path=sys.argv[1]).succeeded(Host('h0', 3637, 4, 'securecc/h0'), 0.01)", path], check=True)  # fmt: skip
     fresh = HostState(path=path)
     assert not fresh.backed_off(hosts[0]) and all(fresh.backed_off(h) > 0 for h in hosts[1:])
@@ -172,7 +172,7 @@ def test_two_principals_share_a_full_server(realm, own_server, workdir, monkeypa
     """alice holds every slot; bob is turned away; then alice's next job yields to bob's."""
     for key, value in realm.user_env("alice", workdir).items():
         monkeypatch.setenv(key, value)
-    from securecc.client import Channel
+    from securecc.client.job import Channel
 
     s = own_server(slots=2, acl=str(write_acl(workdir, "  - principal: bob\n")))
     creds = {u: credentials_for(realm, u) for u in ("alice", "bob")}

@@ -15,8 +15,8 @@ import pytest
 
 from conftest import BIN, local, make_job, processes_of_uid, securecc
 from securecc import protocol as wire
-from securecc.client import Channel
-from securecc.hosts import parse_host
+from securecc.client.job import Channel
+from securecc.client.hosts import parse_host
 
 SOURCE = """\
 #include <stdio.h>
@@ -50,7 +50,7 @@ def sandbox_processes(cwd: Path | None = None) -> list[str]:
     """Compiler sandboxes still alive (bwrap's own argv names /job/output); with ``cwd``, only those
     compiling there (``--chdir CWD``), so that other servers' sandboxes on this machine do not count."""
     uid_procs = processes_of_uid(65534) if os.geteuid() == 0 and cwd is None else []
-    uid_procs = [p for p in uid_procs if "securecc.handler" not in p]  # the job handlers themselves
+    uid_procs = [p for p in uid_procs if "securecc.server.handler" not in p]  # the job handlers themselves
     others = []
     for entry in Path("/proc").iterdir():
         try:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import securecc
-from securecc.config import ConfigError, load_config
+from securecc.server.config import ConfigError, load_config
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the uid switches need root (CI runs as root)")
 FRONT, HANDLER = 65534, 64999  # nobody, and a uid with no account at all
@@ -32,7 +32,7 @@ def handler_pids(server_pid: int) -> list[int]:
                 ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
-            if b"securecc.handler" in cmdline and ppid == server_pid:
+            if b"securecc.server.handler" in cmdline and ppid == server_pid:
                 found.append(int(entry.name))
     return found
 

@@ -20,7 +20,8 @@ from conftest import IDENTITIES
 from hostile import Hostile
 from test_hostile import read_as_handler, sandboxed_shell, secrets_of
 from securecc import args as argpolicy
-from securecc import jobspec, toolchain
+from securecc import toolchain
+from securecc.server import jobspec
 from securecc import protocol as wire
 from securecc.toolchain import HeaderDigests
 

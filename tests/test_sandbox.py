@@ -80,7 +80,8 @@ def assert_contained(evil, reply: wire.Message) -> None:
     assert isinstance(reply, (wire.Result, wire.Refused))
     assert wait_until(lambda: not sandbox_processes(), 10), sandbox_processes()
     assert evil.alive()
-    assert not list((Path(yaml_scratch(evil))).iterdir()), "scratch not cleaned"
+    scratch = Path(yaml_scratch(evil))  # removed while the answer goes (handler.py): soon after, not before it
+    assert wait_until(lambda: not list(scratch.iterdir()), 10), "scratch not cleaned"
 
 
 def yaml_scratch(server) -> str:

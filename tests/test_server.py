@@ -17,11 +17,14 @@ from conftest import REPO, make_job
 from securecc import protocol as wire
 from securecc.acl import Directory
 from securecc.audit import AuditLog, load_private_key
-from securecc.client import Channel
-from securecc.config import load_config
+from securecc.client.job import Channel
+from securecc.server.config import load_config
 from securecc.gss import Acceptor
-from securecc.hosts import Host
-from securecc.server import AclFile, CompileService, JobProtocol, build, start_handler
+from securecc.client.hosts import Host
+from securecc.server.aclfile import AclFile
+from securecc.server.service import CompileService
+from securecc.server.listener import JobProtocol
+from securecc.server.main import build, start_handler
 
 
 @pytest.fixture

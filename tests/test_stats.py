@@ -13,8 +13,8 @@ import pytest
 from conftest import BIN, REPO, free_port, securecc, stop_agents
 
 import securecc as package
-from securecc import client
-from securecc.stats import Outcome, Stats, failure_category, is_probe, local_category, natural_category
+from securecc.client import job as client
+from securecc.client.stats import Outcome, Stats, failure_category, is_probe, local_category, natural_category
 
 NOTICE = re.compile(r"securecc: (\d+) of the (\d+) compiles so far stayed local \(mostly (.+): (\d+)\); "
                     r"SECURECC_VERBOSE=1 shows why for each job, `securecc stats` counts them\n")  # fmt: skip

@@ -21,7 +21,7 @@ import yaml
 from conftest import BIN, Realm, Server, local, securecc, start_server
 
 from securecc import args as argpolicy
-from securecc.config import ConfigError, load_config
+from securecc.server.config import ConfigError, load_config
 from securecc.toolchain import cached_identity, family, probe
 
 OFFERED = {"clang": "/usr/bin/clang", "clang++": "/usr/bin/clang++", "aarch64-linux-gnu-gcc": "/usr/bin/aarch64-linux-gnu-gcc"}

@@ -7,82 +7,22 @@ Negotiate with a real Kerberos ticket for the monitoring principal
 (``HTTP/<host>``) and membership in the ACL's ``admins``; anyone else gets
 401 with ``WWW-Authenticate: Negotiate``, or 403.
 
-Every metric is derived from what the server does anyway: job outcomes from
-the audit record of each job (:meth:`Metrics.observe`), so the two can
-never disagree.
+The metrics are :mod:`securecc.server.metrics`'s; the status is the service's own.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from twisted.web import resource, server
 
 from securecc.acl import DirectoryUnavailable, is_admin
 from securecc.gss import Acceptor, GSSFailure
 
 if TYPE_CHECKING:  # pragma: no cover
-    from securecc.server import CompileService
-
-
-class Metrics:
-    """The server's counters, gauges and histograms, in a registry of its own."""
-
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.jobs = Counter("securecc_jobs", "Job attempts by decision (allowed, refused, busy) and reason",
-                            ["decision", "reason"], registry=r)  # fmt: skip
-        self.kills = Counter("securecc_sandbox_kills", "Compiles ended by a limit or by us", ["ended_by"], registry=r)
-        self.cache_hits = Counter("securecc_cache_hits", "Jobs served from the result cache", registry=r)
-        self.bytes_in = Counter("securecc_bytes_in", "Bytes of source received", registry=r)
-        self.bytes_out = Counter("securecc_bytes_out", "Bytes of output and messages sent", registry=r)
-        self.duration = Histogram("securecc_job_duration_seconds", "Job duration", registry=r,
-                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1200))  # fmt: skip
-        self.handshake = Histogram("securecc_handshake_seconds", "Connection to authenticated", registry=r,
-                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))  # fmt: skip
-        self.running = Gauge("securecc_running_jobs", "Compiles running now", registry=r)
-        self.slots = Gauge("securecc_slots", "Job slots", registry=r)
-        self.ldap_cache_hits = Counter("securecc_ldap_cache_hits", "Group lookups answered from the cache", registry=r)
-        self.ldap_errors = Counter("securecc_ldap_errors", "Group lookups LDAP could not answer", registry=r)
-        self.preauth_refused = Counter("securecc_preauth_refused", "Connections closed at once: too many unauthenticated",
-                                       registry=r)
-        self.audit_errors = Counter("securecc_audit_write_errors", "Audit records that could not be written", registry=r)
-
-    def observe(self, record: dict[str, Any]) -> None:
-        """One job's audit record, the single source of job outcomes."""
-        self.jobs.labels(record.get("decision", "?"), record.get("reason", "?")).inc()
-        if record.get("ended_by"):
-            self.kills.labels(record["ended_by"]).inc()
-        if record.get("cache") == "hit":
-            self.cache_hits.inc()
-        self.bytes_in.inc(record.get("bytes_in", 0) or 0)
-        self.bytes_out.inc(record.get("bytes_out", 0) or 0)
-        if record.get("duration") is not None:
-            self.duration.observe(record["duration"])
-
-    def text(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-def status(service: CompileService) -> dict[str, Any]:
-    """What the dashboard and securecc-monitor show: this server, its slots, who compiles what now."""
-    jobs = service.metrics.jobs.collect()[0].samples
-    totals: dict[str, float] = {}
-    for sample in jobs:
-        if sample.name.endswith("_total"):
-            decision = sample.labels["decision"]
-            totals[decision] = totals.get(decision, 0) + sample.value
-    return {
-        "server": service.host,
-        "slots": service.config.slots,
-        "running": sorted(service.jobs_now.values(), key=lambda j: j["started"]),
-        "totals": totals,
-        "time": time.time(),
-    }
+    from securecc.server.service import CompileService
 
 
 class _Authenticated(resource.Resource):
@@ -137,7 +77,7 @@ class _Authenticated(resource.Resource):
 
 class StatusPage(_Authenticated):
     def page(self) -> tuple[str, bytes]:
-        return "application/json", json.dumps(status(self.service)).encode()
+        return "application/json", json.dumps(self.service.status()).encode()
 
 
 class DashboardPage(_Authenticated):

@@ -1,21 +1,12 @@
-"""The server's result cache: Bob's identical job gets Alice's object, and nobody can poison it.
+"""The result cache's key: the sha256 over everything that can change a compile's output.
 
-Only the server writes it, from its own sandboxed compiles; no message lets a
-client put anything in.  A key is the sha256 over everything that can change
-the output: the cache format, the server compiler's identity, the language,
+Shared by both ends: the server keys its cache with it, and the client sends
+identical jobs to the same server (its affinity key), so they meet there.
+
+It covers the cache format, the server compiler's identity, the language,
 mode, arguments and environment, the client's cwd and source path (debug info
 names them), and the exact text compiled (plus, for jobs the server
 preprocesses, every header sent, with its path).
-
-An entry is one file: a JSON header line (provenance: producing job,
-principal, host, time; stdout/stderr/object lengths; sha256 of the payload)
-then the payload.  It is written to a temporary file, fsynced and renamed,
-so a crash never leaves half an entry under a key; every read checks the
-digest and drops an entry that does not match (corrupt or truncated) — the
-job is then compiled again.  Only successful compiles are cached: a failed
-one is cheap to repeat, and its diagnostics are what a developer who is
-fixing the code needs fresh.  The directory is bounded in bytes, evicting
-the least recently used entries (hits refresh an entry's mtime).
 
 A job whose compile reads the clock is not cached at all (:func:`expands_time`):
 ``__DATE__`` and ``__TIME__`` expand to when the server compiled it, and
@@ -30,11 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import threading
-from dataclasses import dataclass
-from pathlib import Path
 
 from securecc import protocol as wire
 
@@ -118,91 +105,3 @@ def _spelt(word: bytes, pieces: set[bytes], most: int) -> bool:
                 if word[i:j] in pieces:
                     fewest[j] = min(fewest[j], fewest[i] + 1)
     return fewest[-1] <= most
-
-
-@dataclass(frozen=True)
-class Entry:
-    stdout: bytes
-    stderr: bytes
-    output: bytes
-    producer: dict[str, str]  # job_id, principal, server, time
-
-
-class ResultCache:
-    """Entries under ``root/<key[:2]>/<key>``; bounded by ``max_bytes``, LRU."""
-
-    def __init__(self, root: Path, max_bytes: int) -> None:
-        self.root = root
-        self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-        root.mkdir(parents=True, exist_ok=True)
-        os.chmod(root, 0o700)  # the server's alone: never mounted into a sandbox
-        self._sizes: dict[Path, int] = {}
-        for path in root.glob("*/*"):
-            if path.name.endswith(".tmp"):
-                path.unlink(missing_ok=True)  # left by a crash mid-write
-            else:
-                self._sizes[path] = path.stat().st_size
-        self.corrupt = 0
-
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / key
-
-    def get(self, key: str) -> Entry | None:
-        path = self._path(key)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            header_end = data.index(b"\n")
-            header = json.loads(data[:header_end])
-            payload = data[header_end + 1 :]
-            if hashlib.sha256(payload).hexdigest() != header["sha256"]:
-                raise ValueError("digest mismatch")
-            a, b = header["stdout"], header["stdout"] + header["stderr"]
-            if b + header["output"] != len(payload):
-                raise ValueError("length mismatch")
-            entry = Entry(payload[:a], payload[a:b], payload[b:], header["producer"])
-        except (ValueError, KeyError, TypeError):
-            self.corrupt += 1
-            self._remove(path)
-            return None
-        try:
-            os.utime(path)  # most recently used
-        except OSError:
-            pass
-        return entry
-
-    def put(self, key: str, entry: Entry) -> None:
-        payload = entry.stdout + entry.stderr + entry.output
-        header = {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "stdout": len(entry.stdout),
-                  "stderr": len(entry.stderr), "output": len(entry.output), "producer": entry.producer}  # fmt: skip
-        path = self._path(key)
-        path.parent.mkdir(exist_ok=True)
-        temp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(temp, "wb") as f:
-            f.write(json.dumps(header).encode() + b"\n" + payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-        with self._lock:
-            self._sizes[path] = path.stat().st_size
-        self._evict()
-
-    def _remove(self, path: Path) -> None:
-        path.unlink(missing_ok=True)
-        with self._lock:
-            self._sizes.pop(path, None)
-
-    def _evict(self) -> None:
-        with self._lock:
-            total = sum(self._sizes.values())
-            if total <= self.max_bytes:
-                return
-            by_age = sorted(self._sizes, key=lambda p: p.stat().st_mtime if p.exists() else 0)
-        for path in by_age:
-            if total <= self.max_bytes:
-                break
-            total -= self._sizes.get(path, 0)
-            self._remove(path)

@@ -1,7 +1,7 @@
 """securecc's client side: one compile, from argv to the outputs.
 
 Direct mode runs this in the ``securecc`` process itself (``bin/securecc``
-falls back to it); the agent (:mod:`securecc.agent`) runs it for the shim
+falls back to it); the agent (:mod:`securecc.client.agent`) runs it for the shim
 with sessions kept open.  Either way it imports only what the path taken
 needs: no Twisted, no cryptography, gssapi only when a job really goes
 remote.
@@ -267,7 +267,7 @@ class Channel:
 
     def authenticate(self, credentials=None) -> None:  # type: ignore[no-untyped-def]
         from securecc import protocol as wire
-        from securecc import tickets
+        from securecc.client import tickets
         from securecc.gss import GSSFailure, Initiator
 
         initiator = Initiator(self.host.target, credentials)
@@ -498,7 +498,7 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
     the agent's pool there.
     """
     from securecc import protocol as wire
-    from securecc.hosts import HostsError, HostState, configured_hosts
+    from securecc.client.hosts import HostsError, HostState, configured_hosts
 
     state = HostState(env=inv.env)
     try:
@@ -517,7 +517,7 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
     if isinstance(prepared, int):
         return prepared  # a preprocessing error is the user's, already printed
     job, messages = prepared
-    from securecc.cache import cache_key
+    from securecc.cachekey import cache_key
 
     troubles: list[str] = []
     kdc_trouble: KdcUnavailable | None = None
@@ -576,7 +576,7 @@ def need_a_cached_ticket(state, candidates) -> None:  # type: ignore[no-untyped-
     """While every candidate's KDC is backed off, go on only with a ticket cached for one of them (asked
     before preprocessing: a job that cannot go remote does not pay for it); quietly fall back otherwise."""
     if all(state.kdc_backed_off(h.realm) for h in candidates):
-        from securecc import tickets
+        from securecc.client import tickets
 
         if not any(tickets.obtainable(h.target, CACHED_TICKET_WAIT) for h in candidates):
             failure = KdcUnavailable("the Kerberos KDC is not answering and no ticket is cached")
@@ -605,7 +605,7 @@ def identity_cache(env: Mapping[str, str]) -> str:
 
 def show_hosts(inv: Invocation) -> int:
     """``securecc --show-hosts``: the hosts, where they came from, and their back-off state."""
-    from securecc.hosts import HostsError, HostState, configured_hosts, host_key
+    from securecc.client.hosts import HostsError, HostState, configured_hosts, host_key
 
     state = HostState(env=inv.env)
     try:
@@ -681,11 +681,11 @@ def compile_one(inv: Invocation, compiler: str, path: str, args: list[str], sess
 
 
 def without_native(compiler: str, args: list[str]) -> list[str]:
-    """``args`` with ``-m...=native`` expanded into what it means here (:mod:`securecc.native`, imported
+    """``args`` with ``-m...=native`` expanded into what it means here (:mod:`securecc.client.native`, imported
     only then); NotDistributable where the expansion cannot give the local object."""
     if not any(a.endswith("=native") for a in args):
         return args
-    from securecc import native
+    from securecc.client import native
 
     try:
         expanded = native.expand(compiler, args)

@@ -3,7 +3,7 @@
 Each message is one Int32-prefixed string (Twisted's ``Int32StringReceiver``
 frames them on both sides): ``u32 header length | JSON header | blobs``,
 the header naming the message (``op``) and listing its blob lengths.  The
-front sends only values :mod:`securecc.jobspec` validated; the handler's
+front sends only values :mod:`securecc.server.jobspec` validated; the handler's
 answers are bounded by its caps and checked again here.
 
 front → handler: ``start`` (settings), ``run`` (one job's spec and files),

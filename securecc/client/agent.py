@@ -18,10 +18,10 @@ is compiled locally with the usual message, and a renewed ticket is used
 by the next handshake (a session is dropped a minute before its ticket
 ends).
 
-It also keeps the counters of ``securecc stats`` (:mod:`securecc.stats`)
+It also keeps the counters of ``securecc stats`` (:mod:`securecc.client.stats`)
 and, once in its lifetime, tells the user when most compiles stayed local.
 
-Run by the shim as ``python -I -m securecc.agent DIR NAME``.
+Run by the shim as ``python -I -m securecc.client.agent DIR NAME``.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import threading
 import time
 import traceback
 
-from securecc import client
+from securecc.client import job as client
 from securecc import protocol as wire
-from securecc import stats as counters
-from securecc.hosts import host_key
+from securecc.client import stats as counters
+from securecc.client.hosts import host_key
 
 PROTOCOL = b"securecc-agent 2"  # the shim's AGENT_PROTOCOL; 2: `securecc stats`
 
@@ -78,11 +78,11 @@ class SessionPool:
         unchanged since the last job (same inode, size and mtime) and a ticket
         not yet ended give the same answer without asking.  With a client
         keytab and no ticket yet, asking means asking the KDC: bounded by
-        ``deadline`` (:mod:`securecc.tickets`).
+        ``deadline`` (:mod:`securecc.client.tickets`).
         """
         import gssapi.exceptions
 
-        from securecc import tickets
+        from securecc.client import tickets
         from securecc.gss import explain, kdc_down
 
         state = ccache_state()

@@ -23,7 +23,8 @@ import time
 from collections import Counter
 from typing import NamedTuple
 
-from securecc import __version__, client
+from securecc import __version__
+from securecc.client import job as client
 
 NOTICE_AFTER = 10  # compiles seen before the notice may be given: a handful of local ones is no pattern
 NATURAL = frozenset({"no source file", "source from standard input", "output to standard output"})

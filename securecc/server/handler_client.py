@@ -1,4 +1,4 @@
-"""The front's side of the job handler (:mod:`securecc.handler`): start it, send it jobs.
+"""The front's side of the job handler (:mod:`securecc.server.handler`): start it, send it jobs.
 
 The front holds the secrets and never opens a path a job could influence:
 it hands validated values to the handler and gets bytes back.  A handle per
@@ -18,8 +18,8 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 
-from securecc.cache import Entry
-from securecc.handler_protocol import LINK_FD, MAX_LINK_MESSAGE, LinkError, pack, unpack
+from securecc.server.cache import Entry
+from securecc.server.handler_link import LINK_FD, MAX_LINK_MESSAGE, LinkError, pack, unpack
 from securecc.sandbox import Outcome, Settings
 
 
@@ -124,7 +124,7 @@ def start(reactor: Any, settings: Settings, handler_settings: dict[str, Any]) ->
     handler's uid before Python starts, so nothing of the front is inherited.
     """
     front, back = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    argv = [sys.executable, "-I", "-m", "securecc.handler"]
+    argv = [sys.executable, "-I", "-m", "securecc.server.handler"]
     if settings.uid is not None and settings.gid is not None:
         argv = ["/usr/bin/setpriv", f"--reuid={settings.uid}", f"--regid={settings.gid}", "--clear-groups",
                 "--no-new-privs", "--", *argv]  # fmt: skip

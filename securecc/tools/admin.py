@@ -72,7 +72,7 @@ def lint_command(path: Path) -> None:
 def check_command(principal: str, compiler: str, config_path: Path) -> None:
     from securecc.acl import AclError, Directory, DirectoryUnavailable, Membership, decide, load_acl
     from securecc.acl import split_principal, use_service_credentials
-    from securecc.config import ConfigError, load_config
+    from securecc.server.config import ConfigError, load_config
 
     try:
         config = load_config(config_path)

@@ -2,14 +2,14 @@
 
 ``securecc-server`` starts it before it loads any secret (as root: under a
 uid of its own, ``sandbox.uid``, via ``setpriv``), and talks to it over a
-socketpair (:mod:`securecc.handler_protocol`).  It makes the scratch
+socketpair (:mod:`securecc.server.handler_link`).  It makes the scratch
 directories, starts the sandboxes, reads their outputs (no links followed,
 see :func:`securecc.sandbox.read_output`), and keeps the result cache's
 files.  It holds no keytab, GSS context, audit key, config file or ACL and
 cannot read them: their files belong to the front.  A compromised sandbox
 or handler reaches the jobs in flight and the cache, nothing secret.
 
-Run as ``python -I -m securecc.handler``; the link is file descriptor 3.
+Run as ``python -I -m securecc.server.handler``; the link is file descriptor 3.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from twisted.internet import defer, protocol, reactor, threads
 from twisted.protocols.basic import Int32StringReceiver
 
 from securecc import sandbox
-from securecc.cache import Entry, ResultCache
-from securecc.handler_protocol import LINK_FD, MAX_LINK_MESSAGE, LinkError, pack, unpack
+from securecc.server.cache import Entry, ResultCache
+from securecc.server.handler_link import LINK_FD, MAX_LINK_MESSAGE, LinkError, pack, unpack
 from securecc.toolchain import HeaderDigests
 
 _FILE_NAME = re.compile(r"[a-z0-9-]{1,32}")

@@ -1,0 +1,1 @@
+"""The server side: the service's job stages, its protocols, admission, the job handler, cache and monitoring."""

@@ -1,0 +1,155 @@
+"""Stock distcc clients: their GSS handshake and one job per connection, through the same stages."""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet import protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from securecc import args as argpolicy
+from securecc import protocol as wire
+from securecc.audit import AuditError
+from securecc.gss import DISTCC_FLAGS, Acceptor, GSSFailure
+from securecc.server import distcc_wire as distcc
+from securecc.server.handler_client import Running
+from securecc.server.service import CompileService
+
+
+
+class DistccProtocol(protocol.Protocol):
+    """A stock distcc 3.4 client: its GSS handshake, one v1/v2 job, the same stages as a native job.
+
+    Refusals close the connection without a reply, as distccd does: the
+    client then compiles locally.  The job stream is not wrapped (the stock
+    client cannot), so records say ``payload: cleartext``.
+    """
+
+    _log = Logger()
+
+    def __init__(self, service: CompileService, acceptor: Acceptor) -> None:
+        self.service = service
+        self.parser = distcc.Parser(service.config.max_input)
+        self.context = acceptor.new_context(DISTCC_FLAGS)
+        self.state = "star"
+        self.principal: str | None = None
+        self.expires = 0.0
+        self.running: Running | None = None
+        self.lost = False
+        self.peer = "?"
+        self._timer = None
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.transport.setTcpNoDelay(True)
+        self._timer = self.service.clock.callLater(self.service.config.handshake_timeout, self._drop, "handshake timed out")
+
+    def _drop(self, why: str) -> None:
+        self._log.info("distcc {peer}: {why}; dropping", peer=self.peer, why=why)
+        self._timer = None
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:  # the client's 12-byte headers come one write at a time: ACK at once, not after 40 ms
+            self.transport.getHandle().setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        except (AttributeError, OSError):
+            pass
+        try:
+            self.parser.feed(data)
+            self._advance()
+        except (distcc.DistccError, GSSFailure) as e:
+            if isinstance(e, GSSFailure):
+                self._audit_auth_failure(str(e))
+            self._drop(str(e))
+
+    def _advance(self) -> None:
+        if self.state == "star" and self.parser.handshake_byte():
+            self.transport.write(b"*")  # at once: the client waits only 1 s
+            self.state = "gss"
+        while self.state == "gss":
+            token = self.parser.gss_token()
+            if token is None:
+                return
+            reply = self.context.step(token)
+            out = distcc.item(b"TLEN", len(reply), reply) if reply else b""
+            if self.context.complete:
+                self.principal = self.context.principal
+                self.expires = self.service.clock.seconds() + self.context.lifetime
+                self.authenticated()
+                self.transport.write(out + b"y")  # tokens and verdict in one write
+                self.state = "request"
+            elif out:
+                self.transport.write(out)
+        if self.state == "request":
+            request = self.parser.request()
+            if request is not None:
+                self.state = "running"
+                self._cancel_timer()
+                self._run(request)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _audit_auth_failure(self, detail: str) -> None:
+        self.service.auth_failed(self.peer, detail, protocol="distcc")
+
+    def _run(self, request: distcc.Request) -> None:
+        assert self.principal is not None
+        extra = {"protocol": "distcc", "payload": "cleartext"}
+        job = distcc_job(request, self.service)
+        if isinstance(job, str):  # not something a server runs: refused and audited, like any job
+            try:
+                self.service.audit.write(**extra, event="job", principal=self.principal, peer=self.peer, args=request.argv,
+                                         decision="refused", reason="denied:argument-refused", detail=job)  # fmt: skip
+            except AuditError:
+                pass
+            self.transport.loseConnection()
+            return
+        d = self.service.run(self.principal, self.peer, job, self, extra)
+        d.addCallback(self._reply, request.version)
+        d.addErrback(lambda f: (self._log.failure("distcc job failed", f), self.transport.loseConnection()))
+
+    def _reply(self, message: wire.Message, version: int) -> None:
+        if self.lost:
+            return
+        if isinstance(message, wire.Result):
+            self.transport.write(distcc.reply(version, distcc.wait_status(message.exit_status), message.stdout,
+                                              message.stderr, message.output))  # fmt: skip
+        self.transport.loseConnection()  # refused or busy: no reply, the client compiles locally
+
+    def authenticated(self) -> None:
+        """Set by the factory: this connection no longer counts against the pre-auth caps."""
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.lost = True
+        self.authenticated()
+        self._cancel_timer()
+        if self.running is not None:
+            self.running.kill("disconnect")
+
+
+def distcc_job(request: distcc.Request, service: CompileService) -> wire.Job | str:
+    """A native job from a distcc request, or why it cannot be one.
+
+    distcc sends argv with the original names (``gcc -c x.c -o x.o``) and
+    the fully preprocessed text; it rewrites ``gcc`` to ``<target>-gcc``.
+    It cannot say which compiler version it has: the server's is assumed.
+    """
+    if not request.argv:
+        return "empty argv"
+    name = request.argv[0].removeprefix("/usr/bin/").removeprefix("/bin/")
+    compilers = service.config.compilers
+    if name not in compilers:
+        name = next((n for n in compilers if name.endswith("-" + n) and n in compilers), name)
+    try:
+        plan = argpolicy.plan(request.argv[1:])
+    except argpolicy.NotDistributable as e:
+        return str(e)
+    language = argpolicy.PREPROCESSED.get(plan.language, plan.language)
+    identity = service.identities.get(compilers[name].path, "") if name in compilers else ""
+    return wire.Job(name, plan.remote_args, language, plan.mode, "/build", plan.source, request.source,
+                    compiler_identity=identity)  # fmt: skip

@@ -1,0 +1,187 @@
+"""The native protocol's Twisted glue: a connection's handshake, then its jobs one after another."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from twisted.internet import protocol, task, threads
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from securecc import protocol as wire
+from securecc.acl import DirectoryUnavailable, is_admin
+from securecc.gss import Acceptor, GSSFailure
+from securecc.server.handler_client import Running
+from securecc.server.service import CompileService
+
+
+
+class JobProtocol(protocol.Protocol):
+    """One client connection: handshake, then jobs one after another."""
+
+    _log = Logger()
+
+    def __init__(self, service: CompileService, acceptor: Acceptor) -> None:
+        self.service = service
+        self.config = service.config
+        self.wire = wire.Connection(max_message=service.config.max_input + 1024 * 1024, defer_unpack=True)
+        self.context = acceptor.new_context()
+        self.principal: str | None = None
+        self.expires = 0.0
+        self.running: Running | None = None
+        self.busy = False
+        self.said_hello = False
+        self.lost = False
+        self.peer = "?"
+        self._heartbeat: task.LoopingCall | None = None
+        self._timer = None
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass
+        self._timer = self.service.clock.callLater(self.config.handshake_timeout, self._expired, "handshake")
+        self._connected = time.monotonic()
+
+    def _expired(self, phase: str) -> None:
+        self._log.info("{peer}: {phase} timed out; dropping", peer=self.peer, phase=phase)
+        self._timer = None
+        self.transport.abortConnection()
+
+    def _rearm(self, seconds: float | None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self.service.clock.callLater(seconds, self._expired, "idle") if seconds else None
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            for event in self.wire.receive_data(data):
+                if isinstance(event, wire.PackedMessageReceived):
+                    self._unpack(event)
+                else:
+                    self._event(event)
+        except wire.ProtocolError as e:
+            self._protocol_error(e)
+
+    def _protocol_error(self, e: wire.ProtocolError) -> None:
+        self._log.info("{peer}: protocol error: {error}; dropping", peer=self.peer, error=str(e))
+        self.transport.abortConnection()
+
+    def _unpack(self, event: wire.PackedMessageReceived) -> None:
+        """Decompress in a thread (a bomb cannot stall the reactor); nothing more is read meanwhile."""
+        if self.busy:
+            raise wire.ProtocolError("a message while a job runs")
+        self.busy = True
+        self.transport.pauseProducing()
+        d = threads.deferToThreadPool(self.service.clock, self.service.hash_pool, wire.unpack_message, event)
+
+        def unpacked(message: wire.MessageReceived) -> None:
+            self.busy = False
+            self.transport.resumeProducing()
+            self._event(message)
+
+        d.addCallback(unpacked)
+        d.addErrback(lambda f: f.trap(wire.ProtocolError) and self._protocol_error(f.value))
+
+    def _event(self, event: wire.Event) -> None:
+        if isinstance(event, wire.HelloReceived) and not self.said_hello:
+            version = wire.choose_version(event)
+            if version is None:
+                self.transport.write(wire.error("unsupported-version", f"this server speaks version {wire.VERSION}"))
+                self.transport.loseConnection()
+                return
+            self.said_hello = True
+            self.transport.write(wire.hello(version, version))
+        elif isinstance(event, wire.TokenReceived) and self.said_hello and self.principal is None:
+            self._authenticate(event.token)
+        elif isinstance(event, wire.MessageReceived) and isinstance(event.message, wire.Job) and not self.busy:
+            self._start_job(event.message)
+        elif isinstance(event, wire.MessageReceived) and isinstance(event.message, wire.StatusRequest) and not self.busy:
+            self._send_status()
+        else:
+            raise wire.ProtocolError(f"unexpected {type(event).__name__}")
+
+    def _authenticate(self, token: bytes) -> None:
+        try:
+            reply = self.context.step(token)
+        except GSSFailure as e:
+            self._log.info("{peer}: authentication failed: {error}", peer=self.peer, error=str(e))
+            self.service.auth_failed(self.peer, str(e))
+            self.transport.write((wire.token(e.token) if e.token else b"") + wire.error("authentication-failed", str(e)))
+            self.transport.loseConnection()
+            return
+        if reply:
+            self.transport.write(wire.token(reply))
+        if self.context.complete:
+            self.principal = self.context.principal
+            self.expires = self.service.clock.seconds() + self.context.lifetime  # a session ends with the ticket that opened it
+            self.service.metrics.handshake.observe(time.monotonic() - self._connected)
+            session = self.context.session()
+            self.wire.secure(session.wrap, session.unwrap)
+            self.authenticated()
+            self._rearm(self.config.idle_timeout)
+
+    def _start_job(self, job: wire.Job) -> None:
+        assert self.principal is not None
+        self.busy = True
+        self._rearm(None)
+        started = time.monotonic()
+        self._heartbeat = task.LoopingCall(lambda: self.transport.write(self.wire.seal(wire.Alive(time.monotonic() - started))))
+        self._heartbeat.clock = self.service.clock
+        self._heartbeat.start(self.config.heartbeat, now=False)
+        d = self.service.run(self.principal, self.peer, job, self)
+        d.addBoth(self._stop_heartbeat)
+        d.addCallback(self._reply)
+        d.addErrback(self._failed)
+
+    def _send_status(self) -> None:
+        """For securecc-monitor: this server's status; principal names only for the ACL's admins."""
+        assert self.principal is not None
+        principal, acl = self.principal, self.service.acl.current()
+        d = self.service.lookups.lookup(principal).addCallback(lambda membership: membership.groups)
+        d.addErrback(lambda f: f.trap(DirectoryUnavailable) and frozenset())
+
+        def send(groups: frozenset[str]) -> None:
+            current = self.service.status()
+            if not is_admin(acl, principal, groups):  # who compiles what is for admins only
+                current["running"] = [{"principal": "(admins only)", "source": "(admins only)", "job_id": "", "peer": "",
+                                       "compiler": job["compiler"], "started": job["started"]} for job in current["running"]]  # fmt: skip
+            if not self.lost:
+                self.transport.write(self.wire.seal(wire.Status(json.dumps(current))))
+
+        d.addCallback(send)
+
+    def _stop_heartbeat(self, result: object) -> object:
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        return result
+
+    def _reply(self, message: wire.Message) -> None:
+        self.busy = False
+        if self.lost:
+            return
+        self.transport.write(self.wire.seal(message))
+        self._rearm(self.config.idle_timeout)
+
+    def _failed(self, failure: Failure) -> None:
+        self._log.failure("{peer}: job failed", failure, peer=self.peer)
+        self.busy = False
+        if not self.lost:
+            self.transport.write(self.wire.seal(wire.Refused("server-error", "internal server error")))
+            self.transport.loseConnection()
+
+    def authenticated(self) -> None:
+        """Set by the factory: this connection no longer counts against the pre-auth caps."""
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.lost = True
+        self.authenticated()
+        self._rearm(None)
+        self._stop_heartbeat(None)
+        if self.running is not None:
+            self._log.info("{peer}: client went away; killing its compile", peer=self.peer)
+            self.running.kill("disconnect")

@@ -1,0 +1,51 @@
+"""The server's Prometheus metrics.
+
+Every metric is derived from what the server does anyway: job outcomes from
+the audit record of each job (:meth:`Metrics.observe`), so the two can
+never disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    """The server's counters, gauges and histograms, in a registry of its own."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.jobs = Counter("securecc_jobs", "Job attempts by decision (allowed, refused, busy) and reason",
+                            ["decision", "reason"], registry=r)  # fmt: skip
+        self.kills = Counter("securecc_sandbox_kills", "Compiles ended by a limit or by us", ["ended_by"], registry=r)
+        self.cache_hits = Counter("securecc_cache_hits", "Jobs served from the result cache", registry=r)
+        self.bytes_in = Counter("securecc_bytes_in", "Bytes of source received", registry=r)
+        self.bytes_out = Counter("securecc_bytes_out", "Bytes of output and messages sent", registry=r)
+        self.duration = Histogram("securecc_job_duration_seconds", "Job duration", registry=r,
+                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1200))  # fmt: skip
+        self.handshake = Histogram("securecc_handshake_seconds", "Connection to authenticated", registry=r,
+                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))  # fmt: skip
+        self.running = Gauge("securecc_running_jobs", "Compiles running now", registry=r)
+        self.slots = Gauge("securecc_slots", "Job slots", registry=r)
+        self.ldap_cache_hits = Counter("securecc_ldap_cache_hits", "Group lookups answered from the cache", registry=r)
+        self.ldap_errors = Counter("securecc_ldap_errors", "Group lookups LDAP could not answer", registry=r)
+        self.preauth_refused = Counter("securecc_preauth_refused", "Connections closed at once: too many unauthenticated",
+                                       registry=r)
+        self.audit_errors = Counter("securecc_audit_write_errors", "Audit records that could not be written", registry=r)
+
+    def observe(self, record: dict[str, Any]) -> None:
+        """One job's audit record, the single source of job outcomes."""
+        self.jobs.labels(record.get("decision", "?"), record.get("reason", "?")).inc()
+        if record.get("ended_by"):
+            self.kills.labels(record["ended_by"]).inc()
+        if record.get("cache") == "hit":
+            self.cache_hits.inc()
+        self.bytes_in.inc(record.get("bytes_in", 0) or 0)
+        self.bytes_out.inc(record.get("bytes_out", 0) or 0)
+        if record.get("duration") is not None:
+            self.duration.observe(record["duration"])
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,389 @@
+"""The stages of a job on the server, in order: validate, check, authorize, cache, admit, compile, record.
+
+Each refusal names a stable reason, and every job however it ends gets one
+audit record.  The protocols (:mod:`securecc.server.listener`,
+:mod:`securecc.server.distcc_listener`) hand jobs in; the job runs in the
+handler's sandbox (:mod:`securecc.server.handler_client`).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import secrets
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer, task, threads
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from securecc import args as argpolicy
+from securecc import sandbox
+from securecc import protocol as wire
+from securecc.acl import MembershipLookups, Directory, DirectoryUnavailable, decide, split_principal
+from securecc.audit import AuditError, AuditLog, Reservation, now_rfc3339, sha256
+from securecc.cachekey import cache_key, expands_time
+from securecc.server import jobspec
+from securecc.server.cache import Entry
+from securecc.server.config import Compiler, ServerConfig
+from securecc.server.handler_client import HandlerLink, Running
+from securecc.server.metrics import Metrics
+from securecc.server.aclfile import AclFile
+
+
+AUDIT_DOWN = "the server cannot write its audit log; it runs no job unrecorded"
+FAIR_SHARE_MEMORY = 10.0  # seconds a principal turned away counts as waiting for a share
+AUTH_FAILURE_WINDOW = 10.0  # seconds: one failed-handshake record per source address at most
+
+
+def client_gone(session) -> bool:  # type: ignore[no-untyped-def]
+    """The job's client has left: noticed already, or its FIN or RST waiting unread in the socket (as
+    when this process was frozen meanwhile: the reactor has not seen it yet)."""
+    if session.lost:
+        return True
+    handle = getattr(getattr(session, "transport", None), "getHandle", None)
+    if handle is None:
+        return False
+    try:
+        return handle().recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
+
+
+class _Refusal(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class CompileService:
+    """The stages of a job, in order; each refusal names a stable reason."""
+
+    config: ServerConfig
+    reactor: IReactorProcess
+    clock: IReactorTime
+    acl: AclFile
+    directory: Directory
+    pool: ThreadPool
+    audit: AuditLog
+    identities: dict[str, str]  # compiler path -> what it says of itself (securecc.toolchain)
+    host: str = field(default_factory=socket.getfqdn)
+    handler: HandlerLink = field(default_factory=HandlerLink)  # where jobs run (securecc.server.handler)
+    hash_pool: ThreadPool = field(default_factory=lambda: ThreadPool(minthreads=0, maxthreads=2, name="hash"))
+    caching: bool = False
+    compiler_roots: tuple[str, ...] = ()
+    stopping: bool = False
+    auth_failures: dict[str, tuple[float, int]] = field(default_factory=dict)  # source -> last recorded, left out since
+    running: set[Running] = field(default_factory=set)
+    active: collections.Counter[str] = field(default_factory=collections.Counter)  # jobs per principal
+    turned_away: dict[str, float] = field(default_factory=dict)  # principal -> when it was last told BUSY
+    inflight: dict[str, list[defer.Deferred]] = field(default_factory=dict)  # key -> jobs waiting for its compile
+    metrics: Metrics = field(default_factory=Metrics)
+    jobs_now: dict[str, dict[str, object]] = field(default_factory=dict)  # job id -> who compiles what, since when
+    _log = Logger()
+
+    def auth_failed(self, peer: str, detail: str, **extra: str) -> None:
+        """Record a failed handshake: the first from a source in ``AUTH_FAILURE_WINDOW`` seconds, with how
+        many were left out before it, so unauthenticated peers cannot flood the log (and fill its disk)."""
+        source, now = peer.rpartition(":")[0] or peer, self.clock.seconds()
+        last, suppressed = self.auth_failures.get(source, (float("-inf"), 0))
+        if now - last < AUTH_FAILURE_WINDOW:
+            self.auth_failures[source] = (last, suppressed + 1)
+            return
+        if len(self.auth_failures) > 10000:  # forget the quiet ones
+            self.auth_failures = {k: v for k, v in self.auth_failures.items() if now - v[0] < AUTH_FAILURE_WINDOW}
+        self.auth_failures[source] = (now, 0)
+        try:
+            self.audit.write(**extra, event="auth", peer=peer, decision="refused", reason="denied:authentication-failed",
+                             detail=detail[:500], **({"suppressed_before": suppressed} if suppressed else {}))  # fmt: skip
+        except AuditError:
+            pass  # logged by the caller; nothing ran
+
+    def status(self) -> dict[str, Any]:
+        """What the dashboard and securecc-monitor show: this server, its slots, who compiles what now."""
+        jobs = self.metrics.jobs.collect()[0].samples
+        totals: dict[str, float] = {}
+        for sample in jobs:
+            if sample.name.endswith("_total"):
+                decision = sample.labels["decision"]
+                totals[decision] = totals.get(decision, 0) + sample.value
+        return {
+            "server": self.host,
+            "slots": self.config.slots,
+            "running": sorted(self.jobs_now.values(), key=lambda j: j["started"]),
+            "totals": totals,
+            "time": time.time(),
+        }
+
+    @functools.cached_property
+    def lookups(self) -> MembershipLookups:
+        """LDAP lookups on the pool, one thread per principal at most: a hung LDAP stalls nobody else's."""
+        return MembershipLookups.on_pool(self.directory, self.clock, self.pool)
+
+    def handler_gone(self) -> None:
+        """The job handler died: no job can run; record it and stop, for the service manager to restart us."""
+        self._log.critical("the job handler exited; stopping")
+        try:
+            self.audit.write(event="handler-exit", running=len(self.running))
+        except AuditError:
+            pass
+        if not self.stopping and getattr(self.reactor, "running", False):
+            self.reactor.stop()
+
+    @defer.inlineCallbacks
+    def stop(self):  # type: ignore[no-untyped-def]
+        """Server shutdown: no compile outlives the server, each is recorded, the log ends signed."""
+        self.stopping = True
+        killed = list(self.running)
+        for job in killed:
+            job.kill("shutdown")
+        yield defer.DeferredList([job.result for job in killed], consumeErrors=True)
+        yield task.deferLater(self.clock, 0, lambda: None)  # let their records be written first
+        try:
+            self.audit.close(event="server-stop", killed=len(killed))
+        except AuditError as e:
+            self._log.critical("the audit log could not be closed: {error}", error=str(e))
+
+    @defer.inlineCallbacks
+    def run(self, principal: str, peer: str, job: wire.Job, session, extra: dict | None = None):  # type: ignore[no-untyped-def]
+        """Validate, authorize and run one job; returns the reply message.
+
+        However it ends (refused, busy, compiled, killed, or an error of
+        ours), the job gets exactly one audit record; a compile also gets a
+        ``job-start`` record before it starts, so a crash leaves a trace.
+        """
+        job_id = secrets.token_hex(8)
+        started = self.clock.seconds()
+        record = dict(
+            **(extra or {}), event="job", job_id=job_id, principal=principal, peer=peer,
+            compiler=job.compiler, args=job.args, source=job.source_path, cwd=job.cwd, headers=len(job.include_paths),
+            bytes_in=len(job.source) + len(job.original) + sum(map(len, job.includes)),
+        )  # fmt: skip
+        if self.config.sandbox.mode != "bwrap":
+            record["sandbox"] = self.config.sandbox.mode
+        try:
+            reply = yield self._run(job_id, principal, job, session, record, started)
+        except _Refusal as refusal:
+            record.update(decision="refused", reason=refusal.reason, detail=str(refusal))
+            self._record(record, started, session)
+            return wire.Refused(refusal.reason, str(refusal), job_id)
+        except Exception as e:  # ours, not the client's: still recorded, and the server goes on
+            self._log.failure("job {job_id} failed", Failure(), job_id=job_id)
+            record.update(decision="error", reason="server-error", detail=f"{type(e).__name__}: {e}"[:500])
+            self._record(record, started, session)
+            return wire.Refused("server-error", "internal server error; the job was not run", job_id)
+        return reply
+
+    @defer.inlineCallbacks
+    def _run(self, job_id: str, principal: str, raw: wire.Job, session, record: dict, started: float):  # type: ignore[no-untyped-def]
+        try:
+            job = jobspec.validate(raw, self.compiler_roots)
+        except jobspec.Invalid as e:
+            raise _Refusal(e.reason, str(e)) from None
+        if self.clock.seconds() >= session.expires:
+            raise _Refusal("denied:session-expired", "the Kerberos ticket of this session has ended: reconnect")
+        compiler = self._check_job(job)
+        decision = yield self._authorize(principal, job)
+        record.update(compiler_path=compiler.path, compiler_identity=job.compiler_identity, reason=decision.reason)
+        if not decision.allowed:
+            raise _Refusal(decision.reason, f"{principal} may not compile here ({decision.reason})")
+        # Authorized: only now the large work (hashing the input, the cache key), off the reactor.
+        record["input_sha256"], key = yield threads.deferToThreadPool(self.clock, self.hash_pool, self._digests, job)
+        hit, owner = yield self._cached(key)
+        stored = room = None
+        try:
+            if hit is not None:
+                record.update(decision="allowed", cache="hit", cached_from=hit.producer.get("job_id"), exit_status=0,
+                              output_sha256=sha256(hit.output), bytes_out=len(hit.output) + len(hit.stderr))  # fmt: skip
+                if not self._record(record, started, session):
+                    return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
+                return wire.Result(0, hit.stdout, hit.stderr, hit.output, job_id)
+            busy = self._admit(principal, decision.rule.max_jobs if decision.rule else None)
+            if busy is not None:
+                record.update(decision="busy", reason=busy.reason, load=busy.load)
+                self._record(record, started, session)
+                return busy
+            start = {**record, "event": "job-start"}
+            try:  # room for both of its records first: no compile runs that its record could not follow
+                room = self.audit.reserve(start)
+                self.audit.write(room, **start)
+            except AuditError as e:
+                self._log.critical("{error}; refusing jobs until it can be written", error=str(e))
+                return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
+            self.active[principal] += 1
+            self.jobs_now[job_id] = {"principal": principal, "compiler": job.compiler, "source": job.source_path,
+                                     "started": time.time(), "peer": record["peer"], "job_id": job_id}  # fmt: skip
+            try:
+                outcome = yield self._compile(job_id, compiler, job, session)
+            finally:
+                self.active[principal] -= 1
+                self.jobs_now.pop(job_id, None)
+            record.update(
+                decision="allowed", exit_status=outcome.exit_status, ended_by=outcome.ended_by,
+                output_sha256=sha256(outcome.output),
+                bytes_out=len(outcome.output or b"") + len(outcome.dwo or b"") + len(outcome.stdout) + len(outcome.stderr),
+            )  # fmt: skip
+            entry = self._entry(key, outcome, {"job_id": job_id, "principal": principal})
+            if entry is not None:
+                record["cache"] = "stored"
+            if not self._record(record, started, session, room):
+                return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
+            stored = entry  # recorded first: the cache never holds an unaudited result
+        finally:
+            if room is not None:
+                self.audit.release(room)
+            if owner:
+                self._share(key, stored, hit)
+        if outcome.ended_by == "timeout":
+            return wire.Refused("timeout", f"compile killed after {compiler.timeout:g} s", job_id)
+        return wire.Result(outcome.exit_status, outcome.stdout, outcome.stderr, outcome.output, job_id, outcome.dwo)
+
+    def _digests(self, job: jobspec.ValidJob) -> tuple[str | None, str | None]:
+        """The input's sha256 for the record and the cache key (None: not cached), in a thread."""
+        # A key cannot carry the time of the compile; an entry holds one output, not a .dwo too.
+        cacheable = self.caching and not expands_time(job.job) and not job.split_dwarf
+        return sha256(job.source or job.original), cache_key(job.compiler_identity, job.job) if cacheable else None
+
+    def _entry(self, key: str | None, outcome: sandbox.Outcome, producer: dict[str, str]) -> Entry | None:
+        """A cache entry of a successful compile, or None."""
+        if key and outcome.exit_status == 0 and outcome.output is not None and outcome.ended_by is None:
+            return Entry(outcome.stdout, outcome.stderr, outcome.output, {**producer, "server": self.host, "time": now_rfc3339()})
+        return None
+
+    def _share(self, key: str, stored: Entry | None, hit: Entry | None) -> None:
+        """Store a successful, recorded compile (the handler writes it); hand it, or the hit, to identical jobs."""
+        if stored is not None:
+            self.handler.cache_put(key, stored)
+        for waiter in self.inflight.pop(key, []):
+            waiter.callback(stored or hit)  # None: they compile for themselves
+
+    @defer.inlineCallbacks
+    def _cached(self, key: str | None):  # type: ignore[no-untyped-def]
+        """``(entry, owner)``: a stored result for ``key`` or None, waiting for an identical job
+        already under way.  An owner must :meth:`_share` its outcome with the jobs that wait for it."""
+        if key is None:
+            return None, False
+        if key in self.inflight:
+            waiter: defer.Deferred[Entry | None] = defer.Deferred()
+            self.inflight[key].append(waiter)
+            entry = yield waiter
+            return entry, False  # None: compile for ourselves, unshared
+        self.inflight[key] = []
+        try:
+            entry = yield self.handler.cache_get(key)
+        except BaseException:
+            self._share(key, None, None)
+            raise
+        return entry, True
+
+    def _admit(self, principal: str, max_jobs: int | None) -> wire.Busy | None:
+        """A slot for this job, or BUSY: the server is full, the principal is at its ACL
+        limit, or it holds its fair share while other principals were recently turned away."""
+        now, slots = time.monotonic(), self.config.slots
+        load = sum(self.active.values())
+        waiting = {p for p, when in self.turned_away.items() if now - when < FAIR_SHARE_MEMORY and p != principal}
+        reason = None
+        if load >= slots:
+            reason = "busy:full"
+        elif max_jobs is not None and self.active[principal] >= max_jobs:
+            reason = "busy:principal-limit"
+        elif waiting:
+            sharing = {p for p, n in self.active.items() if n} | waiting | {principal}
+            if self.active[principal] >= max(1, slots // len(sharing)):
+                reason = "busy:fair-share"
+        if reason is None:
+            self.turned_away.pop(principal, None)
+            return None
+        self.turned_away[principal] = now
+        return wire.Busy(reason, load, slots)
+
+    def _record(self, record: dict[str, object], started: float, session, room: Reservation | None = None) -> bool:  # type: ignore[no-untyped-def]
+        """Write a job's audit record (into its ``room`` if it ran); False (and a log line) when the log cannot take it.
+
+        ``delivered``: the reply goes to the client's open connection right
+        after this record (the record comes first, so nothing unrecorded is
+        ever delivered); false when the client had gone (a result computed
+        for nobody, e.g. on a server frozen past the client's patience).
+        """
+        record["duration"] = round(self.clock.seconds() - started, 4)
+        record["delivered"] = not client_gone(session)
+        self.metrics.observe(record)
+        try:
+            self.audit.write(room, **record)
+            return True
+        except AuditError as e:
+            self.metrics.audit_errors.inc()
+            self._log.critical("{error}; refusing jobs until it can be written", error=str(e))
+            return False
+
+    def _check_job(self, job: jobspec.ValidJob) -> Compiler:
+        """What this server adds to the job's grammar: its audit log, compilers and sandbox."""
+        if not self.audit.healthy:
+            try:
+                self.audit.recover()
+            except AuditError:
+                raise _Refusal("denied:audit-unavailable", AUDIT_DOWN) from None
+        compiler = self.config.compilers.get(job.compiler)
+        if compiler is None:
+            raise _Refusal("denied:compiler-not-offered", f"compiler {job.compiler!r} is not offered by this server")
+        identity = self.identities.get(compiler.path)
+        if job.compiler_identity != identity:
+            raise _Refusal("denied:compiler-mismatch", f"this server's {job.compiler} is {identity}, yours is "
+                           f"{job.compiler_identity[:200] or 'unknown'}; objects would differ")  # fmt: skip
+        if self.config.sandbox.mode != "bwrap" and (job.preprocessing or job.split_dwarf):
+            raise _Refusal("denied:unsupported", "this server runs without bubblewrap: it cannot preprocess, "
+                           "nor write a -gsplit-dwarf .dwo")  # fmt: skip
+        return compiler
+
+    @defer.inlineCallbacks
+    def _authorize(self, principal: str, job: jobspec.ValidJob):  # type: ignore[no-untyped-def]
+        acl = self.acl.current()
+        groups: frozenset[str] = frozenset()
+        if split_principal(principal)[1] in acl.realms and acl.groups:
+            try:
+                membership = yield self.lookups.lookup(principal)
+            except DirectoryUnavailable as e:
+                self.metrics.ldap_errors.inc()
+                raise _Refusal("denied:ldap-unavailable", str(e)) from None
+            groups = membership.groups
+            if membership.cached:
+                self.metrics.ldap_cache_hits.inc()
+        return decide(acl, principal, groups, job.compiler, job.input_size)
+
+    @defer.inlineCallbacks
+    def _compile(self, job_id: str, compiler: Compiler, job: jobspec.ValidJob, session):  # type: ignore[no-untyped-def]
+        """Run the job in the handler's sandbox; only validated values cross to it."""
+        files = {"input": job.source}
+        mounts = []
+        if job.original:
+            files["original"] = job.original
+            mounts.append(("original", job.source_mount))
+        for n, (path, data) in enumerate(zip(job.include_paths, job.includes)):
+            files[f"include-{n}"] = data
+            mounts.append((f"include-{n}", path))
+        spec = {
+            "compiler": compiler.path, "args": [*argpolicy.COMPILE_LANGUAGE[job.language.value], *job.args, job.mode.value],
+            "cwd": job.cwd, "source_path": job.source_path, "environment": job.environment, "mounts": mounts,
+            "preprocessed": not job.preprocessing, "compiler_root": compiler.root,
+            "system_headers": job.system_headers, "system_digest": job.system_digest, "split_dwarf": job.split_dwarf,
+            "directories": job.directories,
+        }  # fmt: skip
+        running = self.handler.run(job_id, spec, files, compiler.timeout, self.config.sandbox.limits.file_size)
+        session.running = running
+        self.running.add(running)
+        if session.lost:  # the client left while the job was authorized and admitted: nobody to compile for
+            running.kill("disconnect")
+        try:
+            outcome = yield running.result
+        finally:
+            session.running = None
+            self.running.discard(running)
+        return outcome

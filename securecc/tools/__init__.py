@@ -1,0 +1,1 @@
+"""Commands for operators: securecc-admin (keys, checks) and securecc-audit (verify, read the audit log)."""
