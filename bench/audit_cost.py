@@ -12,7 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from securecc.audit import AuditLog, generate_key, load_private_key, load_public_key, verify
+from securecc.server.auditlog import AuditLog
+from securecc.audit import generate_key, load_private_key, load_public_key, verify
 
 JOB = dict(
     event="job", job_id="0123456789abcdef", principal="alice@EXAMPLE.ORG", peer="10.0.0.7:51234", compiler="gcc",

@@ -17,7 +17,8 @@ from twisted.python.threadpool import ThreadPool
 
 from conftest import BIN, REPO, free_port, make_job, securecc
 from securecc import protocol as wire
-from securecc.acl import SETTLE, Acl, AclError, AclUnstable, Directory, DirectoryUnavailable, LdapConfig, Membership, MembershipLookups, Rule, decide, file_stamp, load_acl, parse_acl, principal_named, read_acl_stable, split_principal
+from securecc.acl import SETTLE, Acl, AclError, AclUnstable, Rule, decide, file_stamp, load_acl, parse_acl, principal_named, read_acl_stable, split_principal
+from securecc.server.directory import Directory, DirectoryUnavailable, LdapConfig, Membership, MembershipLookups
 from securecc.client.job import Channel
 from securecc.server.config import ConfigError, load_config
 from securecc.client.hosts import parse_host

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, securecc
-from securecc.audit import AuditError, AuditLog, generate_key, load_private_key, load_public_key, records, verify
+from securecc.audit import AuditError, generate_key, load_private_key, load_public_key, records, verify
+from securecc.server.auditlog import AuditLog
 from securecc.audit import key_id as load_key_id
 
 

@@ -15,8 +15,9 @@ from twisted.python.threadpool import ThreadPool
 
 from conftest import REPO, make_job
 from securecc import protocol as wire
-from securecc.acl import Directory
-from securecc.audit import AuditLog, load_private_key
+from securecc.server.directory import Directory
+from securecc.server.auditlog import AuditLog
+from securecc.audit import load_private_key
 from securecc.client.job import Channel
 from securecc.server.config import load_config
 from securecc.gss import Acceptor

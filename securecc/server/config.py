@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from securecc.acl import LdapConfig
+from securecc.server.directory import LdapConfig
 from securecc.sandbox import Limits, Settings
 
 

@@ -10,7 +10,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from securecc import protocol as wire
-from securecc.acl import DirectoryUnavailable, is_admin
+from securecc.server.directory import DirectoryUnavailable
+from securecc.acl import is_admin
 from securecc.gss import Acceptor, GSSFailure
 from securecc.server.handler_client import Running
 from securecc.server.service import CompileService

@@ -20,8 +20,10 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from securecc import toolchain
-from securecc.acl import AclError, Directory, use_service_credentials
-from securecc.audit import AuditError, AuditLog, forwarder, load_private_key
+from securecc.acl import AclError
+from securecc.server.directory import Directory, use_service_credentials
+from securecc.audit import AuditError, load_private_key
+from securecc.server.auditlog import AuditLog, forwarder
 from securecc.gss import Acceptor, GSSFailure
 from securecc.server import handler_client, monitor
 from securecc.server.config import ConfigError, ServerConfig, load_config

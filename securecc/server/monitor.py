@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from twisted.web import resource, server
 
-from securecc.acl import DirectoryUnavailable, is_admin
+from securecc.server.directory import DirectoryUnavailable
+from securecc.acl import is_admin
 from securecc.gss import Acceptor, GSSFailure
 
 if TYPE_CHECKING:  # pragma: no cover

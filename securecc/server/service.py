@@ -25,8 +25,10 @@ from twisted.python.threadpool import ThreadPool
 from securecc import args as argpolicy
 from securecc import sandbox
 from securecc import protocol as wire
-from securecc.acl import MembershipLookups, Directory, DirectoryUnavailable, decide, split_principal
-from securecc.audit import AuditError, AuditLog, Reservation, now_rfc3339, sha256
+from securecc.server.directory import MembershipLookups, Directory, DirectoryUnavailable
+from securecc.acl import decide, split_principal
+from securecc.audit import AuditError, now_rfc3339, sha256
+from securecc.server.auditlog import AuditLog, Reservation
 from securecc.cachekey import cache_key, expands_time
 from securecc.server import jobspec
 from securecc.server.cache import Entry

@@ -70,8 +70,10 @@ def lint_command(path: Path) -> None:
 
 
 def check_command(principal: str, compiler: str, config_path: Path) -> None:
-    from securecc.acl import AclError, Directory, DirectoryUnavailable, Membership, decide, load_acl
-    from securecc.acl import split_principal, use_service_credentials
+    from securecc.acl import AclError, decide, load_acl
+    from securecc.server.directory import Directory, DirectoryUnavailable, Membership
+    from securecc.acl import split_principal
+    from securecc.server.directory import use_service_credentials
     from securecc.server.config import ConfigError, load_config
 
     try:
