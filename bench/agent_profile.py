@@ -73,7 +73,7 @@ def start_agent(directory: Path, env: dict[str, str], profiles: Profiles) -> Non
             profile.disable()
             profiles.taken.append(profile)
 
-    agent.Agent.handle = profiled  # type: ignore[method-assign]
+    agent.Agent.handle = profiled
     threading.Thread(target=served.serve, args=(os.pipe()[1],), daemon=True).start()
     while not (directory / f"{name}.sock").exists():
         time.sleep(0.01)
@@ -100,7 +100,7 @@ def main() -> None:
         tree = debian_source(options.package, SOURCES)
         if (tree / "configure").exists() and not (tree / "Makefile").exists():
             subprocess.run(["sh", "./configure"], cwd=tree, env={**os.environ, "CC": "gcc"}, check=True,
-                           capture_output=True)  # fmt: skip
+                           capture_output=True)
         env = {**realm.user_env("alice", top), "SECURECC_HOSTS": host, "SECURECC_AGENT_DIR": str(top / "agent")}
         profiles = Profiles()
         start_agent(top / "agent", env, profiles)
@@ -125,18 +125,18 @@ def main() -> None:
         stats = pstats.Stats(taken[0])
         for profile in taken[1:]:
             stats.add(profile)
-        total = sum(row[2] for row in stats.stats.values())  # type: ignore[attr-defined]
+        total = sum(row[2] for row in stats.stats.values())
         print(f"profiled agent CPU {total / len(taken) * 1e3:.1f} ms/job over {len(taken)} jobs "
-              "(cProfile's own cost included), ms/job:")  # fmt: skip
+              "(cProfile's own cost included), ms/job:")
         for title, column in (("by own CPU", 2), ("securecc's functions by cumulative CPU", 3)):
             print(f" {title}:")
-            rows = sorted(stats.stats.items(), key=lambda item: -item[1][column])  # type: ignore[attr-defined]
+            rows = sorted(stats.stats.items(), key=lambda item: -item[1][column])
             if column == 3:
                 rows = [row for row in rows if "/securecc/" in row[0][0]]
             for (path, line, function), (_, calls, own, cumulative, _) in rows[: options.top]:
                 where = f"{Path(path).name}:{line}" if line else path
                 print(f"  {own / len(taken) * 1e3:6.2f} own {cumulative / len(taken) * 1e3:6.2f} cum"
-                      f"  {calls / len(taken):6.1f} calls  {function}  ({where})")  # fmt: skip
+                      f"  {calls / len(taken):6.1f} calls  {function}  ({where})")
         tiny_timeline(top, env, realm.dir / "server" / "audit.jsonl", options.tiny)
     finally:
         realm.close()
@@ -165,17 +165,17 @@ def tiny_timeline(top: Path, env: dict[str, str], audit: Path, n: int) -> None:
 
         return wrapper
 
-    agent.Agent.handle = timed(whole, agent.Agent.handle)  # type: ignore[method-assign]
-    client.prepare_job = timed(prepare, client.prepare_job)  # type: ignore[assignment]
-    client.Channel.call = timed(call, client.Channel.call)  # type: ignore[method-assign]
+    agent.Agent.handle = timed(whole, agent.Agent.handle)
+    client.prepare_job = timed(prepare, client.prepare_job)
+    client.Channel.call = timed(call, client.Channel.call)
     daemons: list[subprocess.Popen] = []
     groups: list[CpuGroup] = []
     try:
         distcc = start_distcc(top, "distccd", 4, daemons, groups)
         commands = {"securecc": ([str(BIN / "securecc"), "gcc"], env), "distcc": (distcc.cc.split(), distcc.env),
-                    "gcc": (["gcc"], env)}  # fmt: skip
+                    "gcc": (["gcc"], env)}
         bare = {"gcc -E -fdirectives-only (securecc's client)": ["-E", "-fdirectives-only"],
-                "gcc -E (distcc's client)": ["-E"]}  # fmt: skip
+                "gcc -E (distcc's client)": ["-E"]}
         walls: dict[str, list[float]] = {name: [] for name in [*commands, *bare]}
         before = len(audit.read_text().splitlines())
         log = top / "distccd.log"
@@ -193,7 +193,7 @@ def tiny_timeline(top: Path, env: dict[str, str], audit: Path, n: int) -> None:
         server = [r["duration"] * 1e3 for r in records if r.get("event") == "job" and r.get("decision") == "allowed"][3:]
         distccd = [int(m) for m in re.findall(rb" COMPILE_OK .* time:(\d+)ms", b"\n".join(log.read_bytes().splitlines()[logged:]))][3:]
     finally:
-        agent.Agent.handle, client.prepare_job, client.Channel.call = unpatched  # type: ignore[method-assign]
+        agent.Agent.handle, client.prepare_job, client.Channel.call = unpatched
         for process in daemons:
             process.terminate()
             process.wait()

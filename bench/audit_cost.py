@@ -12,8 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from securecc.server.auditlog import AuditLog
 from securecc.audit import generate_key, load_private_key, load_public_key, verify
+from securecc.server.auditlog import AuditLog
 
 JOB = dict(
     event="job", job_id="0123456789abcdef", principal="alice@EXAMPLE.ORG", peer="10.0.0.7:51234", compiler="gcc",
@@ -21,7 +21,7 @@ JOB = dict(
     args=["-g", "-O2", "-Wall", "-Wextra", "-fPIC"], source="src/lib/parser.c", cwd="/home/alice/src/project/build",
     headers=0, input_sha256="a" * 64, output_sha256="b" * 64, exit_status=0, ended_by=None, duration=0.8123,
     bytes_in=183412, bytes_out=23110, decision="allowed", reason="group:committers",
-)  # fmt: skip
+)
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
         assert report.ok, report.problem
         size = (directory / "audit.jsonl").stat().st_size
         print(f"{n} job records ({size / n:.0f} bytes each, a checkpoint every 100): "
-              f"{written / n * 1e6:.1f} µs per record on the server, verify {report.records / checked:,.0f} records/s")  # fmt: skip
+              f"{written / n * 1e6:.1f} µs per record on the server, verify {report.records / checked:,.0f} records/s")
     finally:
         shutil.rmtree(directory)
 

@@ -31,7 +31,7 @@ class Realm:
     def __init__(self, directory: Path, acl: str | None = None) -> None:
         self.dir = directory
         subprocess.run([sys.executable, REPO / "krb5-testrealm" / "testrealm", "up", directory], check=True,
-                       capture_output=True)  # fmt: skip
+                       capture_output=True)
         if acl:
             (directory / "acl.yaml").write_text(acl)
         self.env = json.loads((directory / "realm.json").read_text())["env"]
@@ -62,7 +62,7 @@ class Realm:
 
     def user_env(self, user: str, cache_home: Path) -> dict[str, str]:
         return {**os.environ, **self.env, "KRB5CCNAME": f"FILE:{cache_home}/{user}.ccache",
-                "KRB5_CLIENT_KTNAME": str(self.dir / f"{user}.keytab"), "XDG_CACHE_HOME": str(cache_home)}  # fmt: skip
+                "KRB5_CLIENT_KTNAME": str(self.dir / f"{user}.keytab"), "XDG_CACHE_HOME": str(cache_home)}
 
     def close(self) -> None:
         for process in self.servers:
@@ -76,7 +76,7 @@ def timed_make(project: Path, args: list[str], env: dict[str, str] | None = None
     subprocess.run(["make", "-s", clean], cwd=project, capture_output=True)
     started = time.monotonic()
     done = subprocess.run(["make", "-s", *args], cwd=project, env={**(env or os.environ), "PWD": str(project)},
-                          capture_output=True)  # fmt: skip
+                          capture_output=True)
     if done.returncode != 0 or os.environ.get("BENCH_VERBOSE"):
         sys.stderr.write(done.stderr.decode(errors="replace")[-3000:])
         if done.returncode != 0:
@@ -102,7 +102,7 @@ def debian_source(package: str, where: Path) -> Path:
     for version in [None, *source_versions(package)]:  # the candidate first, then the suite's own versions
         wanted = package if version is None else f"{package}={version}"
         done = subprocess.run(["apt-get", "source", "-q", "--download-only", wanted], cwd=target, capture_output=True,
-                              check=False)  # fmt: skip
+                              check=False)
         if done.returncode == 0:
             break
         failures.append(f"{wanted}: {done.stderr.decode(errors='replace').strip().splitlines()[-1:]}")

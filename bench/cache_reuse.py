@@ -36,7 +36,7 @@ def main() -> None:
         alice = timed_make(project, via, {**realm.user_env("alice", top), "SECURECC_HOSTS": host})
         bob = timed_make(project, via, {**realm.user_env("bob", top / "bob"), "SECURECC_HOSTS": host})
         print(f"{project.name}, make -j{options.j}: local {local:.2f} s, Alice (cold cache) {alice:.2f} s, "
-              f"Bob after Alice {bob:.2f} s = {bob / local:.2f} of local (aim <= 0.25)")  # fmt: skip
+              f"Bob after Alice {bob:.2f} s = {bob / local:.2f} of local (aim <= 0.25)")
         if os.environ.get("KEEP"):
             print(f"kept {top}")
     finally:

@@ -47,7 +47,7 @@ exit $status
 """
 TOOLS = {"cmake": "cmake", "meson": "meson", "ninja": "ninja-build", "autoreconf": "autoconf", "automake": "automake",
          "libtoolize": "libtool", "nasm": "nasm", "distcc": "distcc", "distccd": "distcc", "bwrap": "bubblewrap",
-         "make": "make", "perl": "perl", "g++": "g++"}  # fmt: skip
+         "make": "make", "perl": "perl", "g++": "g++"}
 MODES = ["local", "securecc", "distcc"]
 PREPROCESS_ONLY = {"-E", "-M", "-MM"}
 
@@ -138,7 +138,7 @@ RECIPES: dict[str, Recipe] = {
                      note="Release (-O3), no tests or benchmarks (their googletest/benchmark submodules are absent)"),
     "double-conversion": Recipe("cmake", "C++", ("-DCMAKE_BUILD_TYPE=Debug", "-DBUILD_TESTING=ON"),
                                 note="Debug (-g, no -O), its test programs built, not run"),
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -167,7 +167,7 @@ def ensure_tools() -> None:
     print(f"installing {' '.join(missing)}", file=sys.stderr)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     if subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env,
-                      check=False).returncode:  # fmt: skip
+                      check=False).returncode:
         subprocess.run(["apt-get", "update", "-q"], env=env, check=True)
         subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env, check=True)
 
@@ -179,7 +179,7 @@ def run(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
         out.flush()
         started = time.monotonic()
         done = subprocess.run(command, cwd=cwd, env={**env, "PWD": str(cwd)}, stdout=out, stderr=subprocess.STDOUT,
-                              check=False)  # fmt: skip
+                              check=False)
     if done.returncode:
         tail = log.read_bytes()[-2500:].decode(errors="replace")
         raise BuildFailed(f"exit {done.returncode}: {' '.join(command)}\n{tail}")
@@ -187,7 +187,7 @@ def run(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
 
 
 def configure(recipe: Recipe, tree: Path, cc: dict[str, str], env: dict[str, str], jobs: int,
-              log: Path) -> tuple[float, list[str]]:  # fmt: skip
+              log: Path) -> tuple[float, list[str]]:
     """The configure step in ``tree`` with the compilers ``cc``: its wall time and the build command."""
     env = {**env, "CC": cc["CC"], "CXX": cc["CXX"]}
     wall = 0.0
@@ -199,7 +199,7 @@ def configure(recipe: Recipe, tree: Path, cc: dict[str, str], env: dict[str, str
         launcher = ";".join(cc["LAUNCHER"].split())  # a CMake list
         wall += run(["cmake", "-S", ".", "-B", "_build", "-G", "Ninja", "-DCMAKE_C_COMPILER=gcc",
                      "-DCMAKE_CXX_COMPILER=g++", f"-DCMAKE_C_COMPILER_LAUNCHER={launcher}",
-                     f"-DCMAKE_CXX_COMPILER_LAUNCHER={launcher}", *recipe.options], tree, env, log)  # fmt: skip
+                     f"-DCMAKE_CXX_COMPILER_LAUNCHER={launcher}", *recipe.options], tree, env, log)
     elif recipe.system == "meson":
         wall += run(["meson", "setup", "_build", *recipe.options], tree, env, log)
     generate, targets = recipe.extra(tree) if recipe.extra else ([], [])
@@ -238,7 +238,7 @@ def traced_runs(trace: Path, skip: int) -> list[dict[str, Any]]:
         cwd, *argv = record.read_bytes().decode(errors="surrogateescape").split("\0")[:-1]
         err, log = Path(f"{record}.err"), Path(f"{record}.distcc")
         runs.append({"cwd": cwd, "argv": argv[skip:], "stderr": err.read_text(errors="replace") if err.exists() else "",
-                     "distcc": log.read_text(errors="replace") if log.exists() else ""})  # fmt: skip
+                     "distcc": log.read_text(errors="replace") if log.exists() else ""})
     return runs
 
 
@@ -282,7 +282,7 @@ def reason_group(reason: str) -> str:
 
 
 def tally(runs: list[dict[str, Any]], outcome: Callable[[dict[str, Any]], tuple[bool, str | None]],
-          served: int) -> dict[str, Any]:  # fmt: skip
+          served: int) -> dict[str, Any]:
     """The counts of one build: jobs, remote, local with reasons (most common first), and the server's count."""
     jobs = [r for r in runs if is_job(r["argv"][1:])]
     reasons: Counter[str] = Counter()
@@ -298,7 +298,7 @@ def tally(runs: list[dict[str, Any]], outcome: Callable[[dict[str, Any]], tuple[
     return {"runs": len(runs), "jobs": len(jobs), "remote": remote, "local": len(jobs) - remote,
             "local_reasons": dict(reasons.most_common()), "reason_examples": examples,
             "server_preprocessed": dict(server_cpp.most_common()),
-            "server_count": served}  # fmt: skip
+            "server_count": served}
 
 
 def elf_sections(data: bytes) -> list[tuple[str, bytes]]:
@@ -310,7 +310,7 @@ def elf_sections(data: bytes) -> list[tuple[str, bytes]]:
     headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * size) for i in range(count)]
     names = data[headers[names_index][4] :][: headers[names_index][5]] if count else b""
     return [(names[h[0] : names.index(b"\0", h[0])].decode(errors="replace"),
-             b"" if h[1] == 8 else data[h[4] : h[4] + h[5]]) for h in headers]  # fmt: skip  # type 8: SHT_NOBITS
+             b"" if h[1] == 8 else data[h[4] : h[4] + h[5]]) for h in headers]  # type 8: SHT_NOBITS
 
 
 def differing_sections(a: bytes, b: bytes) -> list[str]:
@@ -333,11 +333,11 @@ def compare(local: Path, local_objects: set[str], other: Path, other_objects: se
             differing[name] = differing_sections(a, b)
     return {"compared": len(both), "differing": len(differing), "differing_objects": differing,
             "only_in_local": sorted(local_objects - other_objects),
-            "only_in_this": sorted(other_objects - local_objects)}  # fmt: skip
+            "only_in_this": sorted(other_objects - local_objects)}
 
 
 def build_package(package: str, recipe: Recipe, modes: list[Mode], work: Path, wrapper: Path,
-                  jobs: int) -> dict[str, Any]:  # fmt: skip
+                  jobs: int) -> dict[str, Any]:
     """The three builds of one package at WORK/src/PACKAGE, each moved to WORK/builds/PACKAGE/MODE after it."""
     started = time.monotonic()
     pristine = debian_source(package, work / "sources")
@@ -347,7 +347,7 @@ def build_package(package: str, recipe: Recipe, modes: list[Mode], work: Path, w
     for parent in ("logs", "src", "configured"):
         (work / parent).mkdir(exist_ok=True)
     result: dict[str, Any] = {"package": package, "tree": pristine.name, "system": recipe.system,
-                              "languages": recipe.languages, "note": recipe.note, "seconds": {}, "builds": {}}  # fmt: skip
+                              "languages": recipe.languages, "note": recipe.note, "seconds": {}, "builds": {}}
     objects: dict[str, set[str]] = {}
     make: list[str] = []
     for mode in modes:
@@ -373,7 +373,7 @@ def build_package(package: str, recipe: Recipe, modes: list[Mode], work: Path, w
         served = mode.served()
         try:
             result["seconds"][mode.name] = run(command, canonical, {**mode.env, **mode.verbose,
-                                                                    "COVERAGE_TRACE": str(trace)}, log)  # fmt: skip
+                                                                    "COVERAGE_TRACE": str(trace)}, log)
         finally:
             time.sleep(0.3)  # the servers' last audit record and log line
             destination = work / "builds" / package / mode.name
@@ -387,7 +387,7 @@ def build_package(package: str, recipe: Recipe, modes: list[Mode], work: Path, w
     local = work / "builds" / package / "local"
     result["jobs"] = result["builds"]["local"]["jobs"]
     result["objects"] = {m.name: compare(local, objects["local"], work / "builds" / package / m.name, objects[m.name])
-                         for m in modes[1:]}  # fmt: skip
+                         for m in modes[1:]}
     result["seconds"]["total"] = time.monotonic() - started
     return result
 
@@ -404,12 +404,12 @@ def table(results: list[dict[str, Any]]) -> str:
     """The markdown table of a run, then the differing objects and what each build left out."""
     lines = [("| package | build | jobs | securecc remote | securecc local: reasons | distcc remote | "
               "distcc local: reasons | securecc objects compared / differing | distcc objects compared / differing "
-              "| build s: local / securecc / distcc (package total) |"), "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| build s: local / securecc / distcc (package total) |"), "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for r in results:
         if "error" in r:
             lines.append(f"| {r['package']} | {r.get('system', '')} | failed: {cell(r['error'].splitlines()[0])} |"
-                         + " |" * 7)  # fmt: skip
+                         + " |" * 7)
             continue
         sc, dc = r["builds"]["securecc"], r["builds"]["distcc"]
         o = r["objects"]
@@ -418,7 +418,7 @@ def table(results: list[dict[str, Any]]) -> str:
                      f"{sc['remote']} (audit {sc['server_count']}) | {sc['local']}: {reasons(sc['local_reasons'])} | "
                      f"{dc['remote']} (distccd {dc['server_count']}) | {dc['local']}: {reasons(dc['local_reasons'])} | "
                      f"{o['securecc']['compared']} / {o['securecc']['differing']} | "
-                     f"{o['distcc']['compared']} / {o['distcc']['differing']} | {seconds} |")  # fmt: skip
+                     f"{o['distcc']['compared']} / {o['distcc']['differing']} | {seconds} |")
         for mode in MODES[1:]:
             built = r["builds"][mode]
             if built["jobs"] != r["jobs"]:
@@ -429,10 +429,10 @@ def table(results: list[dict[str, Any]]) -> str:
             if diff["differing_objects"]:
                 names = [f"{n} ({', '.join(s)})" for n, s in diff["differing_objects"].items()]
                 notes.append(f"- {r['package']}: {mode} objects differing from local: {', '.join(names[:12])}"
-                             + (f" and {len(names) - 12} more" if len(names) > 12 else ""))  # fmt: skip
+                             + (f" and {len(names) - 12} more" if len(names) > 12 else ""))
             if diff["only_in_local"] or diff["only_in_this"]:
                 notes.append(f"- {r['package']}: objects only in local {len(diff['only_in_local'])}, "
-                             f"only in {mode} {len(diff['only_in_this'])}")  # fmt: skip
+                             f"only in {mode} {len(diff['only_in_this'])}")
         if r["note"]:
             notes.append(f"- {r['package']} ({r['tree']}): {r['note']}")
     return "\n".join(lines + [""] + notes)
@@ -444,7 +444,7 @@ def source_state() -> dict[str, Any]:
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False).stdout
 
     return {"commit": git("rev-parse", "HEAD").strip(),
-            "uncommitted": git("status", "--porcelain", "--", "securecc", "bin").split("\n")[:-1]}  # fmt: skip
+            "uncommitted": git("status", "--porcelain", "--", "securecc", "bin").split("\n")[:-1]}
 
 
 def main() -> None:
@@ -482,9 +482,9 @@ def main() -> None:
                  Mode("securecc", [f"{BIN}/securecc"], securecc.env, {"SECURECC_VERBOSE": "1"},
                       lambda run: securecc_outcome(run["stderr"]), securecc.remote_jobs),
                  Mode("distcc", [shutil.which("distcc") or "distcc"], distcc_env, {"DISTCC_VERBOSE": "1"},
-                      lambda run: distcc_outcome(run["distcc"]), distcc.remote_jobs)]  # fmt: skip
+                      lambda run: distcc_outcome(run["distcc"]), distcc.remote_jobs)]
         out: dict[str, Any] = {"machine": machine(), "securecc": source_state(), "jobs": options.jobs,
-                               "work": str(work), "packages": []}  # fmt: skip
+                               "work": str(work), "packages": []}
         for package in packages:
             try:
                 out["packages"].append(build_package(package, RECIPES[package], modes, work, wrapper, options.jobs))
@@ -497,7 +497,7 @@ def main() -> None:
         info = out["machine"]
         print(f"\n{info['nproc']} x {info['cpu']}, {info['os']}, {info['gcc']}, {info['distcc']}; -j{options.jobs}; "
               f"builds in {work}/src/PACKAGE, kept in {work}/builds; securecc at {out['securecc']['commit'][:12]}"
-              f" with {len(out['securecc']['uncommitted'])} files of securecc/ and bin/ changed\n")  # fmt: skip
+              f" with {len(out['securecc']['uncommitted'])} files of securecc/ and bin/ changed\n")
         print(table(out["packages"]))
         print(f"\n{options.json} ({out['seconds']:.0f} s)")
     finally:

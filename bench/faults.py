@@ -44,8 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-
 from benchrealm import BIN, PRINCIPAL, REPO, Realm, free_port
+
 from securecc.audit import load_public_key, records, verify
 
 SANDBOX_UID = 65534
@@ -118,7 +118,7 @@ class Server:
     def start(self, env: dict[str, str]) -> None:
         log = open(self.config.parent / "server.log", "ab")
         self.process = subprocess.Popen([BIN / "securecc-server", "--config", self.config], env=env, stdout=log,
-                                        stderr=subprocess.STDOUT)  # fmt: skip
+                                        stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while b"securecc-server listening on" not in (self.config.parent / "server.log").read_bytes()[-4000:]:
             if time.monotonic() > deadline or self.process.poll() is not None:
@@ -214,14 +214,14 @@ class Client:
         self.home.mkdir(exist_ok=True)
         self.ccache.unlink(missing_ok=True)
         subprocess.run(["kinit", "-k", "-t", str(self.farm.realm.dir / "alice.keytab"), "alice"], check=True,
-                       env={**self.farm.server_env, "KRB5CCNAME": f"FILE:{self.ccache}"}, capture_output=True)  # fmt: skip
+                       env={**self.farm.server_env, "KRB5CCNAME": f"FILE:{self.ccache}"}, capture_output=True)
 
     def env(self, hosts: str, state: Path) -> dict[str, str]:
         """Her environment for one build; ``state``: its back-off file (each build starts with none)."""
         env = {k: v for k, v in self.farm.server_env.items() if not k.startswith("SECURECC_")}
         env.pop("KRB5_CLIENT_KTNAME", None)
         return {**env, "KRB5CCNAME": f"FILE:{self.ccache}", "SECURECC_HOSTS": hosts, "SECURECC_VERBOSE": "1",
-                "XDG_CACHE_HOME": str(state), "SECURECC_AGENT_DIR": str(self.home / "agent")}  # fmt: skip
+                "XDG_CACHE_HOME": str(state), "SECURECC_AGENT_DIR": str(self.home / "agent")}
 
 
 @dataclass
@@ -238,7 +238,7 @@ def make(directory: Path, jobs: int, env: dict[str, str], compiler: str, interru
     subprocess.run(["make", "-s", "clean"], cwd=directory, check=True, capture_output=True)
     started = time.monotonic()
     process = subprocess.Popen(["make", "-s", f"-j{jobs}", f"CC={compiler}"], cwd=directory, env={**env, "PWD": str(directory)},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     if interrupt_after is not None:
         time.sleep(interrupt_after)
         os.killpg(process.pid, signal.SIGINT)  # what ^C at the terminal does: make and every compile get it
@@ -331,7 +331,7 @@ def leftover_processes(directory: Path, wait: float = 10.0) -> list[str]:
         time.sleep(0.5)
 
 
-def later(seconds: float, action) -> threading.Timer:  # type: ignore[no-untyped-def]
+def later(seconds: float, action) -> threading.Timer:
     timer = threading.Timer(seconds, action)
     timer.start()
     return timer
@@ -407,7 +407,7 @@ def main() -> None:
         sys.exit(1)
 
 
-def campaign(farm: Farm, options: argparse.Namespace) -> list[dict]:  # type: ignore[type-arg]
+def campaign(farm: Farm, options: argparse.Namespace) -> list[dict]:
     top, jobs = farm.top, options.jobs
     for n in range(3):
         farm.add(f"server{n}")
@@ -423,10 +423,10 @@ def campaign(farm: Farm, options: argparse.Namespace) -> list[dict]:  # type: ig
     if local.returncode != 0:
         raise SystemExit(f"the local build failed: {local.stderr[-2000:]}")
     reference = {p.name: sha256(p) for p in (local_dir / "src").glob("*.o")}
-    rows: list[dict] = []  # type: ignore[type-arg]
+    rows: list[dict] = []
     runs = 0
 
-    def run(name: str, fault=None, after=None, env: Client | None = None, interrupt: float | None = None, repeat_after_interrupt=False):  # type: ignore[no-untyped-def]
+    def run(name: str, fault=None, after=None, env: Client | None = None, interrupt: float | None = None, repeat_after_interrupt=False):
         nonlocal runs
         runs += 1
         directory = copy(template, top, f"build{runs}-{name}")
@@ -454,7 +454,7 @@ def campaign(farm: Farm, options: argparse.Namespace) -> list[dict]:  # type: ig
 
     def row(name: str, build: Build, result: Check, wall: float | None = None, limit: str = "build") -> None:
         rows.append({"fault": name, "wall": wall if wall is not None else build.wall, "remote": result.remote,
-                     "local": result.local, "problems": result.problems, "limit": limit, "ok": not result.problems})  # fmt: skip
+                     "local": result.local, "problems": result.problems, "limit": limit, "ok": not result.problems})
         state = "ok" if not result.problems else "FAILED: " + "; ".join(result.problems[:3])
         print(f"faults.py: {name}: {rows[-1]['wall']:.1f} s, {result.remote} remote, {state}", file=sys.stderr, flush=True)
 
@@ -475,16 +475,16 @@ def campaign(farm: Farm, options: argparse.Namespace) -> list[dict]:  # type: ig
     if chosen("sigstop"):
         victim = farm.servers[1]
 
-        def freeze():  # type: ignore[no-untyped-def]
+        def freeze():
             return [later(2, lambda: victim.signal(signal.SIGSTOP)),
-                    later(2 + options.freeze, lambda: victim.signal(signal.SIGCONT))]  # fmt: skip
+                    later(2 + options.freeze, lambda: victim.signal(signal.SIGCONT))]
 
         build, result = run("sigstop", fault=freeze)
         row(f"SIGSTOP of a server for {options.freeze:g} s", build, result)
     if chosen("slapd"):
         slapd = farm.daemon("slapd")
 
-        def ldap_down():  # type: ignore[no-untyped-def]
+        def ldap_down():
             time.sleep(4)  # the servers' LDAP answers (kept 3 s) have expired
             os.kill(slapd, signal.SIGSTOP)
             return [later(options.ldap_outage, lambda: os.kill(slapd, signal.SIGCONT))]
@@ -494,7 +494,7 @@ def campaign(farm: Farm, options: argparse.Namespace) -> list[dict]:  # type: ig
     if chosen("kdc-cached"):
         kdc = farm.daemon("krb5kdc")
 
-        def kdc_down():  # type: ignore[no-untyped-def]
+        def kdc_down():
             os.kill(kdc, signal.SIGSTOP)
             return []
 
@@ -505,18 +505,18 @@ def campaign(farm: Farm, options: argparse.Namespace) -> list[dict]:  # type: ig
         fresh = Client(farm, top / "fresh.ccache", top / "fresh-home")
         fresh.kinit()  # a TGT, and no service ticket yet
 
-        def kdc_down_fresh():  # type: ignore[no-untyped-def]
+        def kdc_down_fresh():
             os.kill(kdc, signal.SIGSTOP)
             return []
 
         build, result = run("kdc-fresh", fault=kdc_down_fresh, env=fresh,
-                            after=lambda: os.kill(kdc, signal.SIGCONT))  # fmt: skip
+                            after=lambda: os.kill(kdc, signal.SIGCONT))
         row("KDC down, fresh ccache (no ticket)", build, result, limit="local")
     if chosen("full-disk"):
         assert farm.disk is not None
         filler: list[Path] = []
 
-        def disk_fills():  # type: ignore[no-untyped-def]
+        def disk_fills():
             filler.append(fill(farm.disk, 0))
             use_up_headroom(next(s for s in farm.servers if s.name == "server3"), client, top / "headroom")
             return []
@@ -531,7 +531,7 @@ def campaign(farm: Farm, options: argparse.Namespace) -> list[dict]:  # type: ig
         row("SIGINT to make, then make again", build, result)
     if chosen("all-down"):
 
-        def all_down():  # type: ignore[no-untyped-def]
+        def all_down():
             for server in farm.servers:
                 server.stop()
             return []
@@ -561,7 +561,7 @@ def campaign(farm: Farm, options: argparse.Namespace) -> list[dict]:  # type: ig
         if not report.ok:
             stopped.fail(f"{server.name}: {report.problem}")
     rows.append({"fault": "every server stopped: each log verifies whole", "wall": None, "remote": 0, "local": 0,
-                 "problems": stopped.problems, "limit": "none", "ok": not stopped.problems})  # fmt: skip
+                 "problems": stopped.problems, "limit": "none", "ok": not stopped.problems})
     return rows
 
 
@@ -569,11 +569,11 @@ def make_again(directory: Path, jobs: int, env: dict[str, str]) -> Build:
     """make after an interrupted make: what is missing is built, and what ^C left half-written must not count."""
     started = time.monotonic()
     done = subprocess.run(["make", "-s", f"-j{jobs}", f"CC={BIN}/securecc gcc"], cwd=directory, env={**env, "PWD": str(directory)},
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return Build(directory, done.returncode, time.monotonic() - started, done.stderr.decode(errors="replace"))
 
 
-def render(rows: list[dict], options: argparse.Namespace) -> str:  # type: ignore[type-arg]
+def render(rows: list[dict], options: argparse.Namespace) -> str:
     base = rows[0]["wall"]
     local = rows[0].get("local_wall", 0.0)
     lines = [
@@ -594,7 +594,7 @@ def render(rows: list[dict], options: argparse.Namespace) -> str:  # type: ignor
             target, met = f"≤ {TARGET}×", ratio <= TARGET
         checks = "ok" if r["ok"] else "FAILED: " + "; ".join(r["problems"][:3])
         lines.append(f"| {r['fault']} | {r['wall']:.1f} s | {ratio:.2f} | {r['remote']} | {target}: "
-                     f"{'met' if met else 'missed'} | {checks} |")  # fmt: skip
+                     f"{'met' if met else 'missed'} | {checks} |")
     return "\n".join(lines)
 
 

@@ -28,19 +28,20 @@ import tempfile
 import time
 import traceback
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from securecc.server import distcc_wire as distcc  # noqa: E402
 from securecc import protocol as wire  # noqa: E402
+from securecc.server import distcc_wire as distcc  # noqa: E402
 
 CHUNK, MAX_FRAME = wire.CHUNK, wire.MAX_FRAME
 PREAUTH_FRAME = getattr(wire, "MAX_HANDSHAKE_FRAME", MAX_FRAME)  # the pre-handshake cap, where there is one
 DEFER = hasattr(wire, "PackedMessageReceived")
 TEXT = "abc-_/.= \"\\\n\x00é\u00ff中\U0001f600\udcff\ud800"  # lone surrogates included: JSON must carry them
 LIMITS = [0, 1, 2, 3, 12, 100, CHUNK - 1, CHUNK, CHUNK + 1, PREAUTH_FRAME, PREAUTH_FRAME + 1, MAX_FRAME, MAX_FRAME + 1,
-          wire.MAX_HEADER, wire.MAX_HEADER + 1, distcc.MAX_TOKEN + 1, distcc.MAX_ARG + 1, 2**31, 2**32 - 1]  # fmt: skip
+          wire.MAX_HEADER, wire.MAX_HEADER + 1, distcc.MAX_TOKEN + 1, distcc.MAX_ARG + 1, 2**31, 2**32 - 1]
 JSON_JUNK = [b"-1", b"0", b"1e400", b"99999999999999999999", b"null", b"true", b'"x"', b"[]", b"{}", b"[[[[[[", b"1.5"]
 _NUMBER = re.compile(rb"-?\d+")
 _DISTCC_ITEM = re.compile(rb"(?:TLEN|DIST|ARGC|ARGV|DOTI)[0-9a-f]{8}")
@@ -74,7 +75,7 @@ def message(rng: random.Random, big: bool = False) -> wire.Message:
         paths = [text(rng) for _ in range(rng.randrange(3))]
         return wire.Job(text(rng), [text(rng) for _ in range(rng.randrange(4))], text(rng), text(rng), text(rng), text(rng),
                         blob(rng, big), blob(rng), {text(rng): text(rng) for _ in range(rng.randrange(3))}, text(rng),
-                        paths, [blob(rng) for _ in paths])  # fmt: skip
+                        paths, [blob(rng) for _ in paths])
     if kind == 1:
         return wire.Result(rng.randint(-300, 300), blob(rng), blob(rng), None if rng.random() < 0.2 else blob(rng, big), text(rng))
     if kind == 2:
@@ -117,7 +118,7 @@ def protocol_base(rng: random.Random) -> Base:
                 payload = wire.MAGIC + bytes([rng.randrange(4), rng.randrange(4)])
             elif kind == wire.Kind.ERROR:
                 body: Any = rng.choice(({"reason": text(rng), "message": text(rng)}, {"reason": [text(rng)], "message": None},
-                                        [1, 2], "x", {"reason": 1}, "[" * rng.randint(1, 3000)))  # fmt: skip
+                                        [1, 2], "x", {"reason": 1}, "[" * rng.randint(1, 3000)))
                 payload = body.encode() if isinstance(body, str) and body.startswith("[") else json.dumps(body).encode()
             else:
                 payload = rng.randbytes(rng.choice((0, 1, 50, 700)))
@@ -145,7 +146,7 @@ def distcc_base(rng: random.Random) -> Base:
     body = distcc.lzo_compress(source) if version == 2 else source
     data = b"".join([b"*", *(distcc.item(b"TLEN", len(t), t) for t in tokens), distcc.item(b"DIST", version),
                      distcc.item(b"ARGC", len(argv)), *(distcc.item(b"ARGV", len(a), a) for a in argv),
-                     distcc.item(b"DOTI", len(body), body)])  # fmt: skip
+                     distcc.item(b"DOTI", len(body), body)])
     need = len(source) + sum(map(len, argv)) + len(body)
     max_input = rng.choice((need, need - 1, len(body) + sum(map(len, argv)), 0, 100, 1 << 20, 128 << 20))
     lengths = [(m.start() + 4, 8) for m in _DISTCC_ITEM.finditer(data)]
@@ -311,7 +312,7 @@ def worker(args: tuple[int, int, int, str, float]) -> dict[str, Any]:
                         "parser": name, "family": base.family, "seed": seed, "worker": index, "index": i,
                         "params": base.params, "pieces": points, "problem": problem, "input_hex": data.hex(),
                         "input_repr": repr(data)[:4000],
-                    })))  # fmt: skip
+                    })))
             outcomes[name][outcome] += 1
             families[name][base.family] += 1
     return {"outcomes": outcomes, "families": families, "spent": spent, "slowest": slowest, "crashes": crashes}
@@ -344,7 +345,7 @@ def main() -> int:
     jobs = max(1, min(args.jobs, args.count))
     shares = [args.count // jobs + (i < args.count % jobs) for i in range(jobs)]
     print(f"fuzz_wire: seed {seed}, {jobs} processes, {args.count:,} inputs per parser "
-          f"(pre-handshake frame cap {PREAUTH_FRAME}, MAX_FRAME {MAX_FRAME})", flush=True)  # fmt: skip
+          f"(pre-handshake frame cap {PREAUTH_FRAME}, MAX_FRAME {MAX_FRAME})", flush=True)
     start = time.perf_counter()
     with multiprocessing.Pool(jobs) as pool:
         results = pool.map(worker, [(seed, i, n, args.crash_dir, args.slow) for i, n in enumerate(shares)])
@@ -357,7 +358,7 @@ def main() -> int:
         total = sum(outcomes.values())
         print(f"{name:8} {total:>10,} inputs  {total / spent:>9,.0f} inputs/s per core (parse only)  "
               + "  ".join(f"{k} {v:,}" for k, v in sorted(outcomes.items()))
-              + f"  crashes {outcomes['crash']:,}")  # fmt: skip
+              + f"  crashes {outcomes['crash']:,}")
         print(f"{'':8} by family: " + ", ".join(f"{k} {v:,}" for k, v in sorted(families.items())))
     took, what = max(r["slowest"] for r in results)
     inputs = sum(sum(r["outcomes"][name].values()) for r in results for name in RUNNERS)

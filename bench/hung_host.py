@@ -29,7 +29,7 @@ def main() -> None:
     for n in range(options.n):
         (project / f"f{n}.c").write_text(f"#define SCALE(x) ((x) * 3)\nint f{n}(int x) {{ return SCALE(x) + {n}; }}\n")
     (project / "Makefile").write_text("all: " + " ".join(f"f{n}.o" for n in range(options.n))
-                                      + "\n%.o: %.c\n\t$(CC) -g -O2 -c $< -o $@\nclean:\n\trm -f *.o\n")  # fmt: skip
+                                      + "\n%.o: %.c\n\t$(CC) -g -O2 -c $< -o $@\nclean:\n\trm -f *.o\n")
     realm = Realm(top / "realm")
     hung = None
     try:
@@ -41,7 +41,7 @@ def main() -> None:
         with_hung = timed_make(project, make, {**realm.user_env("alice", top / "b"), "SECURECC_HOSTS": f"{stopped} {healthy}"})
         print(f"{options.n} files, make -j{options.j}: host absent {absent:.2f} s, host hung {with_hung:.2f} s, "
               f"lost {with_hung - absent:.2f} s (handshake timeout "
-              f"{os.environ.get('SECURECC_HANDSHAKE_TIMEOUT', '5')} s, then back-off)")  # fmt: skip
+              f"{os.environ.get('SECURECC_HANDSHAKE_TIMEOUT', '5')} s, then back-off)")
     finally:
         if hung:
             hung.send_signal(signal.SIGCONT)

@@ -30,9 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchrealm import BIN, Realm, shutil_rm
+
 from securecc import protocol as wire
-from securecc.client.job import Channel
 from securecc.client.hosts import parse_host
+from securecc.client.job import Channel
 from securecc.toolchain import probe
 
 IDENTITY = probe("/usr/bin/gcc")
@@ -130,7 +131,7 @@ def agent_build(realm: Realm, top: Path, host: str, total: int) -> list[tuple[in
 
     def compile_one(n: int) -> None:
         done = subprocess.run([BIN / "securecc", "gcc", "-O2", "-c", f"s{n % 40}.c", "-o", f"o{n}.o"], cwd=work,
-                              env=env, capture_output=True)  # fmt: skip
+                              env=env, capture_output=True)
         if done.returncode != 0:
             raise SystemExit(done.stderr.decode())
 

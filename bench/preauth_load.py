@@ -27,8 +27,8 @@ from benchrealm import Realm, shutil_rm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from securecc import protocol as wire  # noqa: E402
-from securecc.client.job import Channel  # noqa: E402
 from securecc.client.hosts import parse_host  # noqa: E402
+from securecc.client.job import Channel  # noqa: E402
 from securecc.server.admission import PREAUTH_PER_SOURCE  # noqa: E402
 from securecc.toolchain import probe  # noqa: E402
 
@@ -96,7 +96,7 @@ def alive(sockets: list[socket.socket]) -> int:
 def report(label: str, pid: int, latencies: list[float]) -> None:
     q = statistics.quantiles(latencies, n=20)
     print(f"{label:38s} RSS {family_rss(pid):6.1f} MiB   handshake+job p50 {statistics.median(latencies) * 1000:6.1f} ms"
-          f"  p95 {q[18] * 1000:6.1f} ms")  # fmt: skip
+          f"  p95 {q[18] * 1000:6.1f} ms")
 
 
 def main() -> None:
@@ -121,7 +121,7 @@ def main() -> None:
         more = idle(port, options.idle)
         time.sleep(1)
         print(f"{'':38s} {options.idle} more: still connected {alive(more)} (the total cap is 2048); RSS "
-              f"{family_rss(process.pid):.1f} MiB")  # fmt: skip
+              f"{family_rss(process.pid):.1f} MiB")
         for sock in held + more:
             sock.close()
     finally:

@@ -24,8 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from securecc import sandbox
 from vs_distcc import CpuGroup
+
+from securecc import sandbox
 
 SOURCE = b"int tiny(int x) { return x * 2; }\n"
 
@@ -60,7 +61,7 @@ def layers(full: list[str]) -> dict[str, list[str]]:
     bare = [a.replace("/job/input", "input").replace("/job/output", "output") for a in compile_args]
     prlimit = full[: full.index("--") + 1]
     system = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-              "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]  # fmt: skip
+              "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     over_root = ["--ro-bind", "/", "/", "--bind", ".", "/tmp", "--chdir", "/tmp"]  # the job dir where / has a mount point
     return {
         "bare gcc": bare,
@@ -70,7 +71,7 @@ def layers(full: list[str]) -> dict[str, list[str]]:
         "+ system binds, /proc, /dev, /tmp tmpfs": [*prlimit, "bwrap", "--unshare-all", *system, "--bind", ".", "/job",
                                                     "--chdir", "/job", "--", *compile_args],
         "the whole sandbox.command()": full,
-    }  # fmt: skip
+    }
 
 
 # As root, run as the job handler does: under the sandbox uid (bwrap then makes a user namespace).
@@ -94,7 +95,7 @@ def breakdown(options: argparse.Namespace, settings: sandbox.Settings, scratch: 
 
 
 def sample(options: argparse.Namespace, settings: sandbox.Settings, scratch: Path, group: CpuGroup,
-           times: dict[str, list[tuple[float, float]]]) -> None:  # fmt: skip
+           times: dict[str, list[tuple[float, float]]]) -> None:
     for n in range(options.n):
         job_dir = job_directory(scratch, f"b{n}", settings)
         spec = sandbox.Spec("/usr/bin/gcc", ["-x", "c", "-O2", "-c"], job_dir, "/build", "tiny.c", {})
@@ -132,7 +133,7 @@ def main() -> None:
     b, s = statistics.median(bare) * 1000, statistics.median(boxed) * 1000
     mode = "setpriv+prlimit+bwrap" if root else "prlimit+bwrap"
     print(f"tiny compile, median of {options.n}: bare gcc {b:.1f} ms, sandboxed ({mode}) {s:.1f} ms, "
-          f"overhead {s - b:.1f} ms ({s / b:.2f}x)")  # fmt: skip
+          f"overhead {s - b:.1f} ms ({s / b:.2f}x)")
 
 
 if __name__ == "__main__":

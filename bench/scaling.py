@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchrealm import REPO, Realm, timed_make
-from vs_distcc import (ACL, TARGETS, CpuGroup, Tool, build, check_remote, machine, prepare, start_distcc, start_securecc,
-                       tear_down)
+from vs_distcc import ACL, TARGETS, CpuGroup, Tool, build, check_remote, machine, prepare, start_distcc, start_securecc, tear_down
 
 CLIENT_CPU, SERVER_CPU = 0, 1
 
@@ -57,9 +56,9 @@ def measure(project: Any, tool: Tool, slots: int, reps: int) -> dict[str, Any]:
     client = statistics.median(r["client_cpu_s"] for r in runs) / jobs * 1000
     server = statistics.median(r["server_cpu_s"] for r in runs) / jobs * 1000
     print(f"{tool.name:9} {slots} slots: {jobs / wall:5.2f} jobs/s, client {client:5.1f} ms/job, server {server:6.1f} ms/job",
-          file=sys.stderr)  # fmt: skip
+          file=sys.stderr)
     return {"slots": slots, "wall_s": wall, "jobs_per_s": jobs / wall, "client_cpu_ms_per_job": client,
-            "server_cpu_ms_per_job": server, "server_cores_per_client_core": server / client, "runs": runs}  # fmt: skip
+            "server_cpu_ms_per_job": server, "server_cores_per_client_core": server / client, "runs": runs}
 
 
 def plot(result: dict[str, Any], path: Path) -> bool:
@@ -78,9 +77,9 @@ def plot(result: dict[str, Any], path: Path) -> bool:
         left.plot(slots, [p["jobs_per_s"] for p in points], marker="o", label=name)
         right.plot(slots, [1000 / p["client_cpu_ms_per_job"] for p in points], marker="o", label=name)
     left.set(xlabel="server slots (all on one server core)", ylabel="jobs/s",
-             title=f"{result['tree']}: measured, client on 1 core")  # fmt: skip
+             title=f"{result['tree']}: measured, client on 1 core")
     right.set(xlabel="server slots", ylabel="jobs/s (1000 / client CPU ms per job)",
-              title="what one client core could feed")  # fmt: skip
+              title="what one client core could feed")
     for axes in (left, right):
         axes.set_xticks([p["slots"] for p in next(iter(result["tools"].values()))])
         axes.set_ylim(bottom=0)
@@ -109,13 +108,13 @@ def main() -> None:
     try:
         project = prepare(options.package, top, argparse.Namespace(j=4), TARGETS)
         result: dict[str, Any] = {"machine": machine(), "package": options.package, "tree": project.tree.name,
-                                  "jobs": len(project.commands), "tools": {"distcc": [], "securecc": []}}  # fmt: skip
+                                  "jobs": len(project.commands), "tools": {"distcc": [], "securecc": []}}
         for slots in (int(s) for s in options.slots.split(",")):
             os.sched_setaffinity(0, {CLIENT_CPU, SERVER_CPU})  # servers start anywhere, then are pinned
             tools = [start_distcc(top, f"distccd-{slots}", slots, daemons, groups),
-                     start_securecc(realm, top, f"server-{slots}", slots, groups)]  # fmt: skip
+                     start_securecc(realm, top, f"server-{slots}", slots, groups)]
             for tool in tools:
-                pin_group(tool.group, SERVER_CPU)  # type: ignore[arg-type]
+                pin_group(tool.group, SERVER_CPU)
             os.sched_setaffinity(0, {CLIENT_CPU})  # make and everything under it, the agent included
             for tool in tools:
                 result["tools"][tool.name].append(measure(project, tool, slots, options.reps))

@@ -28,8 +28,8 @@ from benchrealm import Realm, shutil_rm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from securecc import protocol as wire  # noqa: E402
-from securecc.client.job import Channel  # noqa: E402
 from securecc.client.hosts import parse_host  # noqa: E402
+from securecc.client.job import Channel  # noqa: E402
 from securecc.toolchain import probe  # noqa: E402
 
 TINY = b"int tiny(int x) { return x * 3 + 1; }\n"
@@ -100,7 +100,7 @@ def main() -> None:
             print(f"{'sessions kept' if reuse else 'handshake per job':18s}: {rate:7.0f} jobs/s, "
                   f"server CPU {cpu / len(latencies) * 1000:.2f} ms/job ({cpu / options.seconds * 100:.0f}% of its core), "
                   f"latency p50 {quantiles[49] * 1000:.1f} ms p99 {quantiles[98] * 1000:.1f} ms "
-                  f"({options.connections} connections)")  # fmt: skip
+                  f"({options.connections} connections)")
     finally:
         realm.close()
         shutil_rm(top)

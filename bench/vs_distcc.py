@@ -28,13 +28,13 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
-
 from benchrealm import BIN, REPO, Realm, debian_source, free_port, shutil_rm, timed_make
 
 ACL = "realms: [TEST.REALM]\nallow:\n  - principal: alice\n"
@@ -181,7 +181,7 @@ def wait_port(port: int, what: str) -> None:
 
 
 def start_distcc(top: Path, name: str, jobs: int, daemons: list[subprocess.Popen], groups: list[CpuGroup],
-                 scratch: Path | None = None) -> Tool:  # fmt: skip
+                 scratch: Path | None = None) -> Tool:
     """distccd on 127.0.0.1, plain TCP, no fallback: a job that cannot go remote fails instead of quietly
     compiling here. --nice 0: securecc-server does not renice its compilers either. ``scratch``: its
     TMPDIR (where it writes each job's files), else /tmp."""
@@ -192,9 +192,9 @@ def start_distcc(top: Path, name: str, jobs: int, daemons: list[subprocess.Popen
     groups.append(CpuGroup(name))
     daemon = ["distccd", "--no-detach", "--daemon", "--listen", "127.0.0.1", "--port", str(port),
               "--allow", "127.0.0.1", "--jobs", str(jobs), "--nice", "0",
-              "--log-level", "info", "--log-file", str(log)]  # fmt: skip
+              "--log-level", "info", "--log-file", str(log)]
     process = subprocess.Popen(groups[-1].command(daemon), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, **({"TMPDIR": str(scratch)} if scratch else {})})  # fmt: skip
+                               env={**os.environ, **({"TMPDIR": str(scratch)} if scratch else {})})
     daemons.append(process)
     for _ in range(200):
         if b"listening on" in log.read_bytes():
@@ -209,13 +209,13 @@ def start_distcc(top: Path, name: str, jobs: int, daemons: list[subprocess.Popen
         return {"DISTCC_HOSTS": f"127.0.0.1:{to}/{jobs}"}
 
     env = {**os.environ, "DISTCC_DIR": str(state), "DISTCC_FALLBACK": "0", "DISTCC_SKIP_LOCAL_RETRY": "1",
-           **via(port)}  # fmt: skip
+           **via(port)}
     return Tool("distcc", f"{shutil.which('distcc')} gcc", env, groups[-1], port,
-                remote_jobs=lambda: log.read_bytes().count(b" COMPILE_OK "), via=via)  # fmt: skip
+                remote_jobs=lambda: log.read_bytes().count(b" COMPILE_OK "), via=via)
 
 
 def start_securecc(realm: Realm, top: Path, name: str, slots: int, groups: list[CpuGroup],
-                   scratch: Path | None = None) -> Tool:  # fmt: skip
+                   scratch: Path | None = None) -> Tool:
     """A securecc-server as Realm.server starts it, restarted without the result cache (which Realm.server
     always configures) and the monitoring listener, in its CPU group: every job compiles, as with distccd.
     ``scratch``: the directory its job handler's scratch goes in, else the server's own."""
@@ -231,7 +231,7 @@ def start_securecc(realm: Realm, top: Path, name: str, slots: int, groups: list[
     path.write_text(yaml.safe_dump(config))
     groups.append(CpuGroup(name))
     process = subprocess.Popen(groups[-1].command([str(a) for a in first.args]), env={**os.environ, **realm.env},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     realm.servers.append(process)
     port = int(host.split(":")[1].split("/")[0])
     wait_port(port, "securecc-server")
@@ -248,7 +248,7 @@ def start_securecc(realm: Realm, top: Path, name: str, slots: int, groups: list[
 
     env = {**realm.user_env("alice", top), "SECURECC_AGENT_DIR": str(top / "agent"), **via(port)}
     return Tool("securecc", f"{BIN}/securecc gcc", env, groups[-1], port, lambda: decisions("allowed"),
-                lambda: decisions("busy"), via, top / "agent")  # fmt: skip
+                lambda: decisions("busy"), via, top / "agent")
 
 
 class Relay:
@@ -377,7 +377,7 @@ def build(project: Project, tool: Tool) -> dict[str, Any]:
     agent = agent_delta(agents, agent_cpu(tool.agent_dir))
     return {"wall_s": wall, "make_cpu_s": make_cpu, "agent_cpu_s": agent, "client_cpu_s": make_cpu + agent,
             "server_cpu_s": tool.group.cpu() - server if tool.group else None,
-            "remote_jobs": tool.remote_jobs() - remote}  # fmt: skip
+            "remote_jobs": tool.remote_jobs() - remote}
 
 
 def wire_bytes(project: Project, tool: Tool) -> dict[str, int]:
@@ -401,12 +401,12 @@ def check_remote(what: str, tool: Tool, remote: int, jobs: int) -> None:
 
 
 def bench_project(package: str, tools: list[Tool], options: argparse.Namespace, top: Path,
-                  targets: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+                  targets: dict[str, str]) -> dict[str, Any]:
     project = prepare(package, top, options, targets)
     jobs = len(project.commands)
     own, own_jobs = compiler_own(project, top)
     print(f"{package}: {project.tree.name}, {jobs} jobs, gcc's own CPU {own / own_jobs * 1000:.1f} ms/job",
-          file=sys.stderr)  # fmt: skip
+          file=sys.stderr)
     for tool in tools:  # warm-up: page cache, distcc's state, securecc's agent
         timed_make(project.tree, [*project.make, f"CC={tool.cc}"], tool.env)
     settle()
@@ -439,7 +439,7 @@ def bench_project(package: str, tools: list[Tool], options: argparse.Namespace, 
         }
     return {"package": package, "tree": project.tree.name, "make": ["make", *project.make], "jobs": jobs,
             "compiler_own_cpu_ms_per_job": own_per_job * 1000, "compiler_own_jobs_measured": own_jobs,
-            "builds": builds, "wire": wire, "median": medians, "ratios": ratios(medians, BUILD_METRICS)}  # fmt: skip
+            "builds": builds, "wire": wire, "median": medians, "ratios": ratios(medians, BUILD_METRICS)}
 
 
 def ratios(medians: dict[str, dict[str, Any]], keys: list[str]) -> dict[str, dict[str, float | None]]:
@@ -490,7 +490,7 @@ def tiny(tools: list[Tool], n: int, top: Path) -> dict[str, dict[str, Any]]:
         out[tool.name] = {"jobs": n, "p50_ms": statistics.median(walls[tool.name]) * 1000,
                           "p99_ms": percentile(walls[tool.name], 0.99) * 1000,
                           "client_cpu_ms_per_job": (cpus[tool.name] + agent) / n * 1000, "remote_jobs": done,
-                          "latencies_ms": [w * 1000 for w in walls[tool.name]]}  # fmt: skip
+                          "latencies_ms": [w * 1000 for w in walls[tool.name]]}
     return out
 
 
@@ -533,7 +533,7 @@ def concurrent(tool: Tool, clients: int, each: int, top: Path) -> dict[str, Any]
     check_remote(f"{clients} concurrent clients", tool, done, jobs)
     return {"clients": clients, "jobs": jobs, "wall_s": elapsed, "jobs_per_s": jobs / elapsed,
             "p50_ms": statistics.median(walls) * 1000, "p99_ms": percentile(walls, 0.99) * 1000,
-            "remote_jobs": done if tool.group else 0, "turned_away": tool.turned_away() - busy}  # fmt: skip
+            "remote_jobs": done if tool.group else 0, "turned_away": tool.turned_away() - busy}
 
 
 def machine() -> dict[str, Any]:
@@ -541,13 +541,13 @@ def machine() -> dict[str, Any]:
         return subprocess.run(command, capture_output=True, text=True).stdout.splitlines()[0]
 
     models = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-              if line.startswith("model name")]  # fmt: skip
+              if line.startswith("model name")]
     release = dict(line.split("=", 1) for line in Path("/etc/os-release").read_text().splitlines() if "=" in line)
     return {"nproc": os.cpu_count(), "cpu": models[0] if models else "?",
             "kernel": platform.release(), "os": release.get("PRETTY_NAME", "?").strip('"'),
             "gcc": first_line(["gcc", "--version"]), "distcc": first_line(["distcc", "--version"]),
-            "python": platform.python_version(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "loadavg": Path("/proc/loadavg").read_text().split()[:3]}  # fmt: skip
+            "python": platform.python_version(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "loadavg": Path("/proc/loadavg").read_text().split()[:3]}
 
 
 def table(result: dict[str, Any]) -> str:
@@ -560,7 +560,7 @@ def table(result: dict[str, Any]) -> str:
 
     def metric(label: str, figures: dict[str, Any], ratios: dict[str, Any], key: str, digits: int) -> None:
         lines.append(f"{label:34}" + cells([figures[n][key] for n in NAMES], digits)
-                     + cells([ratios[f"securecc/{o}"][key] for o in ("distcc", "local")], 2))  # fmt: skip
+                     + cells([ratios[f"securecc/{o}"][key] for o in ("distcc", "local")], 2))
 
     for p in result["projects"]:
         m, r = p["median"], p["ratios"]
@@ -599,7 +599,7 @@ def stop_agents(directory: Path) -> None:
             pass
 
 
-def tear_down(top: Path, daemons: list, realm, groups: list, keep: bool = False) -> None:  # type: ignore[no-untyped-def]
+def tear_down(top: Path, daemons: list, realm, groups: list, keep: bool = False) -> None:
     """Stop what a benchmark started (agents, daemons, the realm, CPU groups) and remove its directory."""
     stop_agents(top / "agent")
     for process in daemons:
@@ -616,7 +616,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--packages", default="lua5.4,zlib", help="Debian source packages, comma-separated")
     parser.add_argument("--target", action="append", default=[], metavar="PACKAGE=TARGET",
-                        help=f"make target of a package (built in: {TARGETS}; others: the default target)")  # fmt: skip
+                        help=f"make target of a package (built in: {TARGETS}; others: the default target)")
     parser.add_argument("-j", type=int, default=4, help="make -j, distccd --jobs, securecc-server slots")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tiny", type=int, default=200, help="sequential tiny compiles per tool")
@@ -641,15 +641,15 @@ def main() -> None:
             scratch.mkdir()
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4g,mode=1777", "tmpfs", scratch], check=True)
         tools = [Tool("local", "gcc", dict(os.environ)), start_distcc(top, "distccd", options.j, daemons, groups, scratch),
-                 start_securecc(realm, top, "server", options.j, groups, scratch)]  # fmt: skip
+                 start_securecc(realm, top, "server", options.j, groups, scratch)]
         result: dict[str, Any] = {"machine": machine(), "j": options.j, "reps": options.reps, "scratch": options.scratch,
-                                  "projects": []}  # fmt: skip
+                                  "projects": []}
         if not options.skip_builds:
             result["projects"] = [bench_project(p, tools, options, top, targets) for p in options.packages.split(",")]
         if not options.skip_tiny:
             result["tiny"] = tiny(tools, options.tiny, top)
             many = [tools[0], start_distcc(top, "distccd-many", options.clients, daemons, groups, scratch),
-                    start_securecc(realm, top, "many", options.clients, groups, scratch)]  # fmt: skip
+                    start_securecc(realm, top, "many", options.clients, groups, scratch)]
             result["concurrent"] = {tool.name: concurrent(tool, options.clients, options.each, top) for tool in many}
             result["tiny_ratios"] = ratios(result["tiny"], ["p50_ms", "p99_ms", "client_cpu_ms_per_job"])
             result["concurrent_ratios"] = ratios(result["concurrent"], ["jobs_per_s", "p50_ms", "p99_ms"])

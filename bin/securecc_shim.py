@@ -25,11 +25,10 @@ so the agent can only make a build faster, never break it.
 SECURECC_AGENT=off always uses direct mode.
 """
 
-import posix  # os.py would cost 1.5 ms of imports (it is not loaded without site); the built-in has all we use
-import sys
-
 import _signal  # signal.py would cost 3.6 ms (enum); the built-in module does the same
 import _socket  # socket.py would cost 5 ms of imports; the C module is all a Unix socket needs
+import posix  # os.py would cost 1.5 ms of imports (it is not loaded without site); the built-in has all we use
+import sys
 
 _signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # ^C kills us the way it kills gcc
 
@@ -127,7 +126,7 @@ def start_agent(directory: bytes, name: bytes) -> None:
     pid = posix.posix_spawn(python, [python, b"-I", b"-m", b"securecc.client.agent", directory, name], ENVIRON,
                             file_actions=[(posix.POSIX_SPAWN_OPEN, 0, b"/dev/null", posix.O_RDONLY, 0),
                                           (posix.POSIX_SPAWN_OPEN, 1, log, posix.O_WRONLY | posix.O_CREAT | posix.O_APPEND, 0o600),
-                                          (posix.POSIX_SPAWN_DUP2, 1, 2)])  # fmt: skip
+                                          (posix.POSIX_SPAWN_DUP2, 1, 2)])
     posix.waitpid(pid, 0)  # it forks and its first process exits once the agent listens
 
 
@@ -208,7 +207,7 @@ def exchange(sock: "_socket.socket", environment: bytes) -> int | None:
     fields = [AGENT_PROTOCOL, environment.replace(b"\0", b"\n"), posix.getcwd().encode(encoding, "surrogateescape"),
               b"%o" % mask, b"1" if posix.isatty(2) else b"0", b"%d" % len(sys.argv),
               *(a.encode(encoding, "surrogateescape") for a in sys.argv),
-              *(k + b"=" + v for k, v in ENVIRON.items())]  # fmt: skip
+              *(k + b"=" + v for k, v in ENVIRON.items())]
     request = b"\0".join(fields)
     try:
         sock.sendall(b"%d\n" % len(request) + request)

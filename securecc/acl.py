@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+
 class AclError(Exception):
     """acl.yaml is malformed; the message names the file, the line and what is wrong."""
 
@@ -282,10 +283,10 @@ def parse_acl(text: bytes | str, where: str) -> Acl:
         name, realm = split_principal(entry)
         if name.startswith("@") or (entry != name and not realm) or (realm and realm not in realms):
             raise fail(mapping, key, f"principal '{entry}' must be NAME or NAME@REALM with a realm listed under "
-                                     "'realms' (names and realms are case-sensitive)")  # fmt: skip
+                                     "'realms' (names and realms are case-sensitive)")
         if grants and not realm and len(realms) > 1:
             raise fail(mapping, key, f"principal '{entry}' has no realm, and several realms are listed: "
-                                     f"write {entry}@REALM")  # fmt: skip
+                                     f"write {entry}@REALM")
 
     def number(rule: _Mapping, key: str) -> int | None:
         value = rule.get(key)
@@ -308,15 +309,16 @@ def parse_acl(text: bytes | str, where: str) -> Acl:
         return Rule(kinds[0], rule[kinds[0]], compilers, number(rule, "max_jobs"), number(rule, "max_input"), rule.line)
 
     known(data, _TOP, "acl.yaml")
-    realms = data.get("realms")
-    if not isinstance(realms, list) or not realms or not all(isinstance(r, str) and r for r in realms):
+    listed = data.get("realms")
+    if not isinstance(listed, list) or not listed or not all(isinstance(r, str) and r for r in listed):
         raise fail(data, "realms", "'realms' must list at least one Kerberos realm")
+    realms: list[str] = listed
     allow = data.get("allow") or []
     if not isinstance(allow, list):
         raise fail(data, "allow", "'allow' must be a list of rules")
     deny_principals, deny_groups = who("deny")
     admin_principals, admin_groups = who("admins")
     return Acl(frozenset(realms), tuple(allow_rule(r) for r in allow), deny_principals, deny_groups,
-               admin_principals, admin_groups, where)  # fmt: skip
+               admin_principals, admin_groups, where)
 
 

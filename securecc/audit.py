@@ -48,10 +48,11 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -101,7 +102,7 @@ def sha256(data: bytes | None) -> str | None:
 
 
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 # --- keys -------------------------------------------------------------------
@@ -135,7 +136,7 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 def load_public_key(path: Path) -> Ed25519PublicKey:
     data = path.read_bytes()
     key = (serialization.load_pem_private_key(data, None).public_key() if b"PRIVATE" in data
-           else serialization.load_pem_public_key(data))  # fmt: skip
+           else serialization.load_pem_public_key(data))
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"{path} is not an Ed25519 key")
     return key
@@ -262,7 +263,7 @@ def verify(paths: list[Path], public_keys: Ed25519PublicKey | list[Ed25519Public
                 return report
             if seq != 0 and event != "rotation":
                 report.problem = (f"{line.where}: the log starts at seq {seq}, not at 0 or at a rotation record "
-                                  "(the first line of a rotated file): its head was removed")  # fmt: skip
+                                  "(the first line of a rotated file): its head was removed")
                 return report
         else:
             assert prev.record is not None
@@ -272,7 +273,7 @@ def verify(paths: list[Path], public_keys: Ed25519PublicKey | list[Ed25519Public
                 return report
             if seq > expected:
                 report.problem = (f"{line.where}: seq jumps from {expected - 1} to {seq}: "
-                                  "records deleted, or reordered, before this line")  # fmt: skip
+                                  "records deleted, or reordered, before this line")
                 return report
             if link != line_hash(prev.raw):
                 report.problem = f"{prev.where}: edited or replaced (the next record, {line.where}, chains to other bytes)"
@@ -303,7 +304,7 @@ def verify(paths: list[Path], public_keys: Ed25519PublicKey | list[Ed25519Public
         where = prev.where if prev else "?"
         if prev is not None and prev.record is not None and prev.record.get("event") == "server-stop":
             why = ("its server stopped but could not sign them (no room or an I/O error for the checkpoint; "
-                   "the server's own log says which)")  # fmt: skip
+                   "the server's own log says which)")
         else:
             why = "cut, or its server died (then its next start continues it); --live for a running server"
         report.problem = f"{where}: the log ends {report.unsigned_tail} record(s) after its last checkpoint: {why}"

@@ -33,7 +33,7 @@ def cache_key(identity: str, job: wire.Job) -> str:
     h = hashlib.sha256()
     head = [FORMAT, identity, job.compiler, job.language, job.mode, job.args, sorted(job.environment.items()),
             job.cwd, job.source_path, len(job.source), len(job.original), job.include_paths,
-            [len(i) for i in job.includes], job.system_headers, job.system_digest]  # fmt: skip
+            [len(i) for i in job.includes], job.system_headers, job.system_digest]
     h.update(json.dumps(head).encode() + b"\0")
     for blob in (job.source, job.original, *job.includes):
         h.update(blob)
@@ -80,7 +80,7 @@ def uncacheable(job: wire.Job) -> str | None:
     # Every argument (a -D value may be the next one), "-DX" read as "X": a name, not a part of "DX".
     args = b"\n".join(a.removeprefix("-D").removeprefix("-U").encode("utf-8", "surrogateescape") for a in job.args)
     texts = [_SPLICE.sub(b"", t) if b"\\" in t or b"??/" in t else t
-             for t in (job.source, job.original, *job.includes, args)]  # fmt: skip
+             for t in (job.source, job.original, *job.includes, args)]
     for macro in macros:
         if any(macro in text for text in texts):
             return f"uses {macro.decode()}"

@@ -17,6 +17,7 @@ import gssapi
 import gssapi.exceptions
 import gssapi.raw
 from gssapi import RequirementFlag as Flag
+from gssapi.raw.misc import GSSError
 
 REQUIRED_FLAGS = frozenset(
     {
@@ -62,17 +63,17 @@ class GSSFailure(Exception):
         self.kdc_down = kdc_down
 
 
-def _signed_minor(error: gssapi.exceptions.GSSError) -> int:
+def _signed_minor(error: GSSError) -> int:
     minor = error.min_code or 0
     return minor - 2**32 if minor >= 2**31 else minor
 
 
-def kdc_down(error: gssapi.exceptions.GSSError) -> bool:
+def kdc_down(error: GSSError) -> bool:
     """The KDC could not be reached: an outage to back off, not a refusal."""
     return _signed_minor(error) == _KDC_UNREACH
 
 
-def explain(error: gssapi.exceptions.GSSError, target: str = "") -> str:
+def explain(error: GSSError, target: str = "") -> str:
     """Turn a GSS-API error into one sentence that says what to do."""
     signed = _signed_minor(error)
     if signed in _KRB5_NAMED:
@@ -130,18 +131,18 @@ class Initiator:
         self.principal = principal
         self._context = gssapi.SecurityContext(
             name=target_name(principal),
-            flags=list(REQUIRED_FLAGS),
+            flags=list(REQUIRED_FLAGS),  # type: ignore[arg-type]  # python-gssapi takes an iterable of flags; its stub says int
             usage="initiate",
             creds=credentials,  # None: the default ccache or KRB5_CLIENT_KTNAME
         )
 
     def step(self, in_token: bytes | None = None) -> bytes | None:
         try:
-            out = self._context.step(in_token)
+            out: bytes | None = self._context.step(in_token)
             if self._context.complete:
                 _check_flags(self._context)
             return out
-        except gssapi.exceptions.GSSError as e:
+        except GSSError as e:
             raise GSSFailure(explain(e, self.principal), kdc_down=kdc_down(e)) from None
 
     @property
@@ -167,7 +168,7 @@ class Acceptor:
             )
             # Fail at start-up, not at the first client, when the key is absent.
             self._credentials.inquire()
-        except gssapi.exceptions.GSSError as e:
+        except GSSError as e:
             raise GSSFailure(f"cannot use keytab {keytab} for {principal}: {' '.join(e.gen_message().split())}") from None
 
     def new_context(self, required: frozenset[Flag] = REQUIRED_FLAGS) -> AcceptorContext:
@@ -189,7 +190,7 @@ class AcceptorContext:
         Raises GSSFailure (with the error token to forward) on any failure,
         including the deferred ones.
         """
-        out = None
+        out: bytes | None = None
         try:
             out = self._context.step(in_token)
             if self._context.complete:  # raises a deferred acceptor error
@@ -197,7 +198,7 @@ class AcceptorContext:
                 self.principal = str(self._context.initiator_name)
                 self.lifetime = float(self._context.lifetime or 0)
             return out
-        except gssapi.exceptions.GSSError as e:
+        except GSSError as e:
             raise GSSFailure(explain(e), token=out or e.token) from None
 
     @property

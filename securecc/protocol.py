@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Any
 
 MAGIC = b"securecc"
 VERSION = 2
@@ -158,7 +159,7 @@ class Status:
     json: str
 
 
-Message = Union[Job, Result, Refused, Busy, Alive, StatusRequest, Status]
+Message = Job | Result | Refused | Busy | Alive | StatusRequest | Status
 
 _TYPE_CODES: dict[type, int] = {Job: 1, Result: 2, Refused: 3, Busy: 4, Alive: 5, StatusRequest: 6, Status: 7}
 _BLOB_FIELDS: dict[type, tuple[str, ...]] = {
@@ -246,7 +247,8 @@ def decode_message(data: bytes) -> Message:
         offset += length
     if offset != len(data):
         raise ProtocolError("message length does not match its blobs")
-    return kind(**header)
+    message: Message = kind(**header)
+    return message
 
 
 # --- events -----------------------------------------------------------------
@@ -287,7 +289,7 @@ def unpack_message(event: PackedMessageReceived) -> MessageReceived:
     return MessageReceived(decode_message(_unpack(event.data, event.limit)))
 
 
-Event = Union[HelloReceived, TokenReceived, ErrorReceived, MessageReceived, PackedMessageReceived]
+Event = HelloReceived | TokenReceived | ErrorReceived | MessageReceived | PackedMessageReceived
 
 Wrap = Callable[[bytes], bytes]
 
@@ -426,7 +428,7 @@ class Connection:
         return MessageReceived(decode_message(data))
 
 
-def _zstd():  # type: ignore[no-untyped-def]
+def _zstd() -> Any:
     """zstandard, imported on first use: a message too small to compress never pays for it (5 ms)."""
     import zstandard
 

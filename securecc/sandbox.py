@@ -30,9 +30,9 @@ import os
 import shutil
 import signal
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
@@ -155,7 +155,7 @@ def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD) -> li
         "--clearenv",
         *[arg for key, value in environment.items() for arg in ("--setenv", key, value)],
         "--",
-    ]  # fmt: skip
+    ]
     output = spec.split_dwarf[0] if spec.split_dwarf else _OUTPUT
     if spec.preprocessed:
         names = [f"-fdebug-prefix-map={_INPUT}={spec.source_path}", "-o", output, _INPUT]
@@ -225,9 +225,9 @@ def _job_binds(spec: Spec) -> list[str]:
         *[(single, "--ro-bind", f"{spec.job_dir / TREE}{single}") for single in laid.singles],
         *split,
         *([(spec.compiler_root, "--ro-bind", spec.compiler_root)] if spec.compiler_root else []),
-    ])  # fmt: skip
+    ])
     return [*[arg for target, how, source in binds for arg in (how, source, target)],
-            *[arg for directory in laid.elsewhere for arg in ("--dir", directory)]]  # fmt: skip
+            *[arg for directory in laid.elsewhere for arg in ("--dir", directory)]]
 
 
 def limit_reached(exit_status: int, stderr: bytes) -> str | None:
@@ -280,7 +280,7 @@ class RunningJob:
     def __init__(
         self, reactor: IReactorProcess, clock: IReactorTime, argv: list[str], job_dir: Path, timeout: float,
         process_group: bool = False, output_cap: int = Limits().file_size, split_dwarf: tuple[str, str] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._job_dir = job_dir
         self._split_dwarf = split_dwarf  # the object's and the .dwo's names in SPLIT_DIR
         self._output_cap = output_cap
@@ -298,7 +298,7 @@ class RunningJob:
             self._collector, shutil.which(argv[0]) or argv[0], argv, env={"PATH": "/usr/bin:/bin"},
             path=str(job_dir) if process_group else None,
             childFDs={0: "w", 1: "r", 2: "r", **({} if process_group else {INFO_FD: "r"})},
-        )  # fmt: skip
+        )
         self._process.closeStdin()
         self._timer = clock.callLater(timeout, self.kill, "timeout")
         self.result: defer.Deferred[Outcome] = done.addCallback(self._finished)

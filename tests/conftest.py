@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from securecc import protocol as wire
-from securecc.audit import records as audit_records
 from securecc.args import SERVER_PREPROCESSES
+from securecc.audit import records as audit_records
 from securecc.toolchain import HeaderDigests, probe
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,7 +150,7 @@ def start_server(realm: Realm, workdir: Path, env: dict[str, str] | None = None,
     process = subprocess.Popen(
         [BIN / "securecc-server", "--config", config_path],
         env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -200,11 +200,11 @@ def workdir(realm):
 
 
 def securecc(realm: Realm, server: Server | None, user: str | None, cwd: Path, *args: str,
-             hosts: str | None = None, shim: Path = BIN / "securecc", **env_overrides: str) -> subprocess.CompletedProcess:  # fmt: skip
+             hosts: str | None = None, shim: Path = BIN / "securecc", **env_overrides: str) -> subprocess.CompletedProcess:
     """Run the real ``securecc`` CLI (or ``shim``) as ``user`` in ``cwd``."""
     env = realm.user_env(user, cwd)
     if hosts is not None or server is not None:
-        env["SECURECC_HOSTS"] = hosts if hosts is not None else server.hosts  # type: ignore[union-attr]
+        env["SECURECC_HOSTS"] = hosts if hosts is not None else server.hosts
     else:
         env.pop("SECURECC_HOSTS", None)  # discovery: hosts files, then DNS SRV
     env["PWD"] = str(cwd)
@@ -238,7 +238,7 @@ IDENTITIES = {"gcc": probe("/usr/bin/gcc"), "g++": probe("/usr/bin/g++")}
 def make_job(compiler: str, *fields: object, **named: object) -> wire.Job:
     """A wire.Job as the client builds it, with the compiler identity it would send."""
     named.setdefault("compiler_identity", IDENTITIES.get(compiler, ""))
-    job = wire.Job(compiler, *fields, **named)  # type: ignore[arg-type]
+    job = wire.Job(compiler, *fields, **named)
     if job.language in SERVER_PREPROCESSES and not job.system_digest:
         job = dataclasses.replace(job, system_digest=HeaderDigests().of(job.system_headers))
     return job

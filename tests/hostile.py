@@ -16,8 +16,8 @@ import zstandard
 
 from securecc import protocol as wire
 from securecc.args import SERVER_PREPROCESSES
-from securecc.toolchain import HeaderDigests
 from securecc.gss import Initiator
+from securecc.toolchain import HeaderDigests
 
 JOB = 1  # the Job message's type code
 NO_HEADERS = HeaderDigests().of([])
@@ -28,7 +28,7 @@ def job_header(**fields: object) -> dict[str, object]:
     """A Job header as the server expects it, with ``fields`` changed."""
     header: dict[str, object] = {"compiler": "gcc", "args": [], "language": "cpp-output", "mode": "-c", "cwd": "/src",
                                  "source_path": "a.c", "environment": {}, "include_paths": [], "compiler_identity": "",
-                                 "system_headers": [], "system_digest": "", "output_path": "", "directories": []}  # fmt: skip
+                                 "system_headers": [], "system_digest": "", "output_path": "", "directories": []}
     header.update(fields)
     if header["language"] in SERVER_PREPROCESSES and "system_digest" not in fields:
         header["system_digest"] = NO_HEADERS  # as a client sends for a file that includes nothing
@@ -88,7 +88,7 @@ class Hostile:
                 if not isinstance(event.message, wire.Alive):
                     return event.message
 
-    def job(self, blobs: tuple[bytes, bytes] = (b"int x;\n", b""), includes: list[bytes] = (), **fields: object) -> wire.Message:  # type: ignore[assignment]
+    def job(self, blobs: tuple[bytes, bytes] = (b"int x;\n", b""), includes: list[bytes] = (), **fields: object) -> wire.Message:
         """Send one Job with ``fields`` over the defaults and return the server's answer."""
         self.send(message(JOB, job_header(**fields), [*blobs, *includes]))
         return self.reply()

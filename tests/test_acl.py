@@ -12,20 +12,33 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import BIN, REPO, free_port, make_job, securecc
 from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 
-from conftest import BIN, REPO, free_port, make_job, securecc
 from securecc import protocol as wire
-from securecc.acl import SETTLE, Acl, AclError, AclUnstable, Rule, decide, file_stamp, load_acl, parse_acl, principal_named, read_acl_stable, split_principal
-from securecc.server.directory import Directory, DirectoryUnavailable, LdapConfig, Membership, MembershipLookups
-from securecc.client.job import Channel
-from securecc.server.config import ConfigError, load_config
+from securecc.acl import (
+    SETTLE,
+    Acl,
+    AclError,
+    AclUnstable,
+    Rule,
+    decide,
+    file_stamp,
+    load_acl,
+    parse_acl,
+    principal_named,
+    read_acl_stable,
+    split_principal,
+)
 from securecc.client.hosts import parse_host
+from securecc.client.job import Channel
 from securecc.server.aclfile import AclFile
+from securecc.server.config import ConfigError, load_config
+from securecc.server.directory import Directory, DirectoryUnavailable, LdapConfig, Membership, MembershipLookups
 
 
-def credentials_for(realm, user: str):  # type: ignore[no-untyped-def]
+def credentials_for(realm, user: str):
     """A user's own GSS credentials (its keytab, a private memory cache): threads need not share the environment."""
     import gssapi
 
@@ -179,7 +192,7 @@ def test_acl_changing_while_read_is_not_loaded(tmp_path, monkeypatch, moment):
             with open(path, "a") as f:
                 f.write(FULL_ACL[len(HALF_ACL) :])
 
-    def stat(target, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def stat(target, *args, **kwargs):
         if Path(target) == path:
             calls.append(target)
             if len(calls) == 2 and moment != "before the open":
@@ -273,7 +286,7 @@ def directory(realm, monkeypatch, tmp_path):
 
     def make(uris: tuple[str, ...] | None = None, **settings: object) -> Directory:
         return Directory(LdapConfig(uris or (realm.info["ldap_uri"],), "dc=test,dc=realm", "ou=people,dc=test,dc=realm",
-                                    "ou=groups,dc=test,dc=realm", **settings))  # type: ignore[arg-type]  # fmt: skip
+                                    "ou=groups,dc=test,dc=realm", **settings))
 
     return make
 
@@ -283,7 +296,7 @@ def ldap_admin(realm, ldif: str) -> None:
     env = {**os.environ, "LDAPNOINIT": "1"}
     subprocess.run(["ldapmodify", "-x", "-H", realm.info["ldap_uri"], "-D", realm.info["ldap_admin"]["dn"],
                     "-w", realm.info["ldap_admin"]["password"]], input=ldif.encode(), env=env, check=True,
-                   capture_output=True)  # fmt: skip
+                   capture_output=True)
 
 
 @pytest.mark.parametrize(
@@ -299,7 +312,7 @@ def test_membership_models(directory, membership, expected):
 
 
 NOT_ALICE = ["ALICE@TEST.REALM", "Alice@TEST.REALM", "alice/admin@TEST.REALM", "alice@OTHER.REALM",
-             "alice\\@TEST.REALM@TEST.REALM"]  # fmt: skip
+             "alice\\@TEST.REALM@TEST.REALM"]
 
 
 @pytest.mark.parametrize("membership", [("member",), ("memberUid",), ("memberOf",)])
@@ -308,7 +321,7 @@ def test_only_alice_gets_alices_groups(directory, membership):
     d = directory(membership=membership)
     assert d.groups_of("alice@TEST.REALM")
     acl = Acl(frozenset({"TEST.REALM", "OTHER.REALM"}), (Rule("group", "committers"), Rule("group", "committers-posix")),
-              deny_principals=frozenset({"alice"}))  # fmt: skip
+              deny_principals=frozenset({"alice"}))
     for other in NOT_ALICE:
         membership_of_other = d.membership(other)
         assert membership_of_other.groups == frozenset(), other
@@ -327,7 +340,7 @@ def test_uid_names_principals_of_the_directorys_realm_only(directory):
 
 
 @pytest.mark.parametrize("principal", ["*@TEST.REALM", "al*@TEST.REALM", "alice)(uid=*@TEST.REALM",
-                                       "ali\\ce@TEST.REALM", "alice\x00@TEST.REALM", "(alice@TEST.REALM"])  # fmt: skip
+                                       "ali\\ce@TEST.REALM", "alice\x00@TEST.REALM", "(alice@TEST.REALM"])
 def test_filter_characters_in_principals_are_escaped(directory, principal):
     """Characters special to LDAP filters match only themselves: no wildcard, no injected clause, no error."""
     assert directory().membership(principal).groups == frozenset()
@@ -339,7 +352,7 @@ class FakeConnection:
     def __init__(self, *users: tuple[str, dict[str, list[bytes]]]) -> None:
         self.users, self.filters = list(users), []
 
-    def search_s(self, base, scope, filterstr, attrs):  # type: ignore[no-untyped-def]
+    def search_s(self, base, scope, filterstr, attrs):
         self.filters.append(filterstr)
         if base.startswith("ou=people"):
             return self.users
@@ -348,8 +361,8 @@ class FakeConnection:
 
 def fake_directory(connection: FakeConnection) -> Directory:
     d = Directory(LdapConfig(("ldap://unused/",), "dc=test,dc=realm", "ou=people,dc=test,dc=realm",
-                             "ou=groups,dc=test,dc=realm", membership=("member", "memberUid")))  # fmt: skip
-    d._connection = lambda: connection  # type: ignore[method-assign]  # every query thread's connection
+                             "ou=groups,dc=test,dc=realm", membership=("member", "memberUid")))
+    d._connection = lambda: connection  # every query thread's connection
     return d
 
 
@@ -377,7 +390,7 @@ def test_krb_principal_name_must_equal_the_principal():
 def test_nested_groups_and_principal_attribute_mapping(realm, directory):
     """A group holding the committers group counts; users can be found by another attribute."""
     ldap_admin(realm, "dn: cn=release,ou=groups,dc=test,dc=realm\nchangetype: add\nobjectClass: groupOfNames\n"
-                      "cn: release\nmember: cn=committers,ou=groups,dc=test,dc=realm\n")  # fmt: skip
+                      "cn: release\nmember: cn=committers,ou=groups,dc=test,dc=realm\n")
     try:
         assert "release" in directory().groups_of("alice@TEST.REALM")
         assert "release" not in directory(nested=False).groups_of("alice@TEST.REALM")
@@ -390,7 +403,7 @@ def test_nested_groups_and_principal_attribute_mapping(realm, directory):
 def test_external_bind_over_ldapi(realm):
     """SASL EXTERNAL over ldapi:// binds as the server's own uid (here mapped to the directory admin)."""
     d = Directory(LdapConfig((realm.info["ldapi_uri"],), "dc=test,dc=realm", "ou=people,dc=test,dc=realm",
-                             "ou=groups,dc=test,dc=realm", bind="external"))  # fmt: skip
+                             "ou=groups,dc=test,dc=realm", bind="external"))
     assert "committers" in d.groups_of("alice@TEST.REALM")
 
 
@@ -405,12 +418,12 @@ def test_ldap_failover_and_fail_closed(directory, realm):
 def test_removal_takes_effect_within_the_positive_ttl(realm, directory):
     """Taking alice out of a group shows within positive_ttl, without a restart."""
     ldap_admin(realm, "dn: cn=temp,ou=groups,dc=test,dc=realm\nchangetype: add\nobjectClass: groupOfNames\n"
-                      "cn: temp\nmember: uid=alice,ou=people,dc=test,dc=realm\n")  # fmt: skip
+                      "cn: temp\nmember: uid=alice,ou=people,dc=test,dc=realm\n")
     try:
         d = directory(positive_ttl=1.0)
         assert "temp" in d.groups_of("alice@TEST.REALM")
         ldap_admin(realm, "dn: cn=temp,ou=groups,dc=test,dc=realm\nchangetype: modify\nreplace: member\n"
-                          "member: uid=bob,ou=people,dc=test,dc=realm\n")  # fmt: skip
+                          "member: uid=bob,ou=people,dc=test,dc=realm\n")
         assert "temp" in d.groups_of("alice@TEST.REALM")  # cached
         time.sleep(1.1)
         assert "temp" not in d.groups_of("alice@TEST.REALM")
@@ -446,10 +459,10 @@ class ThreadResults:
     def __init__(self) -> None:
         self.calls: queue.Queue = queue.Queue()
 
-    def callFromThread(self, f, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]  # noqa: N802 - IReactorThreads
+    def callFromThread(self, f, *args, **kwargs) -> None:  # noqa: N802 - IReactorThreads
         self.calls.put((f, args, kwargs))
 
-    def drain_until(self, done, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    def drain_until(self, done, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
         while not done():
             f, args, kwargs = self.calls.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -486,7 +499,7 @@ class ManualPool:
     def __init__(self) -> None:
         self.calls: list[tuple[object, defer.Deferred]] = []
 
-    def submit(self, call):  # type: ignore[no-untyped-def]
+    def submit(self, call):
         d: defer.Deferred = defer.Deferred()
         self.calls.append((call, d))
         return d
@@ -494,7 +507,7 @@ class ManualPool:
     def run_next(self) -> None:
         call, d = self.calls.pop(0)
         try:
-            d.callback(call())  # type: ignore[operator]
+            d.callback(call())
         except Exception:
             d.errback()
 
@@ -602,7 +615,7 @@ def test_a_known_ldap_outage_costs_one_timeout_then_is_probed_in_the_background(
     and LDAP is asked again soon after it is back."""
     relay = HangingRelay(realm.info["ldap_port"])
     s = own_server(ldap={"uris": [f"ldap://localhost:{relay.port}/"], "timeout": 2, "positive_ttl": 0.2,
-                         "negative_ttl": 0.2, "max_stale": 60, "retry_down": 0.5})  # fmt: skip
+                         "negative_ttl": 0.2, "max_stale": 60, "retry_down": 0.5})
     (workdir / "a.c").write_text("int a;\n")
 
     def job(user: str) -> tuple[float, str]:
@@ -630,7 +643,7 @@ def test_ldap_outage_uses_a_recent_answer_then_fails_closed(realm, own_server, w
     """slapd unreachable: a cached answer younger than max_stale is used, then jobs are refused and audited."""
     proxy = Proxy(realm.info["ldap_port"])
     s = own_server(ldap={"uris": [f"ldap://localhost:{proxy.port}/"], "timeout": 1, "positive_ttl": 0.2,
-                         "negative_ttl": 0.2, "max_stale": 2})  # fmt: skip
+                         "negative_ttl": 0.2, "max_stale": 2})
     (workdir / "a.c").write_text("int a(void) { return 1; }\n")
 
     def reason() -> tuple[str, str]:
@@ -708,7 +721,7 @@ def test_per_rule_limits_are_enforced(realm, own_server, workdir, monkeypatch):
 
     acl = workdir / "acl.yaml"
     acl.write_text("realms: [TEST.REALM]\nallow:\n  - group: committers\n    compilers: [g++]\n"
-                   "    max_jobs: 1\n    max_input: 4000\n")  # fmt: skip
+                   "    max_jobs: 1\n    max_input: 4000\n")
     s = own_server(acl=str(acl))
     channel = authenticated_channel(s, realm, monkeypatch)
     c_job = make_job("gcc", [], "c", "-c", str(workdir), "a.c", b"int a;\n")
@@ -730,7 +743,7 @@ def test_reactor_keeps_serving_while_ldap_hangs(realm, own_server, workdir, monk
 
     blackhole = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
     s = own_server(ldap={"uris": [f"ldap://localhost:{blackhole.getsockname()[1]}/", realm.info["ldap_uri"]],
-                         "timeout": 2})  # fmt: skip
+                         "timeout": 2})
     results: list[object] = []
 
     for key, value in realm.user_env("alice", workdir).items():
@@ -765,7 +778,7 @@ def test_reactor_keeps_serving_while_ldap_hangs(realm, own_server, workdir, monk
 
 def run_admin(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([BIN / "securecc-admin", *args], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **env})  # fmt: skip
+                          env={**os.environ, **env})
 
 
 def test_acl_lint(tmp_path):

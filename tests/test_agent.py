@@ -16,14 +16,14 @@ from conftest import BIN, REPO, local, make_job, securecc
 from test_job_path import SLOW_CXX, SLOW_FLAGS, sandbox_processes, wait_until, write_project
 
 from securecc import protocol as wire
-from securecc.client.job import Channel
 from securecc.client.hosts import parse_host
+from securecc.client.job import Channel
 
 SHIMS = {"c": BIN / "securecc", "python": BIN / "securecc-py"}  # scripts/setup builds both; C falls back to Python
 
 
 @pytest.fixture(params=SHIMS)
-def shim(request) -> Path:  # type: ignore[no-untyped-def]
+def shim(request) -> Path:
     """Each shim in turn: both must pass the same trust checks."""
     return SHIMS[request.param]
 
@@ -40,13 +40,13 @@ def agent_pids(directory: Path) -> list[int]:
     return [pid for pid in pids if running(pid) and b"securecc.client.agent" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
-def compile_main(realm, server, workdir: Path, user: str = "alice", shim: Path = SHIMS["c"],  # type: ignore[no-untyped-def]
-                 **env: str) -> subprocess.CompletedProcess:  # fmt: skip
+def compile_main(realm, server, workdir: Path, user: str = "alice", shim: Path = SHIMS["c"],
+                 **env: str) -> subprocess.CompletedProcess:
     return securecc(realm, server, user, workdir, "gcc", "-O2", "-DSCALE=3", "-I.", "-c", "src/main.c", "-o", "main.o",
-                    shim=shim, **env)  # fmt: skip
+                    shim=shim, **env)
 
 
-def kinit(realm, ccache: Path, user: str, lifetime: str | None = None) -> None:  # type: ignore[no-untyped-def]
+def kinit(realm, ccache: Path, user: str, lifetime: str | None = None) -> None:
     """A ticket in ``ccache`` from the user's keytab; the tests that use it give the client no keytab of its own."""
     command = ["kinit", "-k", "-t", str(realm.dir / f"{user}.keytab"), *(["-l", lifetime] if lifetime else []), user]
     subprocess.run(command, env={**realm.env, "KRB5CCNAME": f"FILE:{ccache}"}, check=True, capture_output=True)
@@ -143,7 +143,7 @@ def test_another_uid_cannot_use_the_agent(realm, server, workdir):
         "except ConnectionError: print(repr(b''))"
     )
     done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", probe,
-                           str(sock)], capture_output=True, text=True, cwd="/")  # fmt: skip
+                           str(sock)], capture_output=True, text=True, cwd="/")
     assert done.stdout.strip() == "b''", done.stderr
     assert "refused a connection from another uid" in next(agents.glob("*.log")).read_text()
 
@@ -158,7 +158,7 @@ def test_a_directory_that_is_not_private_is_not_used(realm, server, workdir, shi
     done = compile_main(realm, server, workdir, shim=shim, SECURECC_AGENT_DIR=str(shared))
     assert done.returncode == 0
     assert done.stderr.decode() == (f"securecc: {shared} is not a private directory of yours (owner uid 0, mode 777); "
-                                    "not using the agent (fix it or set SECURECC_AGENT_DIR)\n")  # fmt: skip
+                                    "not using the agent (fix it or set SECURECC_AGENT_DIR)\n")
     assert not list(shared.iterdir())
     assert len(server.jobs(principal="alice@TEST.REALM")) == before + 1
 
@@ -187,9 +187,9 @@ def test_an_agent_socket_of_another_uid_is_not_trusted(realm, server, workdir, s
     pwned = workdir / "pwned"
     fake = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
                              FAKE_AGENT, agents / f"{agent_name(realm.user_env('alice', workdir))}.sock", pwned],
-                            stdout=subprocess.PIPE, text=True, cwd="/")  # fmt: skip
+                            stdout=subprocess.PIPE, text=True, cwd="/")
     try:
-        assert fake.stdout.readline() == "ready\n"  # type: ignore[union-attr]
+        assert fake.stdout.readline() == "ready\n"
         os.chmod(agents, 0o700)
         done = compile_main(realm, server, workdir, shim=shim, SECURECC_AGENT_DIR=str(agents))
         assert done.returncode == 0 and (workdir / "main.o").exists(), done.stderr
@@ -215,7 +215,7 @@ while True:
 @pytest.mark.parametrize("reply", [
     b"R  0  1  3\nabcd", b"R 0 9223372036854775807 1\nx", b"R 0 5 5\nshort", b"R 0 -1 1\nx", b"X 1 2\n", b"",
     b"L 0\n/bin/sh", b"L 0\n/bin/sh\0\0-c\0touch made", b"L -1\n/bin/sh\0sh\0-c\0touch made",
-], ids=["spaces", "overflow", "short", "negative", "kind", "empty", "no-argv", "empty-argv0", "negative-L"])  # fmt: skip
+], ids=["spaces", "overflow", "short", "negative", "kind", "empty", "no-argv", "empty-argv0", "negative-L"])
 def test_a_malformed_agent_reply_means_direct_mode(realm, workdir, shim, reply):
     """An agent (ours, so trusted) answering nonsense: each shim does the job itself, runs nothing the reply
     names, and prints no traceback."""
@@ -223,9 +223,9 @@ def test_a_malformed_agent_reply_means_direct_mode(realm, workdir, shim, reply):
     agents = workdir / "agents"
     agents.mkdir(mode=0o700)
     fake = subprocess.Popen([sys.executable, "-c", HOSTILE_AGENT, agents / f"{agent_name(realm.user_env('alice', workdir))}.sock",
-                             reply.hex()], stdout=subprocess.PIPE, text=True, cwd=workdir)  # fmt: skip
+                             reply.hex()], stdout=subprocess.PIPE, text=True, cwd=workdir)
     try:
-        assert fake.stdout.readline() == "ready\n"  # type: ignore[union-attr]
+        assert fake.stdout.readline() == "ready\n"
         done = compile_main(realm, None, workdir, shim=shim, SECURECC_AGENT_DIR=str(agents), SECURECC_HOSTS="")
     finally:
         fake.kill()
@@ -247,7 +247,7 @@ def test_the_c_shim_hands_a_job_over_without_python(realm, server, workdir):
     assert shim_name.read_bytes()[:4] == b"\x7fELF", "scripts/setup did not build bin/securecc.c"
     done = securecc(realm, server, "alice", workdir, "-f", "-qq", "-e", "trace=execve", "-o", str(trace),
                     str(shim_name), "gcc", "-O2", "-DSCALE=3", "-I.", "-c", "src/main.c", "-o", "main.o",
-                    shim=Path("/usr/bin/strace"), **env)  # fmt: skip
+                    shim=Path("/usr/bin/strace"), **env)
     assert done.returncode == 0, done.stderr
     execs = [line for line in trace.read_text().splitlines() if "execve(" in line]
     assert len(execs) == 1 and f'execve("{shim_name}"' in execs[0], execs
@@ -266,21 +266,21 @@ def test_a_symlink_named_gcc_run_by_a_bare_name_does_not_run_itself(realm, workd
     (bindir / "gcc").symlink_to(shim)
     env = {**realm.user_env("alice", workdir), "SECURECC_HOSTS": "", "PWD": str(workdir),
            "XDG_CACHE_HOME": str(workdir / ".cache"), "SECURECC_AGENT_DIR": str(workdir / "agents"),
-           "PATH": f"/usr/bin:/bin:{bindir}"}  # fmt: skip
+           "PATH": f"/usr/bin:/bin:{bindir}"}
     for agent in ("on", "off"):  # the agent's "compile it here", and direct mode
         (workdir / "main.o").unlink(missing_ok=True)
         done = subprocess.run(["gcc", "-O2", "-DSCALE=3", "-I.", "-c", "src/main.c", "-o", "main.o"],
                               executable=bindir / "gcc", cwd=workdir, env={**env, "SECURECC_AGENT": agent},
-                              capture_output=True, timeout=30)  # fmt: skip
+                              capture_output=True, timeout=30)
         assert done.returncode == 0 and (workdir / "main.o").exists(), done.stderr
 
 
-def slow_compile(realm, server, workdir: Path, agents: Path, spin: str, shim: Path) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+def slow_compile(realm, server, workdir: Path, agents: Path, spin: str, shim: Path) -> subprocess.Popen:
     (workdir / "slow.cc").write_text(SLOW_CXX)
     env = {**realm.user_env("alice", workdir), "SECURECC_HOSTS": server.hosts, "PWD": str(workdir),
-           "XDG_CACHE_HOME": str(workdir / ".cache"), "SECURECC_AGENT_DIR": str(agents)}  # fmt: skip
+           "XDG_CACHE_HOME": str(workdir / ".cache"), "SECURECC_AGENT_DIR": str(agents)}
     return subprocess.Popen([shim, "g++", f"-DSPIN={spin}", *SLOW_FLAGS, "-c", "slow.cc", "-o", "slow.o"],
-                            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+                            cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def sandboxes_of(workdir: Path) -> list[str]:
@@ -319,7 +319,7 @@ def test_many_first_uses_start_one_agent(realm, server, workdir):
         (workdir / f"f{n}.c").write_text(f"int f{n}(void) {{ return {n}; }}\n")
     results: list[subprocess.CompletedProcess] = []
     threads = [threading.Thread(target=lambda n=n: results.append(securecc(
-        realm, server, "alice", workdir, "gcc", "-c", f"f{n}.c", SECURECC_AGENT_DIR=str(agents)))) for n in range(8)]  # fmt: skip
+        realm, server, "alice", workdir, "gcc", "-c", f"f{n}.c", SECURECC_AGENT_DIR=str(agents)))) for n in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -347,13 +347,13 @@ def test_the_shim_loads_only_builtin_modules(tmp_path):
     env = {**os.environ, "SECURECC_HOSTS": "", "SECURECC_AGENT_DIR": str(tmp_path / "agents")}
     for _ in range(2):  # the first run starts the agent (that path may import more); the second is every job's
         done = subprocess.run([sys.executable, "-ES", "-X", "importtime", SHIMS["python"], "gcc", "-c", "a.c"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True)  # fmt: skip
+                              cwd=tmp_path, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
     loaded = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     startup = {"encodings", "encodings.aliases", "encodings.utf_8", "codecs", "_codecs", "io", "abc", "_abc",
                "_signal", "_io", "marshal", "posix", "_frozen_importlib_external", "time", "zipimport", "_weakref",
                "_warnings", "_thread", "_imp", "_weakrefset", "os", "stat", "_stat", "_collections_abc",
-               "posixpath", "genericpath", "os.path", "_sitebuiltins", "encodings.latin_1", "_socket", "securecc_shim"}  # fmt: skip
+               "posixpath", "genericpath", "os.path", "_sitebuiltins", "encodings.latin_1", "_socket", "securecc_shim"}
     loaded -= {"module", "imported package"}  # the report's header line
     assert loaded <= startup, loaded - startup
     assert (REPO / "bin" / "securecc").read_text().splitlines()[0] == "#!python -ES"

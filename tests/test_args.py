@@ -239,7 +239,7 @@ def test_not_distributable(line):
 
 
 ALLOWED = ["-O2", "-g", "-Wall", "-fPIC", "-std=c11", "-march=x86-64", "--param", "max-inline-insns-single=100",
-           "-fdebug-prefix-map=/a=/b"]  # fmt: skip
+           "-fdebug-prefix-map=/a=/b"]
 
 
 def test_refused_argument_accepts_ordinary_flags():
@@ -292,8 +292,9 @@ def test_refused_argument_names_the_offender(bad, offender):
     assert refused_argument([*ALLOWED, *bad]) == offender
 
 
-CPP_SEND = ["-Wp,-D_FORTIFY_SOURCE=2", "-Wp,-UX,-DY=1", "-C", "-CC", "-Iinc", "-I", "/src/include", "-DX=1", "-D", "Y", "-UZ", "-U", "W", "-include", "config.h",
-            "-imacros", "m.h", "-isystem", "/opt/x", "-iquote", "q", "-idirafter", "d", "-nostdinc", "-undef"]  # fmt: skip
+CPP_SEND = ["-Wp,-D_FORTIFY_SOURCE=2", "-Wp,-UX,-DY=1", "-C", "-CC", "-Iinc", "-I", "/src/include",
+            "-DX=1", "-D", "Y", "-UZ", "-U", "W", "-include", "config.h",
+            "-imacros", "m.h", "-isystem", "/opt/x", "-iquote", "q", "-idirafter", "d", "-nostdinc", "-undef"]
 
 
 def test_cpp_send_options_only_for_a_server_that_preprocesses():
@@ -366,7 +367,7 @@ DEBIAN_FLAGS = [
     # hardened C (zstd, openssl, the kernel's JCC-erratum builds) and macro debug info
     "-Wa,--noexecstack", "-Wa,--noexecstack,-mrelax-relocations=no", "-Wa,--compress-debug-sections=zlib",
     "-Wa,-mbranches-within-32B-boundaries", "-Wa,--gdwarf-5", "-Wa,-v", "-g3", "-ggdb3", "-W",
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("flag", DEBIAN_FLAGS)
@@ -507,7 +508,7 @@ def test_included_files_from_line_markers():
     included = argpolicy.included_files(argpolicy.include_markers(text), "/home/a/p")
     assert included == [
         "/usr/include/stdc-predef.h", "/home/a/p/inc/a.h", "/opt/lib/include/b.h", '/home/a/p/inc/we"ird\\.h',
-    ]  # fmt: skip
+    ]
     assert argpolicy.project_files(included) == included[1:]
     with pytest.raises(NotDistributable, match="/usr/local/include/x.h"):
         argpolicy.project_files([*included, "/usr/local/include/x.h"])
@@ -603,7 +604,7 @@ def compile_like_the_server(tmp_path: Path, p: argpolicy.Plan, text: bytes) -> s
     job.mkdir()
     (job / "input").write_bytes(text)
     argv_ = [GCC, *argpolicy.COMPILE_LANGUAGE[argpolicy.remote_language(p)], *p.remote_args, p.mode,
-             f"-fdebug-prefix-map={job / 'input'}={p.source}", "-o", str(job / "output"), str(job / "input")]  # fmt: skip
+             f"-fdebug-prefix-map={job / 'input'}={p.source}", "-o", str(job / "output"), str(job / "input")]
     return subprocess.run(argv_, cwd=tmp_path, capture_output=True, env=environment)
 
 
@@ -614,9 +615,9 @@ REPRODUCIBLE = {
     "pedantic": ("#define TWICE(x) ((x) * 2)\nint f(int x) { return TWICE(x); }\n", ["-std=c99", "-pedantic", "-Werror"], {}),
     "werror-pedantic": ("int f(int x) { return x; }\n", ["-Werror=pedantic", "-O2"], {}),
     "fallthrough-comment": ("int f(int x) { int r = 0; switch (x) { case 1: r++;\n/* fall through */\ncase 2: r++; } return r; }\n",
-                            ["-Wextra", "-Werror"], {}),  # fmt: skip
+                            ["-Wextra", "-Werror"], {}),
     "header-and-include-level": ('#include "inc/h.h"\nint top = __INCLUDE_LEVEL__;\n', ["-O2", "-g", "-Iinc"],
-                                 {"inc/h.h": "int level = __INCLUDE_LEVEL__;\nconst char *h = __FILE__;\n"}),  # fmt: skip
+                                 {"inc/h.h": "int level = __INCLUDE_LEVEL__;\nconst char *h = __FILE__;\n"}),
     "file-name": ('#include "inc/h.h"\nconst char *f = __FILE_NAME__;\n', ["-O2"], {"inc/h.h": "const char *g = __FILE_NAME__;\n"}),
     "counter": ('int a = __COUNTER__;\n#include "h.h"\nint c = __COUNTER__;\n', ["-O2"], {"h.h": "int b = __COUNTER__;\n"}),
     "line-directive": ('#line 100 "other.c"\nint x = __LINE__;\nconst char *f = __FILE__;\n', ["-O2", "-g"], {}),
@@ -629,7 +630,7 @@ REPRODUCIBLE = {
     "pasted-timestamp": ("#define CAT(a, b) a##b\nconst char *stamp = CAT(__TIME, STAMP__);\n", ["-O2"], {}),
     # -fdirectives-only runs the pragmas here and leaves a bare #undef X where pop_macro was.
     "push-pop-macro": ('#define X 1\n#pragma push_macro("X")\n#undef X\n#define X 2\nint a = X;\n#pragma pop_macro("X")\nint b = X;\n',
-                       ["-O2"], {}),  # fmt: skip
+                       ["-O2"], {}),
 }
 
 
@@ -650,7 +651,7 @@ KNOWN_GAPS = {
     "case",
     [pytest.param(c, marks=pytest.mark.xfail(reason=KNOWN_GAPS[c], strict=True)) if c in KNOWN_GAPS else c
      for c in REPRODUCIBLE],
-)  # fmt: skip
+)
 def test_sent_text_compiles_to_the_local_object(tmp_path, monkeypatch, case):
     """Either remote_text refuses the text (the server then preprocesses), or the server's compile equals the local object."""
     source, flags, files = REPRODUCIBLE[case]

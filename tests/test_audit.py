@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, securecc
+
 from securecc.audit import AuditError, generate_key, load_private_key, load_public_key, records, verify
-from securecc.server.auditlog import AuditLog
 from securecc.audit import key_id as load_key_id
+from securecc.server.auditlog import AuditLog
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def write_log(path: Path, private, records: int = 30, every: int = 10, rotate_by
     log.write(event="server-start")
     for n in range(records):
         log.write(event="job", job_id=f"j{n}", principal="alice@TEST.REALM", decision="allowed", reason="group:x",
-                  source=f"f{n}.c", exit_status=0)  # fmt: skip
+                  source=f"f{n}.c", exit_status=0)
     log.write(event="server-stop")
     log.close()
     return path
@@ -51,7 +51,7 @@ def test_clean_log_verifies(tmp_path, keys):
     assert report.ok and report.records == 32 and report.checkpoints == 4 and report.unsigned_tail == 0
 
 
-def tampered(tmp_path: Path, private, change) -> Path:  # type: ignore[no-untyped-def]
+def tampered(tmp_path: Path, private, change) -> Path:
     path = write_log(tmp_path / "a.jsonl", private)
     lines = lines_of(path)
     change(lines)
@@ -129,7 +129,7 @@ def test_splicing_two_logs_is_found(tmp_path, keys):
     spliced = tmp_path / "s.jsonl"
     spliced.write_bytes(b"".join(a[:12] + b[12:]))
     assert check(spliced, public) == (f"{spliced}:12: edited or replaced (the next record, {spliced}:13, "
-                                      "chains to other bytes)")  # fmt: skip
+                                      "chains to other bytes)")
 
 
 def test_torn_last_line_is_explained_and_the_chain_continues(tmp_path, keys):
@@ -247,7 +247,7 @@ def fill(disk: Path) -> None:
 
 
 START = {"event": "job-start", "job_id": "0123456789abcdef", "principal": "alice@TEST.REALM", "compiler": "gcc",
-         "args": ["-O2", "-Wall", "-c"] * 20, "source": "src/" + "deep/" * 40 + "a.c", "headers": 3}  # fmt: skip
+         "args": ["-O2", "-Wall", "-c"] * 20, "source": "src/" + "deep/" * 40 + "a.c", "headers": 3}
 
 
 def test_every_reserved_job_gets_its_record_on_a_full_disk_and_the_stop_signs(small_disk, keys):
@@ -268,7 +268,7 @@ def test_every_reserved_job_gets_its_record_on_a_full_disk_and_the_stop_signs(sm
         log.write(event="auth", peer="127.0.0.1:1", decision="refused", reason="denied:authentication-failed")
     for n, room in enumerate(rooms):
         log.write(room, **{**START, "event": "job", "n": n, "decision": "allowed", "exit_status": 0,
-                           "output_sha256": "f" * 64, "detail": "\u202e" * 500, "duration": 1.5})  # fmt: skip
+                           "output_sha256": "f" * 64, "detail": "\u202e" * 500, "duration": 1.5})
         log.release(room)
     log.close(event="server-stop", killed=0)
     report = verify([small_disk / "audit.jsonl"], public)
@@ -298,7 +298,7 @@ def test_a_full_disk_runs_no_compile_unrecorded(realm, own_server, workdir, smal
             if "cannot write its audit log" in said[-1]:
                 break
         assert "cannot write its audit log" in said[-1] and "compiling locally" in said[-1], said[-1]
-    remote = [re.search(r"\(job (\w+)\)", line).group(1) for line in said if "compiled d.c on" in line]  # type: ignore[union-attr]
+    remote = [re.search(r"\(job (\w+)\)", line).group(1) for line in said if "compiled d.c on" in line]
     s.stop()
     log = list(records([s.audit_path]))
     started = {r["job_id"] for r in log if r["event"] == "job-start"}
@@ -334,9 +334,9 @@ def test_auditor_tools(tmp_path, keys):
     assert run_tool("securecc-admin", "audit", "keygen", "--out", str(key)).returncode == 1  # never overwritten
     log = AuditLog(tmp_path / "a.jsonl", load_private_key(key), "build1")
     log.write(event="job", principal="alice@TEST.REALM", decision="allowed", reason="group:committers", source="a.c",
-              compiler="gcc", exit_status=0, bytes_in=100, bytes_out=10, duration=0.5)  # fmt: skip
+              compiler="gcc", exit_status=0, bytes_in=100, bytes_out=10, duration=0.5)
     log.write(event="job", principal="bob@TEST.REALM", decision="refused", reason="not-in-allowed-group", source="b.c",
-              compiler="gcc", bytes_in=50, duration=0.01)  # fmt: skip
+              compiler="gcc", bytes_in=50, duration=0.01)
     log.close()
     ok = run_tool("securecc-audit", "verify", "--key", f"{key}.pub", str(tmp_path / "a.jsonl"))
     assert ok.returncode == 0 and ok.stdout == "OK: 2 records, 1 signed checkpoints, 1 file(s)\n"
@@ -360,7 +360,7 @@ def test_follow_prints_new_records(tmp_path, keys):
     path = tmp_path / "a.jsonl"
     log = AuditLog(path, private, "build1")
     watcher = subprocess.Popen([BIN / "securecc-audit", "show", "--follow", "--json", str(path)], stdout=subprocess.PIPE,
-                               text=True)  # fmt: skip
+                               text=True)
     try:
         time.sleep(1)
         log.write(event="job", principal="carol@TEST.REALM", decision="allowed", source="live.c")
@@ -454,7 +454,7 @@ def test_deleted_head_is_found(tmp_path, keys):
     lines = lines_of(path)
     path.write_bytes(b"".join(lines[57:]))
     assert check(path, public) == (f"{path}:1: the log starts at seq 57, not at 0 or at a rotation record "
-                                   "(the first line of a rotated file): its head was removed")  # fmt: skip
+                                   "(the first line of a rotated file): its head was removed")
 
 
 @pytest.mark.parametrize("start", ["checkpoint", "after-checkpoint", "server-start"])
@@ -468,7 +468,7 @@ def test_head_deleted_down_to_a_checkpoint_or_restart_is_found(tmp_path, keys, s
     lines = lines_of(tmp_path / "a.jsonl")
     events = [json.loads(line)["event"] for line in lines]
     first = {"checkpoint": events.index("checkpoint"), "after-checkpoint": events.index("checkpoint") + 1,
-             "server-start": events.index("server-start")}[start]  # fmt: skip
+             "server-start": events.index("server-start")}[start]
     (tmp_path / "a.jsonl").write_bytes(b"".join(lines[first:]))
     assert f"a.jsonl:1: the log starts at seq {first}, not at 0 or at a rotation record" in check(tmp_path / "a.jsonl", public)
 
@@ -529,7 +529,7 @@ def test_names_that_are_not_utf8_are_recorded(tmp_path, keys):
     path = tmp_path / "a.jsonl"
     log = AuditLog(path, private, "build1")
     log.write(event="job", principal="alice@TEST.REALM", decision="allowed", cwd="/tmp/\udcffsrc", args=["\udcff"],
-              source="\udcff.c")  # fmt: skip
+              source="\udcff.c")
     log.write(event="job", principal="alice@TEST.REALM", decision="allowed", cwd=b"/tmp/\xffsrc", args=[b"-I\xfe"])
     log.write(event="job", decision="allowed", source="\ud83d\ude00.c")  # a pair of surrogates: the character they encode
     log.close()

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, local, make_job, securecc
-from securecc import protocol as wire
-from securecc.server.cache import Entry, ResultCache
-from securecc.cachekey import cache_key, expands_time, uncacheable
 from test_hosts import build, project, spec
+
+from securecc import protocol as wire
+from securecc.cachekey import cache_key, expands_time, uncacheable
+from securecc.server.cache import Entry, ResultCache
 
 JOB = wire.Job("gcc", ["-O2"], "c", "-c", "/src", "a.c", b"int a;\n", environment={"LC_ALL": "C"})
 
@@ -125,8 +125,9 @@ def test_identical_jobs_at_once_compile_once(realm, own_server, workdir, monkeyp
 
     def run() -> None:
         from test_acl import credentials_for
-        from securecc.client.job import Channel
+
         from securecc.client.hosts import parse_hosts
+        from securecc.client.job import Channel
 
         channel = Channel(parse_hosts(s.hosts)[0])
         channel.authenticate(credentials_for(realm, "alice"))
@@ -205,7 +206,7 @@ DATED = {
 def expansions(text: bytes) -> int:
     """How many time macros gcc expands compiling ``text`` (as C11: trigraphs on)."""
     done = subprocess.run(["gcc", "-std=c11", "-Wdate-time", "-E", "-x", "c", "-o", "/dev/null", "-"], input=text,
-                          capture_output=True, env={**os.environ, "LC_ALL": "C"}, check=True)  # fmt: skip
+                          capture_output=True, env={**os.environ, "LC_ALL": "C"}, check=True)
     return done.stderr.count(b"might prevent reproducible builds")
 
 
@@ -257,7 +258,7 @@ def test_lookalikes_without_a_possible_paste_stay_cacheable():
 @pytest.mark.parametrize("compiler, text", [
     ("gcc", b"".join(b"#include <%s.h>\n" % h for h in b"stdio stdlib string time pthread math sys/socket".split())),
     ("g++", b"".join(b"#include <%s>\n" % h for h in b"vector string iostream map memory regex chrono thread".split())),
-])  # fmt: skip
+])
 def test_ordinary_code_stays_cacheable(tmp_path, compiler, text):
     """A -fdirectives-only text with the C library's or libstdc++'s headers (full of ## and short names) is cached."""
     (tmp_path / "a.c").write_bytes(text + b"int main(void) { return 0; }\n")
@@ -281,7 +282,7 @@ def test_the_server_neither_looks_up_nor_stores_a_dated_compile(realm, own_serve
             done = securecc(realm, s, "alice", workdir, "gcc", "-c", source, "-o", f"{name}.o", **extra)
             assert done.returncode == 0, done.stderr
     kinds = {name: [r.get("cache") for r in s.jobs(principal="alice@TEST.REALM", source=name)]
-             for name in ("dated.c", "plain.c")}  # fmt: skip
+             for name in ("dated.c", "plain.c")}
     assert kinds["plain.c"] == ["stored", "hit"]
     assert kinds["dated.c"] == [None, "stored", None, "hit"]  # unpinned, pinned, unpinned, pinned
     pinned = local(workdir, "gcc", "-c", "dated.c", "-o", "local.o", SOURCE_DATE_EPOCH="86400")

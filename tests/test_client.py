@@ -38,7 +38,7 @@ def test_usage_errors_are_one_line(tmp_path):
     done = subprocess.run([BIN / "securecc"], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.startswith("securecc: usage:") and done.stderr.count("\n") == 1
     done = subprocess.run([BIN / "securecc", "no-such-cc", "-c", "x.c"], capture_output=True, text=True,
-                          env={**os.environ, "SECURECC_HOSTS": ""})  # fmt: skip
+                          env={**os.environ, "SECURECC_HOSTS": ""})
     assert done.returncode == 127
     assert done.stderr == "securecc: compiler 'no-such-cc' not found in PATH; install it or give its full path\n"
 

@@ -12,13 +12,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import IDENTITIES, local, securecc
 from hostile import Hostile
 from test_args import compile_like_the_server, preprocessed
+
 from securecc import args as argpolicy
-from securecc.client import native
 from securecc import protocol as wire
+from securecc.client import native
 from securecc.toolchain import HeaderDigests
 
 C_MAIN = """\
@@ -117,7 +117,7 @@ CASES = {
     "march-native": ({"m.c": C_MAIN, "inc/conv.h": CONV_H}, ["-O3", "-march=native"], "m.c"),
     "mtune-native-g-unrecorded": ({"m.c": C_MAIN, "inc/conv.h": CONV_H},
                                   ["-O2", "-g", "-gno-record-gcc-switches", "-mtune=native"], "m.c"),
-}  # fmt: skip
+}
 
 
 def write(directory: Path, files: dict[str, str]) -> None:
@@ -207,10 +207,10 @@ def test_split_dwarf_output_paths_are_checked(realm, server, workdir, monkeypatc
     for key, value in realm.user_env("alice", workdir).items():
         monkeypatch.setenv(key, value)
     fields = {**fields, **({"include_paths": [p.replace("WD", str(workdir)) for p in fields["include_paths"]]}
-                           if "include_paths" in fields else {})}  # fmt: skip
+                           if "include_paths" in fields else {})}
     includes = fields.pop("includes", [])
     reply = Hostile(server.port).job((b"", b"int x;\n"), includes, language="c-source", cwd=str(workdir), source_path="m.c",
-                                     compiler_identity=IDENTITIES["gcc"], **fields)  # fmt: skip
+                                     compiler_identity=IDENTITIES["gcc"], **fields)
     assert isinstance(reply, wire.Refused) and reply.reason == reason, reply
 
 
@@ -237,7 +237,7 @@ def test_a_precompiled_header_keeps_the_compile_local(realm, server, workdir):
 def test_several_sources_in_one_command_are_one_job_each(realm, server, workdir):
     """lz4's `cc -c a.c b.c c.c`: every source is a job of its own, and a.o b.o c.o equal gcc's."""
     write(workdir, {"inc/conv.h": CONV_H, **{f"{n}.c": f'#include "inc/conv.h"\nint {n}(void) {{ return {i}; }}\n'
-                                             for i, n in enumerate("abc")}})  # fmt: skip
+                                             for i, n in enumerate("abc")}})
     done = securecc(realm, server, "alice", workdir, "gcc", "-O2", "-g", "-c", "a.c", "b.c", "c.c", SECURECC_VERBOSE="1")
     assert done.returncode == 0, done.stderr
     remote = {n: (workdir / f"{n}.o").read_bytes() for n in "abc"}
@@ -273,7 +273,7 @@ def test_a_server_with_other_system_headers_does_not_compile(realm, server, work
     client = Hostile(server.port)
     source = b"#include <stdio.h>\nint x;\n"
     fields = {"language": "c-source", "cwd": str(workdir), "source_path": "m.c", "compiler_identity": IDENTITIES["gcc"],
-              "system_headers": ["/usr/include/stdio.h"]}  # fmt: skip
+              "system_headers": ["/usr/include/stdio.h"]}
     reply = client.job((b"", source), system_digest="0" * 64, **fields)
     assert isinstance(reply, wire.Result) and reply.exit_status == 1 and reply.output is None
     assert b"system headers differ" in reply.stderr
@@ -290,7 +290,7 @@ def test_system_headers_outside_usr_are_refused(realm, server, workdir, monkeypa
     for key, value in realm.user_env("alice", workdir).items():
         monkeypatch.setenv(key, value)
     reply = Hostile(server.port).job((b"", b"int x;\n"), language="c-source", cwd=str(workdir), source_path="m.c",
-                                     compiler_identity=IDENTITIES["gcc"], system_headers=[path])  # fmt: skip
+                                     compiler_identity=IDENTITIES["gcc"], system_headers=[path])
     assert isinstance(reply, wire.Refused) and reply.reason == "denied:bad-path", reply
 
 
@@ -312,7 +312,7 @@ def test_directories_a_job_names_are_checked(realm, server, workdir, monkeypatch
         monkeypatch.setenv(key, value)
     fields = {"language": "c-source", **fields}
     reply = Hostile(server.port).job((b"", b"int x;\n"), cwd=str(workdir), source_path="m.c", compiler_identity=IDENTITIES["gcc"],
-                                     directories=[d.replace("WD", str(workdir)) for d in directories], **fields)  # fmt: skip
+                                     directories=[d.replace("WD", str(workdir)) for d in directories], **fields)
     assert isinstance(reply, wire.Refused) and reply.reason == reason, reply
 
 

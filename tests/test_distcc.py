@@ -7,10 +7,10 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import free_port
-from securecc.server import distcc_wire as distcc
 from test_hosts import project
+
+from securecc.server import distcc_wire as distcc
 
 
 @pytest.fixture
@@ -31,14 +31,14 @@ def distcc_build(realm, workdir, port: int, user: str | None, options: str = "")
     env = realm.user_env(user, workdir)
     (workdir / f".distcc-{user}").mkdir(exist_ok=True)  # distcc does not make its own directory
     env.update(DISTCC_HOSTS=f"127.0.0.1:{port}/2{options},auth=localhost", DISTCC_PRINCIPAL="securecc",
-               DISTCC_DIR=str(workdir / f".distcc-{user}"), DISTCC_VERBOSE="0", PWD=str(workdir))  # fmt: skip
+               DISTCC_DIR=str(workdir / f".distcc-{user}"), DISTCC_VERBOSE="0", PWD=str(workdir))
     subprocess.run(["make", "-s", "clean"], cwd=workdir, capture_output=True)
     for o in workdir.glob("*.o"):
         o.unlink()
     return subprocess.run(["make", "-j2", "CC=distcc gcc"], cwd=workdir, env=env, capture_output=True, timeout=120)
 
 
-def write_project(workdir) -> list[str]:  # type: ignore[no-untyped-def]
+def write_project(workdir) -> list[str]:
     names = project(workdir, files=6)
     text = (workdir / "Makefile").read_text().replace("-g -O2", "-O2 -Wall")  # distcc sends fully expanded -E text
     (workdir / "Makefile").write_text(text)
@@ -106,7 +106,7 @@ def test_oversized_token_is_refused_before_allocation(realm, distcc_server, work
 def test_parser_caps_and_round_trip():
     """Requests parse in any split; caps are checked from the header alone; replies carry wait statuses."""
     request = (distcc.item(b"DIST", 2) + distcc.item(b"ARGC", 2) + distcc.item(b"ARGV", 3, b"gcc")
-               + distcc.item(b"ARGV", 2, b"-c"))  # fmt: skip
+               + distcc.item(b"ARGV", 2, b"-c"))
     body = distcc.lzo_compress(b"int x;\n" * 100)
     request += distcc.item(b"DOTI", len(body), body)
     parser = distcc.Parser(max_input=1 << 20)

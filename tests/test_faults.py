@@ -21,7 +21,7 @@ FAULTS = ("kill -9 of a server", "slapd down 8 s", "KDC down, fresh ccache", "au
 def test_the_fast_slice_of_the_fault_campaign_holds():
     done = subprocess.run([sys.executable, REPO / "bench" / "faults.py", "--files", "200", "--ldap-outage", "8",
                            "--only", "kill-9", "slapd", "kdc-fresh", "full-disk"],
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     for fault in FAULTS:

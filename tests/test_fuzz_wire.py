@@ -25,9 +25,9 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from securecc.server import distcc_wire as distcc
 from securecc import protocol as wire
 from securecc.protocol import CHUNK, COMPRESSED, LAST, MAX_FRAME, Kind, ProtocolError
+from securecc.server import distcc_wire as distcc
 
 FUZZ = settings(
     max_examples=int(os.environ.get("SECURECC_FUZZ_EXAMPLES", "300")),
@@ -106,7 +106,7 @@ def jobs(draw: st.DrawFn) -> wire.Job:
         cwd=draw(texts), source_path=draw(texts), source=draw(blobs), original=draw(blobs),
         environment=draw(st.dictionaries(texts, texts, max_size=3)), compiler_identity=draw(texts),
         include_paths=paths, includes=[draw(blobs) for _ in paths],
-    )  # fmt: skip
+    )
 
 
 messages = st.one_of(
@@ -239,7 +239,7 @@ def test_valid_handshake_frames_parse_in_any_split(version: int, reason: str, me
 
 @FUZZ
 @given(st.sampled_from([PREAUTH_FRAME + 1, MAX_FRAME + 1, 2**31, 2**32 - 1]) | st.integers(PREAUTH_FRAME + 1, 2**32 - 1),
-       st.booleans(), st.integers(0, 255))  # fmt: skip
+       st.booleans(), st.integers(0, 255))
 def test_a_huge_length_is_refused_from_the_header_alone(length: int, secure: bool, kind: int) -> None:
     """Five bytes are enough to refuse a frame over its phase's cap: nothing waits for its body."""
     if secure and length <= MAX_FRAME:
@@ -421,7 +421,7 @@ def mutated_requests(draw: st.DrawFn) -> tuple[bytes, int]:
     for _ in range(draw(st.integers(0, 3)) if starts else 0):
         at = draw(st.sampled_from(starts)) + 4
         value = draw(st.sampled_from([0, 1, 3, distcc.MAX_TOKEN, distcc.MAX_TOKEN + 1, distcc.MAX_ARGC + 1, distcc.MAX_ARG,
-                                      distcc.MAX_ARG + 1, 2**31, 2**32 - 1]) | st.integers(0, 2**32 - 1))  # fmt: skip
+                                      distcc.MAX_ARG + 1, 2**31, 2**32 - 1]) | st.integers(0, 2**32 - 1))
         digits = draw(st.sampled_from([b"%08x" % value, b"%08X" % value, b" %07x" % (value & 0xFFFFFFF), b"-0000001", b"0x000001"]))
         data[at : at + 8] = digits
     return draw(mutated(bytes(data))), len(tokens)

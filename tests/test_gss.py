@@ -8,7 +8,7 @@ import time
 import pytest
 
 from securecc import protocol as wire
-from securecc.gss import Acceptor, GSSFailure, Initiator, REQUIRED_FLAGS
+from securecc.gss import REQUIRED_FLAGS, Acceptor, GSSFailure, Initiator
 
 SERVICE = "securecc/localhost@TEST.REALM"
 
@@ -29,7 +29,7 @@ def kadmin(realm, query: str) -> None:
     subprocess.run(["kadmin.local", "-r", "TEST.REALM", "-q", query], env=env, check=True, capture_output=True)
 
 
-def handshake(initiator: Initiator, acceptor_context) -> None:  # type: ignore[no-untyped-def]
+def handshake(initiator: Initiator, acceptor_context) -> None:
     reply = acceptor_context.step(initiator.step())
     initiator.step(reply)
 

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import IDENTITIES
+from hostile import Hostile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import IDENTITIES
-from hostile import Hostile
 from securecc import protocol as wire
 from securecc import sandbox
 from securecc.audit import load_public_key, verify
@@ -62,12 +62,12 @@ def test_response_file_source_path_cannot_run_a_wrapper(realm, attack, workdir):
     options = f"-wrapper /bin/sh,-c,ln\\ -sf\\ {keytab}\\ /job/output".encode()
     for source_path in ("@" + header, "@resp", "-wrapper"):
         reply = client.job(language="c-source", cwd=str(workdir), source_path=source_path, include_paths=[header],
-                           includes=[options], compiler_identity=IDENTITIES["gcc"])  # fmt: skip
+                           includes=[options], compiler_identity=IDENTITIES["gcc"])
         assert isinstance(reply, wire.Refused) and reply.reason == "denied:bad-path", (source_path, reply)
         assert one_record(s, reply)["decision"] == "refused"
     # './@resp' is a file name to gcc, never a response file: it compiles as C (and fails: not C), nothing runs.
     reply = client.job((b"", options), language="c-source", cwd=str(workdir), source_path="./@resp",
-                       compiler_identity=IDENTITIES["gcc"])  # fmt: skip
+                       compiler_identity=IDENTITIES["gcc"])
     assert isinstance(reply, wire.Result) and reply.exit_status != 0 and reply.output is None
     assert b"-wrapper" in reply.stderr and not any(secret in reply.stderr for secret in secrets_of(realm))
 
@@ -92,7 +92,7 @@ def test_response_file_source_path_cannot_run_a_wrapper(realm, attack, workdir):
     ({"environment": {"LD_PRELOAD": "/tmp/evil.so"}}, "denied:argument-refused"),
     ({"compiler": "../../bin/sh"}, "denied:compiler-not-offered"),
     ({"compiler": "sh"}, "denied:compiler-not-offered"),
-])  # fmt: skip
+])
 def test_fields_outside_their_grammar_are_refused_and_recorded(attack, fields, reason):
     s, client = attack
     reply = client.job(**{"compiler_identity": IDENTITIES["gcc"], **fields})
@@ -100,8 +100,9 @@ def test_fields_outside_their_grammar_are_refused_and_recorded(attack, fields, r
     assert one_record(s, reply)["reason"] == reason
 
 
-@pytest.mark.parametrize("path", ["/usr/include/stdio.h", "//usr/include/stdio.h", "///usr/include/stdio.h", "/src/a.c", "/src", "/", "/src/x.gch", "/src/x.h.gch/a", "/etc/passwd",
-                                  "/src/a.c/inner.h", "-I/tmp", "@/src/r"])  # fmt: skip
+@pytest.mark.parametrize("path", ["/usr/include/stdio.h", "//usr/include/stdio.h", "///usr/include/stdio.h", "/src/a.c", "/src", "/",
+                                  "/src/x.gch", "/src/x.h.gch/a", "/etc/passwd",
+                                  "/src/a.c/inner.h", "-I/tmp", "@/src/r"])
 def test_headers_cannot_overlay_the_system_the_source_or_be_compiled_input(attack, path):
     s, client = attack
     reply = client.job(language="c-source", include_paths=[path], includes=[b"int y;\n"], compiler_identity=IDENTITIES["gcc"])
@@ -162,7 +163,7 @@ def test_status_names_nobody_to_a_refused_principal(realm, own_server, monkeypat
     deadline = time.monotonic() + 20
     while not running and time.monotonic() < deadline:
         bob.send(wire.encode_message(wire.StatusRequest()))
-        running = json.loads(bob.reply().json)["running"]  # type: ignore[union-attr]
+        running = json.loads(bob.reply().json)["running"]
         time.sleep(0.1)
     bob.close()
     alice.close()
@@ -227,7 +228,7 @@ def test_a_handshake_frame_larger_than_a_token_is_refused_before_buffering(own_s
 
 
 def sandboxed_shell(tmp_path: Path, script: str, file_size: int = 1 << 20, split_dwarf: tuple[str, str, str] | None = None,
-                    mounts: tuple[tuple[str, str], ...] = ()) -> tuple[subprocess.CompletedProcess, Path]:  # fmt: skip
+                    mounts: tuple[tuple[str, str], ...] = ()) -> tuple[subprocess.CompletedProcess, Path]:
     """Run ``script`` where a compiler would run, as the job handler would (its uid: 65534 when root), with
     ``mounts`` (name, path) holding their names."""
     scratch = tmp_path / "scratch"
@@ -243,17 +244,17 @@ def sandboxed_shell(tmp_path: Path, script: str, file_size: int = 1 << 20, split
         f"d = sandbox.make_job_dir(Path(sys.argv[1]), 'j', {files!r}, {spec!r}); print(d)"
     )
     job_dir = Path(subprocess.run([*as_handler, os.sys.executable, "-I", "-c", code, scratch], check=True,
-                                  capture_output=True, text=True).stdout.strip())  # fmt: skip
+                                  capture_output=True, text=True).stdout.strip())
     limits = sandbox.Limits(file_size=file_size)
     argv = sandbox.command(spec, sandbox.Settings(limits, 65534 if as_handler else None, 65534 if as_handler else None),
-                           info_fd=None)  # fmt: skip
+                           info_fd=None)
     done = subprocess.run([*as_handler, *argv], capture_output=True, timeout=60, cwd=job_dir)
     return done, job_dir
 
 
 def test_the_output_cannot_become_a_link_and_nothing_else_is_writable(workdir):
     script = ("set +e; ln -sf /etc/shadow /job/output; rm -f /job/output; mv /job/output /job/o2; touch /job/new /tmp/new ./new /new;"
-              "mkfifo /tmp/f; echo compiled > /job/output; ls -la /job >&2")  # fmt: skip
+              "mkfifo /tmp/f; echo compiled > /job/output; ls -la /job >&2")
     done, job_dir = sandboxed_shell(workdir, script)
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in job_dir.iterdir()) == ["input", "output"]
@@ -271,7 +272,7 @@ def test_the_output_is_bounded_by_the_file_size_limit(workdir):
 def test_a_split_dwarf_job_writes_only_its_output_directory(workdir):
     """-gsplit-dwarf binds the object's directory writable: links made there are not followed, nothing else is writable."""
     script = ("set +e; echo dwo > /tmp/w/obj/n.dwo; ln -s /etc/shadow /tmp/w/obj/n.o; touch /tmp/w/new /job/new /new;"
-              "ln -s / /tmp/w/obj/root")  # fmt: skip
+              "ln -s / /tmp/w/obj/root")
     done, job_dir = sandboxed_shell(workdir, script, split_dwarf=("obj/n.o", "/tmp/w/obj/n.o", "/tmp/w/obj/n.dwo"))
     assert done.returncode == 0, done.stderr
     out = job_dir / sandbox.SPLIT_DIR
@@ -288,7 +289,7 @@ def test_the_job_tree_shows_each_file_at_its_path_and_cannot_be_written(workdir)
     it, with its own content, and nothing in the tree can be changed, added or removed."""
     script = ("set +e; for f in /tmp/w/inc/a.h /tmp/w/b.h /tmp/other/deep/c.h /top.h; do echo \"$f=$(cat $f)\"; done;"
               "echo x > /tmp/w/b.h; rm -f /tmp/w/inc/a.h; touch /tmp/w/new /tmp/other/new; mkdir /tmp/w/d;"
-              "mv /tmp/w/inc /tmp/w/moved; ln -s /etc /tmp/other/deep/l; exit 0")  # fmt: skip
+              "mv /tmp/w/inc /tmp/w/moved; ln -s /etc /tmp/other/deep/l; exit 0")
     done, job_dir = sandboxed_shell(workdir, script, mounts=HEADERS)
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode().split() == ["/tmp/w/inc/a.h=h0", "/tmp/w/b.h=h1", "/tmp/other/deep/c.h=h2", "/top.h=h3"]
@@ -304,7 +305,7 @@ def test_a_split_dwarf_job_sees_its_headers_inside_its_writable_directory(workdi
     whole tree there would be hidden by the writable directory."""
     script = "set +e; cat /tmp/w/obj/h.h /tmp/w/b.h; echo > /tmp/w/obj/h.h; echo dwo > /tmp/w/obj/n.dwo"
     done, job_dir = sandboxed_shell(workdir, script, split_dwarf=("obj/n.o", "/tmp/w/obj/n.o", "/tmp/w/obj/n.dwo"),
-                                    mounts=(("h0", "/tmp/w/obj/h.h"), ("h1", "/tmp/w/b.h")))  # fmt: skip
+                                    mounts=(("h0", "/tmp/w/obj/h.h"), ("h1", "/tmp/w/b.h")))
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"h0h1" and b"Read-only file system" in done.stderr
     assert read_as_handler(job_dir / sandbox.SPLIT_DIR, "n.dwo") == repr(b"dwo\n")
@@ -321,7 +322,7 @@ def test_one_bind_per_top_level_directory_not_one_per_header():
     binds = [argv[k + 1 : k + 3] for k, a in enumerate(argv) if a == "--ro-bind" and argv[k + 1].startswith("/s/j/")]
     assert binds == [["/s/j/tree/home/u/p", "/home/u/p"], ["/s/j/tree/t.h", "/t.h"]]
     split = sandbox.Spec("/usr/bin/gcc", [], Path("/s/j"), "/w", "m.c", {}, (("m", "/w/m.c"), ("h", "/w/inc/h.h")),
-                         split_dwarf=("m.o", "/w/m.o", "/w/m.dwo"))  # fmt: skip
+                         split_dwarf=("m.o", "/w/m.o", "/w/m.dwo"))
     assert sandbox.tree(split) == sandbox.Tree((), ("/w/m.c", "/w/inc/h.h"), (), ("/w",))
 
 
@@ -339,9 +340,9 @@ def read_as_handler(directory: Path, name: str) -> str:
     as_handler = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"] if os.geteuid() == 0 else []
     code = ("import sys; from pathlib import Path; from securecc import sandbox\n"
             "try: print(repr(sandbox.read_output(Path(sys.argv[1]), 100, sys.argv[2])))\n"
-            "except sandbox.OutputError: print('OutputError')")  # fmt: skip
+            "except sandbox.OutputError: print('OutputError')")
     return subprocess.run([*as_handler, os.sys.executable, "-I", "-c", code, directory, name], check=True,
-                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+                          capture_output=True, text=True).stdout.strip()
 
 
 @pytest.mark.parametrize("kind", ["symlink", "fifo", "directory", "hardlink", "oversize"])
@@ -368,7 +369,7 @@ def test_reading_the_output_follows_nothing_and_takes_only_a_plain_file(tmp_path
 # --- property-based: any job the boundary accepts runs with exactly the policy's argv ---------
 
 _names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)) | st.sampled_from("\udcff\udc80@-./\x00\n\x1b"),
-                 max_size=40)  # fmt: skip
+                 max_size=40)
 _paths = st.one_of(_names, st.lists(_names, max_size=5).map(lambda parts: "/" + "/".join(parts)))
 _jobs = st.builds(
     wire.Job,
@@ -379,7 +380,7 @@ _jobs = st.builds(
     cwd=_paths, source_path=_paths, source=st.just(b"int x;\n"), original=st.just(b""),
     environment=st.dictionaries(st.sampled_from(["LC_ALL", "SOURCE_DATE_EPOCH", "LD_PRELOAD", "PATH"]), _names, max_size=2),
     include_paths=st.lists(_paths, max_size=3), includes=st.just([]),
-)  # fmt: skip
+)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
@@ -400,14 +401,14 @@ def test_the_boundary_admits_only_jobs_whose_argv_the_policy_allows(job):
         assert path.startswith("/") and not any(c in path for c in "\0\n\r\x1b")
         assert not path.startswith(("/usr/", "/job", "/proc", "/etc", "/opt/cross"))
     spec = sandbox.Spec("/usr/bin/gcc", [*argpolicy.COMPILE_LANGUAGE[valid.language.value], *valid.args, valid.mode.value],
-                        Path("/scratch/j"), valid.cwd, valid.source_path, valid.environment, preprocessed=not valid.preprocessing)  # fmt: skip
+                        Path("/scratch/j"), valid.cwd, valid.source_path, valid.environment, preprocessed=not valid.preprocessing)
     argv = sandbox.command(spec, sandbox.Settings(sandbox.Limits(), None, None))
     compiler_args = argv[argv.index("/usr/bin/gcc") + 1 :]
     client_strings = set(valid.args) | {valid.source_path}
     for arg in compiler_args:  # every compiler argument is ours, a vetted option, or the source path
         assert arg in client_strings or arg in {"-pipe", "-x", "-o", "/job/output", "/job/input", "-c", "-S",
                                                 "-fdirectives-only", *argpolicy.LANGUAGES} or \
-            arg == f"-fdebug-prefix-map=/job/input={valid.source_path}", arg  # fmt: skip
+            arg == f"-fdebug-prefix-map=/job/input={valid.source_path}", arg
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
@@ -418,7 +419,7 @@ def test_the_real_server_answers_every_crafted_job_and_records_it_once(as_alice,
         includes = [b"int h;\n"] * len(job.include_paths)
         reply = client.job(blobs=(job.source, job.original), includes=includes, **{
             k: getattr(job, k) for k in ("compiler", "args", "language", "mode", "cwd", "source_path", "environment",
-                                         "include_paths")}, compiler_identity=IDENTITIES["gcc"])  # fmt: skip
+                                         "include_paths")}, compiler_identity=IDENTITIES["gcc"])
     finally:
         client.close()
     assert isinstance(reply, (wire.Refused, wire.Result)), reply
@@ -433,14 +434,14 @@ def test_the_real_server_answers_every_crafted_job_and_records_it_once(as_alice,
     (b'#define P(a, b) a ## b\nconst char *t = P(__TI, ME__);\n', {}, False),
     (b'const char *d = __DATE__;\n', {"SOURCE_DATE_EPOCH": "1700000000"}, True),
     (b'int plain;\n', {}, True),
-])  # fmt: skip
+])
 def test_time_macros_are_never_served_from_the_cache(attack, text, environment, cached):
     """An object that embeds the time of its compile must not come back from yesterday's cache."""
     s, client = attack
     replies = []
     for _ in range(2):
         replies.append(client.job(blobs=(text, b""), language="c-directives", environment=environment,
-                                  compiler_identity=IDENTITIES["gcc"]))  # fmt: skip
+                                  compiler_identity=IDENTITIES["gcc"]))
         time.sleep(0.3)  # the handler writes the entry after the reply
     assert all(isinstance(r, wire.Result) and r.exit_status == 0 for r in replies), replies
     kinds = [one_record(s, r).get("cache") for r in replies]

@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, REPO, free_port, local, make_job, securecc
-from securecc import protocol as wire
-from securecc.client.hosts import Host, HostState, parse_hosts
 from test_acl import credentials_for
 from test_job_path import authenticated_channel, slow_job
+
+from securecc import protocol as wire
+from securecc.client.hosts import Host, HostState, parse_hosts
 
 PRINCIPAL = "securecc/localhost@TEST.REALM"
 
@@ -58,17 +58,17 @@ def project(directory: Path, files: int = 12) -> list[str]:
 def build(realm, workdir: Path, hosts: str, **env: str) -> tuple[float, subprocess.CompletedProcess]:
     environment = realm.user_env("alice", workdir)
     environment.update(SECURECC_HOSTS=hosts, PWD=str(workdir), XDG_CACHE_HOME=str(workdir / ".cache"),
-                       SECURECC_VERBOSE="1", **env)  # fmt: skip
+                       SECURECC_VERBOSE="1", **env)
     subprocess.run(["make", "-s", "clean"], cwd=workdir, capture_output=True)
     for o in workdir.glob("*.o"):
         o.unlink()
     started = time.monotonic()
     done = subprocess.run(["make", "-j4", f"CC={BIN}/securecc gcc"], cwd=workdir, env=environment, capture_output=True,
-                          timeout=300)  # fmt: skip
+                          timeout=300)
     return time.monotonic() - started, done
 
 
-def spec(server) -> str:  # type: ignore[no-untyped-def]
+def spec(server) -> str:
     return f"127.0.0.1:{server.port}/4,principal={PRINCIPAL}"
 
 
@@ -93,7 +93,7 @@ def test_concurrent_writers_keep_every_backoff(tmp_path):
     assert all(fresh.backed_off(h) > 0 for h in hosts), sorted(fresh.hosts)
     assert not list(tmp_path.glob("*.tmp"))
     subprocess.run([sys.executable, "-c", "import sys; from securecc.client.hosts import Host, HostState; "
-                    "HostState(path=sys.argv[1]).succeeded(Host('h0', 3637, 4, 'securecc/h0'), 0.01)", path], check=True)  # fmt: skip
+                    "HostState(path=sys.argv[1]).succeeded(Host('h0', 3637, 4, 'securecc/h0'), 0.01)", path], check=True)
     fresh = HostState(path=path)
     assert not fresh.backed_off(hosts[0]) and all(fresh.backed_off(h) > 0 for h in hosts[1:])
 
@@ -215,13 +215,13 @@ def test_check_lists_exactly_the_healthy_hosts(realm, own_server, workdir):
     hung.process.send_signal(signal.SIGSTOP)
     try:
         env = {**realm.user_env("alice", workdir), "SECURECC_HOSTS": f"{spec(healthy)} {spec(hung)} {down}",
-               "XDG_CACHE_HOME": str(workdir / ".cache")}  # fmt: skip
+               "XDG_CACHE_HOME": str(workdir / ".cache")}
         started = time.monotonic()
         done = subprocess.run([BIN / "securecc-hosts", "--check", "--deadline", "1s"], env=env, capture_output=True,
-                              text=True, timeout=30)  # fmt: skip
+                              text=True, timeout=30)
         elapsed = time.monotonic() - started
         as_json = subprocess.run([BIN / "securecc-hosts", "--check", "--json", "--deadline", "500ms"], env=env,
-                                 capture_output=True, text=True, timeout=30)  # fmt: skip
+                                 capture_output=True, text=True, timeout=30)
     finally:
         hung.process.send_signal(signal.SIGCONT)
     assert done.returncode == 0 and elapsed < 3
@@ -241,7 +241,7 @@ def test_cron_health_check_alerts_with_a_fake_mailer(realm, own_server, workdir)
     down = f"127.0.0.1:{free_port()}/4,principal={PRINCIPAL}"
     mailbox = workdir / "mail.txt"
     env = {**realm.user_env("alice", workdir), "PATH": f"{BIN}:{os.environ['PATH']}",
-           "SECURECC_ALERT": f"cat > {mailbox}", "XDG_CACHE_HOME": str(workdir / ".cache")}  # fmt: skip
+           "SECURECC_ALERT": f"cat > {mailbox}", "XDG_CACHE_HOME": str(workdir / ".cache")}
     script = REPO / "etc" / "cron" / "securecc-health"
     quiet = subprocess.run([script], env={**env, "SECURECC_HOSTS": spec(healthy)}, capture_output=True)
     assert quiet.returncode == 0 and not mailbox.exists()
@@ -262,7 +262,7 @@ def dnsmasq(own_server, tmp_path):
         "--address=/localhost/127.0.0.1",
         f"--srv-host=_securecc._tcp.test.realm,localhost,{first.port},0,10",
         f"--srv-host=_securecc._tcp.test.realm,localhost,{second.port},10,10",
-    ], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    ], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -306,7 +306,7 @@ def test_four_servers_two_hundred_jobs(realm, own_server, workdir):
     def compile_one(name: str) -> None:
         with semaphore:
             results[name] = securecc(realm, None, "alice", workdir, "gcc", "-O2", "-c", f"{name}.c", "-o", f"{name}.o",
-                                     hosts=hosts, SECURECC_VERBOSE="1")  # fmt: skip
+                                     hosts=hosts, SECURECC_VERBOSE="1")
 
     threads = [threading.Thread(target=compile_one, args=(n,)) for n in sources]
     for t in threads:
@@ -329,7 +329,7 @@ def test_a_host_without_principal_is_securecc_slash_host_in_the_default_realm(re
     of a realm named "localhost", before)."""
     (workdir / "a.c").write_text("int a;\n")
     done = securecc(realm, server, "alice", workdir, "gcc", "-c", "a.c", hosts=f"localhost:{server.port}",
-                    SECURECC_VERBOSE="1")  # fmt: skip
+                    SECURECC_VERBOSE="1")
     assert done.returncode == 0 and f"compiled a.c on localhost:{server.port}".encode() in done.stderr, done.stderr
     assert parse_host("build1.example.com").target == "securecc/build1.example.com"
     assert parse_host("build1.example.com").realm == "" and parse_host("h,principal=securecc/h@R.ORG").realm == "R.ORG"

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import BIN, local, make_job, processes_of_uid, securecc
+
 from securecc import protocol as wire
-from securecc.client.job import Channel
 from securecc.client.hosts import parse_host
+from securecc.client.job import Channel
 
 SOURCE = """\
 #include <stdio.h>
@@ -62,7 +62,7 @@ def sandbox_processes(cwd: Path | None = None) -> list[str]:
     return uid_procs + others
 
 
-def wait_until(predicate, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+def wait_until(predicate, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -177,7 +177,7 @@ def test_source_date_epoch_reaches_the_compiler(realm, server, workdir):
     """Debian builds export SOURCE_DATE_EPOCH: __DATE__ and __TIME__ expand remotely as they do here."""
     (workdir / "d.c").write_text('const char *built = __DATE__ " " __TIME__;\n')
     done = securecc(realm, server, "alice", workdir, "gcc", "-O2", "-c", "d.c", "-o", "r.o",
-                    SOURCE_DATE_EPOCH="86400", SECURECC_VERBOSE="1")  # fmt: skip
+                    SOURCE_DATE_EPOCH="86400", SECURECC_VERBOSE="1")
     assert done.returncode == 0 and b"compiled d.c" in done.stderr
     assert local(workdir, "gcc", "-O2", "-c", "d.c", "-o", "l.o", SOURCE_DATE_EPOCH="86400").returncode == 0
     assert b"Jan  2 1970 00:00:00" in (workdir / "r.o").read_bytes()
@@ -192,7 +192,7 @@ def test_push_macro_and_redefinition_messages(realm, server, workdir):
     (workdir / "rd.c").write_text("#define Y 1\n#define Y 2\nint y = Y;\n")
     for name in ("pm", "rd"):
         done = securecc(realm, server, "alice", workdir, "gcc", "-O2", "-c", f"{name}.c", "-o", f"r-{name}.o",
-                        SECURECC_VERBOSE="1")  # fmt: skip
+                        SECURECC_VERBOSE="1")
         here = local(workdir, "gcc", "-O2", "-c", f"{name}.c", "-o", f"l-{name}.o")
         assert done.returncode == 0 and f"compiled {name}.c".encode() in done.stderr, done.stderr
         messages = b"".join(line for line in done.stderr.splitlines(keepends=True) if not line.startswith(b"securecc:"))
@@ -218,7 +218,7 @@ def test_masquerade_symlink(realm, server, workdir):
     env = realm.user_env("alice", workdir)
     env.update(SECURECC_HOSTS=server.hosts, PATH=f"{bindir}:{os.environ['PATH']}", PWD=str(workdir), SECURECC_VERBOSE="1")
     done = subprocess.run(["gcc", "-DSCALE=1", "-I.", "-c", "src/main.c", "-o", "m.o"], cwd=workdir, env=env,
-                          capture_output=True, timeout=60)  # fmt: skip
+                          capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert b"compiled src/main.c" in done.stderr and (workdir / "m.o").exists()
 
@@ -268,7 +268,7 @@ def test_unreachable_server_compiles_locally(realm, workdir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     done = securecc(realm, None, "alice", workdir, "gcc", "-DSCALE=1", "-I.", "-c", "src/main.c", "-o", "u.o",
-                    hosts=f"127.0.0.1:{port},principal=securecc/localhost@TEST.REALM")  # fmt: skip
+                    hosts=f"127.0.0.1:{port},principal=securecc/localhost@TEST.REALM")
     assert done.returncode == 0 and (workdir / "u.o").exists()
     assert done.stderr.decode().startswith(f"securecc: src/main.c: cannot connect to 127.0.0.1:{port}")
 
@@ -281,7 +281,7 @@ def test_server_killed_mid_job_falls_back_locally(realm, own_server, workdir):
 
     def run() -> None:
         result["done"] = securecc(realm, s, "alice", workdir, "g++", "-DSPIN=1000000L", *SLOW_FLAGS,
-                                  "-c", "slow.cc", "-o", "slow.o")  # fmt: skip
+                                  "-c", "slow.cc", "-o", "slow.o")
 
     thread = threading.Thread(target=run)
     thread.start()
@@ -294,7 +294,7 @@ def test_server_killed_mid_job_falls_back_locally(realm, own_server, workdir):
     assert wait_until(lambda: not sandbox_processes(workdir), 10), sandbox_processes(workdir)
 
 
-def authenticated_channel(server, realm, monkeypatch, user: str = "alice") -> Channel:  # type: ignore[no-untyped-def]
+def authenticated_channel(server, realm, monkeypatch, user: str = "alice") -> Channel:
     """Authenticate as ``user`` with the real client code, in this process."""
     for key, value in realm.user_env(user, realm.dir).items():
         monkeypatch.setenv(key, value)
@@ -401,7 +401,7 @@ def test_garbage_and_stalled_handshakes_do_not_hurt_others(realm, own_server, wo
     huge.sendall(b"\xff\xff\xff\xff\x01")  # a 4 GiB frame announced: refused before any allocation
     assert closed_by_peer(huge)
     done = securecc(realm, s, "alice", workdir, "gcc", "-DSCALE=1", "-I.", "-c", "src/main.c", "-o", "ok.o",
-                    SECURECC_VERBOSE="1")  # fmt: skip
+                    SECURECC_VERBOSE="1")
     assert done.returncode == 0 and b"compiled" in done.stderr
     assert closed_by_peer(stalled, 3)
     assert s.alive()
@@ -420,7 +420,7 @@ def test_flipped_byte_in_a_sealed_frame_is_rejected(realm, server, workdir, monk
     assert "sealed frame rejected" in server.log_path.read_text()
     write_project(workdir)
     done = securecc(realm, server, "alice", workdir, "gcc", "-DSCALE=1", "-I.", "-c", "src/main.c", "-o", "f.o",
-                    SECURECC_VERBOSE="1")  # fmt: skip
+                    SECURECC_VERBOSE="1")
     assert done.returncode == 0 and b"compiled" in done.stderr
 
 

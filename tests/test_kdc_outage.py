@@ -79,13 +79,13 @@ def project(workdir: Path) -> None:
         (workdir / f"s{n}.c").write_text(f"int f{n}(int x) {{ return x * {n + 1}; }}\n")
 
 
-def build(realm, workdir: Path, hosts: str, kdc_conf: str, **env: str) -> tuple[float, list]:  # type: ignore[no-untyped-def]
+def build(realm, workdir: Path, hosts: str, kdc_conf: str, **env: str) -> tuple[float, list]:
     """Every source at once, as ``make -j8`` would start them; (wall seconds, the runs)."""
     started = time.monotonic()
     with ThreadPoolExecutor(SOURCES) as pool:
         runs = list(pool.map(lambda n: securecc(realm, None, "alice", workdir, "gcc", "-O2", "-c", f"s{n}.c", hosts=hosts,
                                                 KRB5_CONFIG=kdc_conf, KRB5_CLIENT_KTNAME=str(workdir / "none.keytab"),
-                                                **env), range(SOURCES)))  # fmt: skip
+                                                **env), range(SOURCES)))
     return time.monotonic() - started, runs
 
 
@@ -127,17 +127,17 @@ def test_cached_tickets_keep_working_while_the_kdc_is_silent(realm, server, work
     project(workdir)
     kinit(realm, workdir / "alice.ccache", "alice")
     first = securecc(realm, server, "alice", workdir, "gcc", "-O2", "-c", "s0.c", SECURECC_AGENT="off",
-                     SECURECC_VERBOSE="1", KRB5_CLIENT_KTNAME=str(workdir / "none.keytab"))  # fmt: skip
+                     SECURECC_VERBOSE="1", KRB5_CLIENT_KTNAME=str(workdir / "none.keytab"))
     assert b"compiled s0.c on 127.0.0.1" in first.stderr, first.stderr
     # Another server whose ticket is not cached puts the KDC into back-off.
     hosts = f"{listener.hosts.replace(PRINCIPAL, 'principal=securecc/elsewhere@TEST.REALM')}"
     cut_off = securecc(realm, None, "alice", workdir, "gcc", "-O2", "-c", "s1.c", hosts=hosts, KRB5_CONFIG=silent_kdc,
-                       SECURECC_KDC_TIMEOUT="1", KRB5_CLIENT_KTNAME=str(workdir / "none.keytab"))  # fmt: skip
+                       SECURECC_KDC_TIMEOUT="1", KRB5_CLIENT_KTNAME=str(workdir / "none.keytab"))
     assert cut_off.returncode == 0 and b"KDC did not answer" in cut_off.stderr, cut_off.stderr
     for agent in ("off", "on"):
         started = time.monotonic()
         done = securecc(realm, server, "alice", workdir, "gcc", "-O2", "-c", "s2.c", KRB5_CONFIG=silent_kdc,
-                        SECURECC_VERBOSE="1", SECURECC_AGENT=agent, KRB5_CLIENT_KTNAME=str(workdir / "none.keytab"))  # fmt: skip
+                        SECURECC_VERBOSE="1", SECURECC_AGENT=agent, KRB5_CLIENT_KTNAME=str(workdir / "none.keytab"))
         assert done.returncode == 0 and b"compiled s2.c on 127.0.0.1:" in done.stderr, done.stderr
         assert time.monotonic() - started < 3
     assert listener.accepted == 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import time
 import urllib.error
@@ -12,9 +11,8 @@ import urllib.request
 
 import gssapi
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import BIN, free_port, securecc
+from prometheus_client.parser import text_string_to_metric_families
 from test_acl import credentials_for
 from test_job_path import authenticated_channel, slow_job, wait_until
 
@@ -25,24 +23,24 @@ def realm_config(realm, monkeypatch):
     monkeypatch.setenv("KRB5_CONFIG", realm.info["env"]["KRB5_CONFIG"])
 
 
-def metrics(server) -> dict[tuple[str, tuple], float]:  # type: ignore[no-untyped-def]
+def metrics(server) -> dict[tuple[str, tuple], float]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.monitor_port}/metrics", timeout=5).read().decode()
     assert "alice" not in text and "bob" not in text  # no principal names
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def get(server, path: str, user: str | None = None, realm=None) -> tuple[int, dict, bytes]:  # type: ignore[no-untyped-def]
+def get(server, path: str, user: str | None = None, realm=None) -> tuple[int, dict, bytes]:
     return get_port(server.monitor_port, path, user, realm)
 
 
-def get_port(port: int, path: str, user: str | None = None, realm=None) -> tuple[int, dict, bytes]:  # type: ignore[no-untyped-def]
+def get_port(port: int, path: str, user: str | None = None, realm=None) -> tuple[int, dict, bytes]:
     """GET with, for ``user``, a fresh Negotiate token for HTTP/localhost (a real Kerberos ticket)."""
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
     if user:
         context = gssapi.SecurityContext(name=gssapi.Name("HTTP@localhost", gssapi.NameType.hostbased_service),
                                          creds=credentials_for(realm, user), usage="initiate",
-                                         flags=[gssapi.RequirementFlag.mutual_authentication])  # fmt: skip
+                                         flags=[gssapi.RequirementFlag.mutual_authentication])
         request.add_header("Authorization", "Negotiate " + base64.b64encode(context.step()).decode())
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -94,7 +92,7 @@ class NegotiatingProxy:
     so the browser reaches the dashboard through this relay, which adds a fresh SPNEGO token for alice to every
     request: the server-side authentication checked is the real one."""
 
-    def __init__(self, server, realm) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, server, realm) -> None:
         import http.server
         import threading
 
@@ -126,7 +124,7 @@ def test_dashboard_shows_a_running_job_in_chromium(realm, own_server, workdir, m
     proxy = NegotiatingProxy(s, realm)
     browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-               "--virtual-time-budget=5000", "--window-size=1280,800"]  # fmt: skip
+               "--virtual-time-budget=5000", "--window-size=1280,800"]
     url = f"http://127.0.0.1:{proxy.port}/"
     dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=90).stdout
     screenshot = tmp_path / "dashboard.png"
@@ -150,7 +148,7 @@ def test_securecc_monitor_lists_every_server(realm, own_server, workdir, monkeyp
     def monitor(user: str) -> list[dict]:
         env = {**realm.user_env(user, workdir), "SECURECC_HOSTS": hosts, "XDG_CACHE_HOME": str(workdir / ".cache")}
         done = subprocess.run([BIN / "securecc-monitor", "--once", "--json"], env=env, capture_output=True, text=True,
-                              timeout=60)  # fmt: skip
+                              timeout=60)
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 

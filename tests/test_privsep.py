@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import securecc
+
 from securecc.server.config import ConfigError, load_config
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the uid switches need root (CI runs as root)")
@@ -53,7 +53,7 @@ def test_front_runs_as_its_user_and_the_handler_cannot_read_its_secrets(realm, o
         os.chown(path, FRONT, FRONT)
     s = own_server(env={"KRB5RCACHEDIR": str(rcache)}, run_as="nobody", keytab=str(secrets / "service.keytab"),
                    acl=str(secrets / "acl.yaml"), sandbox={"uid": HANDLER, "gid": HANDLER},
-                   audit={"key": str(secrets / "audit.key"), "path": str(audit_dir / "audit.jsonl")})  # fmt: skip
+                   audit={"key": str(secrets / "audit.key"), "path": str(audit_dir / "audit.jsonl")})
     s.audit_path = audit_dir / "audit.jsonl"
     os.chmod(s.config_path, 0o600)  # as an admin installs it (the fixture writes it world-readable)
     assert uid_of(s.process.pid) == FRONT
@@ -65,7 +65,7 @@ def test_front_runs_as_its_user_and_the_handler_cannot_read_its_secrets(realm, o
     assert s.jobs(decision="allowed")
     for secret in (*secrets.iterdir(), s.config_path):
         attempt = subprocess.run(["setpriv", f"--reuid={HANDLER}", f"--regid={HANDLER}", "--clear-groups", "cat", secret],
-                                 capture_output=True)  # fmt: skip
+                                 capture_output=True)
         assert attempt.returncode != 0, secret
 
 

@@ -20,7 +20,7 @@ from securecc.protocol import CHUNK, MAX_FRAME, Job, Kind, ProtocolError, Refuse
 # --- helpers ----------------------------------------------------------------
 
 
-def toy_keys(key: bytes = b"not-a-real-key"):  # type: ignore[no-untyped-def]
+def toy_keys(key: bytes = b"not-a-real-key"):
     """A wrap/unwrap pair: XOR with ``key``, then a 4-byte CRC-32 of the plaintext; unwrap verifies it."""
 
     def xor(data: bytes) -> bytes:
@@ -68,7 +68,7 @@ def sealed_chunk(plain: bytes) -> bytes:
     return raw_frame(Kind.SEALED, wrap(plain))
 
 
-def feed_in_slices(conn: wire.Connection, data: bytes, sizes) -> list[tuple[int, wire.Event]]:  # type: ignore[no-untyped-def]
+def feed_in_slices(conn: wire.Connection, data: bytes, sizes) -> list[tuple[int, wire.Event]]:
     """Feed ``data`` in consecutive slices; returns (bytes fed so far, event) for every event."""
     seen = []
     fed = 0
@@ -80,13 +80,13 @@ def feed_in_slices(conn: wire.Connection, data: bytes, sizes) -> list[tuple[int,
     return seen
 
 
-def random_sizes(seed: int, low: int = 1, high: int = 70_000):  # type: ignore[no-untyped-def]
+def random_sizes(seed: int, low: int = 1, high: int = 70_000):
     rng = random.Random(seed)
     while True:
         yield rng.randint(low, high)
 
 
-def iterbytes(data: bytes):  # type: ignore[no-untyped-def]
+def iterbytes(data: bytes):
     """One byte at a time, as Twisted's tests feed protocols."""
     for i in range(len(data)):
         yield data[i : i + 1]
@@ -447,7 +447,7 @@ def job_header(**changes: object) -> dict[str, object]:
         "compiler": "gcc", "args": ["-O2"], "language": "c", "mode": "-c", "cwd": "/",
         "source_path": "a.c", "environment": {"LC_ALL": "C"}, "include_paths": [], "compiler_identity": "",
         "system_headers": [], "system_digest": "", "output_path": "", "directories": [], "blobs": [3, 0],
-    }  # fmt: skip
+    }
     header.update(changes)
     return {k: v for k, v in header.items() if v is not DROP}
 

@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import IDENTITIES
 from hostile import Hostile
 from test_hostile import read_as_handler, sandboxed_shell, secrets_of
+
 from securecc import args as argpolicy
+from securecc import protocol as wire
 from securecc import toolchain
 from securecc.server import jobspec
-from securecc import protocol as wire
 from securecc.toolchain import HeaderDigests
 
 GCC = IDENTITIES["gcc"]
@@ -34,7 +34,7 @@ def alice(realm, monkeypatch, tmp_path):
         monkeypatch.setenv(key, value)
 
 
-def send(server, workdir: Path, text: bytes, includes: list[bytes] = (), **fields: object) -> wire.Message:  # type: ignore[assignment]
+def send(server, workdir: Path, text: bytes, includes: list[bytes] = (), **fields: object) -> wire.Message:
     fields = {"language": "c-source", "cwd": str(workdir), "source_path": "m.c", "compiler_identity": GCC, **fields}
     client = Hostile(server.port)
     try:
@@ -72,11 +72,11 @@ def counted_hashing(monkeypatch):
     hashed = [0]
     real_sha256, real_file_digest = toolchain.hashlib.sha256, toolchain.hashlib.file_digest
 
-    def sha256(data: bytes = b"", **kw: object):  # type: ignore[no-untyped-def]
+    def sha256(data: bytes = b"", **kw: object):
         hashed[0] += len(data)
         return real_sha256(data, **kw)
 
-    def file_digest(f, digest):  # type: ignore[no-untyped-def]
+    def file_digest(f, digest):
         hashed[0] += os.fstat(f.fileno()).st_size
         return real_file_digest(f, digest)
 
@@ -139,14 +139,14 @@ def test_a_fifo_or_device_among_the_headers_is_not_opened(tmp_path):
     (usr / "dir.h").mkdir()
     result: list[str] = []
     worker = threading.Thread(target=lambda: result.append(HeaderDigests().of(
-        [str(usr / "fifo.h"), str(usr / "tty.h"), str(usr / "dir.h")], f"{usr}/")), daemon=True)  # fmt: skip
+        [str(usr / "fifo.h"), str(usr / "tty.h"), str(usr / "dir.h")], f"{usr}/")), daemon=True)
     worker.start()
     worker.join(5)
     if worker.is_alive():  # let the stuck thread go before failing
         os.close(os.open(usr / "fifo.h", os.O_WRONLY | os.O_NONBLOCK))
     assert result, "the digest of a FIFO blocked"
     assert result[0] == digest_of(entry(str(usr / "fifo.h"), "missing"), entry(str(usr / "tty.h"), "outside"),
-                                  entry(str(usr / "dir.h"), "missing"))  # fmt: skip
+                                  entry(str(usr / "dir.h"), "missing"))
 
 
 @pytest.mark.skipif(not os.path.exists(aliases(1)[0]), reason="needs Debian's llvm-14 (its build/Release -> .. link)")
@@ -171,7 +171,7 @@ def test_a_job_naming_one_big_file_many_times_does_not_pin_the_handler(realm, al
     "/usr/./include/stdio.h", "/usr/include//stdio.h", "/usr/include/", "//usr/include/stdio.h",
     "/usr/local/include/x.h", "/usr/include/\nx.h", "/usr/include/\x00x.h", "/usr/include/" + "x" * 300,
     "/usr/lib/../../proc/self/environ", "/proc/self/environ", "/dev/zero", "/job/input", "", "/usr/bin/X11/../../etc/passwd",
-])  # fmt: skip
+])
 def test_system_header_names_outside_their_grammar_are_refused(server, alice, workdir, path):
     reply = send(server, workdir, b"int x;\n", system_headers=[path])
     assert isinstance(reply, wire.Refused) and reply.reason == "denied:bad-path", (path, reply)
@@ -222,7 +222,7 @@ def test_a_header_behind_a_link_out_of_usr_is_not_in_the_sandbox(server, alice, 
     if not os.path.islink(name):
         pytest.skip("needs /usr/lib/ssl/openssl.cnf -> /etc")
     reply = send(server, workdir, f'#include "{name}"\n'.encode(), system_headers=[name],
-                 system_digest=digest_of(entry(name, "outside")))  # fmt: skip
+                 system_digest=digest_of(entry(name, "outside")))
     assert isinstance(reply, wire.Result) and reply.exit_status != 0 and reply.output is None
     assert b"No such file" in reply.stderr and Path(name).read_bytes()[:40] not in reply.stderr
 
@@ -232,7 +232,7 @@ def test_a_header_behind_a_link_out_of_usr_is_not_in_the_sandbox(server, alice, 
 
 def split_job(output_path: str, cwd: str = "/w/src", roots: tuple[str, ...] = (), **fields: object) -> jobspec.ValidJob:
     job = wire.Job("gcc", ["-g", "-gsplit-dwarf"], "c-source", "-c", cwd, "m.c", b"", b"int x;\n",
-                   system_digest=HeaderDigests().of([]), output_path=output_path, **fields)  # type: ignore[arg-type]
+                   system_digest=HeaderDigests().of([]), output_path=output_path, **fields)
     return jobspec.validate(job, roots)
 
 
@@ -246,7 +246,7 @@ def split_job(output_path: str, cwd: str = "/w/src", roots: tuple[str, ...] = ()
     ("../../m.o", ()),  # normalizes to /m.o
     ("..", ()), ("../src", ()), (".", ()), ("obj/..", ()), ("-o", ()), ("@m.o", ()), ("/tmp/../usr/m.o", ()),
     ("m.c", ()), ("m.dwo", ()), ("//w/m.o", ()),
-])  # fmt: skip
+])
 def test_the_writable_directory_never_covers_the_system_a_compiler_or_the_job(output_path, roots):
     """BROKEN before the fix for an ancestor of a compiler root (/opt for /opt/cross): the sandbox's
     writable scratch directory was bound over it, hiding the compiler's own files."""
@@ -259,7 +259,7 @@ def test_the_writable_directory_never_covers_the_system_a_compiler_or_the_job(ou
     {"include_paths": ["/w/obj/m.o"], "includes": [b""]},  # a header at the object
     {"include_paths": ["/w/obj/m.dwo"], "includes": [b""]},  # or at the .dwo
     {"include_paths": ["/w/obj/m.o/x.h"], "includes": [b""]},  # under the object
-])  # fmt: skip
+])
 def test_the_outputs_clash_with_no_header(fields):
     with pytest.raises(jobspec.Invalid):
         split_job("/w/obj/m.o", **fields)
@@ -269,10 +269,10 @@ def test_the_outputs_clash_with_no_header(fields):
     ("-S", "c-source", ["-gsplit-dwarf"]),  # no object
     ("-c", "c-source", []),  # an output path without -gsplit-dwarf
     ("-c", "c-source", ["-gsplit-dwarf=split"]),  # clang's spelling: not on the list at all
-])  # fmt: skip
+])
 def test_an_output_path_goes_only_with_gsplit_dwarf_and_c(mode, language, args):
     job = wire.Job("gcc", args, language, mode, "/w", "m.c", b"", b"int x;\n", system_digest=HeaderDigests().of([]),
-                   output_path="m.o")  # fmt: skip
+                   output_path="m.o")
     with pytest.raises(jobspec.Invalid):
         jobspec.validate(job)
 
@@ -285,7 +285,7 @@ def test_split_dwarf_outputs_where_the_job_likes_come_back_from_scratch_only(ser
     the host's, and the server keeps serving."""
     cwd = workdir / "src"
     reply = send(server, workdir, b"int x = 1;\nint f(void) { return x; }\n", cwd=str(cwd), args=["-g", "-gsplit-dwarf"],
-                 output_path=output_path)  # fmt: skip
+                 output_path=output_path)
     assert isinstance(reply, wire.Result), reply
     if reply.exit_status == 0:
         assert reply.output.startswith(b"\x7fELF") and reply.dwo.startswith(b"\x7fELF")
@@ -301,14 +301,14 @@ def test_split_dwarf_outputs_where_the_job_likes_come_back_from_scratch_only(ser
     ("cpp-output", b'# 1 "m.c"\nint x = 1;\n'),
     ("assembler-source", b"  .text\n  .globl f\nf: ret\n"),
     ("assembler-with-cpp-source", b"#define R ret\n  .text\nf: R\n"),
-])  # fmt: skip
+])
 def test_split_dwarf_with_other_languages_fails_or_returns_only_its_outputs(server, alice, workdir, language, text):
     """Our client never sends -gsplit-dwarf with assembler or preprocessed text; a hostile one may.  The
     compile writes only the scratch directory; a missing .dwo is a failed job, not a handler error."""
     fields = {"system_digest": ""} if language == "cpp-output" else {}
     reply = Hostile(server.port).job((text, b"") if language == "cpp-output" else (b"", text), [], language=language,
                                      cwd=str(workdir), source_path="m.c" if language == "cpp-output" else "m.s",
-                                     compiler_identity=GCC, args=["-g", "-gsplit-dwarf"], output_path="obj/m.o", **fields)  # fmt: skip
+                                     compiler_identity=GCC, args=["-g", "-gsplit-dwarf"], output_path="obj/m.o", **fields)
     assert isinstance(reply, wire.Result), reply
     assert reply.exit_status == 0 or (reply.output is None and b"handler failed" not in reply.stderr), reply.stderr
     reply = send(server, workdir, b"int y;\n")
@@ -320,7 +320,7 @@ def test_a_header_in_the_writable_directory_is_read_only_on_top(server, alice, w
     and gcc's own write of the object there still works."""
     header = str(workdir / "obj" / "h.h")
     reply = send(server, workdir, b'#include "obj/h.h"\nint f(void) { return H; }\n', include_paths=[header],
-                 includes=[b"#define H 7\n"], args=["-g", "-gsplit-dwarf"], output_path="obj/m.o")  # fmt: skip
+                 includes=[b"#define H 7\n"], args=["-g", "-gsplit-dwarf"], output_path="obj/m.o")
     assert isinstance(reply, wire.Result) and reply.exit_status == 0 and reply.dwo, reply
 
 
@@ -335,7 +335,7 @@ def test_a_job_cannot_make_the_handler_build_a_tree_it_cannot_remove(own_server,
     assert isinstance(reply, wire.Refused) and reply.reason == "denied:bad-path", reply
     within = f"{workdir}{'/a' * (jobspec.MAX_DEPTH - workdir.as_posix().count('/') - 1)}/x.h"
     reply = send(s, workdir, b'#include "x.h"\nint f(void) { return X; }\n', include_paths=[within],
-                 includes=[b"#define X 1\n"], args=["-I" + os.path.dirname(within)])  # fmt: skip
+                 includes=[b"#define X 1\n"], args=["-I" + os.path.dirname(within)])
     assert isinstance(reply, wire.Result) and reply.exit_status == 0, reply
     scratch = s.config_path.parent / "scratch"
     deadline = time.monotonic() + 5  # removed in a thread, after the answer
@@ -351,10 +351,10 @@ def test_a_job_cannot_make_the_handler_build_a_tree_it_cannot_remove(own_server,
     "ln -s /proc/self/environ /tmp/w/obj/n.o",
     "ln -s ../../../../../../../etc/shadow /tmp/w/obj/n.o",
     "head -c 200 /dev/zero > /tmp/w/obj/n.o",  # over the cap (100 bytes in read_as_handler)
-])  # fmt: skip
+])
 def test_what_a_taken_over_compiler_leaves_in_the_split_directory_is_never_read(workdir, trick):
     done, job_dir = sandboxed_shell(workdir, f"set +e; {trick}; echo d > /tmp/w/obj/n.dwo",
-                                    split_dwarf=("obj/n.o", "/tmp/w/obj/n.o", "/tmp/w/obj/n.dwo"))  # fmt: skip
+                                    split_dwarf=("obj/n.o", "/tmp/w/obj/n.o", "/tmp/w/obj/n.dwo"))
     assert done.returncode == 0, done.stderr
     started = time.monotonic()
     assert read_as_handler(job_dir / "out", "n.o") == "OutputError"
@@ -364,7 +364,8 @@ def test_what_a_taken_over_compiler_leaves_in_the_split_directory_is_never_read(
 def test_a_taken_over_compiler_can_write_no_tmpfs(workdir):
     """BROKEN before the fix: bwrap's --dev /dev is a tmpfs without a size, and it stayed writable: a compile
     (taken over) could fill the host's memory through /dev/shm or /dev, despite 'nothing else is writable'."""
-    script = "set +e; for p in /dev/shm/f /dev/f /tmp/f /f /proc/f /job/f /tmp/w/f; do echo x > $p && echo WROTE $p; done; echo ok > /dev/null && echo null-ok"
+    script = ("set +e; for p in /dev/shm/f /dev/f /tmp/f /f /proc/f /job/f /tmp/w/f; do echo x > $p && echo WROTE $p; done; "
+              "echo ok > /dev/null && echo null-ok")
     done, _ = sandboxed_shell(workdir, script)
     assert b"WROTE" not in done.stdout, done.stdout
     assert b"null-ok" in done.stdout, done.stderr
@@ -383,7 +384,7 @@ def test_a_taken_over_compiler_can_write_no_tmpfs(workdir):
     ["-Xassembler", "-I"], ["-Xassembler", "-I/etc"], ["-Xassembler", "@/etc/passwd"], ["-Xassembler", "--MD=x"],
     ["-Xassembler", "--64,-I/etc"], ["-Xassembler"], ["-Xassembler", "-Xassembler"], ["-Xassembler=--64"],
     ["-Xassembler", "--noexecstack", "-Xassembler", "-adhln=x"],
-])  # fmt: skip
+])
 def test_assembler_items_that_name_files_are_refused(args):
     assert argpolicy.refused_argument(args, preprocessing=True) is not None, args
 
@@ -393,21 +394,21 @@ def test_assembler_items_that_name_files_are_refused(args):
     ["-Wa,-march=generic64,-mtune=generic64,--fatal-warnings,-W,--generate-missing-build-notes=yes"],
     ["-Xassembler", "--noexecstack", "-Xassembler", "-g", "-Wa,-mbranches-within-32B-boundaries"],
     ["-Wa,--gdwarf-sections,--nocompress-debug-sections,-mlfence-before-ret=none,-malign-branch=jcc+jmp"],
-])  # fmt: skip
+])
 def test_every_allowed_assembler_item_runs_and_writes_nothing_else(server, alice, workdir, args):
     """The allowed items, all at once, on a .s and a C file: the compile succeeds and returns one object."""
     for language, path, text in (("assembler-source", "m.s", b"  .text\n  .globl f\nf: ret\n"),
-                                 ("c-source", "m.c", b"int f(void) { return 1; }\n")):  # fmt: skip
+                                 ("c-source", "m.c", b"int f(void) { return 1; }\n")):
         reply = send(server, workdir, text, source_path=path, language=language, args=["-g", *args])
         assert isinstance(reply, wire.Result) and reply.exit_status == 0 and reply.output.startswith(b"\x7fELF"), (
-            args, reply.stderr if isinstance(reply, wire.Result) else reply)  # fmt: skip
+            args, reply.stderr if isinstance(reply, wire.Result) else reply)
 
 
 def targets(realm, server) -> dict[str, bytes]:
     """Host files a job must never read, with a marker of their content."""
     found = {str(realm.dir / "service.keytab"): secrets_of(realm)[0], str(realm.dir / "audit.key"): secrets_of(realm)[1]}
     for path in (server.config_path, server.audit_path, Path("/etc/shadow"), Path("/etc/passwd"),
-                 Path("/etc/krb5.conf"), Path(realm.dir / "securecc.yaml")):  # fmt: skip
+                 Path("/etc/krb5.conf"), Path(realm.dir / "securecc.yaml")):
         if path.exists() and path.stat().st_size >= 16:
             found[str(path)] = path.read_bytes()[:16]
     return found
@@ -426,7 +427,7 @@ def test_incbin_and_include_of_host_files_find_nothing(realm, server, alice, wor
 
 
 @pytest.mark.parametrize("path", ["/proc/1/environ", "/proc/self/environ", "/proc/1/cmdline", "/proc/self/mountinfo",
-                                  "/proc/1/cwd/output", "/proc/1/root/job/input", "/job/input", "/dev/stdin"])  # fmt: skip
+                                  "/proc/1/cwd/output", "/proc/1/root/job/input", "/job/input", "/dev/stdin"])
 def test_what_the_sandbox_does_hold_carries_no_secret(realm, server, alice, workdir, path):
     """/proc (its own pid namespace) and /job are there: what .incbin reads from them names no secret."""
     text = f'  .section .rodata\n  .incbin "{path}"\n'.encode()
@@ -459,7 +460,7 @@ def test_incbin_of_an_endless_device_is_bounded(server, alice, workdir):
     ["-wrapper", "x"], ["@x"], ["-fdiagnostics-format=json-file"], ["-fdump-tree-all"], ["-aux-info", "x"],
     ["-Xlinker", "x"], ["-Wl,x"], ["-Xclang", "-load"], ["-fsanitize-ignorelist=x"], ["-fprofile-use"],
     ["-gsplit-dwarf=single"], ["--param", "x"], ["-fcallgraph-info"], ["-fstack-usage"],
-])  # fmt: skip
+])
 def test_the_server_refuses_what_the_client_expands_or_splits_and_what_names_files(args):
     assert argpolicy.refused_argument(args, preprocessing=True) is not None, args
 
@@ -473,7 +474,7 @@ def test_a_hostile_client_cannot_send_two_sources_or_native(server, alice, workd
 @pytest.mark.parametrize("args, said", [
     (["-D", "-wrapper"], b"macro names must be identifiers"), (["-U", "-fplugin=x"], b"macro names must be identifiers"),
     (["-include", "@x"], None), (["-I", "@x"], None), (["-I", "-B/tmp"], b""),
-])  # fmt: skip
+])
 def test_a_value_that_looks_like_an_option_stays_a_value(server, alice, workdir, args, said):
     """-D/-I/-include/-U take the next argument as their own, as gcc does: it never becomes an option;
     one that begins with @ is refused (a response file: see below)."""
@@ -498,9 +499,9 @@ def test_a_separate_value_never_names_a_response_file(server, alice, workdir, op
     cwd = workdir / "src"
     opts = str(cwd / "opts")
     reply = send(server, workdir, b"int x;\n", cwd=str(cwd), args=[option, "@" + opts], include_paths=[opts],
-                 includes=[b"X -wrapper '/bin/sh,-c,echo PWNED-$(id -u) >&2'\n"])  # fmt: skip
+                 includes=[b"X -wrapper '/bin/sh,-c,echo PWNED-$(id -u) >&2'\n"])
     assert isinstance(reply, wire.Refused) and reply.reason == "denied:argument-refused", (
-        reply.stderr if isinstance(reply, wire.Result) else reply)  # fmt: skip
+        reply.stderr if isinstance(reply, wire.Result) else reply)
 
 
 @pytest.mark.parametrize("option", ["-D", "-U", "-I"])
@@ -509,9 +510,9 @@ def test_a_joined_value_never_names_a_response_file(server, alice, workdir, opti
     cwd = workdir / "src"
     opts = str(cwd / "opts")
     reply = send(server, workdir, b"int x;\n", cwd=str(cwd), args=[f"{option}@{opts}"], include_paths=[opts],
-                 includes=[b"X -wrapper '/bin/sh,-c,echo PWNED-$(id -u) >&2'\n"])  # fmt: skip
+                 includes=[b"X -wrapper '/bin/sh,-c,echo PWNED-$(id -u) >&2'\n"])
     assert isinstance(reply, wire.Refused) and reply.reason == "denied:argument-refused", (
-        reply.stderr if isinstance(reply, wire.Result) else reply)  # fmt: skip
+        reply.stderr if isinstance(reply, wire.Result) else reply)
 
 
 def test_the_objects_name_never_becomes_a_response_file_for_cc1(server, alice, workdir, tmp_path):
@@ -525,6 +526,6 @@ def test_the_objects_name_never_becomes_a_response_file_for_cc1(server, alice, w
     for output_path in ("obj/@evil.o", "./@evil.o", str(cwd / "obj" / "@evil.o"), "@obj/evil.o", "-obj/evil.o"):
         reply = send(server, workdir, b"int x;\n", cwd=str(cwd), args=["-g", "-gsplit-dwarf"], output_path=output_path,
                      include_paths=[str(cwd / "evil.c"), str(cwd / "p.h")],
-                     includes=[f"evil.c -fplugin={cwd / 'p.h'}\n".encode(), plugin.read_bytes()])  # fmt: skip
+                     includes=[f"evil.c -fplugin={cwd / 'p.h'}\n".encode(), plugin.read_bytes()])
         assert isinstance(reply, wire.Refused) and reply.reason == "denied:bad-path", (
-            output_path, reply.stderr if isinstance(reply, wire.Result) else reply)  # fmt: skip
+            output_path, reply.stderr if isinstance(reply, wire.Result) else reply)

@@ -7,19 +7,19 @@ with the config's ``root``) that does what the first line of its input says.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import local, make_job, securecc
-from securecc import protocol as wire
 from test_job_path import authenticated_channel, sandbox_processes, wait_until
+
+from securecc import protocol as wire
 
 EVIL_IDENTITY = "evilcc version 1.0; target x86_64-linux-gnu"
 EVILCC = r"""#!/bin/bash
@@ -55,7 +55,7 @@ def evil(realm, tmp_path_factory):
     script.chmod(0o755)
     compilers = {"gcc": "/usr/bin/gcc", "evilcc": {"path": str(script), "root": str(root), "timeout": 4}}
     s = start_server(realm, realm.dir / "evil-server", compilers=compilers,
-                     limits={"cpu_seconds": 2, "file_size": 10 << 20, "processes": 64})  # fmt: skip
+                     limits={"cpu_seconds": 2, "file_size": 10 << 20, "processes": 64})
     yield s
     s.stop()
 
@@ -64,7 +64,7 @@ def run_evil(evil, realm, monkeypatch, workdir, action: str) -> wire.Message:
     channel = authenticated_channel(evil, realm, monkeypatch)
     try:
         job = make_job("evilcc", [], "c", "-c", str(workdir), "x.c", f"{action}\n".encode(),
-                       compiler_identity=EVIL_IDENTITY)  # fmt: skip
+                       compiler_identity=EVIL_IDENTITY)
         reply = channel.call(job)
     finally:
         channel.close()
@@ -110,7 +110,7 @@ def test_secrets_are_invisible(evil, realm, monkeypatch, workdir, target):
         "keytab": realm.dir / "service.keytab", "config": evil.config_path, "acl": realm.dir / "acl.yaml",
         "audit": evil.audit_path, "shadow": Path("/etc/shadow"), "root": Path("/root/.bashrc"),
         "home": Path("/home"),
-    }[target]  # fmt: skip
+    }[target]
     reply = run_evil(evil, realm, monkeypatch, workdir, f"read {path}")
     assert isinstance(reply, wire.Result) and reply.exit_status != 0 and reply.stdout == b""
     assert b"No such file or directory" in reply.stderr
@@ -214,7 +214,7 @@ def test_client_with_another_compiler_version_compiles_locally(realm, server, wo
     (fake / "gcc").chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
     (workdir / "a.c").write_text("int a(void) { return 1; }\n")
     done = securecc(realm, server, "alice", workdir, "gcc", "-O2", "-c", "a.c", "-o", "a.o",
-                    PATH=f"{fake}:{os.environ['PATH']}")  # fmt: skip
+                    PATH=f"{fake}:{os.environ['PATH']}")
     assert done.returncode == 0 and (workdir / "a.o").exists()
     err = done.stderr.decode()
     assert err.startswith("securecc: a.c: 127.0.0.1 refused the job: this server's gcc is gcc version 12")

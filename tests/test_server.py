@@ -7,25 +7,25 @@ import json
 import os
 
 import pytest
-import yaml
 import pytest_twisted
+import yaml
+from conftest import REPO, make_job
 from twisted.internet import task, threads
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.threadpool import ThreadPool
 
-from conftest import REPO, make_job
 from securecc import protocol as wire
-from securecc.server.directory import Directory
-from securecc.server.auditlog import AuditLog
 from securecc.audit import load_private_key
-from securecc.client.job import Channel
-from securecc.server.config import load_config
-from securecc.gss import Acceptor
 from securecc.client.hosts import Host
+from securecc.client.job import Channel
+from securecc.gss import Acceptor
 from securecc.server.aclfile import AclFile
-from securecc.server.service import CompileService
+from securecc.server.auditlog import AuditLog
+from securecc.server.config import load_config
+from securecc.server.directory import Directory
 from securecc.server.listener import JobProtocol
 from securecc.server.main import build, start_handler
+from securecc.server.service import CompileService
 
 
 @pytest.fixture
@@ -37,14 +37,14 @@ def config(realm, tmp_path):
     base = load_config(realm.dir / "securecc.yaml")
     return dataclasses.replace(base, acl=acl, audit=dataclasses.replace(base.audit, path=tmp_path / "audit.jsonl"),
                                scratch=realm.dir / f"scratch-{tmp_path.name}",
-                               ldap=dataclasses.replace(base.ldap, bind="none"))  # fmt: skip
+                               ldap=dataclasses.replace(base.ldap, bind="none"))
 
 
-def connected_protocol(config) -> tuple[JobProtocol, StringTransport, task.Clock]:  # type: ignore[no-untyped-def]
+def connected_protocol(config) -> tuple[JobProtocol, StringTransport, task.Clock]:
     clock = task.Clock()
     audit = AuditLog(config.audit.path, load_private_key(config.audit.key), "test")
     service = CompileService(config, MemoryReactorClock(), clock, AclFile(config.acl), Directory(config.ldap),
-                             ThreadPool(), audit, {})  # fmt: skip
+                             ThreadPool(), audit, {})
     proto = JobProtocol(service, Acceptor(config.principal, config.keytab))
     transport = StringTransport()
     proto.makeConnection(transport)

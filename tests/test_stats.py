@@ -17,7 +17,7 @@ from securecc.client import job as client
 from securecc.client.stats import Outcome, Stats, failure_category, is_probe, local_category, natural_category
 
 NOTICE = re.compile(r"securecc: (\d+) of the (\d+) compiles so far stayed local \(mostly (.+): (\d+)\); "
-                    r"SECURECC_VERBOSE=1 shows why for each job, `securecc stats` counts them\n")  # fmt: skip
+                    r"SECURECC_VERBOSE=1 shows why for each job, `securecc stats` counts them\n")
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def agents(workdir):
     stop_agents(directory)
 
 
-def run(realm, server, workdir: Path, agents: Path, *args: str, **env: str) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+def run(realm, server, workdir: Path, agents: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return securecc(realm, server, "alice", workdir, *args, SECURECC_AGENT_DIR=str(agents), **env)
 
 
@@ -39,7 +39,7 @@ def stats_table(text: str) -> dict[str, tuple[str, str]]:
     return {m[1]: (m[2], m[3]) for m in rows if m}
 
 
-def stats(realm, workdir: Path, agents: Path, *args: str) -> dict[str, tuple[str, str]]:  # type: ignore[no-untyped-def]
+def stats(realm, workdir: Path, agents: Path, *args: str) -> dict[str, tuple[str, str]]:
     done = run(realm, None, workdir, agents, "stats", *args)
     assert done.returncode == 0 and done.stderr == b"", done.stderr
     return stats_table(done.stdout.decode())
@@ -105,7 +105,7 @@ def test_the_notice_comes_once_when_most_compiles_stay_local(realm, server, work
     job("-v")
     job("-E", "a.c")
     subprocess.run([BIN / "securecc", "gcc", "-c", "-x", "c", "-", "-o", "stdin.o"], input=b"int s;\n", cwd=workdir,
-                   env={**realm.user_env("alice", workdir), "SECURECC_AGENT_DIR": str(agents)}, check=True)  # fmt: skip
+                   env={**realm.user_env("alice", workdir), "SECURECC_AGENT_DIR": str(agents)}, check=True)
     for _ in range(6):
         job("-c", "a.c")
     for _ in range(5):
@@ -173,7 +173,7 @@ def test_as_gcc_the_own_commands_are_gccs(tmp_path):
     ("-x assembler-with-cpp", "-x assembler-with-cpp"),
     ("--param max-inline-insns-auto=4", "--param max-inline-insns-auto=4"),
     ("uses __TIMESTAMP__", "uses __TIMESTAMP__"),
-])  # fmt: skip
+])
 def test_local_reasons_have_short_stable_categories(reason, category):
     assert local_category(reason) == category
 
@@ -189,7 +189,7 @@ def test_local_reasons_have_short_stable_categories(reason, category):
     ("no compile servers found in SECURECC_HOSTS; list them in SECURECC_HOSTS", "no servers configured"),
     ("every compile server is backed off after failures (see securecc --show-hosts)", "every server backed off"),
     ("something new", "other"),
-])  # fmt: skip
+])
 def test_failures_have_short_categories(message, category):
     assert failure_category(message) == category
 
@@ -213,7 +213,7 @@ def test_the_notice_threshold():
     assert notices == [None] * 29
     assert stats.job(Outcome("fallback", "refused", True)) == (
         "10 of the 10 compiles so far stayed local (mostly option -x: 9); "
-        "SECURECC_VERBOSE=1 shows why for each job, `securecc stats` counts them")  # fmt: skip
+        "SECURECC_VERBOSE=1 shows why for each job, `securecc stats` counts them")
     stats.reset()
     assert [stats.job(Outcome("policy", "option -x", True)) for _ in range(20)] == [None] * 20
     even = Stats()

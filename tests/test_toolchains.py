@@ -52,7 +52,7 @@ def as_alice(realm: Realm, server: Server, cwd: Path, **extra: str) -> dict[str,
     """alice's environment for a build tool that runs ``securecc`` itself (found in PATH)."""
     env = realm.user_env("alice", cwd)
     env.update(SECURECC_HOSTS=server.hosts, PATH=f"{BIN}:{os.environ['PATH']}", PWD=str(cwd),
-               XDG_CACHE_HOME=str(cwd / ".cache"), **extra)  # fmt: skip
+               XDG_CACHE_HOME=str(cwd / ".cache"), **extra)
     return env
 
 
@@ -99,7 +99,7 @@ def test_server_config_takes_debian_toolchains_and_refuses_links_out_of_the_sand
     (tmp_path / "elsewhere" / "gcc").chmod(0o755)
     (tmp_path / "cross" / "bin" / "gcc").symlink_to(tmp_path / "elsewhere" / "gcc")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump({**base, "compilers": {"gcc": "/usr/bin/gcc", "cross-gcc": {
-        "path": str(tmp_path / "cross" / "bin" / "gcc"), "root": str(tmp_path / "cross")}}}))  # fmt: skip
+        "path": str(tmp_path / "cross" / "bin" / "gcc"), "root": str(tmp_path / "cross")}}}))
     with pytest.raises(ConfigError, match=r"compiler 'cross-gcc': .* leads to .*/elsewhere/gcc, which the sandbox does not"):
         load_config(tmp_path / "c.yaml")
 
@@ -119,7 +119,7 @@ def test_clang_preprocessing_commands(tmp_path):
 def test_what_clang_keeps_here():
     """A .i file with any -g, and a .S file, stay local for clang (not for gcc): see args.check_family."""
     for args, why in ((["-gline-tables-only", "-c", "a.i"], "clang with -g on preprocessed input"),
-                      (["-c", "a.S"], "clang preprocesses .S into a temporary file")):  # fmt: skip
+                      (["-c", "a.S"], "clang preprocesses .S into a temporary file")):
         with pytest.raises(argpolicy.NotDistributable, match=why):
             argpolicy.check_family(argpolicy.plan(args), "clang")
         argpolicy.check_family(argpolicy.plan(args), "gcc")
@@ -164,7 +164,7 @@ def write_sources(directory: Path) -> None:
      ("clang", "src/main.c", ["-gline-tables-only", "-O2"]), ("clang++", "src/lib.cpp", ["-g", "-O2", "-std=c++17"]),
      ("clang++", "src/lib.cpp", ["-O3", "-fPIC"])],
     ids=["O2", "g-O2", "g-O0-Wall", "line-tables", "cxx-g-O2", "cxx-O3-fPIC"],
-)  # fmt: skip
+)
 def test_clang_objects_are_identical(realm, toolchain_server, workdir, compiler, source, flags):
     """clang and clang++ compile remotely (the server preprocesses: DWARF 5 sums the files) into the local object."""
     write_sources(workdir)
@@ -222,7 +222,7 @@ def test_clang_preprocessed_input(realm, toolchain_server, workdir):
     assert local(workdir, "clang", "-DSCALE=2", "-I.", "-E", "src/main.c", "-o", "main.i").returncode == 0
     for flags, remote in ((["-O2"], True), (["-g", "-O2"], False)):
         done = securecc(realm, toolchain_server, "alice", workdir, "clang", *flags, "-c", "main.i", "-o", "r.o",
-                        SECURECC_VERBOSE="1")  # fmt: skip
+                        SECURECC_VERBOSE="1")
         assert done.returncode == 0, done.stderr
         said = done.stderr.decode()
         assert ("compiled main.i on 127.0.0.1" in said) == remote, said
@@ -258,7 +258,7 @@ def test_clang_time_trace_stays_here(realm, toolchain_server, workdir):
     """-ftime-trace writes a file beside the object: compiled here, the trace where clang puts it, no stray file."""
     write_sources(workdir)
     done = securecc(realm, toolchain_server, "alice", workdir, "clang", "-ftime-trace", "-DSCALE=1", "-I.", "-c", "src/main.c",
-                    "-o", "t.o", SECURECC_VERBOSE="1")  # fmt: skip
+                    "-o", "t.o", SECURECC_VERBOSE="1")
     assert done.returncode == 0 and done.stderr == b"securecc: compiling locally: option -ftime-trace\n", done.stderr
     assert sorted(p.name for p in workdir.glob("*.json")) == ["t.json"]
 
@@ -274,7 +274,7 @@ def test_clang_masquerade_symlink(realm, toolchain_server, workdir):
     env["PATH"] = f"{bindir}:{env['PATH']}"
     for name, source in (("clang", "src/main.c"), ("clang++", "src/lib.cpp")):
         done = subprocess.run([name, "-g", "-DSCALE=1", "-I.", "-c", source, "-o", "m.o"], check=False, cwd=workdir, env=env,
-                              capture_output=True, timeout=60)  # fmt: skip
+                              capture_output=True, timeout=60)
         assert done.returncode == 0 and f"compiled {source} on 127.0.0.1".encode() in done.stderr, done.stderr
     version = subprocess.run(["clang", "--version"], check=False, cwd=workdir, env=env, capture_output=True, timeout=60)
     assert version.stdout.splitlines()[0] == run(["/usr/bin/clang", "--version"], workdir).stdout.splitlines()[0]
@@ -294,7 +294,7 @@ def test_cross_compiler_end_to_end(realm, toolchain_server, workdir, flags):
     """aarch64-linux-gnu-gcc compiles in the server's sandbox with the server's own cross compiler, as here."""
     (workdir / "x.c").write_text(CROSS_SOURCE)
     done = securecc(realm, toolchain_server, "alice", workdir, "aarch64-linux-gnu-gcc", *flags, "-c", "x.c", "-o", "r.o",
-                    SECURECC_VERBOSE="1")  # fmt: skip
+                    SECURECC_VERBOSE="1")
     assert done.returncode == 0 and b"compiled x.c on 127.0.0.1" in done.stderr, done.stderr
     assert local(workdir, "aarch64-linux-gnu-gcc", *flags, "-c", "x.c", "-o", "l.o").returncode == 0
     assert elf_machine(workdir / "r.o") == AARCH64
@@ -310,7 +310,7 @@ def test_server_without_the_cross_compiler_says_so_and_it_builds_here(realm, ser
     done = securecc(realm, server, "alice", workdir, "aarch64-linux-gnu-gcc", "-O2", "-c", "x.c", "-o", "r.o")
     assert done.returncode == 0
     assert done.stderr.decode() == ("securecc: x.c: 127.0.0.1 refused the job: compiler 'aarch64-linux-gnu-gcc' is not "
-                                    "offered by this server; compiling locally\n")  # fmt: skip
+                                    "offered by this server; compiling locally\n")
     local(workdir, "aarch64-linux-gnu-gcc", "-O2", "-c", "x.c", "-o", "l.o")
     assert elf_machine(workdir / "r.o") == AARCH64 and (workdir / "r.o").read_bytes() == (workdir / "l.o").read_bytes()
     assert server.jobs(cwd=str(workdir))[-1]["reason"] == "denied:compiler-not-offered"
@@ -385,12 +385,12 @@ PROJECT = {
     "meson.build": "project('demo', 'c', 'cpp', default_options: ['cpp_std=c++17', 'buildtype=debugoptimized'])\n"
                    "executable('demo', 'src/main.cpp', 'src/area.cpp', 'src/describe.cpp', 'src/checksum.c',\n"
                    "           include_directories: include_directories('include'))\n",
-}  # fmt: skip
+}
 SOURCES = sorted(name for name in PROJECT if name.startswith("src/"))
 
 
 def build_twice(realm: Realm, server: Server, project: Path, configure: list[str], build: list[str], objects: str,
-                remote: dict[str, str] | None = None, here: dict[str, str] | None = None) -> dict[str, bytes]:  # fmt: skip
+                remote: dict[str, str] | None = None, here: dict[str, str] | None = None) -> dict[str, bytes]:
     """Build in ``project/build`` through securecc, then locally in the same directory (debug info names it).
 
     ``configure`` runs with ``remote`` in the environment, and again without its ``securecc``
@@ -423,7 +423,7 @@ def build_twice(realm: Realm, server: Server, project: Path, configure: list[str
 def test_cmake_with_a_compiler_launcher(realm, toolchain_server, workdir):
     """CMake with CMAKE_{C,CXX}_COMPILER_LAUNCHER=securecc: every source compiled remotely, objects as a local build's."""
     configure = ["cmake", "-S", ".", "-B", "build", "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
-                 "-DCMAKE_C_COMPILER_LAUNCHER=securecc", "-DCMAKE_CXX_COMPILER_LAUNCHER=securecc"]  # fmt: skip
+                 "-DCMAKE_C_COMPILER_LAUNCHER=securecc", "-DCMAKE_CXX_COMPILER_LAUNCHER=securecc"]
     made = build_twice(
         realm, toolchain_server, workdir, configure, ["cmake", "--build", ".", "-j2"], "CMakeFiles/demo.dir/src/*.o"
     )
@@ -434,5 +434,5 @@ def test_cmake_with_a_compiler_launcher(realm, toolchain_server, workdir):
 def test_meson_and_ninja(realm, toolchain_server, workdir, cc, cxx):
     """CC="securecc gcc" CXX="securecc g++" meson setup; ninja: every source remote, objects as a local build's."""
     made = build_twice(realm, toolchain_server, workdir, ["meson", "setup", "build"], ["ninja", "-j2"], "demo.p/*.o",
-                       remote={"CC": f"securecc {cc}", "CXX": f"securecc {cxx}"}, here={"CC": cc, "CXX": cxx})  # fmt: skip
+                       remote={"CC": f"securecc {cc}", "CXX": f"securecc {cxx}"}, here={"CC": cc, "CXX": cxx})
     assert any(name.endswith("describe.cpp.o") for name in made)

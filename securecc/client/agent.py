@@ -36,8 +36,8 @@ import threading
 import time
 import traceback
 
-from securecc.client import job as client
 from securecc import protocol as wire
+from securecc.client import job as client
 from securecc.client import stats as counters
 from securecc.client.hosts import host_key
 
@@ -107,7 +107,7 @@ class SessionPool:
         self._ticket = (state, principal, time.time() + (lifetime or 0))
         return principal
 
-    def call(self, inv: client.Invocation, host, job: wire.Job, timeouts: client.Timeouts):  # type: ignore[no-untyped-def]
+    def call(self, inv: client.Invocation, host, job: wire.Job, timeouts: client.Timeouts):
         principal = self.principal(timeouts.kdc)
         key = (host_key(host), principal)
         channel = self._take(key)
@@ -189,11 +189,11 @@ class CountingSocket:
 class CountedChannel(client.Channel):
     """A channel whose traffic (handshake, jobs, replies, heartbeats) the stats count."""
 
-    def __init__(self, host, stats: counters.Stats, timeouts: client.Timeouts) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, host, stats: counters.Stats, timeouts: client.Timeouts) -> None:
         super().__init__(host, timeouts=timeouts)
         self.stats = stats
 
-    def _connect(self):  # type: ignore[no-untyped-def]
+    def _connect(self):
         return CountingSocket(super()._connect(), self.stats)
 
 
@@ -204,7 +204,7 @@ class JobSessions:
         self.pool = pool
         self.answered = False
 
-    def call(self, inv: client.Invocation, host, job: wire.Job, timeouts: client.Timeouts):  # type: ignore[no-untyped-def]
+    def call(self, inv: client.Invocation, host, job: wire.Job, timeouts: client.Timeouts):
         reply = self.pool.call(inv, host, job, timeouts)
         self.answered = self.answered or isinstance(reply, wire.Result)
         return reply
@@ -242,7 +242,7 @@ def parse_request(data: bytes, watch: socket.socket) -> client.Invocation | None
     argv = [os.fsdecode(a) for a in fields[6 : 6 + argc]]
     env = dict(os.fsdecode(item).partition("=")[::2] for item in fields[6 + argc :])
     return client.Invocation(argv, env, os.fsdecode(fields[2]), fields[4] == b"1", io.BytesIO(), io.BytesIO(),
-                             int(fields[3], 8), watch)  # fmt: skip
+                             int(fields[3], 8), watch)
 
 
 def receive_request(conn: socket.socket) -> bytes:
@@ -339,12 +339,12 @@ class Agent:
                 conn.sendall(b"D\n")
                 return
             self.count(inv, outcome, sessions.answered)
-            err = inv.err.getvalue()  # type: ignore[attr-defined]
+            err = inv.err.getvalue()
             if isinstance(outcome, client.LocalCompile):
                 command = b"\0".join(os.fsencode(a) for a in (outcome.path, *outcome.argv))
                 conn.sendall(b"L %d\n" % len(err) + err + command)
             else:
-                out = inv.out.getvalue()  # type: ignore[attr-defined]
+                out = inv.out.getvalue()
                 conn.sendall(b"R %d %d %d\n" % (outcome, len(out), len(err)) + out + err)
         except OSError:
             pass  # the shim went away

@@ -24,8 +24,9 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -189,7 +190,7 @@ class HostState:
                 raise ValueError
         except (OSError, ValueError):
             self.data = {}
-        self.hosts: dict[str, dict] = self.data.setdefault("hosts", {})  # type: ignore[type-arg]
+        self.hosts: dict[str, dict] = self.data.setdefault("hosts", {})
         self._changed: set[str] = set()  # what this process changed: the entries save() writes back
 
     def backed_off(self, host: Host, now: float | None = None) -> float:
@@ -202,7 +203,7 @@ class HostState:
         return self._fail(host_key(host), why)
 
     def _fail(self, key: str, why: str) -> int:
-        def count(current: dict) -> int:  # type: ignore[type-arg]
+        def count(current: dict) -> int:
             entry = current["hosts"].setdefault(key, {})
             if not isinstance(entry, dict):
                 entry = current["hosts"][key] = {}
@@ -283,7 +284,7 @@ class HostState:
         self._changed.add("srv")
         self.save()
 
-    def save(self, update: Callable[[dict], T] | None = None) -> T | None:  # type: ignore[type-arg]
+    def save(self, update: Callable[[dict], T] | None = None) -> T | None:
         """Write back what this process changed, merged into the file as it is now.
 
         Parallel compiles (processes, and the agent's threads) share the

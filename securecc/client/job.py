@@ -26,8 +26,9 @@ signal.signal(signal.SIGINT, signal.SIG_DFL)
 import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import TYPE_CHECKING, BinaryIO, Mapping, NamedTuple  # noqa: E402
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple  # noqa: E402
 
 from securecc import args as argpolicy  # noqa: E402
 
@@ -90,9 +91,10 @@ class Timeouts(NamedTuple):
         io = _seconds(inv, "SECURECC_IO_TIMEOUT", default.io)
         return cls(_seconds(inv, "SECURECC_CONNECT_TIMEOUT", default.connect), io,
                    min(io, _seconds(inv, "SECURECC_HANDSHAKE_TIMEOUT", default.handshake)),
-                   _seconds(inv, "SECURECC_KDC_TIMEOUT", default.kdc))  # fmt: skip
+                   _seconds(inv, "SECURECC_KDC_TIMEOUT", default.kdc))
 
 
+DEFAULT_TIMEOUTS = Timeouts()
 CACHED_TICKET_WAIT = 0.25  # seconds a job waits for a ticket during a KDC outage: a cached one takes ~1 ms
 
 
@@ -218,7 +220,7 @@ class Channel:
     end.  The agent keeps a channel for many jobs until shortly before then.
     """
 
-    def __init__(self, host, io_timeout: float | None = None, timeouts: Timeouts = Timeouts()) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, host, io_timeout: float | None = None, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
         from securecc import protocol as wire
 
         self.host = host
@@ -227,7 +229,7 @@ class Channel:
         self.expires = 0.0
         self.sock = None  # connected by authenticate() once it holds the first token: never while the KDC is asked
 
-    def _connect(self):  # type: ignore[no-untyped-def]
+    def _connect(self):
         import socket
 
         try:
@@ -237,7 +239,7 @@ class Channel:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def _events(self, timeout: float, watch: object | None = None) -> list:  # type: ignore[type-arg]
+    def _events(self, timeout: float, watch: object | None = None) -> list:
         from securecc import protocol as wire
 
         while True:
@@ -265,7 +267,7 @@ class Channel:
             if events:
                 return events
 
-    def authenticate(self, credentials=None) -> None:  # type: ignore[no-untyped-def]
+    def authenticate(self, credentials=None) -> None:
         from securecc import protocol as wire
         from securecc.client import tickets
         from securecc.gss import GSSFailure, Initiator
@@ -301,7 +303,7 @@ class Channel:
         session = initiator.session()
         self.wire.secure(session.wrap, session.unwrap)
 
-    def call(self, job, watch: object | None = None):  # type: ignore[no-untyped-def]
+    def call(self, job, watch: object | None = None):
         """Send ``job``, return the reply; ``watch`` readable (the caller gone) raises Cancelled."""
         from securecc import protocol as wire
 
@@ -331,7 +333,7 @@ class Channel:
 class OneShot:
     """Direct mode's sessions: a fresh connection and handshake per job."""
 
-    def call(self, inv: Invocation, host, job, timeouts: Timeouts):  # type: ignore[no-untyped-def]
+    def call(self, inv: Invocation, host, job, timeouts: Timeouts):
         channel = Channel(host, timeouts=timeouts)
         try:
             channel.authenticate()
@@ -360,7 +362,7 @@ def compiler_environment(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     return {k: v for k, v in environment.items() if argpolicy.check_environment({k: v}) is None}
 
 
-def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpolicy.Plan):  # type: ignore[no-untyped-def]
+def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpolicy.Plan):
     """Preprocess here; return (job, the preprocessor's messages) or its failing status.
 
     The job carries the main file and the project headers it read, at their
@@ -401,8 +403,8 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
             compiler=os.path.basename(compiler), args=args, language=language, mode=plan.mode, cwd=cwd,
             source_path=plan.source, source=text, original=b"" if plan.preprocessed else original,
             environment=compiler_environment(inv.env), compiler_identity=identity,
-            output_path=plan.output if plan.split_dwarf else "", **fields,  # type: ignore[arg-type]
-        )  # fmt: skip
+            output_path=plan.output if plan.split_dwarf else "", **fields,
+        )
 
     def server_preprocesses(text: bytes) -> tuple[wire.Job, bytes]:
         if b"__TIMESTAMP__" in text:
@@ -418,7 +420,7 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
         system = argpolicy.system_files(included)
         return job(f"{plan.language}-source", b"", plan.source_args or [], include_paths=list(files),
                    includes=list(files.values()), system_headers=system, system_digest=system_headers().of(system),
-                   directories=argpolicy.lookup_directories(plan, markers, cwd)), b""  # fmt: skip
+                   directories=argpolicy.lookup_directories(plan, markers, cwd)), b""
 
     if plan.preprocessed:
         return job(plan.language, original, plan.remote_args), b""
@@ -434,7 +436,7 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
         try:
             status = subprocess.run(command, stdout=out, stderr=err, cwd=inv.cwd, env=inv.env).returncode
             return subprocess.CompletedProcess(command, status, os.pread(out, os.fstat(out).st_size, 0),
-                                               os.pread(err, os.fstat(err).st_size, 0))  # fmt: skip
+                                               os.pread(err, os.fstat(err).st_size, 0))
         finally:
             os.close(out)
             os.close(err)
@@ -487,7 +489,7 @@ def unrepeated(local: bytes, remote: bytes) -> bytes:
     return b"".join(b"".join(block) for block in blocks if b"".join(block) not in remote)
 
 
-def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: argpolicy.Plan, sessions=None) -> int:  # type: ignore[no-untyped-def]
+def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: argpolicy.Plan, sessions=None) -> int:
     """Returns the remote compiler's status; raises RemoteFailure to fall back.
 
     Hosts are tried in the order HostState gives; a BUSY one, or one that
@@ -572,7 +574,7 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
     raise RemoteFailure("; ".join(troubles + ([str(kdc_trouble)] if kdc_trouble else [])))
 
 
-def need_a_cached_ticket(state, candidates) -> None:  # type: ignore[no-untyped-def]
+def need_a_cached_ticket(state, candidates) -> None:
     """While every candidate's KDC is backed off, go on only with a ticket cached for one of them (asked
     before preprocessing: a job that cannot go remote does not pay for it); quietly fall back otherwise."""
     if all(state.kdc_backed_off(h.realm) for h in candidates):
@@ -590,12 +592,12 @@ def kdc_outage(trouble: KdcUnavailable) -> KdcUnavailable:
     if trouble.quiet:
         return trouble
     return KdcUnavailable(f"{trouble}: compiles that need a new ticket stay local until it answers"
-                          " (tickets already cached still work)")  # fmt: skip
+                          " (tickets already cached still work)")
 
 
 # Refusals that another server may not give: try the next one.
 HOST_SPECIFIC_REFUSALS = frozenset({"denied:compiler-mismatch", "denied:compiler-not-offered", "denied:unsupported",
-                                    "denied:audit-unavailable", "timeout", "server-error"})  # fmt: skip
+                                    "denied:audit-unavailable", "timeout", "server-error"})
 
 
 def identity_cache(env: Mapping[str, str]) -> str:
@@ -628,7 +630,7 @@ def show_hosts(inv: Invocation) -> int:
         if wait > 0:
             realm = key.partition(" ")[2] or "the default realm"
             lines.append(f"  Kerberos KDC of {realm}: not answering, only cached tickets tried for {wait:.0f} s more"
-                         f" ({entry.get('why', '')})")  # fmt: skip
+                         f" ({entry.get('why', '')})")
     lines.append(f"state: {state.path}")
     inv.out.write("\n".join(lines).encode() + b"\n")
     return 0
@@ -637,7 +639,7 @@ def show_hosts(inv: Invocation) -> int:
 USAGE = "usage: securecc COMPILER [ARGS...]   (or call it through a symlink named gcc, cc, g++, c++, clang or clang++)"
 
 
-def run(inv: Invocation, sessions=None) -> int | LocalCompile:  # type: ignore[no-untyped-def]
+def run(inv: Invocation, sessions=None) -> int | LocalCompile:
     """Do one ``securecc`` run: its exit status, or the local compile to exec in the caller."""
     argv = inv.argv
     name = os.path.basename(argv[0])
@@ -660,7 +662,7 @@ def run(inv: Invocation, sessions=None) -> int | LocalCompile:  # type: ignore[n
     return compile_one(inv, compiler, path, args, sessions)
 
 
-def compile_one(inv: Invocation, compiler: str, path: str, args: list[str], sessions=None) -> int | LocalCompile:  # type: ignore[no-untyped-def]
+def compile_one(inv: Invocation, compiler: str, path: str, args: list[str], sessions=None) -> int | LocalCompile:
     """One source: remotely, or the local compile to run (with why)."""
     local = LocalCompile(path, [compiler, *args])
     try:
@@ -697,7 +699,7 @@ def without_native(compiler: str, args: list[str]) -> list[str]:
 
 
 def compile_each(inv: Invocation, compiler: str, path: str, args: list[str], parts: list[tuple[int, list[str]]],
-                 sessions=None) -> int | LocalCompile:  # type: ignore[no-untyped-def]
+                 sessions=None) -> int | LocalCompile:
     """``gcc -c a.c b.c``: one job per source, one after another as gcc does them; the sources that stay
     local are compiled here by one gcc with the other sources taken out."""
     done: set[int] = set()

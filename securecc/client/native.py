@@ -38,7 +38,7 @@ def expansion(compiler: str, option: str) -> list[str]:
     if key not in _known:
         try:
             done = subprocess.run([compiler, "-###", "-c", "-x", "c", os.devnull, option], capture_output=True,
-                                  timeout=30, env={**os.environ, "LC_ALL": "C"})  # fmt: skip
+                                  timeout=30, env={**os.environ, "LC_ALL": "C"})
         except (OSError, subprocess.TimeoutExpired) as e:
             raise NotExpanded(f"cannot run {compiler} -###: {e}") from None
         lines = [shlex.split(line) for line in done.stderr.decode(errors="replace").splitlines() if os.devnull in line]

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import sys
+import threading
 import time
 from typing import Any
 
 from securecc import protocol as wire
-from securecc.client.job import Channel, RemoteFailure, working_directory
 from securecc.client.hosts import Host, HostsError, HostState, configured_hosts, parse_hosts
+from securecc.client.job import Channel, RemoteFailure, working_directory
 from securecc.toolchain import ProbeError, cached_identity
 
 PROBE_SOURCE = b"int securecc_probe;\n"
@@ -36,7 +36,7 @@ def check_host(host: Host, identity: str, deadline: float) -> dict[str, Any]:
         try:
             channel.authenticate()
             job = wire.Job("gcc", ["-O2"], "c", "-c", working_directory(), "securecc-probe.c", PROBE_SOURCE,
-                           compiler_identity=identity)  # fmt: skip
+                           compiler_identity=identity)
             reply = channel.call(job)
         finally:
             channel.close()
@@ -66,7 +66,7 @@ def check(hosts: list[Host], deadline: float) -> list[dict[str, Any]]:
         identity = ""
     results: list[dict[str, Any]] = []
     threads = [threading.Thread(target=lambda h=h: results.append(check_host(h, identity, deadline)), daemon=True)
-               for h in hosts if not h.is_local]  # fmt: skip
+               for h in hosts if not h.is_local]
     ends = time.monotonic() + deadline + 0.5
     for thread in threads:
         thread.start()
@@ -137,7 +137,7 @@ def render(statuses: list[dict[str, Any]]) -> str:
             continue
         running, totals = s["running"], s.get("totals", {})
         lines.append(f"{s['host']:28} {len(running)}/{s['slots']} slots  allowed {totals.get('allowed', 0):.0f}  "
-                     f"refused {totals.get('refused', 0):.0f}  busy {totals.get('busy', 0):.0f}")  # fmt: skip
+                     f"refused {totals.get('refused', 0):.0f}  busy {totals.get('busy', 0):.0f}")
         for job in running:
             lines.append(f"    {job['principal']:24} {job['compiler']:6} {job['source']:36} {s['time'] - job['started']:5.1f} s")
     return "\n".join(lines)
@@ -159,8 +159,8 @@ def monitor_main(argv: list[str] | None = None) -> None:
     try:
         while True:
             statuses: list[dict[str, Any]] = [{} for _ in hosts]
-            threads = [threading.Thread(target=lambda i=i, h=h: statuses.__setitem__(i, server_status(h, 3.0)), daemon=True)
-                       for i, h in enumerate(hosts)]  # fmt: skip
+            threads = [threading.Thread(target=lambda i=i, h=h, into=statuses: into.__setitem__(i, server_status(h, 3.0)), daemon=True)
+                       for i, h in enumerate(hosts)]
             for t in threads:
                 t.start()
             for t in threads:

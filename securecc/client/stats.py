@@ -184,7 +184,7 @@ class Stats:
             reasons = Counter({c: n for (k, c), n in window.items() if k == "notice-reason"})
             top, count = min(reasons.items(), key=lambda item: (-item[1], item[0]))
         return (f"{kept} of the {seen} compiles so far stayed local (mostly {top}: {count}); "
-                "SECURECC_VERBOSE=1 shows why for each job, `securecc stats` counts them")  # fmt: skip
+                "SECURECC_VERBOSE=1 shows why for each job, `securecc stats` counts them")
 
     def reset(self) -> None:
         with self._lock:

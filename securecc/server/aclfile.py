@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from twisted.logger import Logger
 
-from securecc.acl import SETTLE, Acl, AclError, AclUnstable, FileStamp, file_stamp, read_acl_stable, load_acl
+from securecc.acl import SETTLE, Acl, AclError, AclUnstable, FileStamp, file_stamp, load_acl, read_acl_stable
 from securecc.audit import AuditError
-
 
 
 class AclFile:

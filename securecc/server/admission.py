@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import collections
-from typing import Callable
-
-
-
+from collections.abc import Callable
 
 PREAUTH_TOTAL = 2048  # connections not yet authenticated, from everyone together (~11 KiB each)
 PREAUTH_PER_SOURCE = 256  # ... from one address: a make -j200 build host opens ~200 at once

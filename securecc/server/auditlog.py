@@ -25,10 +25,11 @@ import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -47,7 +48,7 @@ def _fallocate() -> Callable[[int, int, int, int], int]:
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    return libc.fallocate  # type: ignore[no-any-return]
+    return libc.fallocate
 
 
 def _preallocate(fd: int, offset: int, length: int) -> None:
@@ -112,7 +113,7 @@ class AuditLog:
                     raise TypeError
             except (ValueError, KeyError, TypeError):
                 raise AuditError(f"{self.path} does not end with a securecc audit record (another format, or not "
-                                 "an audit log); move it away to start a new chain") from None  # fmt: skip
+                                 "an audit log); move it away to start a new chain") from None
             self._seq, self._head = seq + 1, line_hash(last)
             self.previous_key = json.loads(last).get("key")
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -131,7 +132,7 @@ class AuditLog:
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
                 raise AuditError(f"the filesystem of {self.path} cannot reserve space for records (fallocate: "
-                                 f"{e.strerror}); put the audit log on ext4, xfs, btrfs or tmpfs") from None  # fmt: skip
+                                 f"{e.strerror}); put the audit log on ext4, xfs, btrfs or tmpfs") from None
             self.healthy = False  # full already: the server starts, and refuses jobs until there is room
         if continues_rotated:  # died between rename and rotation record, or moved away by hand: verify needs the record
             self._append({"event": "rotation"})
@@ -162,7 +163,7 @@ class AuditLog:
         """Room for a job's ``job-start`` record and its final one, or AuditError: then the job must not run."""
         try:
             size = 2 * len(canonical({"v": VERSION, "seq": self._seq, "prev": self._head, "time": now_rfc3339(),
-                                       "server": self.server, **start_record})) + JOB_MARGIN  # fmt: skip
+                                       "server": self.server, **start_record})) + JOB_MARGIN
         except (TypeError, ValueError, RecursionError) as e:
             raise AuditError(f"cannot record this job: {e}") from None
         try:
@@ -215,7 +216,7 @@ class AuditLog:
             self.rotate()
 
     def _append(self, fields: dict[str, Any], sign: bool = False, reservation: Reservation | None = None,
-                essential: bool = False) -> bytes:  # fmt: skip
+                essential: bool = False) -> bytes:
         """``essential``: a record that closes or repairs the log, drawn from the standing reserve."""
         record = {"v": VERSION, "seq": self._seq, "prev": self._head, "time": now_rfc3339(), "server": self.server, **fields}
         try:
@@ -274,7 +275,7 @@ class AuditLog:
             return
         self.checkpoint()
         self._give_back()
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         os.rename(self.path, self.path.with_name(f"{self.path.name}.{stamp}"))
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._size = self._allocated = 0
@@ -324,7 +325,7 @@ def forwarder(target: str | None) -> Callable[[bytes], None] | None:
         sock, address = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM), target
     else:
         host, _, port = target.rpartition(":")
-        sock, address = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), (host, int(port))  # type: ignore[assignment]
+        sock, address = socket.socket(socket.AF_INET, socket.SOCK_DGRAM), (host, int(port))
 
     def send(line: bytes) -> None:
         try:

@@ -83,7 +83,7 @@ class ResultCache:
     def put(self, key: str, entry: Entry) -> None:
         payload = entry.stdout + entry.stderr + entry.output
         header = {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "stdout": len(entry.stdout),
-                  "stderr": len(entry.stderr), "output": len(entry.output), "producer": entry.producer}  # fmt: skip
+                  "stderr": len(entry.stderr), "output": len(entry.output), "producer": entry.producer}
         path = self._path(key)
         path.parent.mkdir(exist_ok=True)
         temp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from securecc.server.directory import LdapConfig
 from securecc.sandbox import Limits, Settings
+from securecc.server.directory import LdapConfig
 
 
 class ConfigError(Exception):
@@ -137,7 +137,7 @@ def _compiler(name: object, value: object, default_timeout: float, where: str) -
     real = os.path.realpath(path)  # Debian's /usr/bin/clang leads to /usr/lib/llvm-14/bin/clang: still in the sandbox
     if not real.startswith(("/usr/", *([root.rstrip("/") + "/"] if root else []))):
         raise ConfigError(f"{where}: compiler '{name}': {path} leads to {real}, which the sandbox does not have "
-                          "(only /usr and the compiler's root)")  # fmt: skip
+                          "(only /usr and the compiler's root)")
     timeout = _typed(value.get("timeout", default_timeout), (int, float), where, f"compilers.{name}.timeout")
     return Compiler(path, float(timeout), root)
 
@@ -158,10 +158,10 @@ def _unsafe_root(root: str) -> str | None:
     return None
 
 
-def _contains_secrets(root: str, config: "ServerConfig") -> Path | None:
+def _contains_secrets(root: str, config: ServerConfig) -> Path | None:
     """A secret of the server's (keytab, keys, config, ACL, audit log, scratch, cache) under ``root``."""
     paths = [Path(config.keytab), config.audit.key, config.audit.path, config.acl, config.scratch,
-             *([config.cache.path] if config.cache else [])]  # fmt: skip
+             *([config.cache.path] if config.cache else [])]
     return next((p for p in paths if str(p).startswith(root.rstrip("/") + "/")), None)
 
 
@@ -230,7 +230,7 @@ def load_config(path: Path) -> ServerConfig:
     distcc = _section(data, "distcc", _DISTCC, where)
     if distcc and distcc.get("cleartext") is not True:
         raise ConfigError(f"{where}: the distcc listener carries sources and objects in the clear (stock clients never "
-                          "wrap the stream); say so with 'distcc.cleartext: true' to enable it")  # fmt: skip
+                          "wrap the stream); say so with 'distcc.cleartext: true' to enable it")
     if distcc:
         distcc_host, _, distcc_port = _typed(distcc.get("listen"), str, where, "distcc.listen").rpartition(":")
         if not distcc_host or not distcc_port.isdigit():
@@ -302,9 +302,9 @@ def load_config(path: Path) -> ServerConfig:
         monitor=MonitorConfig(monitor_host, int(monitor_port),
                               _typed(monitor.get("principal", f"HTTP/{socket.getfqdn()}"), str, where, "monitor.principal"),
                               frozenset(_typed(monitor.get("scrape", ["127.0.0.1", "::1"]), list, where, "monitor.scrape")))
-        if monitor else None,  # fmt: skip
+        if monitor else None,
         distcc=DistccConfig(distcc_host, int(distcc_port), _typed(distcc.get("principal", data["principal"]), str, where,
-                            "distcc.principal")) if distcc else None,  # fmt: skip
+                            "distcc.principal")) if distcc else None,
         cache=CacheConfig(resolve(cache["path"], "cache.path"),
                           _typed(cache.get("max_bytes", 10 << 30), int, where, "cache.max_bytes")) if cache else None,
         handshake_timeout=float(_typed(timeouts.get("handshake", 10), (int, float), where, "timeouts.handshake")),

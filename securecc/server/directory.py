@@ -245,7 +245,7 @@ class Directory:
         if not self.identifies(attrs, principal):
             return Membership(None, frozenset(), [f"{user_filter} under {cfg.users}: {user_dn} is not {principal} "
                                                   f"(principal-mismatch: krbPrincipalName, else uid in realm "
-                                                  f"{cfg.home_realm or '(none: the base DN has no dc= parts)'}, must match exactly)"])  # fmt: skip
+                                                  f"{cfg.home_realm or '(none: the base DN has no dc= parts)'}, must match exactly)"])
         uids = attrs.get("uid", [])
         uid = name if name.encode() in uids else (uids[0].decode() if uids else None)  # for posixGroup memberUid
         facts = [f"user {user_dn}"]

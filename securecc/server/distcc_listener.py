@@ -17,7 +17,6 @@ from securecc.server.handler_client import Running
 from securecc.server.service import CompileService
 
 
-
 class DistccProtocol(protocol.Protocol):
     """A stock distcc 3.4 client: its GSS handshake, one v1/v2 job, the same stages as a native job.
 
@@ -104,7 +103,7 @@ class DistccProtocol(protocol.Protocol):
         if isinstance(job, str):  # not something a server runs: refused and audited, like any job
             try:
                 self.service.audit.write(**extra, event="job", principal=self.principal, peer=self.peer, args=request.argv,
-                                         decision="refused", reason="denied:argument-refused", detail=job)  # fmt: skip
+                                         decision="refused", reason="denied:argument-refused", detail=job)
             except AuditError:
                 pass
             self.transport.loseConnection()
@@ -118,7 +117,7 @@ class DistccProtocol(protocol.Protocol):
             return
         if isinstance(message, wire.Result):
             self.transport.write(distcc.reply(version, distcc.wait_status(message.exit_status), message.stdout,
-                                              message.stderr, message.output))  # fmt: skip
+                                              message.stderr, message.output))
         self.transport.loseConnection()  # refused or busy: no reply, the client compiles locally
 
     def authenticated(self) -> None:
@@ -152,4 +151,4 @@ def distcc_job(request: distcc.Request, service: CompileService) -> wire.Job | s
     language = argpolicy.PREPROCESSED.get(plan.language, plan.language)
     identity = service.identities.get(compilers[name].path, "") if name in compilers else ""
     return wire.Job(name, plan.remote_args, language, plan.mode, "/build", plan.source, request.source,
-                    compiler_identity=identity)  # fmt: skip
+                    compiler_identity=identity)

@@ -47,7 +47,7 @@ def self_test(scratch: Path, settings: sandbox.Settings, compiler: str, root: st
             detail = done.stderr.decode(errors="replace").strip().splitlines()
             raise RuntimeError(f"the sandbox cannot compile ({detail[-1] if detail else done.returncode}); "
                                "check that bubblewrap works here (or, knowing what it costs, set sandbox.mode: "
-                               "rlimits-only) and that the scratch directory is reachable by the sandbox uid")  # fmt: skip
+                               "rlimits-only) and that the scratch directory is reachable by the sandbox uid")
     finally:
         sandbox.remove_job_dir(job_dir)
 
@@ -87,7 +87,7 @@ class HandlerProtocol(Int32StringReceiver):
         self.sendString(pack("ready"))
 
     def _run(self, blobs: list[bytes | None], id: str, spec: dict[str, Any], files: list[str], timeout: float,
-             output_cap: int) -> None:  # fmt: skip
+             output_cap: int) -> None:
         """Compare the job's system headers with this host's (in a thread: reading them may take a while
         the first time), then start its sandbox."""
         if not all(_FILE_NAME.fullmatch(name) for name in files) or len(files) != len(blobs):
@@ -99,7 +99,7 @@ class HandlerProtocol(Int32StringReceiver):
         d.addErrback(self._done, id, self.scratch / id)
 
     def _checked(self, ours: str, theirs: str, id: str, spec: dict[str, Any], files: dict[str, bytes], timeout: float,
-                 output_cap: int) -> None:  # fmt: skip
+                 output_cap: int) -> None:
         assert self.settings is not None
         killed = self.checking.pop(id)
         if killed is not None:
@@ -118,13 +118,13 @@ class HandlerProtocol(Int32StringReceiver):
             job_dir = sandbox.make_job_dir(self.scratch, id, files, job_spec)
         except OSError as e:  # a full disk fails this job, not the handler
             self._done(sandbox.Outcome(1, b"", f"securecc: the server cannot store the job ({e.strerror})\n".encode(),
-                                       None, "handler-error"), id, self.scratch / id)  # fmt: skip
+                                       None, "handler-error"), id, self.scratch / id)
             return
         try:
             command = sandbox.command(job_spec, self.settings)
             job = sandbox.RunningJob(reactor, reactor, command, job_dir, timeout, process_group=self.settings.mode != "bwrap",
                                      output_cap=output_cap,
-                                     split_dwarf=(os.path.basename(split[1]), os.path.basename(split[2])) if split else None)  # fmt: skip
+                                     split_dwarf=(os.path.basename(split[1]), os.path.basename(split[2])) if split else None)
         except BaseException:
             sandbox.remove_job_dir(job_dir)
             raise
@@ -137,7 +137,7 @@ class HandlerProtocol(Int32StringReceiver):
         if not isinstance(outcome, sandbox.Outcome):  # a failure: report it as the compile's
             outcome = sandbox.Outcome(1, b"", f"securecc: the job handler failed: {outcome}\n".encode(), None, "handler-error")
         self.sendString(pack("done", [outcome.stdout, outcome.stderr, outcome.output, outcome.dwo], id=id,
-                             exit_status=outcome.exit_status, ended_by=outcome.ended_by))  # fmt: skip
+                             exit_status=outcome.exit_status, ended_by=outcome.ended_by))
         threads.deferToThread(sandbox.remove_job_dir, job_dir)  # while the answer goes: nobody waits for the unlinks
 
     def _kill(self, blobs: list[bytes | None], id: str, why: str) -> None:

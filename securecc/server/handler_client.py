@@ -18,9 +18,9 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.protocols.basic import Int32StringReceiver
 
+from securecc.sandbox import Outcome, Settings
 from securecc.server.cache import Entry
 from securecc.server.handler_link import LINK_FD, MAX_LINK_MESSAGE, LinkError, pack, unpack
-from securecc.sandbox import Outcome, Settings
 
 
 class HandlerGone(Exception):
@@ -30,7 +30,7 @@ class HandlerGone(Exception):
 class Running:
     """A compile in the handler: ``result`` fires with its :class:`Outcome`."""
 
-    def __init__(self, link: "HandlerLink", job_id: str) -> None:
+    def __init__(self, link: HandlerLink, job_id: str) -> None:
         self._link, self.job_id = link, job_id
         self.result: defer.Deferred[Outcome] = defer.Deferred()
 
@@ -62,7 +62,7 @@ class HandlerLink(Int32StringReceiver):
             raise HandlerGone("the job handler has exited")
         running = self.jobs[job_id] = Running(self, job_id)
         self.send(pack("run", list(files.values()), id=job_id, spec=spec, files=list(files), timeout=timeout,
-                       output_cap=output_cap))  # fmt: skip
+                       output_cap=output_cap))
         return running
 
     def cache_get(self, key: str) -> defer.Deferred[Entry | None]:
@@ -127,7 +127,7 @@ def start(reactor: Any, settings: Settings, handler_settings: dict[str, Any]) ->
     argv = [sys.executable, "-I", "-m", "securecc.server.handler"]
     if settings.uid is not None and settings.gid is not None:
         argv = ["/usr/bin/setpriv", f"--reuid={settings.uid}", f"--regid={settings.gid}", "--clear-groups",
-                "--no-new-privs", "--", *argv]  # fmt: skip
+                "--no-new-privs", "--", *argv]
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}  # the admin's, for bwrap and setpriv
     reactor.spawnProcess(_Process(), argv[0], argv, env=env, path="/", childFDs={0: "w", 1: 2, 2: 2, LINK_FD: back.fileno()})
     back.close()
@@ -136,5 +136,5 @@ def start(reactor: Any, settings: Settings, handler_settings: dict[str, Any]) ->
     reactor.adoptStreamConnection(front.fileno(), socket.AF_UNIX, protocol.Factory.forProtocol(lambda: link))
     front.close()
     link.send(pack("start", settings={**handler_settings, "limits": asdict(settings.limits), "uid": settings.uid,
-                                      "gid": settings.gid, "mode": settings.mode}))  # fmt: skip
+                                      "gid": settings.gid, "mode": settings.mode}))
     return link

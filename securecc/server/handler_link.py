@@ -39,7 +39,7 @@ class LinkError(Exception):
     """A malformed message between front and handler: the link is dropped."""
 
 
-def pack(op: str, blobs: list[bytes | None] = (), **fields: Any) -> bytes:  # type: ignore[assignment]
+def pack(op: str, blobs: list[bytes | None] = (), **fields: Any) -> bytes:
     """One message: ``op`` with its fields and blobs (None stays None)."""
     header = json.dumps({"op": op, **fields, "blobs": [None if b is None else len(b) for b in blobs]}).encode()
     return b"".join([_LEN.pack(len(header)), header, *(b for b in blobs if b)])

@@ -50,7 +50,7 @@ class Mode(enum.Enum):
     ASSEMBLER = "-S"
 
 
-Language = enum.Enum("Language", [(name, name) for name in sorted(argpolicy.LANGUAGES)])  # type: ignore[misc]
+Language = enum.Enum("Language", [(name, name) for name in sorted(argpolicy.LANGUAGES)])
 """How the server compiles the text (securecc.args.COMPILE_LANGUAGE)."""
 
 

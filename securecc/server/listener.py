@@ -10,12 +10,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from securecc import protocol as wire
-from securecc.server.directory import DirectoryUnavailable
 from securecc.acl import is_admin
 from securecc.gss import Acceptor, GSSFailure
+from securecc.server.directory import DirectoryUnavailable
 from securecc.server.handler_client import Running
 from securecc.server.service import CompileService
-
 
 
 class JobProtocol(protocol.Protocol):
@@ -150,7 +149,7 @@ class JobProtocol(protocol.Protocol):
             current = self.service.status()
             if not is_admin(acl, principal, groups):  # who compiles what is for admins only
                 current["running"] = [{"principal": "(admins only)", "source": "(admins only)", "job_id": "", "peer": "",
-                                       "compiler": job["compiler"], "started": job["started"]} for job in current["running"]]  # fmt: skip
+                                       "compiler": job["compiler"], "started": job["started"]} for job in current["running"]]
             if not self.lost:
                 self.transport.write(self.wire.seal(wire.Status(json.dumps(current))))
 

@@ -21,19 +21,18 @@ from twisted.python.threadpool import ThreadPool
 
 from securecc import toolchain
 from securecc.acl import AclError
-from securecc.server.directory import Directory, use_service_credentials
 from securecc.audit import AuditError, load_private_key
-from securecc.server.auditlog import AuditLog, forwarder
 from securecc.gss import Acceptor, GSSFailure
 from securecc.server import handler_client, monitor
-from securecc.server.config import ConfigError, ServerConfig, load_config
-from securecc.server.handler_client import HandlerGone, HandlerLink
 from securecc.server.aclfile import AclFile
 from securecc.server.admission import PreauthGate
+from securecc.server.auditlog import AuditLog, forwarder
+from securecc.server.config import ConfigError, ServerConfig, load_config
+from securecc.server.directory import Directory, use_service_credentials
 from securecc.server.distcc_listener import DistccProtocol
+from securecc.server.handler_client import HandlerGone, HandlerLink
 from securecc.server.listener import JobProtocol
 from securecc.server.service import CompileService
-
 
 LDAP_THREADS = 4
 LISTEN_BACKLOG = 1024  # make -j64 on a few workstations connects in bursts; 50 would drop SYNs (1 s retries)
@@ -54,7 +53,7 @@ class ServiceFactory(protocol.Factory):
             self.service.metrics.preauth_refused.inc()
             return None
         proto = self.kind(self.service, self.acceptor)
-        proto.authenticated = release  # type: ignore[method-assign]
+        proto.authenticated = release
         return proto
 
 
@@ -89,7 +88,7 @@ def drop_privileges(uid: int, gid: int) -> None:
         raise OSError("the privilege drop did not hold")
 
 
-def start_handler(config: ServerConfig, reactor) -> HandlerLink:  # type: ignore[no-untyped-def]
+def start_handler(config: ServerConfig, reactor) -> HandlerLink:
     """The job handler, started before any secret is loaded; its ``ready`` fires after its sandbox self-test.
 
     The front makes the handler's directories (scratch, cache) and gives them
@@ -104,12 +103,12 @@ def start_handler(config: ServerConfig, reactor) -> HandlerLink:  # type: ignore
             for parent in directory.parents:
                 if not os.stat(parent).st_mode & 0o001:
                     raise ConfigError(f"{directory} is out of the sandbox uid's reach ({parent} is closed to other "
-                                      "users): choose one under /var/lib/securecc, or open that directory (chmod o+x)")  # fmt: skip
+                                      "users): choose one under /var/lib/securecc, or open that directory (chmod o+x)")
     probe = next(iter(config.compilers.values()))
     return handler_client.start(reactor, config.sandbox, {
         "scratch": str(config.scratch), "cache_path": str(config.cache.path) if config.cache else None,
         "cache_max": config.cache.max_bytes if config.cache else 0, "probe": probe.path, "probe_root": probe.root,
-    })  # fmt: skip
+    })
 
 
 def _check_private(path: Path) -> None:
@@ -120,10 +119,10 @@ def _check_private(path: Path) -> None:
         return  # missing: the loader says so in its own words
     if mode & 0o077:
         raise ConfigError(f"{path} is open to other users (mode {mode & 0o777:04o}): chmod 600 {path}, owned by the "
-                          "server's user; the job handler must not be able to read it")  # fmt: skip
+                          "server's user; the job handler must not be able to read it")
 
 
-def build(config: ServerConfig, reactor, handler: HandlerLink) -> tuple[ServiceFactory, ThreadPool]:  # type: ignore[no-untyped-def]
+def build(config: ServerConfig, reactor, handler: HandlerLink) -> tuple[ServiceFactory, ThreadPool]:
     """Everything the listener needs, with secrets; fails (ConfigError, AclError, GSSFailure) before listening."""
     if config.ldap.bind == "gssapi":
         use_service_credentials(config.keytab)
@@ -134,9 +133,9 @@ def build(config: ServerConfig, reactor, handler: HandlerLink) -> tuple[ServiceF
         key = load_private_key(config.audit.key)
     except (OSError, ValueError) as e:
         raise ConfigError(f"audit key {config.audit.key}: {e}; make one with: securecc-admin audit keygen "
-                          f"--out {config.audit.key}") from None  # fmt: skip
+                          f"--out {config.audit.key}") from None
     audit = AuditLog(config.audit.path, key, socket.getfqdn(), config.audit.rotate_bytes, config.audit.checkpoint_every,
-                     config.audit.checkpoint_seconds, forwarder(config.audit.syslog))  # fmt: skip
+                     config.audit.checkpoint_seconds, forwarder(config.audit.syslog))
     acl = AclFile(config.acl, on_reload=audit.write)
     try:
         identities = {c.path: toolchain.probe(c.path) for c in config.compilers.values()}
@@ -146,11 +145,11 @@ def build(config: ServerConfig, reactor, handler: HandlerLink) -> tuple[ServiceF
         Logger().critical(
             "SANDBOX DISABLED: sandbox.mode is {mode}: compilers run with rlimits and a separate uid only, and "
             "see this host's whole filesystem and network; every audit record says so", mode=config.sandbox.mode,
-        )  # fmt: skip
+        )
     pool = ThreadPool(minthreads=0, maxthreads=LDAP_THREADS, name="ldap")
     service = CompileService(config, reactor, reactor, acl, Directory(config.ldap), pool, audit, identities, handler=handler,
                              caching=config.cache is not None,
-                             compiler_roots=tuple(c.root for c in config.compilers.values() if c.root))  # fmt: skip
+                             compiler_roots=tuple(c.root for c in config.compilers.values() if c.root))
     handler.on_gone = lambda: service.handler_gone()
     return ServiceFactory(JobProtocol, service, acceptor), pool
 
@@ -182,10 +181,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 @defer.inlineCallbacks
-def _serve(config: ServerConfig, reactor, handler: HandlerLink, listeners: dict[str, socket.socket], failed: list[str]):  # type: ignore[no-untyped-def]
+def _serve(config: ServerConfig, reactor, handler: HandlerLink, listeners: dict[str, socket.socket], failed: list[str]):
     """Once the handler is ready: load the secrets, listen, record the start."""
 
-    def adopt(name: str, factory: protocol.Factory):  # type: ignore[no-untyped-def]
+    def adopt(name: str, factory: protocol.Factory):
         sock = listeners.pop(name)
         port = reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
         sock.close()
@@ -197,13 +196,13 @@ def _serve(config: ServerConfig, reactor, handler: HandlerLink, listeners: dict[
         port = adopt("jobs", factory)
         if config.monitor:
             monitor_site = monitor.site(factory.service, Acceptor(config.monitor.principal, config.keytab),
-                                        config.monitor.scrapers)  # fmt: skip
+                                        config.monitor.scrapers)
             adopt("monitor", monitor_site)
         if config.distcc:
             adopt("distcc", ServiceFactory(DistccProtocol, factory.service, Acceptor(config.distcc.principal, config.keytab)))
             Logger().warn("distcc listener on {host}:{port} as {principal}: jobs from stock clients travel in the CLEAR "
                           "and can be changed on the way", host=config.distcc.host, port=config.distcc.port,
-                          principal=config.distcc.principal)  # fmt: skip
+                          principal=config.distcc.principal)
     except (ConfigError, AclError, AuditError, GSSFailure, HandlerGone, OSError, error.CannotListenError) as e:
         failed.append(str(e))
         reactor.stop()
@@ -218,10 +217,10 @@ def _serve(config: ServerConfig, reactor, handler: HandlerLink, listeners: dict[
     audit = factory.service.audit
     audit.write(event="server-start", principal=config.principal, listen=f"{config.listen_host}:{port.getHost().port}",
                 sandbox=config.sandbox.mode, compilers={n: factory.service.identities[c.path] for n, c in config.compilers.items()},
-                **({"torn_line": audit.torn_line} if audit.torn_line else {}))  # fmt: skip
+                **({"torn_line": audit.torn_line} if audit.torn_line else {}))
     if audit.previous_key and audit.previous_key != audit.key_id:
         audit.write(event="key-rotation", old_key=audit.previous_key, new_key=audit.key_id)
     if audit.torn_line:
         Logger().warn("the audit log's last line {line} was torn by a crash; the chain continues after it", line=audit.torn_line)
     Logger().info("securecc-server listening on {host}:{port} as {principal}",
-                  host=config.listen_host, port=port.getHost().port, principal=config.principal)  # fmt: skip
+                  host=config.listen_host, port=port.getHost().port, principal=config.principal)

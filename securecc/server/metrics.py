@@ -18,15 +18,15 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.jobs = Counter("securecc_jobs", "Job attempts by decision (allowed, refused, busy) and reason",
-                            ["decision", "reason"], registry=r)  # fmt: skip
+                            ["decision", "reason"], registry=r)
         self.kills = Counter("securecc_sandbox_kills", "Compiles ended by a limit or by us", ["ended_by"], registry=r)
         self.cache_hits = Counter("securecc_cache_hits", "Jobs served from the result cache", registry=r)
         self.bytes_in = Counter("securecc_bytes_in", "Bytes of source received", registry=r)
         self.bytes_out = Counter("securecc_bytes_out", "Bytes of output and messages sent", registry=r)
         self.duration = Histogram("securecc_job_duration_seconds", "Job duration", registry=r,
-                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1200))  # fmt: skip
+                                  buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1200))
         self.handshake = Histogram("securecc_handshake_seconds", "Connection to authenticated", registry=r,
-                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))  # fmt: skip
+                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
         self.running = Gauge("securecc_running_jobs", "Compiles running now", registry=r)
         self.slots = Gauge("securecc_slots", "Job slots", registry=r)
         self.ldap_cache_hits = Counter("securecc_ldap_cache_hits", "Group lookups answered from the cache", registry=r)

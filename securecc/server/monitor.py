@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 from twisted.web import resource, server
 
-from securecc.server.directory import DirectoryUnavailable
 from securecc.acl import is_admin
 from securecc.gss import Acceptor, GSSFailure
+from securecc.server.directory import DirectoryUnavailable
 
 if TYPE_CHECKING:  # pragma: no cover
     from securecc.server.service import CompileService
@@ -153,7 +153,8 @@ async function refresh(){
     document.getElementById('rate').textContent = history.length>1 ? Math.round(history[history.length-1][1]-history[0][1]) : 0;
     const body = document.getElementById('running');
     body.replaceChildren();
-    if(!s.running.length){const tr=document.createElement('tr');const td=cell('nothing');td.colSpan=5;td.className='muted';tr.append(td);body.append(tr);}
+    if(!s.running.length){const tr=document.createElement('tr');
+      const td=cell('nothing');td.colSpan=5;td.className='muted';tr.append(td);body.append(tr);}
     for(const j of s.running){
       const tr=document.createElement('tr'); tr.className='job';
       tr.append(cell(j.principal),cell(j.compiler),cell(j.source),cell(Math.round(s.time-j.started)+' s'),cell(j.peer));

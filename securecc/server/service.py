@@ -23,27 +23,26 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from securecc import args as argpolicy
-from securecc import sandbox
 from securecc import protocol as wire
-from securecc.server.directory import MembershipLookups, Directory, DirectoryUnavailable
+from securecc import sandbox
 from securecc.acl import decide, split_principal
 from securecc.audit import AuditError, now_rfc3339, sha256
-from securecc.server.auditlog import AuditLog, Reservation
 from securecc.cachekey import cache_key, expands_time
 from securecc.server import jobspec
+from securecc.server.aclfile import AclFile
+from securecc.server.auditlog import AuditLog, Reservation
 from securecc.server.cache import Entry
 from securecc.server.config import Compiler, ServerConfig
+from securecc.server.directory import Directory, DirectoryUnavailable, MembershipLookups
 from securecc.server.handler_client import HandlerLink, Running
 from securecc.server.metrics import Metrics
-from securecc.server.aclfile import AclFile
-
 
 AUDIT_DOWN = "the server cannot write its audit log; it runs no job unrecorded"
 FAIR_SHARE_MEMORY = 10.0  # seconds a principal turned away counts as waiting for a share
 AUTH_FAILURE_WINDOW = 10.0  # seconds: one failed-handshake record per source address at most
 
 
-def client_gone(session) -> bool:  # type: ignore[no-untyped-def]
+def client_gone(session) -> bool:
     """The job's client has left: noticed already, or its FIN or RST waiting unread in the socket (as
     when this process was frozen meanwhile: the reactor has not seen it yet)."""
     if session.lost:
@@ -105,7 +104,7 @@ class CompileService:
         self.auth_failures[source] = (now, 0)
         try:
             self.audit.write(**extra, event="auth", peer=peer, decision="refused", reason="denied:authentication-failed",
-                             detail=detail[:500], **({"suppressed_before": suppressed} if suppressed else {}))  # fmt: skip
+                             detail=detail[:500], **({"suppressed_before": suppressed} if suppressed else {}))
         except AuditError:
             pass  # logged by the caller; nothing ran
 
@@ -141,7 +140,7 @@ class CompileService:
             self.reactor.stop()
 
     @defer.inlineCallbacks
-    def stop(self):  # type: ignore[no-untyped-def]
+    def stop(self):
         """Server shutdown: no compile outlives the server, each is recorded, the log ends signed."""
         self.stopping = True
         killed = list(self.running)
@@ -155,7 +154,7 @@ class CompileService:
             self._log.critical("the audit log could not be closed: {error}", error=str(e))
 
     @defer.inlineCallbacks
-    def run(self, principal: str, peer: str, job: wire.Job, session, extra: dict | None = None):  # type: ignore[no-untyped-def]
+    def run(self, principal: str, peer: str, job: wire.Job, session, extra: dict | None = None):
         """Validate, authorize and run one job; returns the reply message.
 
         However it ends (refused, busy, compiled, killed, or an error of
@@ -168,7 +167,7 @@ class CompileService:
             **(extra or {}), event="job", job_id=job_id, principal=principal, peer=peer,
             compiler=job.compiler, args=job.args, source=job.source_path, cwd=job.cwd, headers=len(job.include_paths),
             bytes_in=len(job.source) + len(job.original) + sum(map(len, job.includes)),
-        )  # fmt: skip
+        )
         if self.config.sandbox.mode != "bwrap":
             record["sandbox"] = self.config.sandbox.mode
         try:
@@ -185,7 +184,7 @@ class CompileService:
         return reply
 
     @defer.inlineCallbacks
-    def _run(self, job_id: str, principal: str, raw: wire.Job, session, record: dict, started: float):  # type: ignore[no-untyped-def]
+    def _run(self, job_id: str, principal: str, raw: wire.Job, session, record: dict, started: float):
         try:
             job = jobspec.validate(raw, self.compiler_roots)
         except jobspec.Invalid as e:
@@ -204,7 +203,7 @@ class CompileService:
         try:
             if hit is not None:
                 record.update(decision="allowed", cache="hit", cached_from=hit.producer.get("job_id"), exit_status=0,
-                              output_sha256=sha256(hit.output), bytes_out=len(hit.output) + len(hit.stderr))  # fmt: skip
+                              output_sha256=sha256(hit.output), bytes_out=len(hit.output) + len(hit.stderr))
                 if not self._record(record, started, session):
                     return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
                 return wire.Result(0, hit.stdout, hit.stderr, hit.output, job_id)
@@ -222,7 +221,7 @@ class CompileService:
                 return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
             self.active[principal] += 1
             self.jobs_now[job_id] = {"principal": principal, "compiler": job.compiler, "source": job.source_path,
-                                     "started": time.time(), "peer": record["peer"], "job_id": job_id}  # fmt: skip
+                                     "started": time.time(), "peer": record["peer"], "job_id": job_id}
             try:
                 outcome = yield self._compile(job_id, compiler, job, session)
             finally:
@@ -232,7 +231,7 @@ class CompileService:
                 decision="allowed", exit_status=outcome.exit_status, ended_by=outcome.ended_by,
                 output_sha256=sha256(outcome.output),
                 bytes_out=len(outcome.output or b"") + len(outcome.dwo or b"") + len(outcome.stdout) + len(outcome.stderr),
-            )  # fmt: skip
+            )
             entry = self._entry(key, outcome, {"job_id": job_id, "principal": principal})
             if entry is not None:
                 record["cache"] = "stored"
@@ -268,7 +267,7 @@ class CompileService:
             waiter.callback(stored or hit)  # None: they compile for themselves
 
     @defer.inlineCallbacks
-    def _cached(self, key: str | None):  # type: ignore[no-untyped-def]
+    def _cached(self, key: str | None):
         """``(entry, owner)``: a stored result for ``key`` or None, waiting for an identical job
         already under way.  An owner must :meth:`_share` its outcome with the jobs that wait for it."""
         if key is None:
@@ -307,7 +306,7 @@ class CompileService:
         self.turned_away[principal] = now
         return wire.Busy(reason, load, slots)
 
-    def _record(self, record: dict[str, object], started: float, session, room: Reservation | None = None) -> bool:  # type: ignore[no-untyped-def]
+    def _record(self, record: dict[str, object], started: float, session, room: Reservation | None = None) -> bool:
         """Write a job's audit record (into its ``room`` if it ran); False (and a log line) when the log cannot take it.
 
         ``delivered``: the reply goes to the client's open connection right
@@ -339,14 +338,14 @@ class CompileService:
         identity = self.identities.get(compiler.path)
         if job.compiler_identity != identity:
             raise _Refusal("denied:compiler-mismatch", f"this server's {job.compiler} is {identity}, yours is "
-                           f"{job.compiler_identity[:200] or 'unknown'}; objects would differ")  # fmt: skip
+                           f"{job.compiler_identity[:200] or 'unknown'}; objects would differ")
         if self.config.sandbox.mode != "bwrap" and (job.preprocessing or job.split_dwarf):
             raise _Refusal("denied:unsupported", "this server runs without bubblewrap: it cannot preprocess, "
-                           "nor write a -gsplit-dwarf .dwo")  # fmt: skip
+                           "nor write a -gsplit-dwarf .dwo")
         return compiler
 
     @defer.inlineCallbacks
-    def _authorize(self, principal: str, job: jobspec.ValidJob):  # type: ignore[no-untyped-def]
+    def _authorize(self, principal: str, job: jobspec.ValidJob):
         acl = self.acl.current()
         groups: frozenset[str] = frozenset()
         if split_principal(principal)[1] in acl.realms and acl.groups:
@@ -361,7 +360,7 @@ class CompileService:
         return decide(acl, principal, groups, job.compiler, job.input_size)
 
     @defer.inlineCallbacks
-    def _compile(self, job_id: str, compiler: Compiler, job: jobspec.ValidJob, session):  # type: ignore[no-untyped-def]
+    def _compile(self, job_id: str, compiler: Compiler, job: jobspec.ValidJob, session):
         """Run the job in the handler's sandbox; only validated values cross to it."""
         files = {"input": job.source}
         mounts = []
@@ -377,7 +376,7 @@ class CompileService:
             "preprocessed": not job.preprocessing, "compiler_root": compiler.root,
             "system_headers": job.system_headers, "system_digest": job.system_digest, "split_dwarf": job.split_dwarf,
             "directories": job.directories,
-        }  # fmt: skip
+        }
         running = self.handler.run(job_id, spec, files, compiler.timeout, self.config.sandbox.limits.file_size)
         session.running = running
         self.running.add(running)

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("principal", help="e.g. alice@EXAMPLE.ORG")
     check.add_argument("--compiler", default="gcc", help="a compiler name from the server's list (default gcc)")
     check.add_argument("--config", type=Path, default=Path(os.environ.get("SECURECC_CONFIG", "/etc/securecc/securecc.yaml")),
-                       help="the server's configuration (default $SECURECC_CONFIG or /etc/securecc/securecc.yaml)")  # fmt: skip
+                       help="the server's configuration (default $SECURECC_CONFIG or /etc/securecc/securecc.yaml)")
     options = parser.parse_args(argv)
     if options.area == "audit":
         keygen_command(options.out)
@@ -45,7 +45,7 @@ def keygen_command(out: Path) -> None:
         public = generate_key(out)
     except FileExistsError:
         sys.exit(f"securecc-admin: {out} exists; a new key would orphan the old log's checkpoints — "
-                 "move it away first if you mean to rotate the key")  # fmt: skip
+                 "move it away first if you mean to rotate the key")
     except OSError as e:
         sys.exit(f"securecc-admin: cannot write {out}: {e.strerror or e}")
     print(f"private key: {out} (mode 0600, for the server's audit.key)")
@@ -66,15 +66,13 @@ def lint_command(path: Path) -> None:
         _invalid(str(e))
     print(f"{path}: OK: realms {', '.join(sorted(acl.realms))}; {len(acl.allow)} allow rule(s); "
           f"deny {len(acl.deny_principals)} principal(s), {len(acl.deny_groups)} group(s); "
-          f"admins {len(acl.admin_principals)} principal(s), {len(acl.admin_groups)} group(s)")  # fmt: skip
+          f"admins {len(acl.admin_principals)} principal(s), {len(acl.admin_groups)} group(s)")
 
 
 def check_command(principal: str, compiler: str, config_path: Path) -> None:
-    from securecc.acl import AclError, decide, load_acl
-    from securecc.server.directory import Directory, DirectoryUnavailable, Membership
-    from securecc.acl import split_principal
-    from securecc.server.directory import use_service_credentials
+    from securecc.acl import AclError, decide, load_acl, split_principal
     from securecc.server.config import ConfigError, load_config
+    from securecc.server.directory import Directory, DirectoryUnavailable, Membership, use_service_credentials
 
     try:
         config = load_config(config_path)
@@ -83,7 +81,7 @@ def check_command(principal: str, compiler: str, config_path: Path) -> None:
         _invalid(str(e))
     if compiler not in config.compilers:
         print(f"{principal}, compiler {compiler}: DENIED (denied:compiler-not-offered): "
-              f"this server offers {', '.join(sorted(config.compilers))}")  # fmt: skip
+              f"this server offers {', '.join(sorted(config.compilers))}")
         sys.exit(1)
     membership = Membership(None, frozenset(), ["no LDAP lookup: the realm is not accepted or no rule names a group"])
     if split_principal(principal)[1] in acl.realms and acl.groups:

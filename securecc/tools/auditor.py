@@ -16,8 +16,9 @@ import collections
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from securecc.audit import load_public_key, records, verify
 
@@ -69,7 +70,7 @@ def _row(r: dict[str, Any]) -> str:
     status = r.get("ended_by") or ("-" if r.get("exit_status") is None else r["exit_status"])
     return (f"{visible(r.get('time', '')):24}  {visible(r.get('principal', '-')):22}  {visible(r.get('event', '')):6}  "
             f"{visible(r.get('decision', '-')):8}  {visible(r.get('reason', '-')):24}  "
-            f"{visible(r.get('source', '-')):24}  {visible(status)}")  # fmt: skip
+            f"{visible(r.get('source', '-')):24}  {visible(status)}")
 
 
 VERIFY_LIMITS = """\
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="securecc-audit", description="Verify and query securecc audit logs.")
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("verify", help="check the chain and the signed checkpoints", epilog=VERIFY_LIMITS,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("--key", type=Path, required=True, action="append",
                        help="the server's public key (audit.key.pub); repeat for a log spanning a key rotation")
     check.add_argument("--live", action="store_true", help="the log is being written: an unsigned tail is expected")
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             full = f", stopped {report.full_disk_stops} time(s) on a full disk" if report.full_disk_stops else ""
             lost = f"; {report.lost} record(s) lost while the log could not be written" if report.lost else ""
             print(f"OK: {report.records} records, {report.checkpoints} signed checkpoints, {report.files} file(s)"
-                  f"{start}{tail}{full}{lost}")  # fmt: skip
+                  f"{start}{tail}{full}{lost}")
         elif options.command == "show":
             if options.follow:
                 _follow(options.logs[-1], options)
@@ -157,9 +158,9 @@ def _stats(selected: list[dict[str, Any]]) -> None:
     principals = collections.Counter(r.get("principal") for r in jobs)
     print(f"jobs: {len(jobs)}  allowed: {sum(r.get('decision') == 'allowed' for r in jobs)}  "
           f"refused: {sum(refused.values())}  failed: {sum(bool(r.get('exit_status')) for r in jobs)}  "
-          f"killed: {sum(bool(r.get('ended_by')) for r in jobs)}")  # fmt: skip
+          f"killed: {sum(bool(r.get('ended_by')) for r in jobs)}")
     print(f"bytes in: {sum(r.get('bytes_in', 0) for r in jobs)}  out: {sum(r.get('bytes_out', 0) or 0 for r in jobs)}  "
-          f"compile time: {sum(r.get('duration', 0) for r in jobs):.1f} s")  # fmt: skip
+          f"compile time: {sum(r.get('duration', 0) for r in jobs):.1f} s")
     if refused:
         print("refusals by reason: " + ", ".join(f"{visible(reason)} {n}" for reason, n in refused.most_common()))
     if principals:
