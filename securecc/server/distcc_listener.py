@@ -13,8 +13,8 @@ from securecc import protocol as wire
 from securecc.audit import AuditError
 from securecc.gss import DISTCC_FLAGS, Acceptor, GSSFailure
 from securecc.server import distcc_wire as distcc
-from securecc.server.handler_client import Running
 from securecc.server.service import CompileService
+from securecc.server.session import Session
 
 
 class DistccProtocol(protocol.Protocol):
@@ -33,8 +33,7 @@ class DistccProtocol(protocol.Protocol):
         self.context = acceptor.new_context(DISTCC_FLAGS)
         self.state = "star"
         self.principal: str | None = None
-        self.expires = 0.0
-        self.running: Running | None = None
+        self.session: Session | None = None  # once authenticated
         self.lost = False
         self.peer = "?"
         self._timer = None
@@ -75,7 +74,8 @@ class DistccProtocol(protocol.Protocol):
             out = distcc.item(b"TLEN", len(reply), reply) if reply else b""
             if self.context.complete:
                 self.principal = self.context.principal
-                self.expires = self.service.clock.seconds() + self.context.lifetime
+                self.session = Session(self.principal, self.peer, self.service.clock.seconds() + self.context.lifetime,
+                                       {"protocol": "distcc", "payload": "cleartext"}, self.transport)
                 self.authenticated()
                 self.transport.write(out + b"y")  # tokens and verdict in one write
                 self.state = "request"
@@ -97,18 +97,19 @@ class DistccProtocol(protocol.Protocol):
         self.service.auth_failed(self.peer, detail, protocol="distcc")
 
     def _run(self, request: distcc.Request) -> None:
-        assert self.principal is not None
-        extra = {"protocol": "distcc", "payload": "cleartext"}
-        job = distcc_job(request, self.service)
-        if isinstance(job, str):  # not something a server runs: refused and audited, like any job
+        session = self.session
+        assert session is not None
+        try:
+            job = distcc_job(request, self.service)
+        except argpolicy.NotDistributable as e:  # not something a server runs: refused and audited, like any job
             try:
-                self.service.audit.write(**extra, event="job", principal=self.principal, peer=self.peer, args=request.argv,
-                                         decision="refused", reason="denied:argument-refused", detail=job)
+                self.service.audit.write(**session.record, event="job", principal=session.principal, peer=session.peer,
+                                         args=request.argv, decision="refused", reason="denied:argument-refused", detail=str(e))
             except AuditError:
                 pass
             self.transport.loseConnection()
             return
-        d = self.service.run(self.principal, self.peer, job, self, extra)
+        d = self.service.run(session, job)
         d.addCallback(self._reply, request.version)
         d.addErrback(lambda f: (self._log.failure("distcc job failed", f), self.transport.loseConnection()))
 
@@ -127,27 +128,24 @@ class DistccProtocol(protocol.Protocol):
         self.lost = True
         self.authenticated()
         self._cancel_timer()
-        if self.running is not None:
-            self.running.kill("disconnect")
+        if self.session is not None:
+            self.session.cancel()
 
 
-def distcc_job(request: distcc.Request, service: CompileService) -> wire.Job | str:
-    """A native job from a distcc request, or why it cannot be one.
+def distcc_job(request: distcc.Request, service: CompileService) -> wire.Job:
+    """A native job from a distcc request; raises NotDistributable, saying why, when it cannot be one.
 
     distcc sends argv with the original names (``gcc -c x.c -o x.o``) and
     the fully preprocessed text; it rewrites ``gcc`` to ``<target>-gcc``.
     It cannot say which compiler version it has: the server's is assumed.
     """
     if not request.argv:
-        return "empty argv"
+        raise argpolicy.NotDistributable("empty argv")
     name = request.argv[0].removeprefix("/usr/bin/").removeprefix("/bin/")
     compilers = service.config.compilers
     if name not in compilers:
         name = next((n for n in compilers if name.endswith("-" + n) and n in compilers), name)
-    try:
-        plan = argpolicy.plan(request.argv[1:])
-    except argpolicy.NotDistributable as e:
-        return str(e)
+    plan = argpolicy.plan(request.argv[1:])
     language = argpolicy.PREPROCESSED.get(plan.language, plan.language)
     identity = service.identities.get(compilers[name].path, "") if name in compilers else ""
     return wire.Job(name, plan.remote_args, language, plan.mode, "/build", plan.source, request.source,

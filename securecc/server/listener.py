@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 from twisted.internet import protocol, task, threads
 from twisted.logger import Logger
@@ -13,8 +12,8 @@ from securecc import protocol as wire
 from securecc.acl import is_admin
 from securecc.gss import Acceptor, GSSFailure
 from securecc.server.directory import DirectoryUnavailable
-from securecc.server.handler_client import Running
 from securecc.server.service import CompileService
+from securecc.server.session import Session
 
 
 class JobProtocol(protocol.Protocol):
@@ -28,8 +27,7 @@ class JobProtocol(protocol.Protocol):
         self.wire = wire.Connection(max_message=service.config.max_input + 1024 * 1024, defer_unpack=True)
         self.context = acceptor.new_context()
         self.principal: str | None = None
-        self.expires = 0.0
-        self.running: Running | None = None
+        self.session: Session | None = None  # once authenticated
         self.busy = False
         self.said_hello = False
         self.lost = False
@@ -45,7 +43,7 @@ class JobProtocol(protocol.Protocol):
         except (AttributeError, OSError):
             pass
         self._timer = self.service.clock.callLater(self.config.handshake_timeout, self._expired, "handshake")
-        self._connected = time.monotonic()
+        self._connected = self.service.clock.seconds()
 
     def _expired(self, phase: str) -> None:
         self._log.info("{peer}: {phase} timed out; dropping", peer=self.peer, phase=phase)
@@ -118,22 +116,24 @@ class JobProtocol(protocol.Protocol):
             self.transport.write(wire.token(reply))
         if self.context.complete:
             self.principal = self.context.principal
-            self.expires = self.service.clock.seconds() + self.context.lifetime  # a session ends with the ticket that opened it
-            self.service.metrics.handshake.observe(time.monotonic() - self._connected)
+            now = self.service.clock.seconds()  # a session ends with the ticket that opened it:
+            self.session = Session(self.principal, self.peer, now + self.context.lifetime, transport=self.transport)
+            self.service.metrics.handshake.observe(now - self._connected)
             session = self.context.session()
             self.wire.secure(session.wrap, session.unwrap)
             self.authenticated()
             self._rearm(self.config.idle_timeout)
 
     def _start_job(self, job: wire.Job) -> None:
-        assert self.principal is not None
+        assert self.session is not None
         self.busy = True
         self._rearm(None)
-        started = time.monotonic()
-        self._heartbeat = task.LoopingCall(lambda: self.transport.write(self.wire.seal(wire.Alive(time.monotonic() - started))))
+        clock = self.service.clock
+        started = clock.seconds()
+        self._heartbeat = task.LoopingCall(lambda: self.transport.write(self.wire.seal(wire.Alive(clock.seconds() - started))))
         self._heartbeat.clock = self.service.clock
         self._heartbeat.start(self.config.heartbeat, now=False)
-        d = self.service.run(self.principal, self.peer, job, self)
+        d = self.service.run(self.session, job)
         d.addBoth(self._stop_heartbeat)
         d.addCallback(self._reply)
         d.addErrback(self._failed)
@@ -182,6 +182,5 @@ class JobProtocol(protocol.Protocol):
         self.authenticated()
         self._rearm(None)
         self._stop_heartbeat(None)
-        if self.running is not None:
-            self._log.info("{peer}: client went away; killing its compile", peer=self.peer)
-            self.running.kill("disconnect")
+        if self.session is not None and self.session.cancel():
+            self._log.info("{peer}: client went away; its compile was killed", peer=self.peer)

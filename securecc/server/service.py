@@ -8,7 +8,6 @@ handler's sandbox (:mod:`securecc.server.handler_client`).
 
 from __future__ import annotations
 
-import collections
 import functools
 import secrets
 import socket
@@ -30,32 +29,17 @@ from securecc.audit import AuditError, now_rfc3339, sha256
 from securecc.cachekey import cache_key, expands_time
 from securecc.server import jobspec
 from securecc.server.aclfile import AclFile
+from securecc.server.admission import FairShare
 from securecc.server.auditlog import AuditLog, Reservation
 from securecc.server.cache import Entry
 from securecc.server.config import Compiler, ServerConfig
 from securecc.server.directory import Directory, DirectoryUnavailable, MembershipLookups
 from securecc.server.handler_client import HandlerLink, Running
 from securecc.server.metrics import Metrics
+from securecc.server.session import Session
 
 AUDIT_DOWN = "the server cannot write its audit log; it runs no job unrecorded"
-FAIR_SHARE_MEMORY = 10.0  # seconds a principal turned away counts as waiting for a share
 AUTH_FAILURE_WINDOW = 10.0  # seconds: one failed-handshake record per source address at most
-
-
-def client_gone(session) -> bool:
-    """The job's client has left: noticed already, or its FIN or RST waiting unread in the socket (as
-    when this process was frozen meanwhile: the reactor has not seen it yet)."""
-    if session.lost:
-        return True
-    handle = getattr(getattr(session, "transport", None), "getHandle", None)
-    if handle is None:
-        return False
-    try:
-        return handle().recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except (BlockingIOError, InterruptedError):
-        return False
-    except OSError:
-        return True
 
 
 class _Refusal(Exception):
@@ -84,8 +68,6 @@ class CompileService:
     stopping: bool = False
     auth_failures: dict[str, tuple[float, int]] = field(default_factory=dict)  # source -> last recorded, left out since
     running: set[Running] = field(default_factory=set)
-    active: collections.Counter[str] = field(default_factory=collections.Counter)  # jobs per principal
-    turned_away: dict[str, float] = field(default_factory=dict)  # principal -> when it was last told BUSY
     inflight: dict[str, list[defer.Deferred]] = field(default_factory=dict)  # key -> jobs waiting for its compile
     metrics: Metrics = field(default_factory=Metrics)
     jobs_now: dict[str, dict[str, object]] = field(default_factory=dict)  # job id -> who compiles what, since when
@@ -125,6 +107,10 @@ class CompileService:
         }
 
     @functools.cached_property
+    def share(self) -> FairShare:
+        return FairShare(self.config.slots, self.clock)
+
+    @functools.cached_property
     def lookups(self) -> MembershipLookups:
         """LDAP lookups on the pool, one thread per principal at most: a hung LDAP stalls nobody else's."""
         return MembershipLookups.on_pool(self.directory, self.clock, self.pool)
@@ -154,7 +140,7 @@ class CompileService:
             self._log.critical("the audit log could not be closed: {error}", error=str(e))
 
     @defer.inlineCallbacks
-    def run(self, principal: str, peer: str, job: wire.Job, session, extra: dict | None = None):
+    def run(self, session: Session, job: wire.Job):
         """Validate, authorize and run one job; returns the reply message.
 
         However it ends (refused, busy, compiled, killed, or an error of
@@ -164,14 +150,14 @@ class CompileService:
         job_id = secrets.token_hex(8)
         started = self.clock.seconds()
         record = dict(
-            **(extra or {}), event="job", job_id=job_id, principal=principal, peer=peer,
+            **session.record, event="job", job_id=job_id, principal=session.principal, peer=session.peer,
             compiler=job.compiler, args=job.args, source=job.source_path, cwd=job.cwd, headers=len(job.include_paths),
             bytes_in=len(job.source) + len(job.original) + sum(map(len, job.includes)),
         )
         if self.config.sandbox.mode != "bwrap":
             record["sandbox"] = self.config.sandbox.mode
         try:
-            reply = yield self._run(job_id, principal, job, session, record, started)
+            reply = yield self._run(job_id, session.principal, job, session, record, started)
         except _Refusal as refusal:
             record.update(decision="refused", reason=refusal.reason, detail=str(refusal))
             self._record(record, started, session)
@@ -184,7 +170,7 @@ class CompileService:
         return reply
 
     @defer.inlineCallbacks
-    def _run(self, job_id: str, principal: str, raw: wire.Job, session, record: dict, started: float):
+    def _run(self, job_id: str, principal: str, raw: wire.Job, session: Session, record: dict, started: float):
         try:
             job = jobspec.validate(raw, self.compiler_roots)
         except jobspec.Invalid as e:
@@ -219,13 +205,13 @@ class CompileService:
             except AuditError as e:
                 self._log.critical("{error}; refusing jobs until it can be written", error=str(e))
                 return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
-            self.active[principal] += 1
+            self.share.started(principal)
             self.jobs_now[job_id] = {"principal": principal, "compiler": job.compiler, "source": job.source_path,
                                      "started": time.time(), "peer": record["peer"], "job_id": job_id}
             try:
                 outcome = yield self._compile(job_id, compiler, job, session)
             finally:
-                self.active[principal] -= 1
+                self.share.finished(principal)
                 self.jobs_now.pop(job_id, None)
             record.update(
                 decision="allowed", exit_status=outcome.exit_status, ended_by=outcome.ended_by,
@@ -286,27 +272,11 @@ class CompileService:
         return entry, True
 
     def _admit(self, principal: str, max_jobs: int | None) -> wire.Busy | None:
-        """A slot for this job, or BUSY: the server is full, the principal is at its ACL
-        limit, or it holds its fair share while other principals were recently turned away."""
-        now, slots = time.monotonic(), self.config.slots
-        load = sum(self.active.values())
-        waiting = {p for p, when in self.turned_away.items() if now - when < FAIR_SHARE_MEMORY and p != principal}
-        reason = None
-        if load >= slots:
-            reason = "busy:full"
-        elif max_jobs is not None and self.active[principal] >= max_jobs:
-            reason = "busy:principal-limit"
-        elif waiting:
-            sharing = {p for p, n in self.active.items() if n} | waiting | {principal}
-            if self.active[principal] >= max(1, slots // len(sharing)):
-                reason = "busy:fair-share"
-        if reason is None:
-            self.turned_away.pop(principal, None)
-            return None
-        self.turned_away[principal] = now
-        return wire.Busy(reason, load, slots)
+        """A slot for this job, or BUSY (:class:`~securecc.server.admission.FairShare` says why)."""
+        reason = self.share.admit(principal, max_jobs)
+        return None if reason is None else wire.Busy(reason, self.share.load, self.config.slots)
 
-    def _record(self, record: dict[str, object], started: float, session, room: Reservation | None = None) -> bool:
+    def _record(self, record: dict[str, object], started: float, session: Session, room: Reservation | None = None) -> bool:
         """Write a job's audit record (into its ``room`` if it ran); False (and a log line) when the log cannot take it.
 
         ``delivered``: the reply goes to the client's open connection right
@@ -315,7 +285,7 @@ class CompileService:
         for nobody, e.g. on a server frozen past the client's patience).
         """
         record["duration"] = round(self.clock.seconds() - started, 4)
-        record["delivered"] = not client_gone(session)
+        record["delivered"] = not session.gone()
         self.metrics.observe(record)
         try:
             self.audit.write(room, **record)
@@ -360,7 +330,7 @@ class CompileService:
         return decide(acl, principal, groups, job.compiler, job.input_size)
 
     @defer.inlineCallbacks
-    def _compile(self, job_id: str, compiler: Compiler, job: jobspec.ValidJob, session):
+    def _compile(self, job_id: str, compiler: Compiler, job: jobspec.ValidJob, session: Session):
         """Run the job in the handler's sandbox; only validated values cross to it."""
         files = {"input": job.source}
         mounts = []
@@ -378,13 +348,11 @@ class CompileService:
             "directories": job.directories,
         }
         running = self.handler.run(job_id, spec, files, compiler.timeout, self.config.sandbox.limits.file_size)
-        session.running = running
         self.running.add(running)
-        if session.lost:  # the client left while the job was authorized and admitted: nobody to compile for
-            running.kill("disconnect")
+        session.while_running(lambda: running.kill("disconnect"))  # at once if it left meanwhile: nobody to compile for
         try:
             outcome = yield running.result
         finally:
-            session.running = None
+            session.while_running(None)
             self.running.discard(running)
         return outcome

@@ -1,0 +1,53 @@
+"""What the service knows of a client's connection: who, from where, until when, and whether it is still there.
+
+Both protocols make one after the handshake and hand it to
+:meth:`~securecc.server.service.CompileService.run` with each job; the
+service never sees the Twisted protocol object.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(eq=False)
+class Session:
+    principal: str
+    peer: str  # host:port
+    expires: float  # on the service's clock: when the ticket that opened the session ends
+    record: Mapping[str, str] = field(default_factory=dict)  # fields for each of its jobs' records (protocol, payload)
+    transport: Any = None  # its socket is peeked to tell whether the client has gone (see :meth:`gone`)
+    cancelled: bool = False
+    _on_cancel: Callable[[], None] | None = None
+
+    def gone(self) -> bool:
+        """The client has left: noticed already, or its FIN or RST waiting unread in the socket (as when
+        this process was frozen meanwhile: the reactor has not seen it yet)."""
+        if self.cancelled:
+            return True
+        handle = getattr(self.transport, "getHandle", None)
+        if handle is None:
+            return False
+        try:
+            return handle().recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+
+    def while_running(self, kill: Callable[[], None] | None) -> None:
+        """What to call if the client leaves while its job runs (None: nothing runs now)."""
+        self._on_cancel = kill
+        if kill is not None and self.cancelled:
+            kill()
+
+    def cancel(self) -> bool:
+        """The connection is lost: kill what runs for it; True if something did."""
+        self.cancelled = True
+        kill, self._on_cancel = self._on_cancel, None
+        if kill is not None:
+            kill()
+        return kill is not None
