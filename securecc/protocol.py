@@ -33,6 +33,7 @@ import json
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 MAGIC = b"securecc"
@@ -71,6 +72,31 @@ class ProtocolError(Exception):
 
 
 # --- messages ---------------------------------------------------------------
+
+
+class Reason(StrEnum):
+    """Why a job did not run, or ran short: :attr:`Refused.reason` and :attr:`Busy.reason` on the wire, and the
+    ``reason`` of its audit record.  One list for both ends; the ACL's own reasons (``allowed:group:NAME``,
+    ``denied:not-in-group``...) come from :func:`securecc.acl.decide` and travel as they are."""
+
+    AUTHENTICATION_FAILED = "denied:authentication-failed"
+    SESSION_EXPIRED = "denied:session-expired"
+    BAD_PATH = "denied:bad-path"
+    ARGUMENT_REFUSED = "denied:argument-refused"
+    COMPILER_NOT_OFFERED = "denied:compiler-not-offered"
+    COMPILER_MISMATCH = "denied:compiler-mismatch"
+    UNSUPPORTED = "denied:unsupported"
+    LDAP_UNAVAILABLE = "denied:ldap-unavailable"
+    AUDIT_UNAVAILABLE = "denied:audit-unavailable"
+    BUSY_FULL = "busy:full"
+    BUSY_PRINCIPAL_LIMIT = "busy:principal-limit"
+    BUSY_FAIR_SHARE = "busy:fair-share"
+    TIMEOUT = "timeout"
+    SERVER_ERROR = "server-error"
+
+# A refusal of these says "not this server": the client tries the next one before compiling locally.
+ANOTHER_HOST_MAY = frozenset({Reason.COMPILER_MISMATCH, Reason.COMPILER_NOT_OFFERED, Reason.UNSUPPORTED,
+                              Reason.AUDIT_UNAVAILABLE, Reason.TIMEOUT, Reason.SERVER_ERROR})
 
 
 @dataclass(frozen=True)
@@ -133,7 +159,7 @@ class Refused:
 class Busy:
     """No slot for this job now: try another server.  ``load`` of ``slots`` are running."""
 
-    reason: str  # "busy:full", "busy:fair-share", "busy:principal-limit"
+    reason: str  # a Reason.BUSY_*
     load: int
     slots: int
 

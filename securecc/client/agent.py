@@ -124,7 +124,7 @@ class SessionPool:
                 channel.close()
                 raise
             if reply is not None:
-                if not (isinstance(reply, wire.Refused) and reply.reason == "denied:session-expired"):
+                if not (isinstance(reply, wire.Refused) and reply.reason == wire.Reason.SESSION_EXPIRED):
                     self._give(key, channel)
                     return reply
                 channel.close()

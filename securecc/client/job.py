@@ -545,7 +545,7 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
         if isinstance(reply, wire.Busy):
             troubles.append(f"{host.name} busy ({reply.load}/{reply.slots})")
             continue
-        if isinstance(reply, wire.Refused) and reply.reason in HOST_SPECIFIC_REFUSALS:
+        if isinstance(reply, wire.Refused) and reply.reason in wire.ANOTHER_HOST_MAY:
             troubles.append(f"{host.name} refused the job: {reply.message}")
             continue
         if isinstance(reply, wire.Refused):
@@ -593,11 +593,6 @@ def kdc_outage(trouble: KdcUnavailable) -> KdcUnavailable:
         return trouble
     return KdcUnavailable(f"{trouble}: compiles that need a new ticket stay local until it answers"
                           " (tickets already cached still work)")
-
-
-# Refusals that another server may not give: try the next one.
-HOST_SPECIFIC_REFUSALS = frozenset({"denied:compiler-mismatch", "denied:compiler-not-offered", "denied:unsupported",
-                                    "denied:audit-unavailable", "timeout", "server-error"})
 
 
 def identity_cache(env: Mapping[str, str]) -> str:

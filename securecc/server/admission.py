@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
 
+from securecc import protocol as wire
+
 FAIR_SHARE_MEMORY = 10.0  # seconds a principal turned away counts as waiting for a share
 PREAUTH_TOTAL = 2048  # connections not yet authenticated, from everyone together (~11 KiB each)
 PREAUTH_PER_SOURCE = 256  # ... from one address: a make -j200 build host opens ~200 at once
@@ -63,19 +65,19 @@ class FairShare:
     def load(self) -> int:
         return sum(self.active.values())
 
-    def admit(self, principal: str, max_jobs: int | None) -> str | None:
+    def admit(self, principal: str, max_jobs: int | None) -> wire.Reason | None:
         """None if a job of ``principal`` may start now, else the BUSY reason."""
         now = self.clock.seconds()
         waiting = {p for p, when in self.turned_away.items() if now - when < self.memory and p != principal}
-        reason = None
+        reason: wire.Reason | None = None
         if self.load >= self.slots:
-            reason = "busy:full"
+            reason = wire.Reason.BUSY_FULL
         elif max_jobs is not None and self.active[principal] >= max_jobs:
-            reason = "busy:principal-limit"
+            reason = wire.Reason.BUSY_PRINCIPAL_LIMIT
         elif waiting:
             sharing = {p for p, n in self.active.items() if n} | waiting | {principal}
             if self.active[principal] >= max(1, self.slots // len(sharing)):
-                reason = "busy:fair-share"
+                reason = wire.Reason.BUSY_FAIR_SHARE
         if reason is None:
             self.turned_away.pop(principal, None)
         else:

@@ -104,7 +104,7 @@ class DistccProtocol(protocol.Protocol):
         except argpolicy.NotDistributable as e:  # not something a server runs: refused and audited, like any job
             try:
                 self.service.audit.write(**session.record, event="job", principal=session.principal, peer=session.peer,
-                                         args=request.argv, decision="refused", reason="denied:argument-refused", detail=str(e))
+                                         args=request.argv, decision="refused", reason=wire.Reason.ARGUMENT_REFUSED, detail=str(e))
             except AuditError:
                 pass
             self.transport.loseConnection()

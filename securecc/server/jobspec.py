@@ -85,13 +85,13 @@ class ValidJob:
 def _text(value: str, what: str, limit: int) -> str:
     """A name as the client's bytes allow it: bounded, no control characters, encodable as a file name."""
     if len(value) > limit:
-        raise Invalid("denied:bad-path", f"{what} is longer than {limit} characters")
+        raise Invalid(wire.Reason.BAD_PATH, f"{what} is longer than {limit} characters")
     if _CONTROL.search(value):
-        raise Invalid("denied:bad-path", f"{what} {value!r} contains a control character")
+        raise Invalid(wire.Reason.BAD_PATH, f"{what} {value!r} contains a control character")
     try:
         os.fsencode(value)
     except UnicodeError:
-        raise Invalid("denied:bad-path", f"{what} {value!r} is not a file name") from None
+        raise Invalid(wire.Reason.BAD_PATH, f"{what} {value!r} is not a file name") from None
     return value
 
 
@@ -102,16 +102,16 @@ def _path(value: str, what: str, normalized: bool = True) -> str:
     point; with no links among the job's files, the kernel resolves the name as given to the same file."""
     _text(value, what, MAX_PATH)
     if not value or value.startswith(("-", "@")):
-        raise Invalid("denied:bad-path", f"{what} {value!r} could be read as an option")
+        raise Invalid(wire.Reason.BAD_PATH, f"{what} {value!r} could be read as an option")
     if value.startswith("//"):  # POSIX normpath keeps two leading slashes; the kernel reads them as one
-        raise Invalid("denied:bad-path", f"{what} {value!r} is not a normalized path")
+        raise Invalid(wire.Reason.BAD_PATH, f"{what} {value!r} is not a normalized path")
     if normalized and (posixpath.normpath(value) != value.rstrip("/") or value.endswith("/") and value != "/"):
-        raise Invalid("denied:bad-path", f"{what} {value!r} is not a normalized path")
+        raise Invalid(wire.Reason.BAD_PATH, f"{what} {value!r} is not a normalized path")
     parts = value.split("/")
     if any(len(part) > MAX_NAME for part in parts):
-        raise Invalid("denied:bad-path", f"{what} has a component longer than {MAX_NAME}")
+        raise Invalid(wire.Reason.BAD_PATH, f"{what} has a component longer than {MAX_NAME}")
     if len(parts) > MAX_DEPTH + 1:
-        raise Invalid("denied:bad-path", f"{what} is more than {MAX_DEPTH} directories deep")
+        raise Invalid(wire.Reason.BAD_PATH, f"{what} is more than {MAX_DEPTH} directories deep")
     return value
 
 
@@ -119,10 +119,10 @@ def _mount_point(value: str, what: str, roots: tuple[str, ...]) -> str:
     """An absolute path the sandbox may create or mount a client file at."""
     _path(value, what)
     if not value.startswith("/") or value == "/":
-        raise Invalid("denied:bad-path", f"{what} {value!r} is not an absolute path")
+        raise Invalid(wire.Reason.BAD_PATH, f"{what} {value!r} is not an absolute path")
     for top in (*argpolicy.RESERVED, *roots):
         if value == top or value.startswith(top.rstrip("/") + "/"):
-            raise Invalid("denied:bad-path", f"{what} {value!r} is inside the sandbox's {top}")
+            raise Invalid(wire.Reason.BAD_PATH, f"{what} {value!r} is inside the sandbox's {top}")
     return value
 
 
@@ -134,69 +134,69 @@ def _ancestors(path: str) -> list[str]:
 def validate(job: wire.Job, compiler_roots: tuple[str, ...] = ()) -> ValidJob:
     """``job`` as a :class:`ValidJob`, or :class:`Invalid` naming the first field outside its grammar."""
     if not _COMPILER_NAME.fullmatch(job.compiler):
-        raise Invalid("denied:compiler-not-offered", f"compiler name {job.compiler[:80]!r} is not a name")
+        raise Invalid(wire.Reason.COMPILER_NOT_OFFERED, f"compiler name {job.compiler[:80]!r} is not a name")
     if len(job.compiler_identity) > MAX_IDENTITY:
-        raise Invalid("denied:compiler-mismatch", "compiler identity too long")
+        raise Invalid(wire.Reason.COMPILER_MISMATCH, "compiler identity too long")
     try:
         language, mode = Language(job.language), Mode(job.mode)
     except ValueError:
-        raise Invalid("denied:argument-refused", f"unsupported mode {job.mode[:20]!r} or language {job.language[:40]!r}") from None
+        raise Invalid(wire.Reason.ARGUMENT_REFUSED, f"unsupported mode {job.mode[:20]!r} or language {job.language[:40]!r}") from None
     if len(job.args) > MAX_ARGS:
-        raise Invalid("denied:argument-refused", f"more than {MAX_ARGS} arguments")
+        raise Invalid(wire.Reason.ARGUMENT_REFUSED, f"more than {MAX_ARGS} arguments")
     for arg in job.args:
         _text(arg, "argument", MAX_ARG)
     preprocessing = job.language in argpolicy.SERVER_PREPROCESSES
     bad = argpolicy.refused_argument(job.args, preprocessing)
     if bad is not None:
-        raise Invalid("denied:argument-refused", f"argument {bad!r} is not allowed on a compile server")
+        raise Invalid(wire.Reason.ARGUMENT_REFUSED, f"argument {bad!r} is not allowed on a compile server")
     bad = argpolicy.check_environment(job.environment)
     if bad is not None:
-        raise Invalid("denied:argument-refused", f"environment {bad} is not allowed on a compile server")
+        raise Invalid(wire.Reason.ARGUMENT_REFUSED, f"environment {bad} is not allowed on a compile server")
     cwd = _mount_point(job.cwd, "working directory", compiler_roots)
     _path(job.source_path, "source path", normalized=False)
     source_mount = _mount_point(posixpath.normpath(posixpath.join(cwd, job.source_path)), "source", compiler_roots)
     if source_mount == cwd:
-        raise Invalid("denied:bad-path", "the source path names the working directory")
+        raise Invalid(wire.Reason.BAD_PATH, "the source path names the working directory")
     if job.include_paths and not preprocessing:
-        raise Invalid("denied:argument-refused", "headers sent with a preprocessed job")
+        raise Invalid(wire.Reason.ARGUMENT_REFUSED, "headers sent with a preprocessed job")
     if len(job.include_paths) > MAX_HEADERS:
-        raise Invalid("denied:bad-path", f"more than {MAX_HEADERS} headers")
+        raise Invalid(wire.Reason.BAD_PATH, f"more than {MAX_HEADERS} headers")
     files = [source_mount, *job.include_paths]
     for path in job.include_paths:
         _mount_point(path, "header", compiler_roots)
         if path.endswith(_COMPILED_INPUT) or ".gch/" in path or ".pch/" in path:  # gcc tries x.h.gch/* too
-            raise Invalid("denied:bad-path", f"header {path!r} is compiled input, not source")
+            raise Invalid(wire.Reason.BAD_PATH, f"header {path!r} is compiled input, not source")
     if (job.system_headers or job.system_digest) and not preprocessing:
-        raise Invalid("denied:argument-refused", "system headers named by a preprocessed job")
+        raise Invalid(wire.Reason.ARGUMENT_REFUSED, "system headers named by a preprocessed job")
     if preprocessing and not _DIGEST.fullmatch(job.system_digest):
-        raise Invalid("denied:argument-refused", "a job the server preprocesses needs its system headers' digest")
+        raise Invalid(wire.Reason.ARGUMENT_REFUSED, "a job the server preprocesses needs its system headers' digest")
     if len(job.system_headers) > MAX_HEADERS:
-        raise Invalid("denied:bad-path", f"more than {MAX_HEADERS} system headers")
+        raise Invalid(wire.Reason.BAD_PATH, f"more than {MAX_HEADERS} system headers")
     for path in job.system_headers:
         if not _path(path, "system header").startswith("/usr/") or path.startswith("/usr/local/"):
-            raise Invalid("denied:bad-path", f"system header {path!r} is not under /usr")
+            raise Invalid(wire.Reason.BAD_PATH, f"system header {path!r} is not under /usr")
     split_dwarf = None
     if job.output_path or "-gsplit-dwarf" in job.args:
         if not job.output_path or mode is not Mode.OBJECT or "-gsplit-dwarf" not in job.args:
-            raise Invalid("denied:argument-refused", "an output path goes with -gsplit-dwarf and -c, and only with them")
+            raise Invalid(wire.Reason.ARGUMENT_REFUSED, "an output path goes with -gsplit-dwarf and -c, and only with them")
         _path(job.output_path, "output path", normalized=False)
         # gcc hands cc1 "-dumpdir DIR/ -dumpbase NAME.c" from it, and cc1 reads an "@..." argument as options
         if any(part.startswith(("@", "-")) for part in job.output_path.split("/")):
-            raise Invalid("denied:bad-path", f"output path {job.output_path!r} names a response file")
+            raise Invalid(wire.Reason.BAD_PATH, f"output path {job.output_path!r} names a response file")
         output = _mount_point(posixpath.normpath(posixpath.join(cwd, job.output_path)), "output", compiler_roots)
         directory = _mount_point(posixpath.dirname(output), "output directory", compiler_roots)  # bound writable: never "/"
         for root in compiler_roots:  # nor over a compiler's root, which it would hide
             if root.startswith(directory.rstrip("/") + "/"):
-                raise Invalid("denied:bad-path", f"output directory {directory!r} would cover the compiler root {root!r}")
+                raise Invalid(wire.Reason.BAD_PATH, f"output directory {directory!r} would cover the compiler root {root!r}")
         split_dwarf = (job.output_path, output, _mount_point(argpolicy.dwo_path(output), "split debug file", compiler_roots))
         files += split_dwarf[1:]
     if job.directories and not preprocessing:
-        raise Invalid("denied:argument-refused", "directories named by a preprocessed job")
+        raise Invalid(wire.Reason.ARGUMENT_REFUSED, "directories named by a preprocessed job")
     if len(job.directories) > MAX_HEADERS:
-        raise Invalid("denied:bad-path", f"more than {MAX_HEADERS} directories")
+        raise Invalid(wire.Reason.BAD_PATH, f"more than {MAX_HEADERS} directories")
     made = [_mount_point(d, "directory", compiler_roots) for d in job.directories]
     directories = {cwd, *_ancestors(cwd), *(d for f in files for d in _ancestors(f)), *made, *(a for d in made for a in _ancestors(d))}
     clash = next((f for f in files if f in directories), None)
     if clash is not None or len(set(files)) != len(files):
-        raise Invalid("denied:bad-path", f"{clash or 'a file'!r} is both a file and a directory of the job, or named twice")
+        raise Invalid(wire.Reason.BAD_PATH, f"{clash or 'a file'!r} is both a file and a directory of the job, or named twice")
     return ValidJob(job, language, mode, source_mount, preprocessing, split_dwarf, tuple(made))

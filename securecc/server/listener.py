@@ -171,7 +171,7 @@ class JobProtocol(protocol.Protocol):
         self._log.failure("{peer}: job failed", failure, peer=self.peer)
         self.busy = False
         if not self.lost:
-            self.transport.write(self.wire.seal(wire.Refused("server-error", "internal server error")))
+            self.transport.write(self.wire.seal(wire.Refused(wire.Reason.SERVER_ERROR, "internal server error")))
             self.transport.loseConnection()
 
     def authenticated(self) -> None:

@@ -85,7 +85,7 @@ class CompileService:
             self.auth_failures = {k: v for k, v in self.auth_failures.items() if now - v[0] < AUTH_FAILURE_WINDOW}
         self.auth_failures[source] = (now, 0)
         try:
-            self.audit.write(**extra, event="auth", peer=peer, decision="refused", reason="denied:authentication-failed",
+            self.audit.write(**extra, event="auth", peer=peer, decision="refused", reason=wire.Reason.AUTHENTICATION_FAILED,
                              detail=detail[:500], **({"suppressed_before": suppressed} if suppressed else {}))
         except AuditError:
             pass  # logged by the caller; nothing ran
@@ -164,9 +164,9 @@ class CompileService:
             return wire.Refused(refusal.reason, str(refusal), job_id)
         except Exception as e:  # ours, not the client's: still recorded, and the server goes on
             self._log.failure("job {job_id} failed", Failure(), job_id=job_id)
-            record.update(decision="error", reason="server-error", detail=f"{type(e).__name__}: {e}"[:500])
+            record.update(decision="error", reason=wire.Reason.SERVER_ERROR, detail=f"{type(e).__name__}: {e}"[:500])
             self._record(record, started, session)
-            return wire.Refused("server-error", "internal server error; the job was not run", job_id)
+            return wire.Refused(wire.Reason.SERVER_ERROR, "internal server error; the job was not run", job_id)
         return reply
 
     @defer.inlineCallbacks
@@ -176,7 +176,7 @@ class CompileService:
         except jobspec.Invalid as e:
             raise _Refusal(e.reason, str(e)) from None
         if self.clock.seconds() >= session.expires:
-            raise _Refusal("denied:session-expired", "the Kerberos ticket of this session has ended: reconnect")
+            raise _Refusal(wire.Reason.SESSION_EXPIRED, "the Kerberos ticket of this session has ended: reconnect")
         compiler = self._check_job(job)
         decision = yield self._authorize(principal, job)
         record.update(compiler_path=compiler.path, compiler_identity=job.compiler_identity, reason=decision.reason)
@@ -191,7 +191,7 @@ class CompileService:
                 record.update(decision="allowed", cache="hit", cached_from=hit.producer.get("job_id"), exit_status=0,
                               output_sha256=sha256(hit.output), bytes_out=len(hit.output) + len(hit.stderr))
                 if not self._record(record, started, session):
-                    return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
+                    return wire.Refused(wire.Reason.AUDIT_UNAVAILABLE, AUDIT_DOWN, job_id)
                 return wire.Result(0, hit.stdout, hit.stderr, hit.output, job_id)
             busy = self._admit(principal, decision.rule.max_jobs if decision.rule else None)
             if busy is not None:
@@ -204,7 +204,7 @@ class CompileService:
                 self.audit.write(room, **start)
             except AuditError as e:
                 self._log.critical("{error}; refusing jobs until it can be written", error=str(e))
-                return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
+                return wire.Refused(wire.Reason.AUDIT_UNAVAILABLE, AUDIT_DOWN, job_id)
             self.share.started(principal)
             self.jobs_now[job_id] = {"principal": principal, "compiler": job.compiler, "source": job.source_path,
                                      "started": time.time(), "peer": record["peer"], "job_id": job_id}
@@ -222,7 +222,7 @@ class CompileService:
             if entry is not None:
                 record["cache"] = "stored"
             if not self._record(record, started, session, room):
-                return wire.Refused("denied:audit-unavailable", AUDIT_DOWN, job_id)
+                return wire.Refused(wire.Reason.AUDIT_UNAVAILABLE, AUDIT_DOWN, job_id)
             stored = entry  # recorded first: the cache never holds an unaudited result
         finally:
             if room is not None:
@@ -230,7 +230,7 @@ class CompileService:
             if owner:
                 self._share(key, stored, hit)
         if outcome.ended_by == "timeout":
-            return wire.Refused("timeout", f"compile killed after {compiler.timeout:g} s", job_id)
+            return wire.Refused(wire.Reason.TIMEOUT, f"compile killed after {compiler.timeout:g} s", job_id)
         return wire.Result(outcome.exit_status, outcome.stdout, outcome.stderr, outcome.output, job_id, outcome.dwo)
 
     def _digests(self, job: jobspec.ValidJob) -> tuple[str | None, str | None]:
@@ -301,16 +301,16 @@ class CompileService:
             try:
                 self.audit.recover()
             except AuditError:
-                raise _Refusal("denied:audit-unavailable", AUDIT_DOWN) from None
+                raise _Refusal(wire.Reason.AUDIT_UNAVAILABLE, AUDIT_DOWN) from None
         compiler = self.config.compilers.get(job.compiler)
         if compiler is None:
-            raise _Refusal("denied:compiler-not-offered", f"compiler {job.compiler!r} is not offered by this server")
+            raise _Refusal(wire.Reason.COMPILER_NOT_OFFERED, f"compiler {job.compiler!r} is not offered by this server")
         identity = self.identities.get(compiler.path)
         if job.compiler_identity != identity:
-            raise _Refusal("denied:compiler-mismatch", f"this server's {job.compiler} is {identity}, yours is "
+            raise _Refusal(wire.Reason.COMPILER_MISMATCH, f"this server's {job.compiler} is {identity}, yours is "
                            f"{job.compiler_identity[:200] or 'unknown'}; objects would differ")
         if self.config.sandbox.mode != "bwrap" and (job.preprocessing or job.split_dwarf):
-            raise _Refusal("denied:unsupported", "this server runs without bubblewrap: it cannot preprocess, "
+            raise _Refusal(wire.Reason.UNSUPPORTED, "this server runs without bubblewrap: it cannot preprocess, "
                            "nor write a -gsplit-dwarf .dwo")
         return compiler
 
@@ -323,7 +323,7 @@ class CompileService:
                 membership = yield self.lookups.lookup(principal)
             except DirectoryUnavailable as e:
                 self.metrics.ldap_errors.inc()
-                raise _Refusal("denied:ldap-unavailable", str(e)) from None
+                raise _Refusal(wire.Reason.LDAP_UNAVAILABLE, str(e)) from None
             groups = membership.groups
             if membership.cached:
                 self.metrics.ldap_cache_hits.inc()
