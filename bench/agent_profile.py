@@ -146,14 +146,14 @@ def tiny_timeline(top: Path, env: dict[str, str], audit: Path, n: int) -> None:
     """A tiny job end to end through securecc and through distcc, the server's part of each (securecc's
     audit record's duration, from the job's arrival to its record; distccd's logged job time), and bare
     gcc's compile and each tool's preprocessing."""
-    from securecc.client import agent
+    from securecc.client import agent, channel
     from securecc.client import job as client
 
     work = top / "tiny"
     work.mkdir()
     whole, prepare, call = "the whole job (Agent.handle)", "preprocessing (prepare_job)", "the server call (Channel.call)"
     stages: dict[str, list[float]] = {whole: [], prepare: [], call: []}
-    unpatched = agent.Agent.handle, client.prepare_job, client.Channel.call
+    unpatched = agent.Agent.handle, client.prepare_job, channel.Channel.call
 
     def timed(stage: str, function: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -167,7 +167,7 @@ def tiny_timeline(top: Path, env: dict[str, str], audit: Path, n: int) -> None:
 
     agent.Agent.handle = timed(whole, agent.Agent.handle)
     client.prepare_job = timed(prepare, client.prepare_job)
-    client.Channel.call = timed(call, client.Channel.call)
+    channel.Channel.call = timed(call, channel.Channel.call)
     daemons: list[subprocess.Popen] = []
     groups: list[CpuGroup] = []
     try:
@@ -193,7 +193,7 @@ def tiny_timeline(top: Path, env: dict[str, str], audit: Path, n: int) -> None:
         server = [r["duration"] * 1e3 for r in records if r.get("event") == "job" and r.get("decision") == "allowed"][3:]
         distccd = [int(m) for m in re.findall(rb" COMPILE_OK .* time:(\d+)ms", b"\n".join(log.read_bytes().splitlines()[logged:]))][3:]
     finally:
-        agent.Agent.handle, client.prepare_job, client.Channel.call = unpatched
+        agent.Agent.handle, client.prepare_job, channel.Channel.call = unpatched
         for process in daemons:
             process.terminate()
             process.wait()

@@ -32,8 +32,8 @@ from pathlib import Path
 from benchrealm import BIN, Realm, shutil_rm
 
 from securecc import protocol as wire
+from securecc.client.channel import Channel
 from securecc.client.hosts import parse_host
-from securecc.client.job import Channel
 from securecc.toolchain import probe
 
 IDENTITY = probe("/usr/bin/gcc")

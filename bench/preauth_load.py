@@ -27,8 +27,8 @@ from benchrealm import Realm, shutil_rm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from securecc import protocol as wire  # noqa: E402
+from securecc.client.channel import Channel  # noqa: E402
 from securecc.client.hosts import parse_host  # noqa: E402
-from securecc.client.job import Channel  # noqa: E402
 from securecc.server.admission import PREAUTH_PER_SOURCE  # noqa: E402
 from securecc.toolchain import probe  # noqa: E402
 

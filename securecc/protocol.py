@@ -25,6 +25,9 @@ Messages (the reassembled chunks) are ``u8 type | u32 header length | JSON
 header | blobs``; the header lists the blob lengths, and every field is
 type-checked on decode.  One authenticated connection can carry several jobs
 one after another: nothing here is per-job state.
+
+Why one file of ~480 lines: every byte a peer can send is parsed here, and a
+reviewer reads the whole wire format in one place.
 """
 
 from __future__ import annotations

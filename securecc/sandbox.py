@@ -21,6 +21,9 @@ a vanished client takes every child with it.  Where bubblewrap cannot run,
 an admin may choose ``rlimits-only``: uid, rlimits, a clean environment and
 a process group, and nothing more, which the server says at start and in
 every audit record.
+
+Why one file of ~480 lines: the sandbox's command line, its limits and the
+reading of its outputs are one security decision, reviewed together.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ from securecc.acl import (
     read_acl_stable,
     split_principal,
 )
+from securecc.client.channel import Channel
 from securecc.client.hosts import parse_host
-from securecc.client.job import Channel
 from securecc.server.aclfile import AclFile
 from securecc.server.config import ConfigError, load_config
 from securecc.server.directory import Directory, DirectoryUnavailable, LdapConfig, Membership, MembershipLookups

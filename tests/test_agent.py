@@ -16,8 +16,8 @@ from conftest import BIN, REPO, local, make_job, securecc
 from test_job_path import SLOW_CXX, SLOW_FLAGS, sandbox_processes, wait_until, write_project
 
 from securecc import protocol as wire
+from securecc.client.channel import Channel
 from securecc.client.hosts import parse_host
-from securecc.client.job import Channel
 
 SHIMS = {"c": BIN / "securecc", "python": BIN / "securecc-py"}  # scripts/setup builds both; C falls back to Python
 

@@ -126,8 +126,8 @@ def test_identical_jobs_at_once_compile_once(realm, own_server, workdir, monkeyp
     def run() -> None:
         from test_acl import credentials_for
 
+        from securecc.client.channel import Channel
         from securecc.client.hosts import parse_hosts
-        from securecc.client.job import Channel
 
         channel = Channel(parse_hosts(s.hosts)[0])
         channel.authenticate(credentials_for(realm, "alice"))

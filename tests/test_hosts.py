@@ -172,7 +172,7 @@ def test_two_principals_share_a_full_server(realm, own_server, workdir, monkeypa
     """alice holds every slot; bob is turned away; then alice's next job yields to bob's."""
     for key, value in realm.user_env("alice", workdir).items():
         monkeypatch.setenv(key, value)
-    from securecc.client.job import Channel
+    from securecc.client.channel import Channel
 
     s = own_server(slots=2, acl=str(write_acl(workdir, "  - principal: bob\n")))
     creds = {u: credentials_for(realm, u) for u in ("alice", "bob")}

@@ -15,8 +15,8 @@ import pytest
 from conftest import BIN, local, make_job, processes_of_uid, securecc
 
 from securecc import protocol as wire
+from securecc.client.channel import Channel
 from securecc.client.hosts import parse_host
-from securecc.client.job import Channel
 
 SOURCE = """\
 #include <stdio.h>

@@ -16,8 +16,8 @@ from twisted.python.threadpool import ThreadPool
 
 from securecc import protocol as wire
 from securecc.audit import load_private_key
+from securecc.client.channel import Channel
 from securecc.client.hosts import Host
-from securecc.client.job import Channel
 from securecc.gss import Acceptor
 from securecc.server.aclfile import AclFile
 from securecc.server.auditlog import AuditLog

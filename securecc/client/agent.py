@@ -39,6 +39,7 @@ import traceback
 from securecc import protocol as wire
 from securecc.client import job as client
 from securecc.client import stats as counters
+from securecc.client.channel import Cancelled, Channel, HostFailure, KdcUnavailable, RemoteFailure, Timeouts
 from securecc.client.hosts import host_key
 
 PROTOCOL = b"securecc-agent 2"  # the shim's AGENT_PROTOCOL; 2: `securecc stats`
@@ -65,7 +66,7 @@ class SessionPool:
     """Authenticated channels to servers, kept between jobs, per server and principal."""
 
     def __init__(self, stats: counters.Stats | None = None) -> None:
-        self._idle: dict[tuple[str, str], list[client.Channel]] = {}
+        self._idle: dict[tuple[str, str], list[Channel]] = {}
         self._lock = threading.Lock()
         self._ticket: tuple[object, str, float] | None = None  # (ccache state, principal, ticket's end)
         self.handshakes = 0
@@ -93,21 +94,21 @@ class SessionPool:
             credentials = tickets.bounded("an initial ticket", lambda: gssapi.Credentials(usage="initiate"), deadline)
             principal, lifetime = str(credentials.name), credentials.lifetime
         except tickets.NoAnswer as e:
-            raise client.KdcUnavailable(str(e), pending=e.pending) from None
+            raise KdcUnavailable(str(e), pending=e.pending) from None
         except gssapi.exceptions.GSSError as e:
             if kdc_down(e):
-                raise client.KdcUnavailable(explain(e)) from None
+                raise KdcUnavailable(explain(e)) from None
             self._ticket = None
             self.close_all()  # kdestroy or an expired ticket: no job goes out on the old sessions
-            raise client.RemoteFailure(explain(e)) from None
+            raise RemoteFailure(explain(e)) from None
         if lifetime is not None and lifetime <= 0:
             self._ticket = None
             self.close_all()
-            raise client.RemoteFailure("Kerberos ticket expired: run kinit")
+            raise RemoteFailure("Kerberos ticket expired: run kinit")
         self._ticket = (state, principal, time.time() + (lifetime or 0))
         return principal
 
-    def call(self, inv: client.Invocation, host, job: wire.Job, timeouts: client.Timeouts):
+    def call(self, inv: client.Invocation, host, job: wire.Job, timeouts: Timeouts):
         principal = self.principal(timeouts.kdc)
         key = (host_key(host), principal)
         channel = self._take(key)
@@ -115,7 +116,7 @@ class SessionPool:
             channel.timeouts = timeouts
             try:
                 reply = channel.call(job, inv.watch)
-            except client.HostFailure as e:
+            except HostFailure as e:
                 channel.close()
                 if e.timed_out:
                     raise
@@ -140,7 +141,7 @@ class SessionPool:
         self._give(key, channel)
         return reply
 
-    def _take(self, key: tuple[str, str]) -> client.Channel | None:
+    def _take(self, key: tuple[str, str]) -> Channel | None:
         now = time.monotonic()
         with self._lock:
             idle = self._idle.get(key, [])
@@ -151,7 +152,7 @@ class SessionPool:
                 channel.close()
         return None
 
-    def _give(self, key: tuple[str, str], channel: client.Channel) -> None:
+    def _give(self, key: tuple[str, str], channel: Channel) -> None:
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if len(idle) < MAX_IDLE_SESSIONS:
@@ -186,10 +187,10 @@ class CountingSocket:
         return getattr(self._sock, name)
 
 
-class CountedChannel(client.Channel):
+class CountedChannel(Channel):
     """A channel whose traffic (handshake, jobs, replies, heartbeats) the stats count."""
 
-    def __init__(self, host, stats: counters.Stats, timeouts: client.Timeouts) -> None:
+    def __init__(self, host, stats: counters.Stats, timeouts: Timeouts) -> None:
         super().__init__(host, timeouts=timeouts)
         self.stats = stats
 
@@ -204,7 +205,7 @@ class JobSessions:
         self.pool = pool
         self.answered = False
 
-    def call(self, inv: client.Invocation, host, job: wire.Job, timeouts: client.Timeouts):
+    def call(self, inv: client.Invocation, host, job: wire.Job, timeouts: Timeouts):
         reply = self.pool.call(inv, host, job, timeouts)
         self.answered = self.answered or isinstance(reply, wire.Result)
         return reply
@@ -332,7 +333,7 @@ class Agent:
             sessions = JobSessions(self.pool)
             try:
                 outcome = client.run(inv, sessions)
-            except client.Cancelled:
+            except Cancelled:
                 return  # the shim is gone; closing its job's connection killed the compile
             except Exception:
                 log(f"job failed inside the agent:\n{traceback.format_exc()}")

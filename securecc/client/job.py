@@ -13,6 +13,9 @@ compiler's messages and exit with its status.  Infrastructure failures
 (no ticket, refused, unreachable, server gone mid-job) print one
 ``securecc:`` line and compile locally; a compile error is returned as is
 and never retried.
+
+Why one file of ~570 lines: it is the one path a compile takes, read top to
+bottom in the order it runs; the connection is :mod:`securecc.client.channel`.
 """
 
 from __future__ import annotations
@@ -28,9 +31,17 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Mapping  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import TYPE_CHECKING, BinaryIO, NamedTuple  # noqa: E402
+from typing import TYPE_CHECKING, BinaryIO  # noqa: E402
 
 from securecc import args as argpolicy  # noqa: E402
+from securecc.client.channel import (  # noqa: E402
+    Channel,
+    FailedRemotely,
+    HostFailure,
+    KdcUnavailable,
+    RemoteFailure,
+    Timeouts,
+)
 
 if TYPE_CHECKING:
     from securecc.toolchain import HeaderDigests
@@ -79,22 +90,15 @@ class LocalCompile:
     failure: bool = False  # a RemoteFailure: the job was meant to go remote
 
 
-class Timeouts(NamedTuple):
-    connect: float = 2.0
-    io: float = 8.0  # a server sends Alive every 2 s while it compiles: four missed mean it hung (or froze)
-    handshake: float = 5.0  # a healthy server answers a handshake in milliseconds
-    kdc: float = 2.0  # a ticket from a healthy KDC takes ms (a dead first KDC: 1 s to the next); libkrb5 waits ~27 s
-
-    @classmethod
-    def of(cls, inv: Invocation) -> Timeouts:
-        default = cls()
-        io = _seconds(inv, "SECURECC_IO_TIMEOUT", default.io)
-        return cls(_seconds(inv, "SECURECC_CONNECT_TIMEOUT", default.connect), io,
-                   min(io, _seconds(inv, "SECURECC_HANDSHAKE_TIMEOUT", default.handshake)),
-                   _seconds(inv, "SECURECC_KDC_TIMEOUT", default.kdc))
+def timeouts_of(inv: Invocation) -> Timeouts:
+    """The timeouts, with SECURECC_*_TIMEOUT from the environment."""
+    default = Timeouts()
+    io = _seconds(inv, "SECURECC_IO_TIMEOUT", default.io)
+    return Timeouts(_seconds(inv, "SECURECC_CONNECT_TIMEOUT", default.connect), io,
+                    min(io, _seconds(inv, "SECURECC_HANDSHAKE_TIMEOUT", default.handshake)),
+                    _seconds(inv, "SECURECC_KDC_TIMEOUT", default.kdc))
 
 
-DEFAULT_TIMEOUTS = Timeouts()
 CACHED_TICKET_WAIT = 0.25  # seconds a job waits for a ticket during a KDC outage: a cached one takes ~1 ms
 
 
@@ -109,40 +113,6 @@ def _seconds(inv: Invocation, name: str, default: float) -> float:
         pass
     inv.say(f"{name}={text!r} is not a number of seconds; using {default:g}")
     return default
-
-
-class RemoteFailure(Exception):
-    """The job could not be done remotely; compile locally and say why."""
-
-    quiet = False  # said only with SECURECC_VERBOSE
-
-
-class FailedRemotely(RemoteFailure):
-    """The server's compile failed.  The local compile gives the verdict and the messages, as distcc does:
-    an error of the user's prints exactly what gcc prints here, and one of the server's costs nothing."""
-
-    quiet = True
-
-
-class KdcUnavailable(RemoteFailure):
-    """No service ticket: the KDC did not answer in time or could not be reached (``pending``: a request
-    for this server is still out).  Not the server's fault: the next server may have a cached ticket."""
-
-    def __init__(self, message: str, pending: bool = False) -> None:
-        super().__init__(message)
-        self.pending = pending
-
-
-class HostFailure(RemoteFailure):
-    """This host failed (unreachable, silent, gone): back it off and try another."""
-
-    def __init__(self, message: str, timed_out: bool = False) -> None:
-        super().__init__(message)
-        self.timed_out = timed_out
-
-
-class Cancelled(Exception):
-    """The caller went away (^C, make killed it): drop the job; closing the connection kills the compile."""
 
 
 def find_compiler(inv: Invocation, name: str) -> str | None:
@@ -211,123 +181,6 @@ def write_atomically(path: str, data: bytes, umask: int = 0o022) -> None:
         except OSError:
             pass
         raise
-
-
-class Channel:
-    """One authenticated, sealed connection to a server (blocking sockets).
-
-    ``expires`` is when its GSS context does (monotonic clock): the ticket's
-    end.  The agent keeps a channel for many jobs until shortly before then.
-    """
-
-    def __init__(self, host, io_timeout: float | None = None, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
-        from securecc import protocol as wire
-
-        self.host = host
-        self.timeouts = timeouts._replace(io=io_timeout) if io_timeout else timeouts
-        self.wire = wire.Connection()
-        self.expires = 0.0
-        self.sock = None  # connected by authenticate() once it holds the first token: never while the KDC is asked
-
-    def _connect(self):
-        import socket
-
-        try:
-            sock = socket.create_connection((self.host.name, self.host.port), timeout=min(self.timeouts.connect, self.timeouts.io))
-        except OSError as e:
-            raise HostFailure(f"cannot connect to {self.host.name}:{self.host.port}: {e.strerror or e}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-
-    def _events(self, timeout: float, watch: object | None = None) -> list:
-        from securecc import protocol as wire
-
-        while True:
-            if watch is not None:
-                import select
-
-                ready, _, _ = select.select([self.sock, watch], [], [], timeout)
-                if watch in ready:
-                    raise Cancelled()
-                if not ready:
-                    raise HostFailure(f"{self.host.name} did not answer within {timeout:g} s", timed_out=True)
-            self.sock.settimeout(timeout)
-            try:
-                data = self.sock.recv(1 << 20)
-            except TimeoutError:
-                raise HostFailure(f"{self.host.name} did not answer within {timeout:g} s", timed_out=True) from None
-            except OSError as e:
-                raise HostFailure(f"connection to {self.host.name} failed: {e.strerror or e}") from None
-            if not data:
-                raise HostFailure(f"{self.host.name} closed the connection")
-            try:
-                events = self.wire.receive_data(data)
-            except wire.ProtocolError as e:
-                raise HostFailure(f"bad reply from {self.host.name}: {e}") from None
-            if events:
-                return events
-
-    def authenticate(self, credentials=None) -> None:
-        from securecc import protocol as wire
-        from securecc.client import tickets
-        from securecc.gss import GSSFailure, Initiator
-
-        initiator = Initiator(self.host.target, credentials)
-        try:
-            first = tickets.first_token(initiator, self.timeouts.kdc)
-        except tickets.NoAnswer as e:
-            raise KdcUnavailable(str(e), pending=e.pending) from None
-        except GSSFailure as e:
-            raise (KdcUnavailable if e.kdc_down else RemoteFailure)(str(e)) from None
-        self.sock = self._connect()
-        try:
-            self.sock.sendall(wire.hello() + wire.token(first))
-            greeted = False
-            while not (greeted and initiator.complete):
-                for event in self._events(min(self.timeouts.io, self.timeouts.handshake)):
-                    if isinstance(event, wire.HelloReceived):
-                        greeted = wire.choose_version(event) is not None
-                        if not greeted:
-                            raise RemoteFailure(f"{self.host.name} speaks protocol version {event.max_version} only")
-                    elif isinstance(event, wire.TokenReceived):
-                        reply = initiator.step(event.token)
-                        if reply:
-                            self.sock.sendall(wire.token(reply))
-                    elif isinstance(event, wire.ErrorReceived):
-                        raise RemoteFailure(f"{self.host.name} refused the connection: {event.message}")
-            self.expires = time.monotonic() + initiator.lifetime
-        except GSSFailure as e:
-            raise RemoteFailure(str(e)) from None
-        except OSError as e:
-            raise HostFailure(f"connection to {self.host.name} failed: {e.strerror or e}") from None
-        session = initiator.session()
-        self.wire.secure(session.wrap, session.unwrap)
-
-    def call(self, job, watch: object | None = None):
-        """Send ``job``, return the reply; ``watch`` readable (the caller gone) raises Cancelled."""
-        from securecc import protocol as wire
-
-        try:
-            self.sock.settimeout(self.timeouts.io)
-            self.sock.sendall(self.wire.seal(job))
-        except OSError as e:
-            raise HostFailure(f"sending the job to {self.host.name} failed: {e.strerror or e}") from None
-        while True:
-            for event in self._events(self.timeouts.io, watch):
-                if not isinstance(event, wire.MessageReceived):
-                    raise HostFailure(f"unexpected {type(event).__name__} from {self.host.name}")
-                if not isinstance(event.message, wire.Alive):
-                    return event.message
-
-    def idle_and_open(self) -> bool:
-        """Still connected with nothing pending: a server that closed an idle connection shows EOF."""
-        import select
-
-        return not select.select([self.sock], [], [], 0)[0]
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
 
 
 class OneShot:
@@ -513,7 +366,7 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
     candidates = state.order(hosts)
     if not candidates:
         raise RemoteFailure("every compile server is backed off after failures (see securecc --show-hosts)")
-    timeouts = Timeouts.of(inv)
+    timeouts = timeouts_of(inv)
     need_a_cached_ticket(state, candidates)
     prepared = prepare_job(inv, compiler, compiler_path, plan)
     if isinstance(prepared, int):

@@ -19,8 +19,9 @@ import time
 from typing import Any
 
 from securecc import protocol as wire
+from securecc.client.channel import Channel, RemoteFailure
 from securecc.client.hosts import Host, HostsError, HostState, configured_hosts, parse_hosts
-from securecc.client.job import Channel, RemoteFailure, working_directory
+from securecc.client.job import working_directory
 from securecc.toolchain import ProbeError, cached_identity
 
 PROBE_SOURCE = b"int securecc_probe;\n"
