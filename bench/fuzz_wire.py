@@ -8,7 +8,7 @@ processes (default: every core).  Inputs are valid frames, messages and requests
 with ``random`` (no hypothesis: this has to be fast), then mutated: length fields set to
 their boundaries or junk, bytes flipped, ranges deleted, duplicated or spliced in from
 another input, truncations; each is fed in 1-4 random pieces.  The contract checked is
-tests/test_fuzz_wire.py's: events/values or the parser's own error, never another
+tests/unit/test_fuzz_wire.py's: events/values or the parser's own error, never another
 exception, never more buffered than the caps allow, no input slower than ``--slow`` s.
 Any break is a crash: saved as JSON (seed, worker, index, parameters, the input in hex
 and as a repr, the traceback) under ``--crash-dir``, and the exit status is 1.

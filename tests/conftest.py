@@ -232,13 +232,36 @@ def processes_of_uid(uid: int) -> list[str]:
     return found
 
 
-IDENTITIES = {"gcc": probe("/usr/bin/gcc"), "g++": probe("/usr/bin/g++")}
+class _Identities(dict):
+    """gcc's and g++'s identities, probed on first use: importing conftest runs no compiler (unit tests need none)."""
+
+    def __missing__(self, compiler: str) -> str:
+        if compiler not in ("gcc", "g++"):
+            raise KeyError(compiler)
+        self[compiler] = probe(f"/usr/bin/{compiler}")
+        return self[compiler]
+
+
+IDENTITIES = _Identities()
 
 
 def make_job(compiler: str, *fields: object, **named: object) -> wire.Job:
     """A wire.Job as the client builds it, with the compiler identity it would send."""
-    named.setdefault("compiler_identity", IDENTITIES.get(compiler, ""))
+    named.setdefault("compiler_identity", IDENTITIES[compiler] if compiler in ("gcc", "g++") else "")
     job = wire.Job(compiler, *fields, **named)
     if job.language in SERVER_PREPROCESSES and not job.system_digest:
         job = dataclasses.replace(job, system_digest=HeaderDigests().of(job.system_headers))
     return job
+
+
+REAL_COMPONENTS = {"realm", "server", "own_server", "workdir"}  # fixtures that start a KDC, slapd, a server
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """tests/unit runs without KDC, slapd, gcc or bwrap: a unit test that asks for a real component fails
+    at collection instead of quietly becoming an integration test."""
+    unit = Path(__file__).parent / "unit"
+    for item in items:
+        wanted = REAL_COMPONENTS & set(getattr(item, "fixturenames", ()))
+        if unit in Path(str(item.path)).parents and wanted:
+            raise pytest.UsageError(f"{item.nodeid} is in tests/unit but uses {', '.join(sorted(wanted))}: move it to tests/integration")
