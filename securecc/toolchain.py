@@ -30,6 +30,8 @@ import re
 import stat
 import subprocess
 
+from securecc.files import cache_path, write_atomically
+
 
 class ProbeError(Exception):
     """The compiler did not say who it is."""
@@ -76,9 +78,7 @@ def _package(path: str) -> str:
 
 def cached_identity(path: str, cache_file: str | None = None) -> str:
     """The identity of the compiler run as ``path``, probing only when the binary changed."""
-    cache_file = cache_file or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "securecc", "compilers.json"
-    )
+    cache_file = cache_file or cache_path("compilers.json")
     path = os.path.abspath(path)
     real = os.path.realpath(path)
     st = os.stat(real)
@@ -96,10 +96,7 @@ def cached_identity(path: str, cache_file: str | None = None) -> str:
     cache[path] = [*stamp, identity]
     try:
         os.makedirs(os.path.dirname(cache_file), exist_ok=True)
-        temp = f"{cache_file}.{os.getpid()}.tmp"
-        with open(temp, "w") as f:
-            json.dump(cache, f)
-        os.replace(temp, cache_file)  # concurrent clients: last writer wins, nobody reads half a file
+        write_atomically(cache_file, json.dumps(cache).encode())  # concurrent clients: last writer wins, nobody reads half
     except OSError:
         pass  # an unwritable cache only costs a probe next time
     return identity

@@ -22,11 +22,12 @@ import fcntl
 import json
 import os
 import random
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
+
+from securecc.files import cache_path, write_atomically
 
 T = TypeVar("T")
 
@@ -180,8 +181,7 @@ class HostState:
     """Per-user memory of hosts: back-off after failures, recent latency, SRV answers."""
 
     def __init__(self, path: str | None = None, env: Mapping[str, str] = os.environ) -> None:
-        cache = env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache")
-        self.path = path or os.path.join(cache, "securecc", "hosts.json")
+        self.path = path or cache_path("hosts.json", env)
         self.base_backoff = _backoff(env)
         try:
             with open(self.path) as f:
@@ -311,10 +311,7 @@ class HostState:
                     else:
                         current["hosts"][key] = self.hosts[key]
                 result = update(current) if update else None
-                temp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
-                with open(temp, "w") as f:
-                    json.dump(current, f)
-                os.replace(temp, self.path)
+                write_atomically(self.path, json.dumps(current).encode())
             self.data, self.hosts = current, current["hosts"]
             self._changed.clear()
             return result

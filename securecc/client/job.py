@@ -42,6 +42,7 @@ from securecc.client.channel import (  # noqa: E402
     RemoteFailure,
     Timeouts,
 )
+from securecc.files import cache_path, write_atomically  # noqa: E402
 
 if TYPE_CHECKING:
     from securecc.toolchain import HeaderDigests
@@ -163,24 +164,6 @@ def working_directory(env: Mapping[str, str] = os.environ, cwd: str | None = Non
 def read_file(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
-
-
-def write_atomically(path: str, data: bytes, umask: int = 0o022) -> None:
-    """Write next to ``path`` and rename over it: a reader never sees half an object."""
-    directory, base = os.path.split(path)
-    temp = os.path.join(directory, f".{base}.securecc-{os.getpid()}-{time.monotonic_ns()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        os.fchmod(fd, 0o666 & ~umask)  # the caller's umask, not the agent's
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(temp, path)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        raise
 
 
 class OneShot:
@@ -413,7 +396,7 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
         outputs = {plan.output: reply.output, **({argpolicy.dwo_path(plan.output): reply.dwo} if reply.dwo else {})}
         for name, data in outputs.items():
             try:
-                write_atomically(inv.path(name), data, inv.umask)
+                write_atomically(inv.path(name), data, 0o666 & ~inv.umask)  # the caller's umask, not the agent's
             except OSError as e:
                 raise RemoteFailure(f"cannot write {name}: {e.strerror or e}") from None
         inv.out.write(reply.stdout)
@@ -449,8 +432,7 @@ def kdc_outage(trouble: KdcUnavailable) -> KdcUnavailable:
 
 
 def identity_cache(env: Mapping[str, str]) -> str:
-    home = env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache")
-    return os.path.join(home, "securecc", "compilers.json")
+    return cache_path("compilers.json", env)
 
 
 def show_hosts(inv: Invocation) -> int:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from securecc.cachekey import FORMAT
+from securecc.files import write_atomically
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,7 @@ class ResultCache:
                   "stderr": len(entry.stderr), "output": len(entry.output), "producer": entry.producer}
         path = self._path(key)
         path.parent.mkdir(exist_ok=True)
-        temp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        with open(temp, "wb") as f:
-            f.write(json.dumps(header).encode() + b"\n" + payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
+        write_atomically(path, json.dumps(header).encode() + b"\n" + payload, mode=0o600, sync=True)
         with self._lock:
             self._sizes[path] = path.stat().st_size
         self._evict()
