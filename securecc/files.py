@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import _thread  # threading's get_ident without importing threading: the client starts once per compile (1 ms)
 import os
-import threading
 import time
 from collections.abc import Mapping
 
@@ -21,7 +21,7 @@ def write_atomically(path: str | os.PathLike[str], data: bytes, mode: int = 0o64
     agent's threads) never share one; with ``sync`` the bytes are on disk before the rename.
     """
     directory, base = os.path.split(os.fspath(path))
-    temp = os.path.join(directory, f".{base}.{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.tmp")
+    temp = os.path.join(directory, f".{base}.{os.getpid()}-{_thread.get_ident()}-{time.monotonic_ns()}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.fchmod(fd, mode)
