@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, REPO, free_port, make_job, securecc
-from twisted.internet import defer
 from twisted.python.threadpool import ThreadPool
 
 from securecc import protocol as wire
@@ -36,6 +35,7 @@ from securecc.client.hosts import parse_host
 from securecc.server.aclfile import AclFile
 from securecc.server.config import ConfigError, load_config
 from securecc.server.directory import Directory, DirectoryUnavailable, LdapConfig, Membership, MembershipLookups
+from securecc.testing import ManualPool
 
 
 def credentials_for(realm, user: str):
@@ -491,43 +491,6 @@ def test_one_principals_lookups_do_not_starve_anothers():
     finally:
         directory.release.set()
         pool.stop()
-
-
-class ManualPool:
-    """A pool whose calls run when the test says."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[object, defer.Deferred]] = []
-
-    def submit(self, call):
-        d: defer.Deferred = defer.Deferred()
-        self.calls.append((call, d))
-        return d
-
-    def run_next(self) -> None:
-        call, d = self.calls.pop(0)
-        try:
-            d.callback(call())
-        except Exception:
-            d.errback()
-
-
-def test_a_failed_lookup_fails_every_waiter_and_is_asked_again():
-    """LDAP down: each joined lookup fails as the one query did (fail closed); the next lookup asks anew."""
-    class DownDirectory(HangingDirectory):
-        def membership(self, principal: str) -> Membership:
-            raise DirectoryUnavailable("LDAP unavailable")
-
-    pool = ManualPool()
-    lookups = MembershipLookups(DownDirectory("nobody"), pool.submit)
-    failures: list[object] = []
-    for _ in range(3):
-        lookups.lookup("alice@TEST.REALM").addErrback(lambda f: failures.append(f.trap(DirectoryUnavailable)))
-    assert len(pool.calls) == 1
-    pool.run_next()
-    assert failures == [DirectoryUnavailable] * 3 and lookups.in_flight() == 0
-    lookups.lookup("alice@TEST.REALM").addErrback(lambda f: None)
-    assert len(pool.calls) == 1
 
 
 def test_a_fresh_answer_takes_no_thread(directory):
