@@ -123,17 +123,14 @@ def find_compiler(inv: Invocation, name: str) -> str | None:
         return path if os.access(path, os.X_OK) else None
     argv0 = inv.argv[0]
     me = os.path.realpath(inv.path(argv0) if "/" in argv0 else (_which(inv, argv0) or argv0))
-    for directory in inv.env.get("PATH", os.defpath).split(os.pathsep):
-        candidate = inv.path(os.path.join(directory or ".", name))
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK) and os.path.realpath(candidate) != me:
-            return candidate
-    return None
+    return _which(inv, name, skip=me)
 
 
-def _which(inv: Invocation, name: str) -> str | None:
+def _which(inv: Invocation, name: str, skip: str | None = None) -> str | None:
+    """The first executable ``name`` in the caller's PATH, passing over the one that resolves to ``skip``."""
     for directory in inv.env.get("PATH", os.defpath).split(os.pathsep):
         candidate = inv.path(os.path.join(directory or ".", name))
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK) and (skip is None or os.path.realpath(candidate) != skip):
             return candidate
     return None
 
