@@ -19,6 +19,8 @@ import gssapi.raw
 from gssapi import RequirementFlag as Flag
 from gssapi.raw.misc import GSSError
 
+from securecc.handshake import AuthenticationFailure
+
 REQUIRED_FLAGS = frozenset(
     {
         Flag.mutual_authentication,
@@ -50,17 +52,8 @@ _KRB5_NAMED = {
 }
 
 
-class GSSFailure(Exception):
-    """Authentication failed; ``str()`` is one sentence for the user.
-
-    ``token`` is an error token to send to the peer, when GSS produced one;
-    ``kdc_down`` says the KDC could not be reached (an outage, not a refusal).
-    """
-
-    def __init__(self, message: str, token: bytes | None = None, kdc_down: bool = False) -> None:
-        super().__init__(message)
-        self.token = token
-        self.kdc_down = kdc_down
+class GSSFailure(AuthenticationFailure):
+    """Kerberos authentication failed: ``str()`` is one sentence for the user (see :func:`explain`)."""
 
 
 def _signed_minor(error: GSSError) -> int:

@@ -11,7 +11,8 @@ A connection has two phases:
    answers ``HELLO`` (chosen version) and its token.  ``TOKEN`` frames go back
    and forth until both GSS contexts are complete.  ``ERROR`` carries a reason
    code and a sentence when the server gives up (bad version, failed
-   authentication); the connection is then closed.
+   authentication); the connection is then closed.  The order is kept by
+   :mod:`securecc.handshake`, for both ends.
 2. Session: only ``SEALED`` frames.  Each holds one GSS ``wrap`` token of a
    chunk (``u8 flags | data``; bit 0 marks a message's last chunk, bit 1 a
    message sent as one zstd frame: preprocessed source shrinks 4-6x, so it

@@ -1,20 +1,129 @@
-"""In-memory twins of the server's outside world, for unit tests that need no slapd and no threads.
+"""In-memory twins of the outside world, for unit tests that need no KDC, no slapd and no threads.
 
-Each one has the interface the server's code asks of the real component
-(:class:`~securecc.server.directory.MembershipSource`, the pool's ``submit``
+Each one has the interface the code asks of the real component (the GSS
+contexts of :mod:`securecc.handshake`,
+:class:`~securecc.server.directory.MembershipSource`, the pool's ``submit``
 of :class:`~securecc.server.directory.MembershipLookups`), so a test drives the
 real code, not a copy of it, and decides itself when an answer arrives.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
 
+from securecc.handshake import AuthenticationFailure
 from securecc.server.directory import DirectoryUnavailable, Membership
+
+# --- GSS ---------------------------------------------------------------------
+#
+# Not Kerberos: a two-token exchange (a request naming client, server and a nonce; a reply echoing the nonce),
+# then frames with a sequence number and an HMAC.  Integrity and order are checked as GSS checks them, so a
+# tampered, replayed or reordered frame fails as it does against a real context; nothing is secret.
+
+_REQUEST, _REPLY, _ERROR = b"MEMORY-REQ ", b"MEMORY-REP ", b"MEMORY-ERR "
+_SEQ = struct.Struct(">Q")
+
+
+class MemorySealing:
+    """Wrap and unwrap of a completed in-memory context: numbered, authenticated frames (not encrypted)."""
+
+    def __init__(self, key: bytes, sends: bytes, receives: bytes) -> None:
+        self._key, self._sends, self._receives = key, sends, receives
+        self._sent = self._received = 0
+
+    def _tag(self, direction: bytes, seq: int, data: bytes) -> bytes:
+        return hmac.new(self._key, direction + _SEQ.pack(seq) + data, hashlib.sha256).digest()
+
+    def wrap(self, data: bytes) -> bytes:
+        seq, self._sent = self._sent, self._sent + 1
+        return _SEQ.pack(seq) + self._tag(self._sends, seq, data) + data
+
+    def unwrap(self, data: bytes) -> bytes:
+        seq, tag, body = _SEQ.unpack_from(data)[0] if len(data) >= 40 else -1, data[8:40], data[40:]
+        if seq != self._received or not hmac.compare_digest(tag, self._tag(self._receives, seq, body)):
+            raise AuthenticationFailure("frame failed its integrity or sequence check")
+        self._received += 1
+        return body
+
+
+@dataclass
+class MemoryInitiator:
+    """A client's context for ``principal`` (the server), as ``client``; fails as the peer's error token says."""
+
+    client: str
+    principal: str
+    lifetime: float = 3600.0
+    complete: bool = False
+    _nonce: bytes = b""
+
+    def step(self, in_token: bytes | None = None) -> bytes | None:
+        if in_token is None:
+            self._nonce = os.urandom(16)
+            return _REQUEST + json.dumps({"client": self.client, "server": self.principal, "nonce": self._nonce.hex(),
+                                          "lifetime": self.lifetime}).encode()
+        if in_token.startswith(_ERROR):
+            raise AuthenticationFailure(in_token[len(_ERROR):].decode())
+        if in_token != _REPLY + self._nonce or self.complete:
+            raise AuthenticationFailure("the server's reply does not answer our request")
+        self.complete = True
+        return None
+
+    def session(self) -> MemorySealing:
+        return MemorySealing(self._nonce, b"initiator", b"acceptor")
+
+
+@dataclass
+class MemoryAcceptorContext:
+    """One connection's context of a :class:`MemoryAcceptor`."""
+
+    acceptor: MemoryAcceptor
+    principal: str | None = None
+    lifetime: float = 0.0
+    _nonce: bytes = b""
+
+    @property
+    def complete(self) -> bool:
+        return self.principal is not None
+
+    def step(self, in_token: bytes) -> bytes | None:
+        try:
+            request = json.loads(in_token.removeprefix(_REQUEST)) if in_token.startswith(_REQUEST) else None
+        except ValueError:
+            request = None
+        if not isinstance(request, dict) or self.complete:
+            raise AuthenticationFailure("not an authentication request", token=_ERROR + b"malformed request")
+        if request.get("server") != self.acceptor.principal or request.get("client") not in self.acceptor.clients:
+            why = f"{request.get('client')} may not authenticate to {self.acceptor.principal}"
+            raise AuthenticationFailure(why, token=_ERROR + why.encode())
+        self._nonce = bytes.fromhex(request["nonce"])
+        self.principal, self.lifetime = request["client"], float(request["lifetime"])
+        return _REPLY + self._nonce
+
+    def session(self) -> MemorySealing:
+        return MemorySealing(self._nonce, b"acceptor", b"initiator")
+
+
+@dataclass
+class MemoryAcceptor:
+    """A server's credentials for ``principal``: accepts the ``clients`` named, as a KDC that knows them would."""
+
+    principal: str
+    clients: frozenset[str] = frozenset()
+
+    def new_context(self) -> MemoryAcceptorContext:
+        return MemoryAcceptorContext(self)
+
+
+# --- LDAP and pools ----------------------------------------------------------
 
 
 @dataclass

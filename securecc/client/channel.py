@@ -111,41 +111,41 @@ class Channel:
             if events:
                 return events
 
-    def authenticate(self, credentials=None) -> None:
+    def authenticate(self, credentials=None, initiator=None) -> None:
+        """Authenticate and seal; ``initiator`` (a :class:`securecc.handshake.InitiatorContext`) replaces
+        the Kerberos one made from ``credentials``."""
+        from securecc import handshake
         from securecc import protocol as wire
         from securecc.client import tickets
-        from securecc.gss import GSSFailure, Initiator
 
-        initiator = Initiator(self.host.target, credentials)
+        if initiator is None:
+            from securecc.gss import Initiator
+
+            initiator = Initiator(self.host.target, credentials)
         try:
             first = tickets.first_token(initiator, self.timeouts.kdc)
         except tickets.NoAnswer as e:
             raise KdcUnavailable(str(e), pending=e.pending) from None
-        except GSSFailure as e:
+        except handshake.AuthenticationFailure as e:
             raise (KdcUnavailable if e.kdc_down else RemoteFailure)(str(e)) from None
         self.sock = self._connect()
+        steps = handshake.ClientHandshake(self.wire, initiator)
         try:
-            self.sock.sendall(wire.hello() + wire.token(first))
-            greeted = False
-            while not (greeted and initiator.complete):
+            self.sock.sendall(steps.opening(first))
+            while not steps.done:
                 for event in self._events(min(self.timeouts.io, self.timeouts.handshake)):
-                    if isinstance(event, wire.HelloReceived):
-                        greeted = wire.choose_version(event) is not None
-                        if not greeted:
-                            raise RemoteFailure(f"{self.host.name} speaks protocol version {event.max_version} only")
-                    elif isinstance(event, wire.TokenReceived):
-                        reply = initiator.step(event.token)
-                        if reply:
-                            self.sock.sendall(wire.token(reply))
-                    elif isinstance(event, wire.ErrorReceived):
-                        raise RemoteFailure(f"{self.host.name} refused the connection: {event.message}")
+                    reply = steps.receive(event)
+                    if reply:
+                        self.sock.sendall(reply)
             self.expires = time.monotonic() + initiator.lifetime
-        except GSSFailure as e:
+        except handshake.Refused as e:
+            raise RemoteFailure(f"{self.host.name} {e}") from None
+        except handshake.AuthenticationFailure as e:
             raise RemoteFailure(str(e)) from None
+        except wire.ProtocolError as e:
+            raise HostFailure(f"bad reply from {self.host.name}: {e}") from None
         except OSError as e:
             raise HostFailure(f"connection to {self.host.name} failed: {e.strerror or e}") from None
-        session = initiator.session()
-        self.wire.secure(session.wrap, session.unwrap)
 
     def call(self, job, watch: object | None = None):
         """Send ``job``, return the reply; ``watch`` readable (the caller gone) raises Cancelled."""

@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 
 from securecc import protocol as wire
 from securecc.acl import is_admin
-from securecc.gss import Acceptor, GSSFailure
+from securecc.handshake import Acceptor, ServerHandshake, Step
 from securecc.server.directory import DirectoryUnavailable
 from securecc.server.service import CompileService
 from securecc.server.session import Session
@@ -25,11 +25,9 @@ class JobProtocol(protocol.Protocol):
         self.service = service
         self.config = service.config
         self.wire = wire.Connection(max_message=service.config.max_input + 1024 * 1024, defer_unpack=True)
-        self.context = acceptor.new_context()
-        self.principal: str | None = None
+        self.handshake = ServerHandshake(self.wire, acceptor.new_context())
         self.session: Session | None = None  # once authenticated
         self.busy = False
-        self.said_hello = False
         self.lost = False
         self.peer = "?"
         self._heartbeat: task.LoopingCall | None = None
@@ -86,16 +84,8 @@ class JobProtocol(protocol.Protocol):
         d.addErrback(lambda f: f.trap(wire.ProtocolError) and self._protocol_error(f.value))
 
     def _event(self, event: wire.Event) -> None:
-        if isinstance(event, wire.HelloReceived) and not self.said_hello:
-            version = wire.choose_version(event)
-            if version is None:
-                self.transport.write(wire.error("unsupported-version", f"this server speaks version {wire.VERSION}"))
-                self.transport.loseConnection()
-                return
-            self.said_hello = True
-            self.transport.write(wire.hello(version, version))
-        elif isinstance(event, wire.TokenReceived) and self.said_hello and self.principal is None:
-            self._authenticate(event.token)
+        if not self.handshake.done:
+            self._handshake_step(self.handshake.receive(event))
         elif isinstance(event, wire.MessageReceived) and isinstance(event.message, wire.Job) and not self.busy:
             self._start_job(event.message)
         elif isinstance(event, wire.MessageReceived) and isinstance(event.message, wire.StatusRequest) and not self.busy:
@@ -103,24 +93,20 @@ class JobProtocol(protocol.Protocol):
         else:
             raise wire.ProtocolError(f"unexpected {type(event).__name__}")
 
-    def _authenticate(self, token: bytes) -> None:
-        try:
-            reply = self.context.step(token)
-        except GSSFailure as e:
-            self._log.info("{peer}: authentication failed: {error}", peer=self.peer, error=str(e))
-            self.service.auth_failed(self.peer, str(e))
-            self.transport.write((wire.token(e.token) if e.token else b"") + wire.error("authentication-failed", str(e)))
+    def _handshake_step(self, step: Step) -> None:
+        if step.failure:
+            self._log.info("{peer}: authentication failed: {error}", peer=self.peer, error=step.failure)
+            self.service.auth_failed(self.peer, step.failure)
+        if step.data:
+            self.transport.write(step.data)
+        if step.close:
             self.transport.loseConnection()
-            return
-        if reply:
-            self.transport.write(wire.token(reply))
-        if self.context.complete:
-            self.principal = self.context.principal
+        elif self.handshake.done:
+            context = self.handshake.context
+            assert context.principal is not None
             now = self.service.clock.seconds()  # a session ends with the ticket that opened it:
-            self.session = Session(self.principal, self.peer, now + self.context.lifetime, transport=self.transport)
+            self.session = Session(context.principal, self.peer, now + context.lifetime, transport=self.transport)
             self.service.metrics.handshake.observe(now - self._connected)
-            session = self.context.session()
-            self.wire.secure(session.wrap, session.unwrap)
             self.authenticated()
             self._rearm(self.config.idle_timeout)
 
@@ -140,8 +126,8 @@ class JobProtocol(protocol.Protocol):
 
     def _send_status(self) -> None:
         """For securecc-monitor: this server's status; principal names only for the ACL's admins."""
-        assert self.principal is not None
-        principal, acl = self.principal, self.service.acl.current()
+        assert self.session is not None
+        principal, acl = self.session.principal, self.service.acl.current()
         d = self.service.lookups.lookup(principal).addCallback(lambda membership: membership.groups)
         d.addErrback(lambda f: f.trap(DirectoryUnavailable) and frozenset())
 

@@ -1,4 +1,4 @@
-"""The Twisted glue in-process: deadlines on an injected clock, and a job on the real reactor."""
+"""The Twisted glue in-process: a job on the real reactor (the in-memory half is tests/unit/test_listener.py)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,13 @@ import pytest
 import pytest_twisted
 import yaml
 from conftest import REPO, make_job
-from twisted.internet import task, threads
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.python.threadpool import ThreadPool
+from twisted.internet import threads
 
 from securecc import protocol as wire
-from securecc.audit import load_private_key
 from securecc.client.channel import Channel
 from securecc.client.hosts import Host
-from securecc.gss import Acceptor
-from securecc.server.aclfile import AclFile
-from securecc.server.auditlog import AuditLog
 from securecc.server.config import load_config
-from securecc.server.directory import Directory
-from securecc.server.listener import JobProtocol
 from securecc.server.main import build, start_handler
-from securecc.server.service import CompileService
 
 
 @pytest.fixture
@@ -38,42 +29,6 @@ def config(realm, tmp_path):
     return dataclasses.replace(base, acl=acl, audit=dataclasses.replace(base.audit, path=tmp_path / "audit.jsonl"),
                                scratch=realm.dir / f"scratch-{tmp_path.name}",
                                ldap=dataclasses.replace(base.ldap, bind="none"))
-
-
-def connected_protocol(config) -> tuple[JobProtocol, StringTransport, task.Clock]:
-    clock = task.Clock()
-    audit = AuditLog(config.audit.path, load_private_key(config.audit.key), "test")
-    service = CompileService(config, MemoryReactorClock(), clock, AclFile(config.acl), Directory(config.ldap),
-                             ThreadPool(), audit, {})
-    proto = JobProtocol(service, Acceptor(config.principal, config.keytab))
-    transport = StringTransport()
-    proto.makeConnection(transport)
-    return proto, transport, clock
-
-
-def test_handshake_deadline(config):
-    """A peer that connects and says nothing is dropped when the handshake deadline passes."""
-    _proto, transport, clock = connected_protocol(config)
-    clock.advance(config.handshake_timeout - 0.1)
-    assert not transport.disconnecting
-    clock.advance(0.2)
-    assert transport.disconnecting
-
-
-def test_unsupported_version_gets_a_clear_error(config):
-    """A client speaking only a future version is told which version the server speaks."""
-    proto, transport, _clock = connected_protocol(config)
-    proto.dataReceived(wire.hello(7, 9))
-    events = wire.Connection().receive_data(transport.value())
-    assert events == [wire.ErrorReceived("unsupported-version", f"this server speaks version {wire.VERSION}")]
-    assert transport.disconnecting
-
-
-def test_token_before_hello_is_a_protocol_error(config):
-    """The handshake has an order: a GSS token without a hello drops the connection."""
-    proto, transport, _clock = connected_protocol(config)
-    proto.dataReceived(wire.token(b"\x60\x01\x00"))
-    assert transport.disconnecting and transport.value() == b""
 
 
 @pytest_twisted.inlineCallbacks
