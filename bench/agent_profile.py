@@ -23,7 +23,6 @@ import re
 import resource
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -52,12 +51,9 @@ def start_agent(directory: Path, env: dict[str, str], profiles: Profiles) -> Non
     for key in [k for k in os.environ if k.startswith("KRB5")]:
         del os.environ[key]
     os.environ.update({k: v for k, v in env.items() if k.startswith("KRB5")})  # the agent's own, compared per job
-    from securecc.client import agent
+    from securecc.client import agent, agent_wire
 
-    sys.path.insert(0, str(BIN))
-    from securecc_shim import AGENT_PROTOCOL, fnv1a
-
-    name = "agent-" + fnv1a(AGENT_PROTOCOL + b"\0" + agent.kerberos_environment().replace(b"\n", b"\0"))
+    name = agent_wire.agent_name(agent.kerberos_environment())
     directory.mkdir(mode=0o700)
     served = agent.Agent(str(directory), name)
     handle = agent.Agent.handle

@@ -4,9 +4,9 @@
  * build, and a Python interpreter costs ~8 ms of CPU per start where this
  * costs well under one.  It does only the common case, a job handed to an
  * agent that is already running, and it speaks exactly the Python shim's
- * protocol (bin/securecc_shim.py, whose docstring and securecc.client.agent's
- * parse_request define it): same agent name, same trust checks on the
- * socket directory (ours, a directory, mode 0700) and on the peer (our uid).
+ * protocol (described once, in securecc/client/agent_wire.py): same agent
+ * name, same trust checks on the socket directory (ours, a directory, mode
+ * 0700) and on the peer (our uid).
  *
  * Everything else runs the Python shim, which stays the reference and the
  * fallback: securecc's own commands, no agent yet (it starts one), a
@@ -33,7 +33,7 @@
 #error "build with -DSHIM_PYTHON='\"/venv/bin/python\"' -DSHIM_DIR='\"/venv/bin\"' (scripts/setup does)"
 #endif
 
-#define AGENT_PROTOCOL "securecc-agent 2" /* securecc.agent.PROTOCOL */
+#define AGENT_PROTOCOL "securecc-agent 2" /* securecc.client.agent_wire.PROTOCOL */
 
 extern char **environ;
 
@@ -123,7 +123,7 @@ static int by_name(const void *a, const void *b) {
     }
 }
 
-/* The KRB5* entries, sorted by name, joined by NULs: whose tickets the agent uses. */
+/* The KRB5* entries, sorted by name, joined by newlines: whose tickets the agent uses. */
 static void kerberos_environment(struct buf *b, char **entries, size_t n) {
     char **krb = allocated(calloc(n + 1, sizeof *krb));
     size_t k = 0;
@@ -133,7 +133,7 @@ static void kerberos_environment(struct buf *b, char **entries, size_t n) {
     qsort(krb, k, sizeof *krb, by_name);
     for (size_t i = 0; i < k; i++) {
         if (i)
-            put(b, "", 1);
+            put(b, "\n", 1);
         put_str(b, krb[i]);
     }
     free(krb);
@@ -240,18 +240,14 @@ int main(int argc, char **argv) {
         direct_mode(argc, argv);
 
     put_str(&request, AGENT_PROTOCOL), put(&request, "", 1);
-    size_t start = request.len;
     kerberos_environment(&request, env, nenv);
     snprintf(number, sizeof number, "/agent-%016llx.sock",
-             (unsigned long long)fnv1a(request.data, request.len)); /* of "PROTOCOL\0KRB5..." */
+             (unsigned long long)fnv1a(request.data, request.len)); /* of "PROTOCOL\0KRB5ENV" */
     put_str(&path, directory.data), put_str(&path, number);
     int sock = connect_agent(path.data);
     if (sock < 0)
         python_shim(argc, argv); /* it starts the agent */
 
-    for (size_t i = start; i < request.len; i++) /* on the wire, the Kerberos entries are one field */
-        if (request.data[i] == '\0')
-            request.data[i] = '\n';
     char cwd[4096];
     mode_t mask = umask(022);
     umask(mask);

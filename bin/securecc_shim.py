@@ -9,7 +9,8 @@ smallest thing that can hand the job over: it passes argv, the working
 directory and the environment to the user's securecc agent
 (:mod:`securecc.client.agent`, started here on first use) over a Unix socket in a
 private directory, then prints what the agent answers and exits with its
-status, or runs the local compiler when the agent says so.  Standard
+status, or runs the local compiler when the agent says so.  What goes over
+the socket is described once, in :mod:`securecc.client.agent_wire`.  Standard
 library built-ins only and no ``site`` (``-S``): 8 ms of interpreter start
 instead of 21 ms for a console-script wrapper in a virtualenv.  It is a
 module next to the script so that its bytecode is cached (compiling it
@@ -32,7 +33,7 @@ import sys
 
 _signal.signal(_signal.SIGINT, _signal.SIG_DFL)  # ^C kills us the way it kills gcc
 
-AGENT_PROTOCOL = b"securecc-agent 2"  # securecc.agent.PROTOCOL
+AGENT_PROTOCOL = b"securecc-agent 2"  # securecc.client.agent_wire.PROTOCOL
 START_WAIT = 5.0  # seconds to wait for a freshly started agent (a cold Python start on a loaded box)
 ENVIRON = posix.environ  # bytes to bytes, as the kernel gave it
 MASQUERADE_NAMES = ("gcc", "cc", "g++", "c++", "clang", "clang++")  # securecc.client.job's: all args are the compiler's
@@ -79,7 +80,7 @@ def fnv1a(data: bytes) -> str:
 
 def kerberos_environment() -> bytes:
     """What decides whose tickets the agent uses: one agent per distinct value (terminals may differ)."""
-    return b"\0".join(k + b"=" + v for k, v in sorted(ENVIRON.items()) if k.startswith(b"KRB5"))
+    return b"\n".join(k + b"=" + v for k, v in sorted(ENVIRON.items()) if k.startswith(b"KRB5"))
 
 
 def agent_directory() -> bytes:
@@ -204,7 +205,7 @@ def exchange(sock: "_socket.socket", environment: bytes) -> int | None:
     mask = posix.umask(0o022)
     posix.umask(mask)
     encoding = sys.getfilesystemencoding()
-    fields = [AGENT_PROTOCOL, environment.replace(b"\0", b"\n"), posix.getcwd().encode(encoding, "surrogateescape"),
+    fields = [AGENT_PROTOCOL, environment, posix.getcwd().encode(encoding, "surrogateescape"),
               b"%o" % mask, b"1" if posix.isatty(2) else b"0", b"%d" % len(sys.argv),
               *(a.encode(encoding, "surrogateescape") for a in sys.argv),
               *(k + b"=" + v for k, v in ENVIRON.items())]

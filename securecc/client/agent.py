@@ -37,12 +37,11 @@ import time
 import traceback
 
 from securecc import protocol as wire
+from securecc.client import agent_wire
 from securecc.client import job as client
 from securecc.client import stats as counters
 from securecc.client.channel import Cancelled, Channel, HostFailure, KdcUnavailable, RemoteFailure, Timeouts
 from securecc.client.hosts import host_key
-
-PROTOCOL = b"securecc-agent 2"  # the shim's AGENT_PROTOCOL; 2: `securecc stats`
 
 
 def _idle_seconds() -> float:
@@ -230,38 +229,17 @@ def ccache_state() -> tuple[int, int, int] | None:
 
 @functools.cache  # the one it started with, fixed for its life; sorting the environment cost 0.4 ms a job
 def kerberos_environment() -> bytes:
-    """As the shim computes it (newlines for its NULs): the agent serves only its own Kerberos environment."""
-    return b"\n".join(k.encode() + b"=" + v.encode() for k, v in sorted(os.environ.items()) if k.startswith("KRB5"))
+    """The agent serves only the Kerberos environment it was started in (:mod:`securecc.client.agent_wire`)."""
+    return agent_wire.kerberos_environment(os.environ)
 
 
-def parse_request(data: bytes, watch: socket.socket) -> client.Invocation | None:
+def invocation(data: bytes, watch: socket.socket) -> client.Invocation | None:
     """The shim's request as an Invocation; None if it is not for us (version, Kerberos environment)."""
-    fields = data.split(b"\0")
-    if len(fields) < 6 or fields[0] != PROTOCOL or fields[1] != kerberos_environment():
+    request = agent_wire.parse_request(data)
+    if request is None or request.kerberos != kerberos_environment():
         return None
-    argc = int(fields[5])
-    argv = [os.fsdecode(a) for a in fields[6 : 6 + argc]]
-    env = dict(os.fsdecode(item).partition("=")[::2] for item in fields[6 + argc :])
-    return client.Invocation(argv, env, os.fsdecode(fields[2]), fields[4] == b"1", io.BytesIO(), io.BytesIO(),
-                             int(fields[3], 8), watch)
-
-
-def receive_request(conn: socket.socket) -> bytes:
-    header = b""
-    while not header.endswith(b"\n"):
-        byte = conn.recv(1)
-        if not byte or len(header) > 12:
-            raise ConnectionError("short request")
-        header += byte
-    size = int(header)
-    chunks, got = [], 0
-    while got < size:
-        chunk = conn.recv(min(1 << 20, size - got))
-        if not chunk:
-            raise ConnectionError("short request")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
+    return client.Invocation(request.argv, request.environ, request.cwd, request.tty, io.BytesIO(), io.BytesIO(),
+                             request.umask, watch)
 
 
 class Agent:
@@ -320,15 +298,15 @@ class Agent:
                 log("refused a connection from another uid")
                 return
             try:
-                inv = parse_request(receive_request(conn), conn)
+                inv = invocation(agent_wire.receive_request(conn), conn)
             except (ValueError, IndexError):
                 inv = None
             if inv is None:
-                conn.sendall(b"D\n")  # not ours to do: direct mode
+                conn.sendall(agent_wire.DIRECT)  # not ours to do: direct mode
                 return
             if counters.is_command(inv.argv):
                 out, err, status = counters.command(self.stats, inv.argv[2:])
-                conn.sendall(b"R %d %d %d\n" % (status, len(out), len(err)) + out + err)
+                conn.sendall(agent_wire.result(status, out, err))
                 return
             sessions = JobSessions(self.pool)
             try:
@@ -337,16 +315,15 @@ class Agent:
                 return  # the shim is gone; closing its job's connection killed the compile
             except Exception:
                 log(f"job failed inside the agent:\n{traceback.format_exc()}")
-                conn.sendall(b"D\n")
+                conn.sendall(agent_wire.DIRECT)
                 return
             self.count(inv, outcome, sessions.answered)
             err = inv.err.getvalue()
             if isinstance(outcome, client.LocalCompile):
-                command = b"\0".join(os.fsencode(a) for a in (outcome.path, *outcome.argv))
-                conn.sendall(b"L %d\n" % len(err) + err + command)
+                conn.sendall(agent_wire.run_locally(err, outcome.path, outcome.argv))
             else:
                 out = inv.out.getvalue()
-                conn.sendall(b"R %d %d %d\n" % (outcome, len(out), len(err)) + out + err)
+                conn.sendall(agent_wire.result(outcome, out, err))
         except OSError:
             pass  # the shim went away
         finally:

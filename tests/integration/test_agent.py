@@ -16,6 +16,7 @@ from conftest import BIN, REPO, local, make_job, securecc
 from test_job_path import SLOW_CXX, SLOW_FLAGS, sandbox_processes, wait_until, write_project
 
 from securecc import protocol as wire
+from securecc.client import agent_wire
 from securecc.client.channel import Channel
 from securecc.client.hosts import parse_host
 
@@ -361,13 +362,7 @@ def test_the_shim_loads_only_builtin_modules(tmp_path):
 
 def agent_name(env: dict[str, str]) -> str:
     """The name the shim gives the agent of ``env``'s Kerberos environment."""
-    sys.path.insert(0, str(BIN))
-    try:
-        from securecc_shim import AGENT_PROTOCOL, fnv1a
-    finally:
-        sys.path.remove(str(BIN))
-    kerberos = b"\0".join(f"{k}={v}".encode() for k, v in sorted(env.items()) if k.startswith("KRB5"))
-    return "agent-" + fnv1a(AGENT_PROTOCOL + b"\0" + kerberos)
+    return agent_wire.agent_name(agent_wire.kerberos_environment(env))
 
 
 def test_an_agent_that_cannot_start_costs_nothing(realm, server, workdir):
