@@ -18,9 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-import yaml
+from securecc.yamlfile import YamlError, YamlList, YamlMapping, get_mapping, get_names, get_positive_int, load, refuse_unknown
 
 
 class AclError(Exception):
@@ -128,31 +127,6 @@ def is_admin(acl: Acl, principal: str, groups: frozenset[str]) -> bool:
     return any(principal_named(entry, principal) for entry in acl.admin_principals) or bool(groups & acl.admin_groups)
 
 
-class _Mapping(dict):  # type: ignore[type-arg]
-    """A YAML mapping that remembers the line of each key."""
-
-    line: int = 0
-    lines: dict[str, int]
-
-
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Mapping:
-    mapping = _Mapping()
-    mapping.line, mapping.lines = node.start_mark.line + 1, {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if key in mapping:
-            raise AclError(f"line {key_node.start_mark.line + 1}: '{key}' appears twice")
-        mapping[key] = loader.construct_object(value_node, deep=True)
-        mapping.lines[key] = key_node.start_mark.line + 1
-    return mapping
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
 _TOP = {"realms", "allow", "deny", "admins"}
 _WHO = {"groups", "principals"}
 _RULE = {"group", "principal", "compilers", "max_jobs", "max_input"}
@@ -236,89 +210,59 @@ def load_acl(path: Path) -> Acl:
 
 
 def parse_acl(text: bytes | str, where: str) -> Acl:
-    """Parse and validate acl.yaml: unknown keys and wrong types are errors naming the line."""
+    """Parse and validate acl.yaml: unknown keys, repeated keys and wrong types are errors naming the line."""
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except AclError as e:
-        raise AclError(f"{where}:{str(e).removeprefix('line ')}") from None
-    except yaml.MarkedYAMLError as e:
-        line = e.problem_mark.line + 1 if e.problem_mark else 0
-        raise AclError(f"{where}:{line}: {e.problem}") from None
-    except yaml.YAMLError as e:
-        raise AclError(f"{where}: {e}") from None
-    if not isinstance(data, _Mapping):
-        raise AclError(f"{where}:1: expected a mapping with keys {', '.join(sorted(_TOP))}")
+        return _acl(load(text, where, expected=f"a mapping with keys {', '.join(sorted(_TOP))}"))
+    except YamlError as e:
+        raise AclError(str(e)) from None
 
-    def fail(mapping: _Mapping, key: str | None, message: str) -> AclError:
-        line = mapping.lines.get(key, mapping.line) if key else mapping.line
-        return AclError(f"{where}:{line}: {message}")
 
-    def known(mapping: _Mapping, keys: set[str], what: str) -> None:
-        for key in mapping:
-            if key not in keys:
-                raise fail(mapping, key, f"unknown key '{key}' in {what} (known: {', '.join(sorted(keys))})")
+def _acl(data: YamlMapping) -> Acl:
+    """The policy in ``data``; a key left out or left empty (``deny:``) grants or denies nothing."""
 
-    def names(mapping: _Mapping, key: str) -> frozenset[str]:
-        value = mapping.get(key)
-        if value is None:
-            return frozenset()
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise fail(mapping, key, f"'{key}' must be a list of names")
-        return frozenset(value)
+    def names(mapping: YamlMapping, key: str) -> frozenset[str]:
+        return frozenset(get_names(mapping, key)) if mapping.get(key) is not None else frozenset()
 
     def who(key: str) -> tuple[frozenset[str], frozenset[str]]:
-        section = data.get(key)
-        if section is None:
-            return frozenset(), frozenset()
-        if not isinstance(section, _Mapping):
-            raise fail(data, key, f"'{key}' must be a mapping with groups and principals")
-        known(section, _WHO, key)
+        section = get_mapping(data, key, message=f"'{key}' must be a mapping with groups and principals")
+        refuse_unknown(section, _WHO, within=key)
         for entry in names(section, "principals"):
             principal(section, "principals", entry, grants=key != "deny")
         return names(section, "principals"), names(section, "groups")
 
-    def principal(mapping: _Mapping, key: str, entry: str, grants: bool) -> None:
+    def principal(mapping: YamlMapping, key: str, entry: str, grants: bool) -> None:
         """An entry that could never match (a realm not listed, mistyped or in the wrong case) is an error,
         and so is a bare name that grants while several realms are listed (see principal_named)."""
         name, realm = split_principal(entry)
         if name.startswith("@") or (entry != name and not realm) or (realm and realm not in realms):
-            raise fail(mapping, key, f"principal '{entry}' must be NAME or NAME@REALM with a realm listed under "
+            raise mapping.error(key, f"principal '{entry}' must be NAME or NAME@REALM with a realm listed under "
                                      "'realms' (names and realms are case-sensitive)")
         if grants and not realm and len(realms) > 1:
-            raise fail(mapping, key, f"principal '{entry}' has no realm, and several realms are listed: "
+            raise mapping.error(key, f"principal '{entry}' has no realm, and several realms are listed: "
                                      f"write {entry}@REALM")
 
-    def number(rule: _Mapping, key: str) -> int | None:
-        value = rule.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise fail(rule, key, f"'{key}' must be a positive whole number")
-        return value
+    def number(rule: YamlMapping, key: str) -> int | None:
+        return get_positive_int(rule, key) if rule.get(key) is not None else None
 
-    def allow_rule(rule: Any) -> Rule:
-        if not isinstance(rule, _Mapping):
-            raise fail(data, "allow", "each allow rule must be a mapping (group: NAME or principal: NAME, ...)")
-        known(rule, _RULE, "an allow rule")
+    def allow_rule(rules: YamlList, index: int) -> Rule:
+        rule = rules[index]
+        if not isinstance(rule, YamlMapping):
+            raise rules.error(index, "each allow rule must be a mapping (group: NAME or principal: NAME, ...)")
+        refuse_unknown(rule, _RULE, within="an allow rule")
         kinds = [k for k in ("group", "principal") if k in rule]
         if len(kinds) != 1 or not isinstance(rule[kinds[0]], str) or not rule[kinds[0]]:
-            raise fail(rule, None, "an allow rule names exactly one group or one principal")
+            raise rule.error(None, "an allow rule names exactly one group or one principal")
         if kinds[0] == "principal":
             principal(rule, "principal", rule["principal"], grants=True)
-        compilers = rule.get("compilers")
-        if compilers is not None:
-            compilers = names(rule, "compilers")
+        compilers = names(rule, "compilers") if rule.get("compilers") is not None else None
         return Rule(kinds[0], rule[kinds[0]], compilers, number(rule, "max_jobs"), number(rule, "max_input"), rule.line)
 
-    known(data, _TOP, "acl.yaml")
-    listed = data.get("realms")
-    if not isinstance(listed, list) or not listed or not all(isinstance(r, str) and r for r in listed):
-        raise fail(data, "realms", "'realms' must list at least one Kerberos realm")
-    realms: list[str] = listed
-    allow = data.get("allow") or []
-    if not isinstance(allow, list):
-        raise fail(data, "allow", "'allow' must be a list of rules")
+    refuse_unknown(data, _TOP, within="acl.yaml")
+    realms = get_names(data, "realms", at_least_one=True, message="'realms' must list at least one Kerberos realm")
+    allow = data.get("allow") or YamlList(data.where, data.line)
+    if not isinstance(allow, YamlList):
+        raise data.error("allow", "'allow' must be a list of rules")
     deny_principals, deny_groups = who("deny")
     admin_principals, admin_groups = who("admins")
-    return Acl(frozenset(realms), tuple(allow_rule(r) for r in allow), deny_principals, deny_groups,
-               admin_principals, admin_groups, where)
-
-
+    return Acl(frozenset(realms), tuple(allow_rule(allow, i) for i in range(len(allow))), deny_principals, deny_groups,
+               admin_principals, admin_groups, data.where)
