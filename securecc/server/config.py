@@ -1,7 +1,9 @@
 """The server configuration file (YAML): loaded once, validated strictly.
 
-Unknown keys and wrong types are errors that name the file and the key, so
-a typo never silently turns a setting off.  See ``etc/securecc.yaml``.
+Unknown keys, repeated keys and wrong types are errors that name the file,
+the line and the key, so a typo never silently turns a setting off.  The
+loader and the checks are :mod:`securecc.yamlfile`'s, shared with acl.yaml.
+See ``etc/securecc.yaml``.
 """
 
 from __future__ import annotations
@@ -10,12 +12,21 @@ import os
 import socket
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from securecc.sandbox import Limits, Settings
 from securecc.server.directory import LdapConfig
+from securecc.yamlfile import (
+    YamlError,
+    YamlMapping,
+    get_bool,
+    get_int,
+    get_mapping,
+    get_names,
+    get_seconds,
+    get_str,
+    load,
+    refuse_unknown,
+)
 
 
 class ConfigError(Exception):
@@ -101,45 +112,48 @@ _LIMITS = {"cpu_seconds", "address_space", "file_size", "open_files", "processes
 _TIMEOUTS = {"handshake", "idle", "heartbeat"}
 
 
-def _section(data: dict[str, Any], name: str, keys: set[str], where: str) -> dict[str, Any]:
-    value = data.get(name) or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: '{name}' must be a mapping")
-    unknown = set(value) - keys
-    if unknown:
-        raise ConfigError(f"{where}: unknown key '{name}.{sorted(unknown)[0]}' (known: {', '.join(sorted(keys))})")
-    return value
+def _section(data: YamlMapping, name: str, keys: set[str]) -> YamlMapping:
+    """An optional section whose keys are all known; left out when false or empty (``monitor: false``, ``cache: {}``)."""
+    if not data.get(name):
+        return YamlMapping(data.where, data.line_of(name))
+    section = get_mapping(data, name, message=f"'{name}' must be a mapping")
+    refuse_unknown(section, keys, prefix=f"{name}.")
+    return section
 
 
-def _typed(value: Any, kind: type | tuple[type, ...], where: str, key: str) -> Any:
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-        raise ConfigError(f"{where}: '{key}' has the wrong type ({type(value).__name__})")
-    return value
+def _host_port(mapping: YamlMapping, key: str, default: str | None = None, *, name: str) -> tuple[str, int]:
+    host, _, port = get_str(mapping, key, default, name=name).rpartition(":")
+    if not host or not port.isdigit():
+        raise mapping.error(key, f"'{name}' must be HOST:PORT")
+    return host, int(port)
 
 
-def _compiler(name: object, value: object, default_timeout: float, where: str) -> Compiler:
+def _compiler(compilers: YamlMapping, name: object, default_timeout: float) -> Compiler:
     """``gcc: /usr/bin/gcc`` or ``armcc: {path: ..., timeout: 3600, root: /opt/cross}``."""
-    if isinstance(value, str):
-        value = {"path": value}
-    if not isinstance(name, str) or not isinstance(value, dict) or not set(value) <= _COMPILER:
-        raise ConfigError(f"{where}: compiler '{name}' must be a path or a mapping with keys {sorted(_COMPILER)}")
-    path, root = value.get("path"), value.get("root")
+    value = compilers[name]
+    if not isinstance(name, str) or not (isinstance(value, str) or (isinstance(value, YamlMapping) and set(value) <= _COMPILER)):
+        raise compilers.error(name, f"compiler '{name}' must be a path or a mapping with keys {sorted(_COMPILER)}")
+
+    def fail(message: str) -> YamlError:
+        return compilers.error(name, f"compiler '{name}': {message}")
+
+    path, root = (value, None) if isinstance(value, str) else (value.get("path"), value.get("root"))
     if not isinstance(path, str) or not os.path.isabs(path) or not os.access(path, os.X_OK):
-        raise ConfigError(f"{where}: compiler '{name}': {path!r} is not an executable absolute path")
+        raise fail(f"{path!r} is not an executable absolute path")
     if root is not None and not (isinstance(root, str) and os.path.isabs(root) and path.startswith(root.rstrip("/") + "/")):
-        raise ConfigError(f"{where}: compiler '{name}': root must be an absolute directory holding {path}")
+        raise fail(f"root must be an absolute directory holding {path}")
     if root is not None:
         why = _unsafe_root(root)
         if why:
-            raise ConfigError(f"{where}: compiler '{name}': root {root} {why}; give the toolchain's own directory")
+            raise fail(f"root {root} {why}; give the toolchain's own directory")
     if root is None and not path.startswith("/usr/"):
-        raise ConfigError(f"{where}: compiler '{name}': {path} is outside /usr; give the directory to bind as 'root'")
+        raise fail(f"{path} is outside /usr; give the directory to bind as 'root'")
     real = os.path.realpath(path)  # Debian's /usr/bin/clang leads to /usr/lib/llvm-14/bin/clang: still in the sandbox
     if not real.startswith(("/usr/", *([root.rstrip("/") + "/"] if root else []))):
-        raise ConfigError(f"{where}: compiler '{name}': {path} leads to {real}, which the sandbox does not have "
-                          "(only /usr and the compiler's root)")
-    timeout = _typed(value.get("timeout", default_timeout), (int, float), where, f"compilers.{name}.timeout")
-    return Compiler(path, float(timeout), root)
+        raise fail(f"{path} leads to {real}, which the sandbox does not have (only /usr and the compiler's root)")
+    if isinstance(value, str):
+        return Compiler(path, default_timeout, root)
+    return Compiler(path, get_seconds(value, "timeout", default_timeout, name=f"compilers.{name}.timeout"), root)
 
 
 # Directories a compiler root may not be, nor contain: the sandbox would see the host's own tree.
@@ -166,46 +180,46 @@ def _contains_secrets(root: str, config: ServerConfig) -> Path | None:
 
 
 def load_config(path: Path) -> ServerConfig:
-    where = str(path)
+    """Read and check the server configuration: each problem is a ConfigError naming the file and the line."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{where}: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping at the top level")
-    unknown = set(data) - _TOP
-    if unknown:
-        raise ConfigError(f"{where}: unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(_TOP))})")
+        text = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    try:
+        return _server_config(load(text, str(path)), path.parent)
+    except YamlError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _server_config(data: YamlMapping, base: Path) -> ServerConfig:
+    """The configuration ``data`` describes; relative paths are relative to ``base``, the file's directory."""
+    refuse_unknown(data, _TOP)
     for key in ("listen", "principal", "keytab", "acl", "audit", "compilers"):
         if key not in data:
-            raise ConfigError(f"{where}: missing '{key}'")
-    host, _, port = _typed(data["listen"], str, where, "listen").rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"{where}: 'listen' must be HOST:PORT")
-    base = path.parent
+            raise data.error(None, f"missing '{key}'")
+    host, port = _host_port(data, "listen", name="listen")
 
-    def resolve(value: Any, key: str) -> Path:
-        return (base / _typed(value, str, where, key)).resolve()
+    def resolve(mapping: YamlMapping, key: str, default: str | None = None, *, name: str) -> Path:
+        return (base / get_str(mapping, key, default, name=name)).resolve()
 
-    ldap = _section(data, "ldap", _LDAP, where)
-    uris = ldap.get("uris", [])
-    if not isinstance(uris, list) or not uris or not all(isinstance(u, str) for u in uris):
-        raise ConfigError(f"{where}: 'ldap.uris' must list at least one LDAP URI")
+    ldap = _section(data, "ldap", _LDAP)
+    uris = get_names(ldap, "uris", at_least_one=True, message="'ldap.uris' must list at least one LDAP URI")
     for key in ("base", "users", "groups"):
-        _typed(ldap.get(key), str, where, f"ldap.{key}")
+        get_str(ldap, key, name=f"ldap.{key}")
     if ldap.get("bind", "gssapi") not in ("gssapi", "external", "simple", "none"):
-        raise ConfigError(f"{where}: 'ldap.bind' must be gssapi, external, simple or none")
+        raise ldap.error("bind", "'ldap.bind' must be gssapi, external, simple or none")
     if ldap.get("bind") == "simple" and not ("bind_dn" in ldap and "password_file" in ldap):
-        raise ConfigError(f"{where}: 'ldap.bind: simple' needs bind_dn and password_file")
-    membership = _typed(ldap.get("membership", ["member", "memberUid"]), list, where, "ldap.membership")
-    if not membership or not set(membership) <= {"member", "memberUid", "memberOf"}:
-        raise ConfigError(f"{where}: 'ldap.membership' lists member, memberUid and/or memberOf")
-    user_filter = _typed(ldap.get("user_filter", "(uid={user})"), str, where, "ldap.user_filter")
+        raise ldap.error("bind", "'ldap.bind: simple' needs bind_dn and password_file")
+    models = "'ldap.membership' lists member, memberUid and/or memberOf"
+    membership = get_names(ldap, "membership", ["member", "memberUid"], at_least_one=True, message=models)
+    if not set(membership) <= {"member", "memberUid", "memberOf"}:
+        raise ldap.error("membership", models)
+    user_filter = get_str(ldap, "user_filter", "(uid={user})", name="ldap.user_filter")
     if "{user}" not in user_filter and "{principal}" not in user_filter:
-        raise ConfigError(f"{where}: 'ldap.user_filter' must contain {{user}} or {{principal}}")
+        raise ldap.error("user_filter", "'ldap.user_filter' must contain {user} or {principal}")
 
-    def seconds(key: str, default: float) -> float:
-        return float(_typed(ldap.get(key, default), (int, float), where, f"ldap.{key}"))
+    def ldap_seconds(key: str, default: float) -> float:
+        return get_seconds(ldap, key, default, name=f"ldap.{key}")
 
     ldap_config = LdapConfig(
         uris=tuple(uris),
@@ -213,118 +227,113 @@ def load_config(path: Path) -> ServerConfig:
         users=ldap["users"],
         groups=ldap["groups"],
         bind=ldap.get("bind", "gssapi"),
-        bind_dn=_typed(ldap.get("bind_dn", ""), str, where, "ldap.bind_dn"),
-        password_file=str(resolve(ldap["password_file"], "ldap.password_file")) if "password_file" in ldap else "",
-        starttls=_typed(ldap.get("starttls", False), bool, where, "ldap.starttls"),
-        ca_file=str(resolve(ldap["ca_file"], "ldap.ca_file")) if "ca_file" in ldap else "",
-        timeout=seconds("timeout", 5),
+        bind_dn=get_str(ldap, "bind_dn", "", name="ldap.bind_dn"),
+        password_file=str(resolve(ldap, "password_file", name="ldap.password_file")) if "password_file" in ldap else "",
+        starttls=get_bool(ldap, "starttls", False, name="ldap.starttls"),
+        ca_file=str(resolve(ldap, "ca_file", name="ldap.ca_file")) if "ca_file" in ldap else "",
+        timeout=ldap_seconds("timeout", 5),
         user_filter=user_filter,
         membership=tuple(membership),
-        nested=_typed(ldap.get("nested", True), bool, where, "ldap.nested"),
-        positive_ttl=seconds("positive_ttl", 60),
-        negative_ttl=seconds("negative_ttl", 10),
-        max_stale=seconds("max_stale", 300),
-        retry_down=seconds("retry_down", 5),
+        nested=get_bool(ldap, "nested", True, name="ldap.nested"),
+        positive_ttl=ldap_seconds("positive_ttl", 60),
+        negative_ttl=ldap_seconds("negative_ttl", 10),
+        max_stale=ldap_seconds("max_stale", 300),
+        retry_down=ldap_seconds("retry_down", 5),
     )
 
-    distcc = _section(data, "distcc", _DISTCC, where)
+    distcc = _section(data, "distcc", _DISTCC)
     if distcc and distcc.get("cleartext") is not True:
-        raise ConfigError(f"{where}: the distcc listener carries sources and objects in the clear (stock clients never "
-                          "wrap the stream); say so with 'distcc.cleartext: true' to enable it")
+        raise distcc.error("cleartext", "the distcc listener carries sources and objects in the clear (stock clients "
+                           "never wrap the stream); say so with 'distcc.cleartext: true' to enable it")
     if distcc:
-        distcc_host, _, distcc_port = _typed(distcc.get("listen"), str, where, "distcc.listen").rpartition(":")
-        if not distcc_host or not distcc_port.isdigit():
-            raise ConfigError(f"{where}: 'distcc.listen' must be HOST:PORT")
-    monitor = _section(data, "monitor", _MONITOR, where)
+        distcc_host, distcc_port = _host_port(distcc, "listen", name="distcc.listen")
+    monitor = _section(data, "monitor", _MONITOR)
     if monitor:
-        monitor_host, _, monitor_port = _typed(monitor.get("listen", "127.0.0.1:3638"), str, where, "monitor.listen").rpartition(":")
-        if not monitor_host or not monitor_port.isdigit():
-            raise ConfigError(f"{where}: 'monitor.listen' must be HOST:PORT")
-    audit = _section(data, "audit", _AUDIT, where)
-    cache = _section(data, "cache", _CACHE, where)
+        monitor_host, monitor_port = _host_port(monitor, "listen", "127.0.0.1:3638", name="monitor.listen")
+    audit = _section(data, "audit", _AUDIT)
+    cache = _section(data, "cache", _CACHE)
     if cache and "path" not in cache:
-        raise ConfigError(f"{where}: 'cache' needs a path")
-    sandbox = _section(data, "sandbox", _SANDBOX, where)
-    default_timeout = float(_typed(sandbox.get("timeout", Limits().timeout), (int, float), where, "sandbox.timeout"))
-    compilers = {
-        name: _compiler(name, value, default_timeout, where)
-        for name, value in _typed(data["compilers"], dict, where, "compilers").items()
-    }
+        raise cache.error(None, "'cache' needs a path")
+    sandbox = _section(data, "sandbox", _SANDBOX)
+    default_timeout = get_seconds(sandbox, "timeout", Limits().timeout, name="sandbox.timeout")
+    compiler_section = get_mapping(data, "compilers")
+    compilers = {name: _compiler(compiler_section, name, default_timeout) for name in compiler_section}
     if not compilers:
-        raise ConfigError(f"{where}: 'compilers' must name at least one compiler")
+        raise data.error("compilers", "'compilers' must name at least one compiler")
     mode = sandbox.get("mode", "bwrap")
     if mode not in ("bwrap", "rlimits-only"):
-        raise ConfigError(f"{where}: 'sandbox.mode' must be bwrap or rlimits-only")
-    limits = _section(data, "limits", _LIMITS, where)
-    timeouts = _section(data, "timeouts", _TIMEOUTS, where)
+        raise sandbox.error("mode", "'sandbox.mode' must be bwrap or rlimits-only")
+    limits = _section(data, "limits", _LIMITS)
+    timeouts = _section(data, "timeouts", _TIMEOUTS)
     root = os.geteuid() == 0
-    uid = _typed(sandbox.get("uid", 65534), int, where, "sandbox.uid")
-    gid = _typed(sandbox.get("gid", 65534), int, where, "sandbox.gid")
+    uid = get_int(sandbox, "uid", 65534, name="sandbox.uid")
+    gid = get_int(sandbox, "gid", 65534, name="sandbox.gid")
     if root and (uid == 0 or gid == 0):
-        raise ConfigError(f"{where}: the sandbox must not run as uid or gid 0")
-    slots = _typed(data.get("slots", os.cpu_count() or 1), int, where, "slots")
+        raise sandbox.error("uid" if uid == 0 else "gid", "the sandbox must not run as uid or gid 0")
+    slots = get_int(data, "slots", os.cpu_count() or 1, name="slots")
     # RLIMIT_NPROC counts every process of the sandbox uid, so it caps all jobs together: 16 per slot
     # (a gcc job runs ~5), else a full server's compiles fail to fork instead of being turned away.
     defaults = replace(Limits(), processes=max(Limits().processes, 16 * slots))
     run_as = None
     if data.get("run_as") is not None:
-        run_as = _account(_typed(data["run_as"], str, where, "run_as"), where)
+        run_as = _account(data, get_str(data, "run_as", name="run_as"))
         if run_as[0] in (0, uid):
-            raise ConfigError(f"{where}: 'run_as' must be a user of its own, neither root nor the sandbox uid")
+            raise data.error("run_as", "'run_as' must be a user of its own, neither root nor the sandbox uid")
     config = ServerConfig(
         run_as=run_as if root else None,
         listen_host=host,
-        listen_port=int(port),
-        principal=_typed(data["principal"], str, where, "principal"),
-        keytab=str(resolve(data["keytab"], "keytab")),
-        acl=resolve(data["acl"], "acl"),
+        listen_port=port,
+        principal=get_str(data, "principal", name="principal"),
+        keytab=str(resolve(data, "keytab", name="keytab")),
+        acl=resolve(data, "acl", name="acl"),
         audit=AuditConfig(
-            path=resolve(audit.get("path"), "audit.path"),
-            key=resolve(audit.get("key"), "audit.key"),
-            rotate_bytes=_typed(audit.get("rotate_bytes", 100 << 20), int, where, "audit.rotate_bytes") or None,
-            checkpoint_every=_typed(audit.get("checkpoint_every", 100), int, where, "audit.checkpoint_every"),
-            checkpoint_seconds=float(_typed(audit.get("checkpoint_seconds", 5), (int, float), where, "audit.checkpoint_seconds")),
-            syslog=_typed(audit["syslog"], str, where, "audit.syslog") if audit.get("syslog") else None,
+            path=resolve(audit, "path", name="audit.path"),
+            key=resolve(audit, "key", name="audit.key"),
+            rotate_bytes=get_int(audit, "rotate_bytes", 100 << 20, name="audit.rotate_bytes") or None,
+            checkpoint_every=get_int(audit, "checkpoint_every", 100, name="audit.checkpoint_every"),
+            checkpoint_seconds=get_seconds(audit, "checkpoint_seconds", 5, name="audit.checkpoint_seconds"),
+            syslog=get_str(audit, "syslog", name="audit.syslog") if audit.get("syslog") else None,
         ),
         ldap=ldap_config,
         compilers=compilers,
-        scratch=resolve(sandbox.get("scratch", "scratch"), "sandbox.scratch"),
+        scratch=resolve(sandbox, "scratch", "scratch", name="sandbox.scratch"),
         sandbox=Settings(
             limits=Limits(
                 timeout=default_timeout,
-                **{k: _typed(limits.get(k, getattr(defaults, k)), int, where, f"limits.{k}") for k in _LIMITS - {"max_input"}},
+                **{k: get_int(limits, k, getattr(defaults, k), name=f"limits.{k}") for k in _LIMITS - {"max_input"}},
             ),
             uid=uid if root else None,
             gid=gid if root else None,
             mode=mode,
         ),
         slots=slots,
-        monitor=MonitorConfig(monitor_host, int(monitor_port),
-                              _typed(monitor.get("principal", f"HTTP/{socket.getfqdn()}"), str, where, "monitor.principal"),
-                              frozenset(_typed(monitor.get("scrape", ["127.0.0.1", "::1"]), list, where, "monitor.scrape")))
+        monitor=MonitorConfig(monitor_host, monitor_port,
+                              get_str(monitor, "principal", f"HTTP/{socket.getfqdn()}", name="monitor.principal"),
+                              frozenset(get_names(monitor, "scrape", ["127.0.0.1", "::1"], name="monitor.scrape",
+                                                  message="'monitor.scrape' must be a list of addresses")))
         if monitor else None,
-        distcc=DistccConfig(distcc_host, int(distcc_port), _typed(distcc.get("principal", data["principal"]), str, where,
-                            "distcc.principal")) if distcc else None,
-        cache=CacheConfig(resolve(cache["path"], "cache.path"),
-                          _typed(cache.get("max_bytes", 10 << 30), int, where, "cache.max_bytes")) if cache else None,
-        handshake_timeout=float(_typed(timeouts.get("handshake", 10), (int, float), where, "timeouts.handshake")),
-        heartbeat=float(_typed(timeouts.get("heartbeat", 2), (int, float), where, "timeouts.heartbeat")),
-        idle_timeout=float(_typed(timeouts.get("idle", 60), (int, float), where, "timeouts.idle")),
-        max_input=_typed(limits.get("max_input", 128 << 20), int, where, "limits.max_input"),
+        distcc=DistccConfig(distcc_host, distcc_port, get_str(distcc, "principal", data["principal"], name="distcc.principal"))
+        if distcc else None,
+        cache=CacheConfig(resolve(cache, "path", name="cache.path"), get_int(cache, "max_bytes", 10 << 30, name="cache.max_bytes"))
+        if cache else None,
+        handshake_timeout=get_seconds(timeouts, "handshake", 10, name="timeouts.handshake"),
+        heartbeat=get_seconds(timeouts, "heartbeat", 2, name="timeouts.heartbeat"),
+        idle_timeout=get_seconds(timeouts, "idle", 60, name="timeouts.idle"),
+        max_input=get_int(limits, "max_input", 128 << 20, name="limits.max_input"),
     )
     for name, compiler in compilers.items():
         secret = _contains_secrets(compiler.root, config) if compiler.root else None
         if secret:
-            raise ConfigError(f"{where}: compiler '{name}': root {compiler.root} holds {secret}; every sandbox would see it")
+            raise compiler_section.error(name, f"compiler '{name}': root {compiler.root} holds {secret}; every sandbox would see it")
     return config
 
 
-def _account(name: str, where: str) -> tuple[int, int]:
+def _account(data: YamlMapping, name: str) -> tuple[int, int]:
     """A user's uid and gid, by name."""
     import pwd
 
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
-        raise ConfigError(f"{where}: 'run_as': no user {name!r} (create it: adduser --system {name})") from None
+        raise data.error("run_as", f"'run_as': no user {name!r} (create it: adduser --system {name})") from None
     return entry.pw_uid, entry.pw_gid

@@ -133,13 +133,45 @@ def test_shipped_acl_and_config_load():
     assert config.ldap.bind == "gssapi" and len(config.ldap.uris) == 2 and config.ldap.user_filter == "(uid={user})"
 
 
+def line_of(text: str, needle: str) -> int:
+    """The line (from 1) of the first line of ``text`` that contains ``needle``."""
+    return next(n for n, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
 def test_bad_config_is_an_error(tmp_path):
-    """An unknown key in the server config names the key."""
+    """An unknown key in the server config names the file, the line and the key."""
     text = (REPO / "etc" / "securecc.yaml").read_text().replace("  timeout: 1200", "  timout: 1200")
     path = tmp_path / "securecc.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match="unknown key 'sandbox.timout'"):
+    with pytest.raises(ConfigError) as caught:
         load_config(path)
+    assert str(caught.value).startswith(f"{path}:{line_of(text, 'timout: 1200')}: unknown key 'sandbox.timout' (known: ")
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "message"),
+    [
+        (("slots: 8", "slots: eight"), "slots: eight", "'slots' has the wrong type (str)"),
+        (("  positive_ttl: 60", "  positive_ttl: yes"), "positive_ttl: yes", "'ldap.positive_ttl' has the wrong type (bool)"),
+        (("  gcc: /usr/bin/gcc", "  gcc: /bin/true"), "gcc: /bin/true", "compiler 'gcc': /bin/true is outside /usr"),
+        (("  g++: {path: /usr/bin/g++, timeout: 3600}", "  g++: {path: /usr/bin/g++, timeout: long}"), "timeout: long",
+         "'compilers.g++.timeout' has the wrong type (str)"),
+        (("  mode: bwrap", "  mode: none"), "mode: none", "'sandbox.mode' must be bwrap or rlimits-only"),
+        (("  scrape: [127.0.0.1, \"::1\"]", "  scrape: 127.0.0.1"), "scrape: 127.0.0.1", "'monitor.scrape' must be a list of addresses"),
+        (("  handshake: 10", "  handshake: 10\n  handshake: 20"), "handshake: 20", "'handshake' appears twice"),
+        (("slots: 8", "slots: 8\n\tjobs: 8"), "\tjobs: 8", "while scanning for the next token, found character '\\t'"),
+    ],
+)
+def test_config_errors_name_their_line(tmp_path, change, where, message):
+    """Every config error says FILE:LINE: what is wrong, as acl.yaml's do; a key given twice is one of them."""
+    text = (REPO / "etc" / "securecc.yaml").read_text()
+    assert change[0] in text
+    text = text.replace(*change, 1)
+    path = tmp_path / "securecc.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value).startswith(f"{path}:{line_of(text, where)}: {message}"), caught.value
 
 
 # --- reading acl.yaml only whole -------------------------------------------------------------
