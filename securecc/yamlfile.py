@@ -16,6 +16,7 @@ beyond that (which realms, which paths) stays with each file, raising
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Hashable
 from typing import Any
 
@@ -177,10 +178,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)  # bool is an int to Python: true is not 1 here
 
 
-def get_str(mapping: YamlMapping, key: str, default: str | None = None, *, name: str | None = None) -> str:
-    """A string, maybe empty."""
-    value: str = _get(mapping, key, default, lambda v: isinstance(v, str), name)
+def _no_nul(mapping: YamlMapping, key: str, value: str, name: str | None) -> str:
+    if "\0" in value:  # YAML writes one as "\0"; no path, principal or filter holds one, and os calls refuse it
+        raise mapping.error(key, f"'{name or key}' contains a NUL character")
     return value
+
+
+def get_str(mapping: YamlMapping, key: str, default: str | None = None, *, name: str | None = None) -> str:
+    """A string, maybe empty, without NULs."""
+    return _no_nul(mapping, key, _get(mapping, key, default, lambda v: isinstance(v, str), name), name)
 
 
 def get_bool(mapping: YamlMapping, key: str, default: bool | None = None, *, name: str | None = None) -> bool:
@@ -199,8 +205,12 @@ def get_positive_int(mapping: YamlMapping, key: str, default: int | None = None,
 
 
 def get_seconds(mapping: YamlMapping, key: str, default: float | None = None, *, name: str | None = None) -> float:
-    """A duration: a whole or a decimal number of seconds (an int too large for a float is refused, not an OverflowError)."""
-    return float(_get(mapping, key, default, lambda v: isinstance(v, float) or (_is_int(v) and abs(v) < 1e308), name))
+    """A duration: a whole or a decimal number of seconds, finite and not negative (``.nan`` and ``.inf`` are
+    floats to YAML; an int too large for a float is refused, not an OverflowError)."""
+    value = float(_get(mapping, key, default, lambda v: isinstance(v, float) or (_is_int(v) and abs(v) < 1e308), name))
+    if not 0 <= value < math.inf:
+        raise mapping.error(key, f"'{name or key}' must be a number of seconds, 0 or more")
+    return value
 
 
 def get_names(mapping: YamlMapping, key: str, default: list[str] | None = None, *, at_least_one: bool = False,
@@ -209,7 +219,7 @@ def get_names(mapping: YamlMapping, key: str, default: list[str] | None = None, 
     message = message or f"'{name or key}' must be a list of names"
     value: list[str] = _get(mapping, key, default, lambda v: isinstance(v, list) and (bool(v) or not at_least_one), name, message)
     for index, item in enumerate(value):
-        if not (isinstance(item, str) and item):
+        if not (isinstance(item, str) and item and "\0" not in item):
             raise value.error(index, message) if isinstance(value, YamlList) else mapping.error(key, message)
     return value
 

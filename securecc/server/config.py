@@ -22,6 +22,7 @@ from securecc.yamlfile import (
     get_int,
     get_mapping,
     get_names,
+    get_positive_int,
     get_seconds,
     get_str,
     load,
@@ -270,7 +271,7 @@ def _server_config(data: YamlMapping, base: Path) -> ServerConfig:
     gid = get_int(sandbox, "gid", 65534, name="sandbox.gid")
     if root and (uid == 0 or gid == 0):
         raise sandbox.error("uid" if uid == 0 else "gid", "the sandbox must not run as uid or gid 0")
-    slots = get_int(data, "slots", os.cpu_count() or 1, name="slots")
+    slots = get_positive_int(data, "slots", os.cpu_count() or 1, name="slots")
     # RLIMIT_NPROC counts every process of the sandbox uid, so it caps all jobs together: 16 per slot
     # (a gcc job runs ~5), else a full server's compiles fail to fork instead of being turned away.
     defaults = replace(Limits(), processes=max(Limits().processes, 16 * slots))
@@ -290,7 +291,7 @@ def _server_config(data: YamlMapping, base: Path) -> ServerConfig:
             path=resolve(audit, "path", name="audit.path"),
             key=resolve(audit, "key", name="audit.key"),
             rotate_bytes=get_int(audit, "rotate_bytes", 100 << 20, name="audit.rotate_bytes") or None,
-            checkpoint_every=get_int(audit, "checkpoint_every", 100, name="audit.checkpoint_every"),
+            checkpoint_every=get_positive_int(audit, "checkpoint_every", 100, name="audit.checkpoint_every"),
             checkpoint_seconds=get_seconds(audit, "checkpoint_seconds", 5, name="audit.checkpoint_seconds"),
             syslog=get_str(audit, "syslog", name="audit.syslog") if audit.get("syslog") else None,
         ),
@@ -300,7 +301,7 @@ def _server_config(data: YamlMapping, base: Path) -> ServerConfig:
         sandbox=Settings(
             limits=Limits(
                 timeout=default_timeout,
-                **{k: get_int(limits, k, getattr(defaults, k), name=f"limits.{k}") for k in _LIMITS - {"max_input"}},
+                **{k: get_positive_int(limits, k, getattr(defaults, k), name=f"limits.{k}") for k in _LIMITS - {"max_input"}},
             ),
             uid=uid if root else None,
             gid=gid if root else None,
@@ -314,12 +315,12 @@ def _server_config(data: YamlMapping, base: Path) -> ServerConfig:
         if monitor else None,
         distcc=DistccConfig(distcc_host, distcc_port, get_str(distcc, "principal", data["principal"], name="distcc.principal"))
         if distcc else None,
-        cache=CacheConfig(resolve(cache, "path", name="cache.path"), get_int(cache, "max_bytes", 10 << 30, name="cache.max_bytes"))
+        cache=CacheConfig(resolve(cache, "path", name="cache.path"), get_positive_int(cache, "max_bytes", 10 << 30, name="cache.max_bytes"))
         if cache else None,
         handshake_timeout=get_seconds(timeouts, "handshake", 10, name="timeouts.handshake"),
         heartbeat=get_seconds(timeouts, "heartbeat", 2, name="timeouts.heartbeat"),
         idle_timeout=get_seconds(timeouts, "idle", 60, name="timeouts.idle"),
-        max_input=get_int(limits, "max_input", 128 << 20, name="limits.max_input"),
+        max_input=get_positive_int(limits, "max_input", 128 << 20, name="limits.max_input"),
     )
     for name, compiler in compilers.items():
         secret = _contains_secrets(compiler.root, config) if compiler.root else None

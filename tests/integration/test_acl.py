@@ -151,7 +151,11 @@ def test_bad_config_is_an_error(tmp_path):
 @pytest.mark.parametrize(
     ("change", "where", "message"),
     [
-        (("slots: 8", "slots: eight"), "slots: eight", "'slots' has the wrong type (str)"),
+        (("slots: 8", "slots: eight"), "slots: eight", "'slots' must be a positive whole number"),
+        (("slots: 8", "slots: 0"), "slots: 0", "'slots' must be a positive whole number"),
+        (("keytab: /etc/securecc/securecc.keytab", 'keytab: "/etc/securecc/securecc.keytab\\0.old"'), "keytab:",
+         "'keytab' contains a NUL character"),
+        (("  positive_ttl: 60", "  positive_ttl: .nan"), "positive_ttl: .nan", "'ldap.positive_ttl' must be a number of seconds, 0 or more"),
         (("  positive_ttl: 60", "  positive_ttl: yes"), "positive_ttl: yes", "'ldap.positive_ttl' has the wrong type (bool)"),
         (("  gcc: /usr/bin/gcc", "  gcc: /bin/true"), "gcc: /bin/true", "compiler 'gcc': /bin/true is outside /usr"),
         (("  g++: {path: /usr/bin/g++, timeout: 3600}", "  g++: {path: /usr/bin/g++, timeout: long}"), "timeout: long",

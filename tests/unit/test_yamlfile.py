@@ -231,6 +231,17 @@ def test_seconds_refuse_what_a_float_cannot_hold():
     assert raised(get_seconds, huge, "t") == "c.yaml:1: 't' has the wrong type (int)"
 
 
+@pytest.mark.parametrize("value", ["-1", ".nan", ".inf", "-.inf"])
+def test_seconds_are_finite_and_not_negative(value):
+    assert raised(get_seconds, load(f"t: {value}\n", "c.yaml"), "t") == "c.yaml:1: 't' must be a number of seconds, 0 or more"
+
+
+def test_a_nul_in_a_string_is_refused_at_its_line():
+    document = load('path: "/etc/keytab\\0.bak"\nnames: [a, "b\\0"]\n', "c.yaml")
+    assert raised(get_str, document, "path") == "c.yaml:1: 'path' contains a NUL character"
+    assert raised(get_names, document, "names") == "c.yaml:2: 'names' must be a list of names"
+
+
 def test_names_point_at_the_bad_item(config):
     assert raised(get_names, config, "users") == "c.yaml:12: 'users' must be a list of names"
     assert raised(get_names, config, "name") == "c.yaml:1: 'name' must be a list of names"
