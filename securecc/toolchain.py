@@ -119,7 +119,7 @@ class HeaderDigests:
     would otherwise read it again (and stay in memory)."""
 
     def __init__(self) -> None:
-        self._known: dict[tuple[int, int], tuple[tuple[int, ...], str]] = {}
+        self._known: dict[tuple[int, ...], tuple[tuple[int, ...], str]] = {}  # (device, inode) -> (stamp, digest)
         self._named: dict[tuple[str, str], tuple[tuple[int, ...], str]] = {}
 
     def _remembered(self, path: str, within: str) -> str:

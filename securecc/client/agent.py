@@ -35,13 +35,14 @@ import sys
 import threading
 import time
 import traceback
+from typing import cast
 
 from securecc import protocol as wire
 from securecc.client import agent_wire
 from securecc.client import job as client
 from securecc.client import stats as counters
 from securecc.client.channel import Cancelled, Channel, HostFailure, KdcUnavailable, RemoteFailure, Timeouts
-from securecc.client.hosts import host_key
+from securecc.client.hosts import Host, host_key
 
 
 def _idle_seconds() -> float:
@@ -80,7 +81,8 @@ class SessionPool:
         keytab and no ticket yet, asking means asking the KDC: bounded by
         ``deadline`` (:mod:`securecc.client.tickets`).
         """
-        import gssapi.exceptions
+        import gssapi
+        from gssapi.raw.misc import GSSError
 
         from securecc.client import tickets
         from securecc.gss import explain, kdc_down
@@ -94,7 +96,7 @@ class SessionPool:
             principal, lifetime = str(credentials.name), credentials.lifetime
         except tickets.NoAnswer as e:
             raise KdcUnavailable(str(e), pending=e.pending) from None
-        except gssapi.exceptions.GSSError as e:
+        except GSSError as e:
             if kdc_down(e):
                 raise KdcUnavailable(explain(e)) from None
             self._ticket = None
@@ -107,7 +109,7 @@ class SessionPool:
         self._ticket = (state, principal, time.time() + (lifetime or 0))
         return principal
 
-    def call(self, inv: client.Invocation, host, job: wire.Job, timeouts: Timeouts):
+    def call(self, inv: client.Invocation, host: Host, job: wire.Job, timeouts: Timeouts) -> wire.Message:
         principal = self.principal(timeouts.kdc)
         key = (host_key(host), principal)
         channel = self._take(key)
@@ -189,12 +191,12 @@ class CountingSocket:
 class CountedChannel(Channel):
     """A channel whose traffic (handshake, jobs, replies, heartbeats) the stats count."""
 
-    def __init__(self, host, stats: counters.Stats, timeouts: Timeouts) -> None:
+    def __init__(self, host: Host, stats: counters.Stats, timeouts: Timeouts) -> None:
         super().__init__(host, timeouts=timeouts)
         self.stats = stats
 
-    def _connect(self):
-        return CountingSocket(super()._connect(), self.stats)
+    def _connect(self) -> socket.socket:
+        return cast(socket.socket, CountingSocket(super()._connect(), self.stats))  # a socket in all Channel uses
 
 
 class JobSessions:
@@ -204,7 +206,7 @@ class JobSessions:
         self.pool = pool
         self.answered = False
 
-    def call(self, inv: client.Invocation, host, job: wire.Job, timeouts: Timeouts):
+    def call(self, inv: client.Invocation, host: Host, job: wire.Job, timeouts: Timeouts) -> wire.Message:
         reply = self.pool.call(inv, host, job, timeouts)
         self.answered = self.answered or isinstance(reply, wire.Result)
         return reply
@@ -233,13 +235,13 @@ def kerberos_environment() -> bytes:
     return agent_wire.kerberos_environment(os.environ)
 
 
-def invocation(data: bytes, watch: socket.socket) -> client.Invocation | None:
-    """The shim's request as an Invocation; None if it is not for us (version, Kerberos environment)."""
+def invocation(data: bytes, watch: socket.socket, out: io.BytesIO, err: io.BytesIO) -> client.Invocation | None:
+    """The shim's request as an Invocation writing to ``out`` and ``err``; None if it is not for us (version,
+    Kerberos environment)."""
     request = agent_wire.parse_request(data)
     if request is None or request.kerberos != kerberos_environment():
         return None
-    return client.Invocation(request.argv, request.environ, request.cwd, request.tty, io.BytesIO(), io.BytesIO(),
-                             request.umask, watch)
+    return client.Invocation(request.argv, request.environ, request.cwd, request.tty, out, err, request.umask, watch)
 
 
 class Agent:
@@ -297,16 +299,17 @@ class Agent:
             if int.from_bytes(peer[4:8], sys.byteorder) != os.getuid():
                 log("refused a connection from another uid")
                 return
+            out, err = io.BytesIO(), io.BytesIO()
             try:
-                inv = invocation(agent_wire.receive_request(conn), conn)
+                inv = invocation(agent_wire.receive_request(conn), conn, out, err)
             except (ValueError, IndexError):
                 inv = None
             if inv is None:
                 conn.sendall(agent_wire.DIRECT)  # not ours to do: direct mode
                 return
             if counters.is_command(inv.argv):
-                out, err, status = counters.command(self.stats, inv.argv[2:])
-                conn.sendall(agent_wire.result(status, out, err))
+                said, complaint, status = counters.command(self.stats, inv.argv[2:])
+                conn.sendall(agent_wire.result(status, said, complaint))
                 return
             sessions = JobSessions(self.pool)
             try:
@@ -318,12 +321,10 @@ class Agent:
                 conn.sendall(agent_wire.DIRECT)
                 return
             self.count(inv, outcome, sessions.answered)
-            err = inv.err.getvalue()
             if isinstance(outcome, client.LocalCompile):
-                conn.sendall(agent_wire.run_locally(err, outcome.path, outcome.argv))
+                conn.sendall(agent_wire.run_locally(err.getvalue(), outcome.path, outcome.argv))
             else:
-                out = inv.out.getvalue()
-                conn.sendall(agent_wire.result(outcome, out, err))
+                conn.sendall(agent_wire.result(outcome, out.getvalue(), err.getvalue()))
         except OSError:
             pass  # the shim went away
         finally:

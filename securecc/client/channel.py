@@ -10,7 +10,17 @@ them.
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:  # for the types only: a job that stays local never imports these
+    import socket
+
+    import gssapi
+    from _typeshed import FileDescriptorLike
+
+    from securecc import protocol as wire
+    from securecc.client.hosts import Host
+    from securecc.handshake import InitiatorContext
 
 
 class Timeouts(NamedTuple):
@@ -64,16 +74,21 @@ class Channel:
     end.  The agent keeps a channel for many jobs until shortly before then.
     """
 
-    def __init__(self, host, io_timeout: float | None = None, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
+    def __init__(self, host: Host, io_timeout: float | None = None, timeouts: Timeouts = DEFAULT_TIMEOUTS) -> None:
         from securecc import protocol as wire
 
         self.host = host
         self.timeouts = timeouts._replace(io=io_timeout) if io_timeout else timeouts
         self.wire = wire.Connection()
         self.expires = 0.0
-        self.sock = None  # connected by authenticate() once it holds the first token: never while the KDC is asked
+        self.sock: socket.socket | None = None  # connected by authenticate() once it holds the first token: never while the KDC is asked
 
-    def _connect(self):
+    def _socket(self) -> socket.socket:
+        if self.sock is None:
+            raise HostFailure(f"no connection to {self.host.name}")
+        return self.sock
+
+    def _connect(self) -> socket.socket:
         import socket
 
         try:
@@ -83,21 +98,22 @@ class Channel:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def _events(self, timeout: float, watch: object | None = None) -> list:
+    def _events(self, timeout: float, watch: FileDescriptorLike | None = None) -> list[wire.Event]:
         from securecc import protocol as wire
 
+        sock = self._socket()
         while True:
             if watch is not None:
                 import select
 
-                ready, _, _ = select.select([self.sock, watch], [], [], timeout)
+                ready, _, _ = select.select([sock, watch], [], [], timeout)
                 if watch in ready:
                     raise Cancelled()
                 if not ready:
                     raise HostFailure(f"{self.host.name} did not answer within {timeout:g} s", timed_out=True)
-            self.sock.settimeout(timeout)
+            sock.settimeout(timeout)
             try:
-                data = self.sock.recv(1 << 20)
+                data = sock.recv(1 << 20)
             except TimeoutError:
                 raise HostFailure(f"{self.host.name} did not answer within {timeout:g} s", timed_out=True) from None
             except OSError as e:
@@ -111,7 +127,7 @@ class Channel:
             if events:
                 return events
 
-    def authenticate(self, credentials=None, initiator=None) -> None:
+    def authenticate(self, credentials: gssapi.Credentials | None = None, initiator: InitiatorContext | None = None) -> None:
         """Authenticate and seal; ``initiator`` (a :class:`securecc.handshake.InitiatorContext`) replaces
         the Kerberos one made from ``credentials``."""
         from securecc import handshake
@@ -128,15 +144,15 @@ class Channel:
             raise KdcUnavailable(str(e), pending=e.pending) from None
         except handshake.AuthenticationFailure as e:
             raise (KdcUnavailable if e.kdc_down else RemoteFailure)(str(e)) from None
-        self.sock = self._connect()
+        sock = self.sock = self._connect()
         steps = handshake.ClientHandshake(self.wire, initiator)
         try:
-            self.sock.sendall(steps.opening(first))
+            sock.sendall(steps.opening(first))
             while not steps.done:
                 for event in self._events(min(self.timeouts.io, self.timeouts.handshake)):
                     reply = steps.receive(event)
                     if reply:
-                        self.sock.sendall(reply)
+                        sock.sendall(reply)
             self.expires = time.monotonic() + initiator.lifetime
         except handshake.Refused as e:
             raise RemoteFailure(f"{self.host.name} {e}") from None
@@ -147,13 +163,14 @@ class Channel:
         except OSError as e:
             raise HostFailure(f"connection to {self.host.name} failed: {e.strerror or e}") from None
 
-    def call(self, job, watch: object | None = None):
-        """Send ``job``, return the reply; ``watch`` readable (the caller gone) raises Cancelled."""
+    def call(self, message: wire.Message, watch: FileDescriptorLike | None = None) -> wire.Message:
+        """Send ``message`` (a job, a status request), return the reply; ``watch`` readable (the caller gone) raises Cancelled."""
         from securecc import protocol as wire
 
+        sock = self._socket()
         try:
-            self.sock.settimeout(self.timeouts.io)
-            self.sock.sendall(self.wire.seal(job))
+            sock.settimeout(self.timeouts.io)
+            sock.sendall(self.wire.seal(message))
         except OSError as e:
             raise HostFailure(f"sending the job to {self.host.name} failed: {e.strerror or e}") from None
         while True:
@@ -167,7 +184,7 @@ class Channel:
         """Still connected with nothing pending: a server that closed an idle connection shows EOF."""
         import select
 
-        return not select.select([self.sock], [], [], 0)[0]
+        return not select.select([self._socket()], [], [], 0)[0]
 
     def close(self) -> None:
         if self.sock is not None:

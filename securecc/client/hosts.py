@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from securecc.files import cache_path, write_atomically
 
@@ -168,7 +168,7 @@ def srv_hosts(state: HostState | None = None, env: Mapping[str, str] = os.enviro
                 target = str(pick.target).rstrip(".")
                 hosts.append(Host(target, pick.port, DEFAULT_LIMIT, f"securecc/{target}"))
         if state:
-            state.remember_srv(str(candidate), hosts, max(SRV_MIN_TTL, answer.rrset.ttl))
+            state.remember_srv(str(candidate), hosts, max(SRV_MIN_TTL, answer.rrset.ttl if answer.rrset else 0))
         return hosts, f"DNS SRV {candidate}"
     return [], f"SECURECC_HOSTS, ~/.config/securecc/hosts, /etc/securecc/hosts or SRV {' '.join(map(str, names))}"
 
@@ -190,12 +190,12 @@ class HostState:
                 raise ValueError
         except (OSError, ValueError):
             self.data = {}
-        self.hosts: dict[str, dict] = self.data.setdefault("hosts", {})
+        self.hosts: dict[str, dict[str, Any]] = self.data.setdefault("hosts", {})
         self._changed: set[str] = set()  # what this process changed: the entries save() writes back
 
     def backed_off(self, host: Host, now: float | None = None) -> float:
         """Seconds this host is still skipped for (0: usable)."""
-        until = self.hosts.get(host_key(host), {}).get("until", 0)
+        until = float(self.hosts.get(host_key(host), {}).get("until", 0))
         return max(0.0, until - (now or time.time()))
 
     def failed(self, host: Host, why: str) -> int:
@@ -203,7 +203,7 @@ class HostState:
         return self._fail(host_key(host), why)
 
     def _fail(self, key: str, why: str) -> int:
-        def count(current: dict) -> int:
+        def count(current: dict[str, Any]) -> int:
             entry = current["hosts"].setdefault(key, {})
             if not isinstance(entry, dict):
                 entry = current["hosts"][key] = {}
@@ -222,7 +222,7 @@ class HostState:
         return f"kdc {realm}".rstrip()
 
     def kdc_backed_off(self, realm: str) -> bool:
-        return self.hosts.get(self._kdc_key(realm), {}).get("until", 0) > time.time()
+        return float(self.hosts.get(self._kdc_key(realm), {}).get("until", 0)) > time.time()
 
     def kdc_failed(self, realm: str, why: str) -> bool:
         """Note an unanswered ticket request; True for the first of an outage (the one to tell the user)."""
@@ -284,7 +284,7 @@ class HostState:
         self._changed.add("srv")
         self.save()
 
-    def save(self, update: Callable[[dict], T] | None = None) -> T | None:
+    def save(self, update: Callable[[dict[str, Any]], T] | None = None) -> T | None:
         """Write back what this process changed, merged into the file as it is now.
 
         Parallel compiles (processes, and the agent's threads) share the

@@ -31,7 +31,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Mapping  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import TYPE_CHECKING, BinaryIO  # noqa: E402
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol  # noqa: E402
 
 from securecc import args as argpolicy  # noqa: E402
 from securecc.client.channel import (  # noqa: E402
@@ -45,6 +45,10 @@ from securecc.client.channel import (  # noqa: E402
 from securecc.files import cache_path, write_atomically  # noqa: E402
 
 if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
+
+    from securecc import protocol as wire
+    from securecc.client.hosts import Host, HostState
     from securecc.toolchain import HeaderDigests
 
 MASQUERADE_NAMES = frozenset({"gcc", "cc", "g++", "c++", "clang", "clang++"})
@@ -61,7 +65,7 @@ class Invocation:
     out: BinaryIO
     err: BinaryIO
     umask: int = 0o022
-    watch: object | None = None  # a socket that turns readable when the caller has gone (the agent's shim)
+    watch: FileDescriptorLike | None = None  # a socket that turns readable when the caller has gone (the agent's shim)
 
     @classmethod
     def here(cls) -> Invocation:
@@ -135,7 +139,7 @@ def _which(inv: Invocation, name: str, skip: str | None = None) -> str | None:
     return None
 
 
-def exec_local(local: LocalCompile) -> None:
+def exec_local(local: LocalCompile) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -163,10 +167,16 @@ def read_file(path: str) -> bytes:
         return f.read()
 
 
+class Sessions(Protocol):
+    """Where a job's connection comes from: a fresh one per job (:class:`OneShot`), or the agent's kept ones."""
+
+    def call(self, inv: Invocation, host: Host, job: wire.Job, timeouts: Timeouts) -> wire.Message: ...
+
+
 class OneShot:
     """Direct mode's sessions: a fresh connection and handshake per job."""
 
-    def call(self, inv: Invocation, host, job, timeouts: Timeouts):
+    def call(self, inv: Invocation, host: Host, job: wire.Job, timeouts: Timeouts) -> wire.Message:
         channel = Channel(host, timeouts=timeouts)
         try:
             channel.authenticate()
@@ -195,7 +205,7 @@ def compiler_environment(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     return {k: v for k, v in environment.items() if argpolicy.check_environment({k: v}) is None}
 
 
-def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpolicy.Plan):
+def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpolicy.Plan) -> tuple[wire.Job, bytes] | int:
     """Preprocess here; return (job, the preprocessor's messages) or its failing status.
 
     The job carries the main file and the project headers it read, at their
@@ -229,7 +239,7 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
     kind = family(identity)  # gcc or clang: how to preprocess here (securecc.args)
     argpolicy.check_family(plan, kind)
 
-    def job(language: str, text: bytes, args: list[str], **fields: object) -> wire.Job:
+    def job(language: str, text: bytes, args: list[str], **fields: Any) -> wire.Job:
         if inv.stderr_tty and not any("diagnostics-color" in a for a in args):
             args = [*args, "-fdiagnostics-color=always"]  # gcc would colour a terminal
         return wire.Job(
@@ -322,7 +332,7 @@ def unrepeated(local: bytes, remote: bytes) -> bytes:
     return b"".join(b"".join(block) for block in blocks if b"".join(block) not in remote)
 
 
-def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: argpolicy.Plan, sessions=None) -> int:
+def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: argpolicy.Plan, sessions: Sessions | None = None) -> int:
     """Returns the remote compiler's status; raises RemoteFailure to fall back.
 
     Hosts are tried in the order HostState gives; a BUSY one, or one that
@@ -407,7 +417,7 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
     raise RemoteFailure("; ".join(troubles + ([str(kdc_trouble)] if kdc_trouble else [])))
 
 
-def need_a_cached_ticket(state, candidates) -> None:
+def need_a_cached_ticket(state: HostState, candidates: list[Host]) -> None:
     """While every candidate's KDC is backed off, go on only with a ticket cached for one of them (asked
     before preprocessing: a job that cannot go remote does not pay for it); quietly fall back otherwise."""
     if all(state.kdc_backed_off(h.realm) for h in candidates):
@@ -466,7 +476,7 @@ def show_hosts(inv: Invocation) -> int:
 USAGE = "usage: securecc COMPILER [ARGS...]   (or call it through a symlink named gcc, cc, g++, c++, clang or clang++)"
 
 
-def run(inv: Invocation, sessions=None) -> int | LocalCompile:
+def run(inv: Invocation, sessions: Sessions | None = None) -> int | LocalCompile:
     """Do one ``securecc`` run: its exit status, or the local compile to exec in the caller."""
     argv = inv.argv
     name = os.path.basename(argv[0])
@@ -489,7 +499,7 @@ def run(inv: Invocation, sessions=None) -> int | LocalCompile:
     return compile_one(inv, compiler, path, args, sessions)
 
 
-def compile_one(inv: Invocation, compiler: str, path: str, args: list[str], sessions=None) -> int | LocalCompile:
+def compile_one(inv: Invocation, compiler: str, path: str, args: list[str], sessions: Sessions | None = None) -> int | LocalCompile:
     """One source: remotely, or the local compile to run (with why)."""
     local = LocalCompile(path, [compiler, *args])
     try:
@@ -526,7 +536,7 @@ def without_native(compiler: str, args: list[str]) -> list[str]:
 
 
 def compile_each(inv: Invocation, compiler: str, path: str, args: list[str], parts: list[tuple[int, list[str]]],
-                 sessions=None) -> int | LocalCompile:
+                 sessions: Sessions | None = None) -> int | LocalCompile:
     """``gcc -c a.c b.c``: one job per source, one after another as gcc does them; the sources that stay
     local are compiled here by one gcc with the other sources taken out."""
     done: set[int] = set()

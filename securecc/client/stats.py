@@ -200,7 +200,8 @@ class Stats:
         rows: list[tuple[str, str, str]] = [("", "since start", "since reset")]
 
         def section(label: str, kind: str) -> None:
-            rows.append((label, *(str(sum(n for (k, _), n in c.items() if k == kind)) for c in (total, since))))
+            all_time, lately = (str(sum(n for (k, _), n in c.items() if k == kind)) for c in (total, since))
+            rows.append((label, all_time, lately))
             categories = sorted({c for (k, c) in total if k == kind}, key=lambda c: (-total[kind, c], c))
             rows.extend((f"  {c}", str(total[kind, c]), str(since[kind, c])) for c in categories)
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from securecc.gss import GSSFailure, Initiator
+from securecc.handshake import InitiatorContext
 
 T = TypeVar("T")
 
@@ -88,7 +89,7 @@ def bounded(key: str, request: Callable[[], T], deadline: float) -> T:
     return result
 
 
-def first_token(initiator: Initiator, deadline: float) -> bytes:
+def first_token(initiator: InitiatorContext, deadline: float) -> bytes:
     """``initiator.step()`` within ``deadline`` (NoAnswer); GSSFailure as the step raises it."""
     return bounded(initiator.principal, lambda: initiator.step() or b"", deadline)
 
