@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +9,7 @@ from twisted.logger import Logger
 
 from securecc.acl import SETTLE, Acl, AclError, AclUnstable, FileStamp, file_stamp, load_acl, read_acl_stable
 from securecc.audit import AuditError
+from securecc.server.clock import TimeSource
 
 
 class AclFile:
@@ -18,30 +18,26 @@ class AclFile:
     A version is loaded only when it parses whole and did not change while
     it was read, and (on a change seen by a job) once it is ``SETTLE``
     seconds old, so a non-atomic editor's half-written save is never used.
-    Its age is judged by the file's change time or, where that lies ahead of
-    this host's clock, by how long this server has seen it unchanged.
+    Its age is the wall-clock time since its change time (the kernel's
+    stamp) or, where that lies ahead of this host's clock, how long this
+    server has seen it unchanged, on ``clock`` (:mod:`securecc.server.clock`).
     """
 
     _log = Logger()
 
-    def __init__(
-        self,
-        path: Path,
-        on_reload: Callable[..., None] | None = None,
-        steady_clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, path: Path, clock: TimeSource, on_reload: Callable[..., None] | None = None) -> None:
         self.path = path
+        self.clock = clock
         self.on_reload = on_reload
         self.acl: Acl = load_acl(path)  # a bad or changing file at start-up is fatal
         self._tried = self.acl.stamp  # the last version read, good or not
-        self._steady_clock = steady_clock
-        self._seen: tuple[FileStamp | None, float] = (self._tried, steady_clock())  # a version, and since when
+        self._seen: tuple[FileStamp | None, float] = (self._tried, clock.seconds())  # a version, and since when
 
     def current(self) -> Acl:
         """The ACL in force, re-read first if the file changed."""
         stamp = file_stamp(self.path)
         if stamp != self._tried:
-            now = self._steady_clock()
+            now = self.clock.seconds()
             if stamp != self._seen[0]:
                 self._seen = (stamp, now)
             self.reload(settle=SETTLE, steady_for=now - self._seen[1])

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # Twisted is imported only by the server's use (MembershipLoo
     from twisted.python.failure import Failure
 
 from securecc.acl import split_principal
+from securecc.server.clock import TimeSource
 
 
 def use_service_credentials(keytab: str) -> None:
@@ -99,12 +100,20 @@ STALE_WAIT = 0.5  # seconds a job with a cached answer waits for LDAP before it 
 
 
 class Directory:
-    """Group membership from LDAP: one connection per pool thread, answers cached."""
+    """Group membership from LDAP: one connection per pool thread, answers cached.
+
+    Answers are timed on ``clock`` (:mod:`securecc.server.clock`): their TTLs
+    and ``max_stale``.  A thread's own waits stay real time: a job's
+    STALE_WAIT for a slow LDAP and the probe's pause between reconnects each
+    block their thread, are compared with no stored time, and must work
+    where no reactor runs (``securecc-admin``).
+    """
 
     NESTING = 5
 
-    def __init__(self, config: LdapConfig) -> None:
+    def __init__(self, config: LdapConfig, clock: TimeSource) -> None:
         self.config = config
+        self.clock = clock
         self._local = threading.local()
         self._cache: dict[str, tuple[float, Membership]] = {}
         self._pending: dict[str, concurrent.futures.Future[Membership]] = {}
@@ -122,7 +131,7 @@ class Directory:
         if cached is None:
             return None
         answer = cached[1]
-        if time.monotonic() - cached[0] >= (self.config.positive_ttl if answer.groups else self.config.negative_ttl):
+        if self.clock.seconds() - cached[0] >= (self.config.positive_ttl if answer.groups else self.config.negative_ttl):
             return None
         return Membership(answer.user_dn, answer.groups, answer.facts, cached=True)
 
@@ -139,7 +148,7 @@ class Directory:
         fresh = self.fresh(principal)
         if fresh is not None:
             return fresh
-        now = time.monotonic()
+        now = self.clock.seconds()
         if self._down is not None:
             return self._stale(principal, now, self._down)
         with self._lock:
@@ -156,7 +165,7 @@ class Directory:
 
     def _refresh(self, principal: str, query: concurrent.futures.Future[Membership]) -> None:
         """Ask LDAP (on a query thread, with its own connection), keep the answer, hand it to the waiters."""
-        now = time.monotonic()
+        now = self.clock.seconds()
         try:
             try:
                 answer = self._query(principal)

@@ -27,6 +27,7 @@ from securecc.server import handler_client, monitor
 from securecc.server.aclfile import AclFile
 from securecc.server.admission import PreauthGate
 from securecc.server.auditlog import AuditLog, forwarder
+from securecc.server.clock import MONOTONIC
 from securecc.server.config import ConfigError, ServerConfig, load_config
 from securecc.server.directory import Directory, use_service_credentials
 from securecc.server.distcc_listener import DistccProtocol
@@ -136,7 +137,9 @@ def build(config: ServerConfig, reactor, handler: HandlerLink) -> tuple[ServiceF
                           f"--out {config.audit.key}") from None
     audit = AuditLog(config.audit.path, key, socket.getfqdn(), config.audit.rotate_bytes, config.audit.checkpoint_every,
                      config.audit.checkpoint_seconds, forwarder(config.audit.syslog))
-    acl = AclFile(config.acl, on_reload=audit.write)
+    # The reactor is the service's clock (deadlines, sessions); LDAP answers' TTLs and acl.yaml's settle time are
+    # timed on a monotonic one instead, which no step of the wall clock stretches (securecc.server.clock).
+    acl, directory = AclFile(config.acl, MONOTONIC, on_reload=audit.write), Directory(config.ldap, MONOTONIC)
     try:
         identities = {c.path: toolchain.probe(c.path) for c in config.compilers.values()}
     except toolchain.ProbeError as e:
@@ -147,7 +150,7 @@ def build(config: ServerConfig, reactor, handler: HandlerLink) -> tuple[ServiceF
             "see this host's whole filesystem and network; every audit record says so", mode=config.sandbox.mode,
         )
     pool = ThreadPool(minthreads=0, maxthreads=LDAP_THREADS, name="ldap")
-    service = CompileService(config, reactor, reactor, acl, Directory(config.ldap), pool, audit, identities, handler=handler,
+    service = CompileService(config, reactor, reactor, acl, directory, pool, audit, identities, handler=handler,
                              caching=config.cache is not None,
                              compiler_roots=tuple(c.root for c in config.compilers.values() if c.root))
     handler.on_gone = lambda: service.handler_gone()

@@ -71,6 +71,7 @@ def lint_command(path: Path) -> None:
 
 def check_command(principal: str, compiler: str, config_path: Path) -> None:
     from securecc.acl import AclError, decide, load_acl, split_principal
+    from securecc.server.clock import MONOTONIC
     from securecc.server.config import ConfigError, load_config
     from securecc.server.directory import Directory, DirectoryUnavailable, Membership, use_service_credentials
 
@@ -88,7 +89,7 @@ def check_command(principal: str, compiler: str, config_path: Path) -> None:
         if config.ldap.bind == "gssapi":
             use_service_credentials(config.keytab)
         try:
-            membership = Directory(config.ldap).membership(principal)
+            membership = Directory(config.ldap, MONOTONIC).membership(principal)
         except DirectoryUnavailable as e:
             print(f"{principal}, compiler {compiler}: DENIED (denied:ldap-unavailable): {e}")
             sys.exit(1)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, REPO, free_port, make_job, securecc
+from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 
 from securecc import protocol as wire
@@ -32,6 +33,7 @@ from securecc.acl import (
 from securecc.client.channel import Channel
 from securecc.client.hosts import parse_host
 from securecc.server.aclfile import AclFile
+from securecc.server.clock import MONOTONIC, TimeSource
 from securecc.server.config import ConfigError, load_config
 from securecc.server.directory import Directory, DirectoryUnavailable, LdapConfig, Membership, MembershipLookups
 from securecc.testing import ManualPool
@@ -242,13 +244,13 @@ def test_a_change_time_ahead_of_the_clock_waits_for_the_steady_clock(tmp_path):
         read_acl_stable(path, settle=1.0, now=lambda: changed - 3600)
     assert read_acl_stable(path, settle=1.0, now=lambda: changed - 3600, steady_for=1.0).allow
 
-    steady = [0.0]
-    acls = AclFile(path, steady_clock=lambda: steady[0])
+    clock = Clock()
+    acls = AclFile(path, clock)
     path.write_text(FULL_ACL)  # changed just now, by the real clock: held back until the steady clock says 1 s
     assert acls.current().deny_principals == frozenset()
-    steady[0] = 0.5
+    clock.advance(0.5)
     assert acls.current().deny_principals == frozenset()
-    steady[0] = 1.5
+    clock.advance(1.0)
     assert acls.current().deny_principals == {"mallory"}
 
 
@@ -291,9 +293,9 @@ def directory(realm, monkeypatch, tmp_path):
     monkeypatch.setenv("KRB5_CLIENT_KTNAME", str(realm.dir / "service.keytab"))
     monkeypatch.setenv("KRB5CCNAME", f"FILE:{tmp_path}/service.ccache")
 
-    def make(uris: tuple[str, ...] | None = None, **settings: object) -> Directory:
+    def make(uris: tuple[str, ...] | None = None, clock: TimeSource = MONOTONIC, **settings: object) -> Directory:
         return Directory(LdapConfig(uris or (realm.info["ldap_uri"],), "dc=test,dc=realm", "ou=people,dc=test,dc=realm",
-                                    "ou=groups,dc=test,dc=realm", **settings))
+                                    "ou=groups,dc=test,dc=realm", **settings), clock)
 
     return make
 
@@ -368,7 +370,7 @@ class FakeConnection:
 
 def fake_directory(connection: FakeConnection) -> Directory:
     d = Directory(LdapConfig(("ldap://unused/",), "dc=test,dc=realm", "ou=people,dc=test,dc=realm",
-                             "ou=groups,dc=test,dc=realm", membership=("member", "memberUid")))
+                             "ou=groups,dc=test,dc=realm", membership=("member", "memberUid")), MONOTONIC)
     d._connection = lambda: connection  # every query thread's connection
     return d
 
@@ -410,7 +412,7 @@ def test_nested_groups_and_principal_attribute_mapping(realm, directory):
 def test_external_bind_over_ldapi(realm):
     """SASL EXTERNAL over ldapi:// binds as the server's own uid (here mapped to the directory admin)."""
     d = Directory(LdapConfig((realm.info["ldapi_uri"],), "dc=test,dc=realm", "ou=people,dc=test,dc=realm",
-                             "ou=groups,dc=test,dc=realm", bind="external"))
+                             "ou=groups,dc=test,dc=realm", bind="external"), MONOTONIC)
     assert "committers" in d.groups_of("alice@TEST.REALM")
 
 
