@@ -1,10 +1,11 @@
-"""In-memory twins of the outside world, for unit tests that need no KDC, no slapd and no threads.
+"""In-memory twins of the outside world, for unit tests that need no KDC, no slapd and no network.
 
 Each one has the interface the code asks of the real component (the GSS
 contexts of :mod:`securecc.handshake`,
 :class:`~securecc.server.directory.MembershipSource`, the pool's ``submit``
-of :class:`~securecc.server.directory.MembershipLookups`), so a test drives the
-real code, not a copy of it, and decides itself when an answer arrives.
+of :class:`~securecc.server.directory.MembershipLookups`, slapd's answers to
+:class:`~securecc.server.directory.Directory`), so a test drives the real code,
+not a copy of it, and decides itself when an answer arrives.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import ldap
 from twisted.internet import defer
 
+from securecc.acl import split_principal
 from securecc.handshake import AuthenticationFailure
-from securecc.server.directory import DirectoryUnavailable, Membership
+from securecc.server.clock import TimeSource
+from securecc.server.directory import Directory, DirectoryUnavailable, LdapConfig, Membership
 
 # --- GSS ---------------------------------------------------------------------
 #
@@ -172,3 +176,46 @@ class ManualPool:
             d.callback(call())
         except Exception:
             d.errback()
+
+
+PEOPLE, GROUPS = "ou=people,dc=test,dc=realm", "ou=groups,dc=test,dc=realm"
+
+
+@dataclass
+class MemoryLdap:
+    """slapd from a dict, under a real :class:`~securecc.server.directory.Directory` (its cache, TTLs and breaker).
+
+    Each principal's entry names its groups as ``memberOf``; ``down`` makes
+    connecting fail as an unreachable slapd does; ``connects`` and
+    ``searches`` count what came to it (the breaker's probe connects too).
+    The Directory still asks on its own query threads, answered at once.
+    """
+
+    groups: dict[str, frozenset[str]] = field(default_factory=dict)
+    down: bool = False
+    connects: int = 0
+    searches: int = 0
+
+    def directory(self, clock: TimeSource, **settings: Any) -> Directory:
+        """A Directory on ``clock`` whose every connection is this one; ``settings``: LdapConfig's (TTLs, retry_down)."""
+        settings = {"membership": ("memberOf",), "nested": False, **settings}  # one search per lookup
+        config = LdapConfig(("ldap://memory/",), "dc=test,dc=realm", PEOPLE, GROUPS, **settings)
+        directory = Directory(config, clock)
+        directory._connection = self.connect  # the one seam: above the connection, all is the Directory's own code
+        return directory
+
+    def connect(self) -> MemoryLdap:
+        self.connects += 1
+        if self.down:
+            raise ldap.SERVER_DOWN({"desc": "Can't contact LDAP server"})
+        return self
+
+    def search_s(self, base: str, scope: int, filterstr: str, attrlist: list[str]) -> list[tuple[str, dict[str, list[bytes]]]]:
+        self.searches += 1
+        for principal, groups in self.groups.items():
+            name = split_principal(principal)[0]
+            if base == PEOPLE and filterstr == f"(uid={name})":
+                entry = {"uid": [name.encode()], "krbPrincipalName": [principal.encode()],
+                         "memberOf": [f"cn={group},{GROUPS}".encode() for group in sorted(groups)]}
+                return [(f"uid={name},{PEOPLE}", entry)]
+        return []
