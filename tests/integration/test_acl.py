@@ -20,19 +20,15 @@ from securecc import protocol as wire
 from securecc.acl import (
     SETTLE,
     Acl,
-    AclUnstable,
     Rule,
     decide,
-    file_stamp,
     load_acl,
     parse_acl,
     principal_named,
-    read_acl_stable,
     split_principal,
 )
 from securecc.client.channel import Channel
 from securecc.client.hosts import parse_host
-from securecc.server.aclfile import AclFile
 from securecc.server.clock import MONOTONIC, TimeSource
 from securecc.server.config import ConfigError, load_config
 from securecc.server.directory import Directory, DirectoryUnavailable, LdapConfig, Membership, MembershipLookups
@@ -178,109 +174,6 @@ def test_config_errors_name_their_line(tmp_path, change, where, message):
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert str(caught.value).startswith(f"{path}:{line_of(text, where)}: {message}"), caught.value
-
-
-# --- reading acl.yaml only whole -------------------------------------------------------------
-
-FULL_ACL = "realms: [TEST.REALM]\nallow:\n  - group: committers\ndeny:\n  principals: [mallory]\n"
-HALF_ACL = FULL_ACL[: FULL_ACL.index("deny:")]  # what an in-place save has written so far: it parses, without the deny
-
-
-@pytest.mark.parametrize("moment", ["before the open", "during the read", "replaced during the read"])
-def test_acl_changing_while_read_is_not_loaded(tmp_path, monkeypatch, moment):
-    """The rest of a save landing while the file is read: refused as unstable, never the half that was read."""
-    path = tmp_path / "acl.yaml"
-    path.write_text(HALF_ACL)
-    real_stat, calls = os.stat, []
-
-    def save_the_rest() -> None:
-        if moment == "replaced during the read":
-            (tmp_path / "new").write_text(HALF_ACL)  # the same bytes, atomically renamed over it: a new inode
-            os.replace(tmp_path / "new", path)
-        else:
-            with open(path, "a") as f:
-                f.write(FULL_ACL[len(HALF_ACL) :])
-
-    def stat(target, *args, **kwargs):
-        if Path(target) == path:
-            calls.append(target)
-            if len(calls) == 2 and moment != "before the open":
-                save_the_rest()
-        result = real_stat(target, *args, **kwargs)
-        if Path(target) == path and len(calls) == 1 and moment == "before the open":
-            save_the_rest()
-        return result
-
-    monkeypatch.setattr(os, "stat", stat)
-    with pytest.raises(AclUnstable, match="changed while being read; keeping the previous ACL"):
-        load_acl(path)
-    monkeypatch.undo()
-    assert load_acl(path).deny_principals == ({"mallory"} if moment != "replaced during the read" else frozenset())
-
-
-def test_acl_just_written_waits_to_settle(tmp_path):
-    """A file changed under a second ago may be half a save: the hot reload waits; start-up and SIGHUP do not."""
-    path = tmp_path / "acl.yaml"
-    path.write_text(HALF_ACL)
-    with pytest.raises(AclUnstable, match="maybe still being written; keeping the previous ACL"):
-        read_acl_stable(path, settle=1.0)
-    assert load_acl(path).allow  # no settle time: an admin's explicit load
-    changed = path.stat().st_ctime_ns / 1e9
-    assert read_acl_stable(path, settle=1.0, now=lambda: changed + 1.0).allow
-    acl = read_acl_stable(path, settle=1.0, now=lambda: changed + 1.0)
-    assert acl.stamp == file_stamp(path) and acl == load_acl(path)  # the stamp is not part of the policy
-    old = time.time() - 3600
-    os.utime(path, (old, old))  # an mtime set back (cp -p, tar) does not make the edit old: ctime says when it was
-    with pytest.raises(AclUnstable, match="maybe still being written"):
-        read_acl_stable(path, settle=1.0)
-
-
-def test_a_change_time_ahead_of_the_clock_waits_for_the_steady_clock(tmp_path):
-    """Clock skew (NFS, a VM) puts the change in the future: the server trusts it after seeing it unchanged a while."""
-    path = tmp_path / "acl.yaml"
-    path.write_text(HALF_ACL)
-    changed = path.stat().st_ctime_ns / 1e9
-    with pytest.raises(AclUnstable, match="ahead of this host's clock"):
-        read_acl_stable(path, settle=1.0, now=lambda: changed - 3600)
-    assert read_acl_stable(path, settle=1.0, now=lambda: changed - 3600, steady_for=1.0).allow
-
-    clock = Clock()
-    acls = AclFile(path, clock)
-    path.write_text(FULL_ACL)  # changed just now, by the real clock: held back until the steady clock says 1 s
-    assert acls.current().deny_principals == frozenset()
-    clock.advance(0.5)
-    assert acls.current().deny_principals == frozenset()
-    clock.advance(1.0)
-    assert acls.current().deny_principals == {"mallory"}
-
-
-def test_a_save_in_two_writes_is_never_loaded_half(tmp_path):
-    """A real writer, pausing between its two writes, against a reader polling as the server does."""
-    path = tmp_path / "acl.yaml"
-    path.write_text(FULL_ACL)
-    done = threading.Event()
-
-    def editor() -> None:
-        with open(path, "w") as f:  # in place, in two writes, like a non-atomic editor
-            f.write(HALF_ACL)
-            f.flush()
-            time.sleep(0.1)
-            f.write(FULL_ACL[len(HALF_ACL) :])
-        done.set()
-
-    threading.Thread(target=editor).start()
-    results: list[frozenset[str] | None] = []
-    deadline = None
-    while deadline is None or time.monotonic() < deadline:
-        try:
-            results.append(read_acl_stable(path, settle=0.3).deny_principals)
-        except AclUnstable:
-            results.append(None)
-        if deadline is None and done.is_set():
-            deadline = time.monotonic() + 0.6
-        time.sleep(0.001)
-    assert None in results  # the reader did meet the save in progress
-    assert all(deny == {"mallory"} for deny in results if deny is not None) and results[-1] == {"mallory"}
 
 
 # --- LDAP against the real slapd --------------------------------------------------------------
