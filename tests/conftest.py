@@ -111,8 +111,16 @@ class Server:
             return []
         return list(audit_records([self.audit_path]))  # skips a torn line
 
+    def records(self, event: str, **match: object) -> list[dict]:
+        """Its audit records of ``event`` whose fields have the values in ``match``."""
+        return [r for r in self.audit() if r.get("event") == event and all(r.get(k) == v for k, v in match.items())]
+
     def jobs(self, **match: object) -> list[dict]:
-        return [r for r in self.audit() if r.get("event") == "job" and all(r.get(k) == v for k, v in match.items())]
+        return self.records("job", **match)
+
+    def started(self) -> int:
+        """Compiles that took a slot: each writes its ``job-start`` record as it takes it."""
+        return len(self.records("job-start"))
 
     def alive(self) -> bool:
         return self.process.poll() is None

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, REPO, free_port, make_job, securecc
+from test_job_path import wait_until
 from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 
@@ -457,14 +458,17 @@ class Proxy:
 
 
 class HangingRelay(Proxy):
-    """A relay to slapd that, once told to hang, holds every connection silent (an LDAP server that froze)."""
+    """A relay to slapd that, once told to hang, holds every connection silent (an LDAP server that froze);
+    ``held`` counts the connections it held so: what the server is seen to be waiting for."""
 
     def __init__(self, port: int) -> None:
-        self.hanging = False
+        self.hanging, self.held = False, 0
         super().__init__(port)
 
     def _relay(self, client: socket.socket) -> None:
-        if not self.hanging:
+        if self.hanging:
+            self.held += 1
+        else:
             super()._relay(client)
 
     def hang(self) -> None:
@@ -481,8 +485,8 @@ def test_a_known_ldap_outage_costs_one_timeout_then_is_probed_in_the_background(
     started opens the breaker, then jobs are decided at once (a stale answer within max_stale, or a refusal),
     and LDAP is asked again soon after it is back."""
     relay = HangingRelay(realm.info["ldap_port"])
-    s = own_server(ldap={"uris": [f"ldap://localhost:{relay.port}/"], "timeout": 2, "positive_ttl": 0.2,
-                         "negative_ttl": 0.2, "max_stale": 60, "retry_down": 0.5})
+    s = own_server(ldap={"uris": [f"ldap://localhost:{relay.port}/"], "timeout": 2, "positive_ttl": 0,  # expired at once
+                         "negative_ttl": 0, "max_stale": 60, "retry_down": 0.5})
     (workdir / "a.c").write_text("int a;\n")
 
     def job(user: str) -> tuple[float, str]:
@@ -491,26 +495,24 @@ def test_a_known_ldap_outage_costs_one_timeout_then_is_probed_in_the_background(
         return time.monotonic() - started, s.jobs(principal=f"{user}@TEST.REALM")[-1]["reason"]
 
     assert job("alice")[1] == "allowed:group:committers"
-    time.sleep(0.3)
     relay.hang()
     took, why = job("alice")
     assert why == "allowed:group:committers" and took < 1.5  # its cached answer after 0.5 s: the query goes on
-    time.sleep(2.5)  # the query meets the LDAP timeout (2 s) in the background: the breaker opens
+    # The query meets the LDAP timeout (2 s) in the background and opens the breaker, whose probe is the
+    # second connection the relay holds.
+    assert wait_until(lambda: relay.held >= 2), relay.held
     for user, reason in (("alice", "allowed:group:committers"), ("bob", "denied:ldap-unavailable")) * 2:
         took, why = job(user)
         assert why == reason and took < 1.5, (user, took, why)  # known down: no wait
     relay.hanging = False
-    deadline = time.monotonic() + 10
-    while job("bob")[1] != "denied:not-in-group" and time.monotonic() < deadline:  # LDAP answers bob again
-        time.sleep(0.2)
-    assert job("bob")[1] == "denied:not-in-group"
+    assert wait_until(lambda: job("bob")[1] == "denied:not-in-group")  # LDAP answers bob again
 
 
 def test_ldap_outage_uses_a_recent_answer_then_fails_closed(realm, own_server, workdir):
     """slapd unreachable: a cached answer younger than max_stale is used, then jobs are refused and audited."""
     proxy = Proxy(realm.info["ldap_port"])
-    s = own_server(ldap={"uris": [f"ldap://localhost:{proxy.port}/"], "timeout": 1, "positive_ttl": 0.2,
-                         "negative_ttl": 0.2, "max_stale": 2})
+    s = own_server(ldap={"uris": [f"ldap://localhost:{proxy.port}/"], "timeout": 1, "positive_ttl": 0,  # expired at once
+                         "negative_ttl": 0, "max_stale": 2})
     (workdir / "a.c").write_text("int a(void) { return 1; }\n")
 
     def reason() -> tuple[str, str]:
@@ -519,10 +521,10 @@ def test_ldap_outage_uses_a_recent_answer_then_fails_closed(realm, own_server, w
         return s.jobs(principal="alice@TEST.REALM")[-1]["reason"], done.stderr.decode()
 
     assert reason()[0] == "allowed:group:committers"
+    answered = time.monotonic()
     proxy.cut()
-    time.sleep(0.3)
-    assert reason()[0] == "allowed:group:committers"  # LDAP down, answer 0.3 s old: used
-    time.sleep(2)
+    assert reason()[0] == "allowed:group:committers"  # LDAP down, the answer younger than max_stale: used
+    time.sleep(max(0.0, answered + 2 - time.monotonic()))  # max_stale on the server's own clock: nothing to poll
     why, stderr = reason()
     assert why == "denied:ldap-unavailable"
     assert "refused the job: LDAP unavailable" in stderr and stderr.endswith("compiling locally\n")
@@ -551,10 +553,10 @@ def test_acl_edits_apply_without_restart(realm, own_server, workdir):
 
     assert last_reason() == "allowed:group:committers"
     acl_path.write_text("realms: [TEST.REALM]\ndeny:\n  principals: [alice]\nallow:\n  - group: committers\n")
-    time.sleep(SETTLE)
+    time.sleep(SETTLE)  # the server trusts an edit once it is SETTLE old, and only a job makes it look: nothing to poll
     assert last_reason() == "denied:principal-deny-list"
     acl_path.write_text("realms: [TEST.REALM]\nallow:\n  - group: committers\n    max_jobz: 2\n")
-    time.sleep(SETTLE)
+    time.sleep(SETTLE)  # likewise
     assert last_reason() == "denied:principal-deny-list"
     assert f"{acl_path}:4: unknown key 'max_jobz'" in s.log_path.read_text()
     reloads = [r for r in s.audit() if r.get("event") == "acl-reload"]
@@ -575,9 +577,7 @@ def test_sighup_reloads_an_edit_the_clock_missed(realm, own_server, workdir):
     securecc(realm, s, "alice", workdir, "gcc", "-c", "a.c", "-o", "a.o")
     assert s.jobs(principal="alice@TEST.REALM")[-1]["reason"] == "allowed:group:committers"
     s.process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 5
-    while "reloaded ACL" not in s.log_path.read_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert wait_until(lambda: "reloaded ACL" in s.log_path.read_text(), 5)
     securecc(realm, s, "alice", workdir, "gcc", "-c", "a.c", "-o", "a.o")
     assert s.jobs(principal="alice@TEST.REALM")[-1]["reason"] == "denied:not-in-group"
 
@@ -596,7 +596,7 @@ def test_per_rule_limits_are_enforced(realm, own_server, workdir, monkeypatch):
     big = make_job("g++", [], "c++", "-c", str(workdir), "b.cc", b"int b;\n" + b"//" * 3000 + b"\n")
     assert channel.call(big).reason == "denied:input-too-large"
     channel.sock.sendall(channel.wire.seal(slow_job(workdir, "20000000L")))  # occupies alice's one slot
-    time.sleep(0.5)
+    assert wait_until(lambda: s.started() == 1)
     second = authenticated_channel(s, realm, monkeypatch)
     refused = second.call(make_job("g++", [], "c++", "-c", str(workdir), "c.cc", b"int c;\n"))
     assert isinstance(refused, wire.Busy) and refused.reason == "busy:principal-limit"
@@ -608,9 +608,9 @@ def test_reactor_keeps_serving_while_ldap_hangs(realm, own_server, workdir, monk
     """200 jobs from several principals, cold cache, LDAP slow to answer: handshakes still complete at once."""
     from test_job_path import authenticated_channel
 
-    blackhole = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
-    s = own_server(ldap={"uris": [f"ldap://localhost:{blackhole.getsockname()[1]}/", realm.info["ldap_uri"]],
-                         "timeout": 2})
+    blackhole = HangingRelay(realm.info["ldap_port"])  # accepts, never answers
+    blackhole.hang()
+    s = own_server(ldap={"uris": [f"ldap://localhost:{blackhole.port}/", realm.info["ldap_uri"]], "timeout": 2})
     results: list[object] = []
 
     for key, value in realm.user_env("alice", workdir).items():
@@ -629,14 +629,14 @@ def test_reactor_keeps_serving_while_ldap_hangs(realm, own_server, workdir, monk
     threads = [threading.Thread(target=job, args=(("alice", "bob")[n % 2], n)) for n in range(200)]
     for t in threads:
         t.start()
-    time.sleep(0.5)  # every LDAP thread is now stuck on the blackhole
+    assert wait_until(lambda: blackhole.held >= 2)  # alice's and bob's lookups are stuck on the blackhole (2 s each)
     started = time.monotonic()
     probe = authenticated_channel(s, realm, monkeypatch)
     handshake = time.monotonic() - started
     probe.close()
     for t in threads:
         t.join(120)
-    blackhole.close()
+    blackhole.cut()
     assert handshake < 1.0, f"handshake took {handshake:.2f} s while LDAP hung"
     assert len(results) == 200 and all(isinstance(r, (wire.Result, wire.Refused, wire.Busy)) for r in results)
     assert sum(isinstance(r, wire.Refused) and r.reason == "denied:not-in-group" for r in results) == 100  # bob
