@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import BIN, REPO, free_port, local, make_job, securecc
 from test_acl import credentials_for
-from test_job_path import authenticated_channel, slow_job
+from test_job_path import authenticated_channel, slow_job, wait_until
 
 from securecc import protocol as wire
 from securecc.client.hosts import Host, HostState, parse_hosts
@@ -111,7 +111,7 @@ def test_full_hung_and_down_servers_do_not_stop_the_build(realm, own_server, wor
         assert (workdir / f"{n}.local").read_bytes() == expected[n]
     blocker = authenticated_channel(full, realm, monkeypatch)
     blocker.sock.sendall(blocker.wire.seal(slow_job(workdir, "40000000L")))  # fills the full one's only slot
-    time.sleep(0.3)
+    assert wait_until(lambda: full.started() == 1)
     hung.process.send_signal(signal.SIGSTOP)
     try:
         hosts = " ".join([spec(full), spec(hung), down, spec(healthy)])
@@ -147,7 +147,8 @@ def test_backoff_expires_and_is_shown(realm, own_server, workdir):
     assert lines[0] == "hosts from SECURECC_HOSTS:"
     assert f"127.0.0.1:{port}/4 principal {PRINCIPAL}: backed off" in lines[1] and "cannot connect" in lines[1]
     assert lines[2].startswith(f"  127.0.0.1:{s.port}/4 principal {PRINCIPAL}: ok, latency ")
-    time.sleep(1.2)
+    until = json.loads((workdir / ".cache" / "securecc" / "hosts.json").read_text())["hosts"][f"127.0.0.1:{port}"]["until"]
+    assert wait_until(lambda: time.time() > until)  # the back-off's end, on the wall clock the client stored it by
     shown = securecc(realm, None, "alice", workdir, "--show-hosts", hosts=hosts)
     assert f"127.0.0.1:{port}/4 principal {PRINCIPAL}: ok" in shown.stdout.decode()
 
@@ -157,7 +158,7 @@ def test_busy_server_turns_work_away_at_once(realm, own_server, workdir, monkeyp
     s = own_server(slots=1)
     blocker = authenticated_channel(s, realm, monkeypatch)
     blocker.sock.sendall(blocker.wire.seal(slow_job(workdir, "40000000L")))
-    time.sleep(0.3)
+    assert wait_until(lambda: s.started() == 1)
     second = authenticated_channel(s, realm, monkeypatch)
     started = time.monotonic()
     reply = second.call(make_job("gcc", [], "c", "-c", str(workdir), "b.c", b"int b;\n"))
@@ -185,11 +186,11 @@ def test_two_principals_share_a_full_server(realm, own_server, workdir, monkeypa
     hogs = [channel("alice") for _ in range(2)]
     for n, hog in enumerate(hogs):  # two different jobs (identical ones would share one compile)
         hog.sock.sendall(hog.wire.seal(slow_job(workdir, f"4000000{n}L")))
-    time.sleep(0.5)
+    assert wait_until(lambda: s.started() == 2)
     bob = channel("bob")
     assert bob.call(make_job("gcc", [], "c", "-c", str(workdir), "b.c", b"int b;\n")).reason == "busy:full"
-    hogs[0].close()  # one of alice's compiles ends (killed with its client)
-    time.sleep(0.5)
+    hogs[0].close()  # one of alice's compiles ends (killed with its client): its record follows its slot's release
+    assert wait_until(lambda: bool(s.jobs(ended_by="disconnect")))
     alice = channel("alice")
     assert alice.call(make_job("gcc", [], "c", "-c", str(workdir), "a.c", b"int a;\n")).reason == "busy:fair-share"
     reply = bob.call(make_job("gcc", [], "c", "-c", str(workdir), "b.c", b"int b;\n"))
