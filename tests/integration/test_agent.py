@@ -95,6 +95,8 @@ def test_expired_ticket_is_noticed_and_a_new_one_picked_up(realm, server, workdi
     started = time.monotonic()
     assert compile_main(realm, server, workdir, **env).returncode == 0
     remote = len(server.jobs(principal="alice@TEST.REALM"))
+    # Until 1 s past the ticket's end (4 s, by the KDC): the agent trusts a checked ticket for its lifetime, counted
+    # in whole seconds, so up to 1 s beyond; only a compile shows when it stops, and that is the test.
     time.sleep(max(0.0, 5 - (time.monotonic() - started)))
     done = compile_main(realm, server, workdir, **env)
     assert done.returncode == 0 and (workdir / "main.o").exists()
@@ -121,6 +123,8 @@ def test_server_refuses_a_job_after_the_session_ticket_ended(realm, own_server, 
     channel = Channel(parse_host(server.hosts))
     channel.authenticate()
     assert channel.expires - time.monotonic() < 4
+    # Until the session's end on the real server's clock (the ticket's end plus the 1 s skew), and a margin:
+    # a job sent to see whether it has ended would be the test itself.
     time.sleep(max(0.0, channel.expires - time.monotonic()) + 1.5)
     try:
         reply = channel.call(make_job("gcc", ["-O2"], "c", "-c", str(workdir), "x.c", b"int x;\n"))

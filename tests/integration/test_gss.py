@@ -82,7 +82,7 @@ def test_expired_ticket(realm, as_user, tmp_path):
     as_user(None)
     env = {**realm.env, "KRB5CCNAME": f"FILE:{tmp_path}/short.ccache"}
     subprocess.run(["kinit", "-l", "1s", "alice"], input=b"alicepw\n", env=env, check=True, capture_output=True)
-    time.sleep(2.2)
+    time.sleep(2.2)  # fixed: a real ticket ends on the KDC's clock, in whole seconds; this clears its last one with a margin
     as_user(None, KRB5CCNAME=env["KRB5CCNAME"])
     with pytest.raises(GSSFailure, match=r"^Kerberos ticket expired: run kinit"):
         Initiator(SERVICE).step()
@@ -94,7 +94,7 @@ def test_clock_skew(realm, as_user, tmp_path):
     token = Initiator(SERVICE).step()
     strict = tmp_path / "krb5-strict.conf"
     strict.write_text((realm.dir / "krb5.conf").read_text().replace("[libdefaults]", "[libdefaults]\n  clockskew = 1", 1))
-    time.sleep(2.2)
+    time.sleep(2.2)  # fixed: the authenticator must age past the 1 s skew; trying it earlier would spend it (replay cache)
     as_user("alice", KRB5_CONFIG=str(strict))
     context = Acceptor(SERVICE, str(realm.dir / "service.keytab")).new_context()
     with pytest.raises(GSSFailure, match=r"^clock skew too great") as caught:
