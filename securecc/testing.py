@@ -200,9 +200,7 @@ class MemoryLdap:
         """A Directory on ``clock`` whose every connection is this one; ``settings``: LdapConfig's (TTLs, retry_down)."""
         settings = {"membership": ("memberOf",), "nested": False, **settings}  # one search per lookup
         config = LdapConfig(("ldap://memory/",), "dc=test,dc=realm", PEOPLE, GROUPS, **settings)
-        directory = Directory(config, clock)
-        directory._connection = self.connect  # the one seam: above the connection, all is the Directory's own code
-        return directory
+        return _DirectoryOver(self, config, clock)
 
     def connect(self) -> MemoryLdap:
         self.connects += 1
@@ -219,3 +217,14 @@ class MemoryLdap:
                          "memberOf": [f"cn={group},{GROUPS}".encode() for group in sorted(groups)]}
                 return [(f"uid={name},{PEOPLE}", entry)]
         return []
+
+
+class _DirectoryOver(Directory):
+    """The real Directory with one seam: its connection is a MemoryLdap; above it, all is Directory's own code."""
+
+    def __init__(self, server: MemoryLdap, config: LdapConfig, clock: TimeSource) -> None:
+        super().__init__(config, clock)
+        self._server = server
+
+    def _connection(self) -> Any:
+        return self._server.connect()

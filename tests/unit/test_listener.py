@@ -44,7 +44,7 @@ def config(tmp_path: Path) -> ServerConfig:
 
 def service_on(config: ServerConfig, clock) -> CompileService:
     audit = AuditLog(config.audit.path, Ed25519PrivateKey.generate(), "test")
-    return CompileService(config, MemoryReactorClock(), clock, AclFile(config.acl), MemoryDirectory(), ThreadPool(), audit, {})
+    return CompileService(config, MemoryReactorClock(), clock, AclFile(config.acl, clock), MemoryDirectory(), ThreadPool(), audit, {})
 
 
 ACCEPTOR = MemoryAcceptor(SERVER, clients=frozenset({ALICE}))
