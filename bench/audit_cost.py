@@ -12,15 +12,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from securecc.audit import generate_key, load_private_key, load_public_key, verify
+from securecc.audit import Decision, JobRecord, generate_key, load_private_key, load_public_key, verify
 from securecc.server.auditlog import AuditLog
 
-JOB = dict(
-    event="job", job_id="0123456789abcdef", principal="alice@EXAMPLE.ORG", peer="10.0.0.7:51234", compiler="gcc",
+JOB = JobRecord(
+    job_id="0123456789abcdef", principal="alice@EXAMPLE.ORG", peer="10.0.0.7:51234", compiler="gcc",
     compiler_path="/usr/bin/gcc", compiler_identity="gcc version 12.2.0 (Debian 12.2.0-14+deb12u1); target x86_64-linux-gnu",
     args=["-g", "-O2", "-Wall", "-Wextra", "-fPIC"], source="src/lib/parser.c", cwd="/home/alice/src/project/build",
     headers=0, input_sha256="a" * 64, output_sha256="b" * 64, exit_status=0, ended_by=None, duration=0.8123,
-    bytes_in=183412, bytes_out=23110, decision="allowed", reason="group:committers",
+    bytes_in=183412, bytes_out=23110, decision=Decision.ALLOWED, reason="group:committers",
 )
 
 
@@ -34,7 +34,7 @@ def main() -> None:
         log = AuditLog(directory / "audit.jsonl", load_private_key(directory / "key"), "bench")
         start = time.perf_counter()
         for _ in range(n):
-            log.write(**JOB)
+            log.write(**JOB.to_fields())  # as the server writes it
         log.close()
         written = time.perf_counter() - start
         start = time.perf_counter()

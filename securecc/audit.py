@@ -7,15 +7,9 @@ are not UTF-8), so its bytes are its identity:
 - ``v`` format version; ``seq`` position in the chain (0, 1, ... across
   rotated files); ``prev`` sha256 of the previous line's bytes (64 zeros for
   the first); ``time`` UTC, RFC 3339; ``event`` (below); ``server`` host.
-- ``event: job`` — ``job_id``, ``principal``, ``peer``, ``compiler``,
-  ``compiler_path``, ``compiler_identity``, ``args``, ``source``, ``cwd``,
-  ``headers`` (files sent for the server to preprocess), ``input_sha256``,
-  ``output_sha256``, ``exit_status``, ``ended_by`` (timeout, disconnect,
-  shutdown, or the rlimit: cpu-limit, file-size-limit, memory-limit,
-  process-limit), ``duration`` (s), ``bytes_in``, ``bytes_out``,
-  ``decision`` (allowed/refused), ``reason`` (the ACL's reason when allowed,
-  the refusal's when refused), ``detail``; ``sandbox`` when not bwrap;
-  ``delivered`` (false: the client had gone before the reply could be sent).
+- ``event: job`` — one per job attempt however it ended, and ``job-start``,
+  a compile's record so far, written before it runs: :class:`JobRecord`
+  lists the fields and says which are written when.
 - ``event: auth`` — a connection whose authentication failed (``peer``,
   ``reason``, ``detail``).
 - ``event: server-start`` (``sandbox``, ``compilers`` and their identities,
@@ -49,14 +43,18 @@ import json
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from enum import Enum, StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+if TYPE_CHECKING:
+    from securecc.protocol import Reason
 
 VERSION = 1
 GENESIS = "0" * 64
@@ -103,6 +101,99 @@ def sha256(data: bytes | None) -> str | None:
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# --- the record of a job -------------------------------------------------------
+
+
+class Decision(StrEnum):
+    """What became of a job: the ``decision`` of its record."""
+
+    ALLOWED = "allowed"  # it compiled, or its result came from the cache
+    REFUSED = "refused"
+    BUSY = "busy"  # no slot now: the client tries another server
+    ERROR = "error"  # ours, not the client's
+
+
+class Unset(Enum):
+    """The default of the fields whose None is written (as null): until set, such a field is left out."""
+
+    UNSET = "unset"
+
+    def __bool__(self) -> Literal[False]:
+        return False
+
+
+UNSET: Final = Unset.UNSET
+
+
+def _fields(record: JobRecord, event: str) -> dict[str, Any]:
+    """A record's fields as written: None is left out, and so is UNSET (a field that defaults to it writes its None)."""
+    written: dict[str, Any] = {"event": event}
+    for f in fields(record):
+        value = getattr(record, f.name)
+        if value is not UNSET and (value is not None or f.default is UNSET):
+            written[f.name] = value
+    return written
+
+
+@dataclass(kw_only=True, slots=True)
+class JobRecord:
+    """One job's record, filled in by its stages (:mod:`securecc.server.service`) as they learn each field.
+
+    Mutable: a refusal at any stage is recorded with what the stages before
+    it learnt, through this one object.  Slots: a field the format does not
+    have cannot be set.  A field at None is left out, but the three that
+    start :data:`UNSET` write their None, as null: a compile that ended by
+    itself, or made no object.  Which outcome writes which fields:
+
+    - refused before authorization: who, what, ``decision``, ``reason``, ``detail``, ``duration``, ``delivered``;
+      a distcc command that is no compile: who, ``args`` and why, nothing else;
+    - refused by the ACL: also ``compiler_path`` and ``compiler_identity``;
+    - busy: also ``input_sha256`` and ``load``, no ``detail``;
+    - compiled: ``exit_status``, ``ended_by``, ``output_sha256``, ``bytes_out``, ``cache`` when stored;
+    - from the cache: ``cache``, ``cached_from``, ``exit_status``, ``output_sha256``, ``bytes_out``;
+    - an error of ours: what was known when it happened, and ``detail``;
+    - ``job-start``: a compile's record before it runs (:meth:`to_fields`), without ``decision``.
+    """
+
+    # who, from where, how (protocol and payload only when not the native protocol's sealed stream)
+    principal: str
+    peer: str  # host:port
+    protocol: str | None = None  # "distcc"
+    payload: str | None = None  # "cleartext": the job came unsealed
+    # what
+    job_id: str | None = None  # None: a distcc command refused before it was a job
+    compiler: str | None = None  # the name the client asked for
+    args: list[str]
+    source: str | None = None  # the source path as the client names it
+    cwd: str | None = None
+    headers: int | None = None  # files sent for the server to preprocess
+    bytes_in: int | None = None
+    sandbox: str | None = None  # its mode, when not bwrap
+    # once the compiler is checked and the ACL asked
+    compiler_path: str | None = None
+    compiler_identity: str | None = None
+    input_sha256: str | None = None  # once authorized: only then is the input hashed
+    # how it ended
+    decision: Decision | None = None
+    reason: Reason | str | None = None  # the ACL's reason (allowed:group:NAME...), replaced by a refusal's or BUSY's
+    detail: str | None = None
+    load: int | None = None  # busy: jobs running then
+    cache: Literal["hit", "stored"] | None = None
+    cached_from: str | None | Unset = UNSET  # a hit: the job that stored it (null: its entry names none)
+    exit_status: int | None = None
+    # a compile: timeout, disconnect, shutdown (we killed it), or the rlimit (cpu-limit, file-size-limit, memory-limit,
+    # process-limit); null: it ended by itself
+    ended_by: str | None | Unset = UNSET
+    output_sha256: str | None | Unset = UNSET  # a compile or a hit (null: no object)
+    bytes_out: int | None = None
+    duration: float | None = None  # seconds, arrival to record
+    delivered: bool | None = None  # false: the client had gone before the reply could be sent
+
+    def to_fields(self, event: Literal["job", "job-start"] = "job") -> dict[str, Any]:
+        """What :meth:`~securecc.server.auditlog.AuditLog.write` takes; ``job-start``: a compile's record so far."""
+        return _fields(self, event)
 
 
 # --- keys -------------------------------------------------------------------

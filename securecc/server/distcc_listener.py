@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 
 from securecc import args as argpolicy
 from securecc import protocol as wire
-from securecc.audit import AuditError
+from securecc.audit import AuditError, Decision, JobRecord
 from securecc.gss import DISTCC_FLAGS, Acceptor, GSSFailure
 from securecc.server import distcc_wire as distcc
 from securecc.server.service import CompileService
@@ -75,7 +75,7 @@ class DistccProtocol(protocol.Protocol):
             if self.context.complete:
                 self.principal = self.context.principal
                 self.session = Session(self.principal, self.peer, self.service.clock.seconds() + self.context.lifetime,
-                                       {"protocol": "distcc", "payload": "cleartext"}, self.transport)
+                                       self.transport, protocol="distcc", payload="cleartext")
                 self.authenticated()
                 self.transport.write(out + b"y")  # tokens and verdict in one write
                 self.state = "request"
@@ -102,9 +102,10 @@ class DistccProtocol(protocol.Protocol):
         try:
             job = distcc_job(request, self.service)
         except argpolicy.NotDistributable as e:  # not something a server runs: refused and audited, like any job
+            record = JobRecord(principal=session.principal, peer=session.peer, protocol=session.protocol, payload=session.payload,
+                               args=request.argv, decision=Decision.REFUSED, reason=wire.Reason.ARGUMENT_REFUSED, detail=str(e))
             try:
-                self.service.audit.write(**session.record, event="job", principal=session.principal, peer=session.peer,
-                                         args=request.argv, decision="refused", reason=wire.Reason.ARGUMENT_REFUSED, detail=str(e))
+                self.service.audit.write(**record.to_fields())
             except AuditError:
                 pass
             self.transport.loseConnection()

@@ -7,9 +7,9 @@ never disagree.
 
 from __future__ import annotations
 
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from securecc.audit import JobRecord
 
 
 class Metrics:
@@ -35,17 +35,17 @@ class Metrics:
                                        registry=r)
         self.audit_errors = Counter("securecc_audit_write_errors", "Audit records that could not be written", registry=r)
 
-    def observe(self, record: dict[str, Any]) -> None:
+    def observe(self, record: JobRecord) -> None:
         """One job's audit record, the single source of job outcomes."""
-        self.jobs.labels(record.get("decision", "?"), record.get("reason", "?")).inc()
-        if record.get("ended_by"):
-            self.kills.labels(record["ended_by"]).inc()
-        if record.get("cache") == "hit":
+        self.jobs.labels(record.decision or "?", record.reason or "?").inc()
+        if record.ended_by:
+            self.kills.labels(record.ended_by).inc()
+        if record.cache == "hit":
             self.cache_hits.inc()
-        self.bytes_in.inc(record.get("bytes_in", 0) or 0)
-        self.bytes_out.inc(record.get("bytes_out", 0) or 0)
-        if record.get("duration") is not None:
-            self.duration.observe(record["duration"])
+        self.bytes_in.inc(record.bytes_in or 0)
+        self.bytes_out.inc(record.bytes_out or 0)
+        if record.duration is not None:
+            self.duration.observe(record.duration)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

@@ -25,7 +25,7 @@ from securecc import args as argpolicy
 from securecc import protocol as wire
 from securecc import sandbox
 from securecc.acl import decide, split_principal
-from securecc.audit import AuditError, now_rfc3339, sha256
+from securecc.audit import AuditError, Decision, JobRecord, now_rfc3339, sha256
 from securecc.cachekey import cache_key, expands_time
 from securecc.server import jobspec
 from securecc.server.aclfile import AclFile
@@ -149,28 +149,27 @@ class CompileService:
         """
         job_id = secrets.token_hex(8)
         started = self.clock.seconds()
-        record = dict(
-            **session.record, event="job", job_id=job_id, principal=session.principal, peer=session.peer,
+        mode = self.config.sandbox.mode
+        record = JobRecord(
+            principal=session.principal, peer=session.peer, protocol=session.protocol, payload=session.payload, job_id=job_id,
             compiler=job.compiler, args=job.args, source=job.source_path, cwd=job.cwd, headers=len(job.include_paths),
-            bytes_in=len(job.source) + len(job.original) + sum(map(len, job.includes)),
+            bytes_in=len(job.source) + len(job.original) + sum(map(len, job.includes)), sandbox=None if mode == "bwrap" else mode,
         )
-        if self.config.sandbox.mode != "bwrap":
-            record["sandbox"] = self.config.sandbox.mode
         try:
             reply = yield self._run(job_id, session.principal, job, session, record, started)
         except _Refusal as refusal:
-            record.update(decision="refused", reason=refusal.reason, detail=str(refusal))
+            record.decision, record.reason, record.detail = Decision.REFUSED, refusal.reason, str(refusal)
             self._record(record, started, session)
             return wire.Refused(refusal.reason, str(refusal), job_id)
         except Exception as e:  # ours, not the client's: still recorded, and the server goes on
             self._log.failure("job {job_id} failed", Failure(), job_id=job_id)
-            record.update(decision="error", reason=wire.Reason.SERVER_ERROR, detail=f"{type(e).__name__}: {e}"[:500])
+            record.decision, record.reason, record.detail = Decision.ERROR, wire.Reason.SERVER_ERROR, f"{type(e).__name__}: {e}"[:500]
             self._record(record, started, session)
             return wire.Refused(wire.Reason.SERVER_ERROR, "internal server error; the job was not run", job_id)
         return reply
 
     @defer.inlineCallbacks
-    def _run(self, job_id: str, principal: str, raw: wire.Job, session: Session, record: dict, started: float):
+    def _run(self, job_id: str, principal: str, raw: wire.Job, session: Session, record: JobRecord, started: float):
         try:
             job = jobspec.validate(raw, self.compiler_roots)
         except jobspec.Invalid as e:
@@ -179,26 +178,26 @@ class CompileService:
             raise _Refusal(wire.Reason.SESSION_EXPIRED, "the Kerberos ticket of this session has ended: reconnect")
         compiler = self._check_job(job)
         decision = yield self._authorize(principal, job)
-        record.update(compiler_path=compiler.path, compiler_identity=job.compiler_identity, reason=decision.reason)
+        record.compiler_path, record.compiler_identity, record.reason = compiler.path, job.compiler_identity, decision.reason
         if not decision.allowed:
             raise _Refusal(decision.reason, f"{principal} may not compile here ({decision.reason})")
         # Authorized: only now the large work (hashing the input, the cache key), off the reactor.
-        record["input_sha256"], key = yield threads.deferToThreadPool(self.clock, self.hash_pool, self._digests, job)
+        record.input_sha256, key = yield threads.deferToThreadPool(self.clock, self.hash_pool, self._digests, job)
         hit, owner = yield self._cached(key)
         stored = room = None
         try:
             if hit is not None:
-                record.update(decision="allowed", cache="hit", cached_from=hit.producer.get("job_id"), exit_status=0,
-                              output_sha256=sha256(hit.output), bytes_out=len(hit.output) + len(hit.stderr))
+                record.decision, record.cache, record.cached_from = Decision.ALLOWED, "hit", hit.producer.get("job_id")
+                record.exit_status, record.output_sha256, record.bytes_out = 0, sha256(hit.output), len(hit.output) + len(hit.stderr)
                 if not self._record(record, started, session):
                     return wire.Refused(wire.Reason.AUDIT_UNAVAILABLE, AUDIT_DOWN, job_id)
                 return wire.Result(0, hit.stdout, hit.stderr, hit.output, job_id)
             busy = self._admit(principal, decision.rule.max_jobs if decision.rule else None)
             if busy is not None:
-                record.update(decision="busy", reason=busy.reason, load=busy.load)
+                record.decision, record.reason, record.load = Decision.BUSY, busy.reason, busy.load
                 self._record(record, started, session)
                 return busy
-            start = {**record, "event": "job-start"}
+            start = record.to_fields("job-start")
             try:  # room for both of its records first: no compile runs that its record could not follow
                 room = self.audit.reserve(start)
                 self.audit.write(room, **start)
@@ -207,20 +206,18 @@ class CompileService:
                 return wire.Refused(wire.Reason.AUDIT_UNAVAILABLE, AUDIT_DOWN, job_id)
             self.share.started(principal)
             self.jobs_now[job_id] = {"principal": principal, "compiler": job.compiler, "source": job.source_path,
-                                     "started": time.time(), "peer": record["peer"], "job_id": job_id}
+                                     "started": time.time(), "peer": session.peer, "job_id": job_id}
             try:
                 outcome = yield self._compile(job_id, compiler, job, session)
             finally:
                 self.share.finished(principal)
                 self.jobs_now.pop(job_id, None)
-            record.update(
-                decision="allowed", exit_status=outcome.exit_status, ended_by=outcome.ended_by,
-                output_sha256=sha256(outcome.output),
-                bytes_out=len(outcome.output or b"") + len(outcome.dwo or b"") + len(outcome.stdout) + len(outcome.stderr),
-            )
+            record.decision, record.exit_status, record.ended_by = Decision.ALLOWED, outcome.exit_status, outcome.ended_by
+            record.output_sha256 = sha256(outcome.output)
+            record.bytes_out = len(outcome.output or b"") + len(outcome.dwo or b"") + len(outcome.stdout) + len(outcome.stderr)
             entry = self._entry(key, outcome, {"job_id": job_id, "principal": principal})
             if entry is not None:
-                record["cache"] = "stored"
+                record.cache = "stored"
             if not self._record(record, started, session, room):
                 return wire.Refused(wire.Reason.AUDIT_UNAVAILABLE, AUDIT_DOWN, job_id)
             stored = entry  # recorded first: the cache never holds an unaudited result
@@ -276,7 +273,7 @@ class CompileService:
         reason = self.share.admit(principal, max_jobs)
         return None if reason is None else wire.Busy(reason, self.share.load, self.config.slots)
 
-    def _record(self, record: dict[str, object], started: float, session: Session, room: Reservation | None = None) -> bool:
+    def _record(self, record: JobRecord, started: float, session: Session, room: Reservation | None = None) -> bool:
         """Write a job's audit record (into its ``room`` if it ran); False (and a log line) when the log cannot take it.
 
         ``delivered``: the reply goes to the client's open connection right
@@ -284,11 +281,10 @@ class CompileService:
         ever delivered); false when the client had gone (a result computed
         for nobody, e.g. on a server frozen past the client's patience).
         """
-        record["duration"] = round(self.clock.seconds() - started, 4)
-        record["delivered"] = not session.gone()
+        record.duration, record.delivered = round(self.clock.seconds() - started, 4), not session.gone()
         self.metrics.observe(record)
         try:
-            self.audit.write(room, **record)
+            self.audit.write(room, **record.to_fields())
             return True
         except AuditError as e:
             self.metrics.audit_errors.inc()

@@ -8,8 +8,8 @@ service never sees the Twisted protocol object.
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -18,8 +18,9 @@ class Session:
     principal: str
     peer: str  # host:port
     expires: float  # on the service's clock: when the ticket that opened the session ends
-    record: Mapping[str, str] = field(default_factory=dict)  # fields for each of its jobs' records (protocol, payload)
     transport: Any = None  # its socket is peeked to tell whether the client has gone (see :meth:`gone`)
+    protocol: str | None = None  # its jobs' records name a protocol other than the native one ("distcc")
+    payload: str | None = None  # ... and say "cleartext" when its jobs came unsealed
     cancelled: bool = False
     _on_cancel: Callable[[], None] | None = None
 

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from securecc import protocol as wire
-from securecc.audit import generate_key, load_private_key, records
+from securecc.audit import UNSET, Decision, JobRecord, generate_key, load_private_key, records
 from securecc.sandbox import Limits, Outcome, Settings
 from securecc.server.aclfile import AclFile
 from securecc.server.auditlog import AuditLog
@@ -161,7 +161,7 @@ def native(principal: str = ALICE, expires: float = 3600.0) -> Session:
 
 
 def distcc() -> Session:
-    return Session(ALICE, PEER, 3600.0, {"protocol": "distcc", "payload": "cleartext"})
+    return Session(ALICE, PEER, 3600.0, protocol="distcc", payload="cleartext")
 
 
 def replied(d: defer.Deferred[Any]) -> Any:
@@ -333,3 +333,21 @@ def test_the_metrics_count_what_the_records_say(tmp_path: Path) -> None:
     assert s.service.status()["totals"] == {"allowed": 1, "busy": 1, "refused": 1}
     assert s.service.metrics.kills.labels("timeout")._value.get() == 1
     assert s.service.metrics.bytes_in._value.get() == 3 * len(SOURCE)
+
+
+def test_a_record_has_the_formats_fields_and_no_other() -> None:
+    record = JobRecord(principal=ALICE, peer=PEER, args=[])
+    with pytest.raises(AttributeError):
+        record.exit_code = 0
+    with pytest.raises(TypeError):
+        JobRecord(principal=ALICE, peer=PEER, args=[], exit_code=0)
+
+
+def test_what_is_unset_is_left_out_and_a_null_outcome_is_written() -> None:
+    """None is no field, but a compile's ``ended_by`` or ``output_sha256`` set to None is written as null."""
+    record = JobRecord(principal=ALICE, peer=PEER, args=[], job_id="j", compiler=None)
+    assert record.to_fields() == {"event": "job", "principal": ALICE, "peer": PEER, "args": [], "job_id": "j"}
+    record.decision, record.ended_by, record.output_sha256 = Decision.ALLOWED, None, None
+    assert record.to_fields("job-start") == {"event": "job-start", "principal": ALICE, "peer": PEER, "args": [], "job_id": "j",
+                                             "decision": "allowed", "ended_by": None, "output_sha256": None}
+    assert not UNSET and JobRecord(principal=ALICE, peer=PEER, args=[]).cached_from is UNSET
