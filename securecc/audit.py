@@ -10,8 +10,7 @@ are not UTF-8), so its bytes are its identity:
 - ``event: job`` — one per job attempt however it ended, and ``job-start``,
   a compile's record so far, written before it runs: :class:`JobRecord`
   lists the fields and says which are written when.
-- ``event: auth`` — a connection whose authentication failed (``peer``,
-  ``reason``, ``detail``).
+- ``event: auth`` — a connection whose authentication failed: :class:`AuthRecord`.
 - ``event: server-start`` (``sandbox``, ``compilers`` and their identities,
   ``torn_line`` after a crash) / ``server-stop`` / ``acl-reload`` /
   ``rotation`` / ``key-rotation`` (``old_key``, ``new_key``) /
@@ -103,11 +102,11 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-# --- the record of a job -------------------------------------------------------
+# --- the records of jobs and handshakes ----------------------------------------
 
 
 class Decision(StrEnum):
-    """What became of a job: the ``decision`` of its record."""
+    """What became of a job (the ``decision`` of its record); a failed handshake is refused."""
 
     ALLOWED = "allowed"  # it compiled, or its result came from the cache
     REFUSED = "refused"
@@ -127,7 +126,7 @@ class Unset(Enum):
 UNSET: Final = Unset.UNSET
 
 
-def _fields(record: JobRecord, event: str) -> dict[str, Any]:
+def _fields(record: JobRecord | AuthRecord, event: str) -> dict[str, Any]:
     """A record's fields as written: None is left out, and so is UNSET (a field that defaults to it writes its None)."""
     written: dict[str, Any] = {"event": event}
     for f in fields(record):
@@ -194,6 +193,21 @@ class JobRecord:
     def to_fields(self, event: Literal["job", "job-start"] = "job") -> dict[str, Any]:
         """What :meth:`~securecc.server.auditlog.AuditLog.write` takes; ``job-start``: a compile's record so far."""
         return _fields(self, event)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AuthRecord:
+    """A connection whose authentication failed (frozen: built whole, in one place, the service's ``auth_failed``)."""
+
+    peer: str
+    reason: Reason | str
+    detail: str
+    protocol: str | None = None  # "distcc"
+    suppressed_before: int | None = None  # failures from the same source left out since the last record
+    decision: Decision = Decision.REFUSED
+
+    def to_fields(self) -> dict[str, Any]:
+        return _fields(self, "auth")
 
 
 # --- keys -------------------------------------------------------------------

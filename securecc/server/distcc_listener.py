@@ -59,7 +59,7 @@ class DistccProtocol(protocol.Protocol):
             self._advance()
         except (distcc.DistccError, GSSFailure) as e:
             if isinstance(e, GSSFailure):
-                self._audit_auth_failure(str(e))
+                self.service.auth_failed(self.peer, str(e), protocol="distcc")
             self._drop(str(e))
 
     def _advance(self) -> None:
@@ -92,9 +92,6 @@ class DistccProtocol(protocol.Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-
-    def _audit_auth_failure(self, detail: str) -> None:
-        self.service.auth_failed(self.peer, detail, protocol="distcc")
 
     def _run(self, request: distcc.Request) -> None:
         session = self.session

@@ -25,7 +25,7 @@ from securecc import args as argpolicy
 from securecc import protocol as wire
 from securecc import sandbox
 from securecc.acl import decide, split_principal
-from securecc.audit import AuditError, Decision, JobRecord, now_rfc3339, sha256
+from securecc.audit import AuditError, AuthRecord, Decision, JobRecord, now_rfc3339, sha256
 from securecc.cachekey import cache_key, expands_time
 from securecc.server import jobspec
 from securecc.server.aclfile import AclFile
@@ -73,9 +73,9 @@ class CompileService:
     jobs_now: dict[str, dict[str, object]] = field(default_factory=dict)  # job id -> who compiles what, since when
     _log = Logger()
 
-    def auth_failed(self, peer: str, detail: str, **extra: str) -> None:
-        """Record a failed handshake: the first from a source in ``AUTH_FAILURE_WINDOW`` seconds, with how
-        many were left out before it, so unauthenticated peers cannot flood the log (and fill its disk)."""
+    def auth_failed(self, peer: str, detail: str, protocol: str | None = None) -> None:
+        """Record a failed handshake, for both protocols: the first from a source in ``AUTH_FAILURE_WINDOW`` seconds,
+        with how many were left out before it, so unauthenticated peers cannot flood the log (and fill its disk)."""
         source, now = peer.rpartition(":")[0] or peer, self.clock.seconds()
         last, suppressed = self.auth_failures.get(source, (float("-inf"), 0))
         if now - last < AUTH_FAILURE_WINDOW:
@@ -85,8 +85,8 @@ class CompileService:
             self.auth_failures = {k: v for k, v in self.auth_failures.items() if now - v[0] < AUTH_FAILURE_WINDOW}
         self.auth_failures[source] = (now, 0)
         try:
-            self.audit.write(**extra, event="auth", peer=peer, decision="refused", reason=wire.Reason.AUTHENTICATION_FAILED,
-                             detail=detail[:500], **({"suppressed_before": suppressed} if suppressed else {}))
+            self.audit.write(**AuthRecord(peer=peer, reason=wire.Reason.AUTHENTICATION_FAILED, detail=detail[:500], protocol=protocol,
+                                          suppressed_before=suppressed or None).to_fields())
         except AuditError:
             pass  # logged by the caller; nothing ran
 

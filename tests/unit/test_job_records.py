@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from securecc import protocol as wire
-from securecc.audit import UNSET, Decision, JobRecord, generate_key, load_private_key, records
+from securecc.audit import UNSET, AuthRecord, Decision, JobRecord, generate_key, load_private_key, records
 from securecc.sandbox import Limits, Outcome, Settings
 from securecc.server.aclfile import AclFile
 from securecc.server.auditlog import AuditLog
@@ -341,6 +341,8 @@ def test_a_record_has_the_formats_fields_and_no_other() -> None:
         record.exit_code = 0
     with pytest.raises(TypeError):
         JobRecord(principal=ALICE, peer=PEER, args=[], exit_code=0)
+    with pytest.raises(AttributeError):
+        AuthRecord(peer=PEER, reason="r", detail="d").peer = "elsewhere"
 
 
 def test_what_is_unset_is_left_out_and_a_null_outcome_is_written() -> None:
