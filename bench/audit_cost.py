@@ -12,6 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from twisted.internet.task import Clock
+
 from securecc.audit import Decision, JobRecord, generate_key, load_private_key, load_public_key, verify
 from securecc.server.auditlog import AuditLog
 
@@ -31,7 +33,7 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="scc-audit-bench-"))
     try:
         public = generate_key(directory / "key")
-        log = AuditLog(directory / "audit.jsonl", load_private_key(directory / "key"), "bench")
+        log = AuditLog(directory / "audit.jsonl", load_private_key(directory / "key"), "bench", clock=Clock())
         start = time.perf_counter()
         for _ in range(n):
             log.write(**JOB.to_fields())  # as the server writes it

@@ -24,7 +24,6 @@ import errno
 import functools
 import json
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.internet.interfaces import IReactorTime
 
 from securecc.audit import GENESIS, VERSION, AuditError, canonical, key_id, line_hash, now_rfc3339
 
@@ -90,6 +90,7 @@ class AuditLog:
     checkpoint_every: int = 100
     checkpoint_seconds: float = 5.0
     forward: Callable[[bytes], None] | None = None  # a copy of each checkpoint line off the box
+    clock: IReactorTime = field(kw_only=True)  # checkpoint_seconds pass on it: the reactor, whose loop calls tick
     torn_line: int | None = field(default=None, init=False)  # set when the last start found one
     previous_key: str | None = field(default=None, init=False)  # the key of the log's last checkpoint
     healthy: bool = field(default=True, init=False)
@@ -123,7 +124,7 @@ class AuditLog:
             self._size += 1
             self.torn_line = count
         self._unsigned = 0
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = self.clock.seconds()
         self._lost = 0
         self._reserved = 0  # bytes promised to jobs under way
         self._allocated = self._size  # the file's blocks are ours up to here (a crash's leftovers not counted)
@@ -252,7 +253,7 @@ class AuditLog:
             return
         line = self._append({"event": "checkpoint", "records": self._unsigned, "key": self.key_id}, sign=True)
         self._unsigned = 0
-        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint = self.clock.seconds()
         try:
             os.fdatasync(self._fd)
         except OSError:
@@ -262,7 +263,7 @@ class AuditLog:
 
     def tick(self) -> None:
         """Called every second or so: checkpoint when records have waited long enough."""
-        if self._unsigned and time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds:
+        if self._unsigned and self.clock.seconds() - self._last_checkpoint >= self.checkpoint_seconds:
             try:
                 self.checkpoint()
             except AuditError:

@@ -136,9 +136,9 @@ def build(config: ServerConfig, reactor, handler: HandlerLink) -> tuple[ServiceF
         raise ConfigError(f"audit key {config.audit.key}: {e}; make one with: securecc-admin audit keygen "
                           f"--out {config.audit.key}") from None
     audit = AuditLog(config.audit.path, key, socket.getfqdn(), config.audit.rotate_bytes, config.audit.checkpoint_every,
-                     config.audit.checkpoint_seconds, forwarder(config.audit.syslog))
-    # The reactor is the service's clock (deadlines, sessions); LDAP answers' TTLs and acl.yaml's settle time are
-    # timed on a monotonic one instead, which no step of the wall clock stretches (securecc.server.clock).
+                     config.audit.checkpoint_seconds, forwarder(config.audit.syslog), clock=reactor)
+    # The reactor is the service's clock (deadlines, sessions, checkpoints); LDAP answers' TTLs and acl.yaml's settle
+    # time are timed on a monotonic one instead, which no step of the wall clock stretches (securecc.server.clock).
     acl, directory = AclFile(config.acl, MONOTONIC, on_reload=audit.write), Directory(config.ldap, MONOTONIC)
     try:
         identities = {c.path: toolchain.probe(c.path) for c in config.compilers.values()}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, securecc
+from twisted.internet.task import Clock
 
 from securecc.audit import AuditError, generate_key, load_private_key, load_public_key, records, verify
 from securecc.audit import key_id as load_key_id
@@ -26,7 +27,7 @@ def keys(tmp_path):
 
 
 def write_log(path: Path, private, records: int = 30, every: int = 10, rotate_bytes: int | None = None) -> Path:
-    log = AuditLog(path, private, "build1", rotate_bytes, checkpoint_every=every)
+    log = AuditLog(path, private, "build1", rotate_bytes, checkpoint_every=every, clock=Clock())
     log.write(event="server-start")
     for n in range(records):
         log.write(event="job", job_id=f"j{n}", principal="alice@TEST.REALM", decision="allowed", reason="group:x",
@@ -113,7 +114,7 @@ def test_key_rotation_is_recorded_and_verifiable(tmp_path, keys):
     private, public, _ = keys
     path = write_log(tmp_path / "a.jsonl", private)
     new_public = generate_key(tmp_path / "new.key")
-    log = AuditLog(path, load_private_key(tmp_path / "new.key"), "build1")
+    log = AuditLog(path, load_private_key(tmp_path / "new.key"), "build1", clock=Clock())
     assert log.previous_key == load_key_id(public) != log.key_id
     log.write(event="key-rotation", old_key=log.previous_key, new_key=log.key_id)
     log.close()
@@ -139,7 +140,7 @@ def test_torn_last_line_is_explained_and_the_chain_continues(tmp_path, keys):
     with open(path, "ab") as f:
         f.write(b'{"decision":"allowed","event":"job","job_id":"j9')
     assert "a.jsonl:37: torn last line" in check(path, public)
-    log = AuditLog(path, private, "build1", checkpoint_every=10)
+    log = AuditLog(path, private, "build1", checkpoint_every=10, clock=Clock())
     assert log.torn_line == 37
     log.write(event="server-start", torn_line=log.torn_line)
     log.write(event="job", job_id="after", decision="allowed")
@@ -203,7 +204,7 @@ def test_full_disk_refuses_jobs_and_recovers(realm, own_server, workdir):
     MB first, so the limit bites the log and not the smaller files the server also writes (its replay cache).
     """
     log_path = workdir / "big-audit.jsonl"
-    log = AuditLog(log_path, load_private_key(realm.dir / "audit.key"), "before")
+    log = AuditLog(log_path, load_private_key(realm.dir / "audit.key"), "before", clock=Clock())
     for n in range(12000):
         log.write(event="job", job_id=f"old{n}", principal="alice@TEST.REALM", decision="allowed", args=["-O2"] * 8)
     log.close()
@@ -254,7 +255,7 @@ def test_every_reserved_job_gets_its_record_on_a_full_disk_and_the_stop_signs(sm
     """Reservations are refused once the disk is full; every job that got one still writes its final record
     (a long detail too), an unreserved record is refused rather than eat into them, and the stop signs."""
     private, public, _ = keys
-    log = AuditLog(small_disk / "audit.jsonl", private, "full", checkpoint_every=7)
+    log = AuditLog(small_disk / "audit.jsonl", private, "full", checkpoint_every=7, clock=Clock())
     log.write(event="server-start")
     fill(small_disk)
     rooms = []
@@ -332,7 +333,7 @@ def test_auditor_tools(tmp_path, keys):
     made = run_tool("securecc-admin", "audit", "keygen", "--out", str(key))
     assert made.returncode == 0 and oct(key.stat().st_mode & 0o777) == "0o600"
     assert run_tool("securecc-admin", "audit", "keygen", "--out", str(key)).returncode == 1  # never overwritten
-    log = AuditLog(tmp_path / "a.jsonl", load_private_key(key), "build1")
+    log = AuditLog(tmp_path / "a.jsonl", load_private_key(key), "build1", clock=Clock())
     log.write(event="job", principal="alice@TEST.REALM", decision="allowed", reason="group:committers", source="a.c",
               compiler="gcc", exit_status=0, bytes_in=100, bytes_out=10, duration=0.5)
     log.write(event="job", principal="bob@TEST.REALM", decision="refused", reason="not-in-allowed-group", source="b.c",
@@ -358,7 +359,7 @@ def test_follow_prints_new_records(tmp_path, keys):
     """show --follow prints records as they are appended."""
     private, _, _ = keys
     path = tmp_path / "a.jsonl"
-    log = AuditLog(path, private, "build1")
+    log = AuditLog(path, private, "build1", clock=Clock())
     watcher = subprocess.Popen([BIN / "securecc-audit", "show", "--follow", "--json", str(path)], stdout=subprocess.PIPE,
                                text=True)
     try:
@@ -379,7 +380,7 @@ HOSTILE = {"principal": "eve\u202e@TEST.REALM", "source": "x.c\x1b[2K\r" + FORGE
 
 
 def hostile_log(path: Path, private) -> Path:
-    log = AuditLog(path, private, "build1\r")
+    log = AuditLog(path, private, "build1\r", clock=Clock())
     log.write(event="job", **HOSTILE)
     log.close()
     return path
@@ -434,7 +435,7 @@ def test_follow_escapes_hostile_names(tmp_path, keys):
     """show --follow (the table) escapes as show does."""
     private, _, _ = keys
     path = tmp_path / "a.jsonl"
-    log = AuditLog(path, private, "build1")
+    log = AuditLog(path, private, "build1", clock=Clock())
     watcher = subprocess.Popen([BIN / "securecc-audit", "show", "--follow", str(path)], stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(1)
@@ -461,7 +462,7 @@ def test_deleted_head_is_found(tmp_path, keys):
 def test_head_deleted_down_to_a_checkpoint_or_restart_is_found(tmp_path, keys, start):
     """A signed checkpoint vouches for what precedes it, not that nothing did: a head cut down to one is refused."""
     private, public, _ = keys
-    log = AuditLog(tmp_path / "a.jsonl", private, "build1", checkpoint_every=10)
+    log = AuditLog(tmp_path / "a.jsonl", private, "build1", checkpoint_every=10, clock=Clock())
     for n in range(25):
         log.write(event="server-start" if n == 12 else "job", job_id=f"j{n}")
     log.close()
@@ -527,7 +528,7 @@ def test_names_that_are_not_utf8_are_recorded(tmp_path, keys):
 
     private, public, _ = keys
     path = tmp_path / "a.jsonl"
-    log = AuditLog(path, private, "build1")
+    log = AuditLog(path, private, "build1", clock=Clock())
     log.write(event="job", principal="alice@TEST.REALM", decision="allowed", cwd="/tmp/\udcffsrc", args=["\udcff"],
               source="\udcff.c")
     log.write(event="job", principal="alice@TEST.REALM", decision="allowed", cwd=b"/tmp/\xffsrc", args=[b"-I\xfe"])
@@ -558,7 +559,7 @@ def test_a_value_json_cannot_take_is_an_audit_error(tmp_path, keys, value):
     from securecc.audit import AuditError
 
     private, public, _ = keys
-    log = AuditLog(tmp_path / "a.jsonl", private, "build1")
+    log = AuditLog(tmp_path / "a.jsonl", private, "build1", clock=Clock())
     with pytest.raises(AuditError, match="cannot record"):
         log.write(event="job", detail=value)
     assert log.healthy

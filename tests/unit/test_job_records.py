@@ -151,7 +151,7 @@ def server(tmp_path: Path, mode: str = "bwrap", slots: int = 2, caching: bool = 
                           tmp_path / "scratch", Settings(Limits(), None, None, mode), slots=slots)
     clock, handler = Reactor(), Handler()
     service = CompileService(config, clock, clock, AclFile(acl), Directory(config.ldap), ThreadPool(),
-                             AuditLog(log, load_private_key(key), "test"), {"/usr/bin/gcc": GCC}, handler=handler,
+                             AuditLog(log, load_private_key(key), "test", clock=clock), {"/usr/bin/gcc": GCC}, handler=handler,
                              hash_pool=InlinePool(), caching=caching)
     return Server(service, handler, clock, log)
 
