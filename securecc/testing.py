@@ -17,15 +17,28 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import ldap
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
 from securecc.acl import split_principal
+from securecc.audit import generate_key, load_private_key
 from securecc.handshake import AuthenticationFailure
+from securecc.sandbox import Limits, Outcome, Settings
+from securecc.server.aclfile import AclFile
+from securecc.server.auditlog import AuditLog
+from securecc.server.cache import Entry
 from securecc.server.clock import TimeSource
+from securecc.server.config import AuditConfig, Compiler, ServerConfig
 from securecc.server.directory import Directory, DirectoryUnavailable, LdapConfig, Membership
+from securecc.server.handler_client import HandlerGone, HandlerLink
+from securecc.server.service import CompileService
 
 # --- GSS ---------------------------------------------------------------------
 #
@@ -228,3 +241,92 @@ class _DirectoryOver(Directory):
 
     def _connection(self) -> Any:
         return self._server.connect()
+
+
+# --- the service ------------------------------------------------------------
+
+
+class InstantReactor(Clock):
+    """The service's reactor and clock in one: what a pool computes comes back through :meth:`callFromThread` at once."""
+
+    def callFromThread(self, f: Callable[..., object], *args: object, **kwargs: object) -> None:
+        f(*args, **kwargs)
+
+
+class InlinePool:
+    """The hash pool: each call runs at once, in the test's thread."""
+
+    def callInThreadWithCallback(self, on_result: Callable[[bool, object], None], f: Callable[..., object], *args: object) -> None:
+        try:
+            result = f(*args)
+        except Exception:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class HandlerRun:
+    """A compile in :class:`MemoryHandler`: it ends when the test says, or when it is killed (as the sandbox ends it)."""
+
+    def __init__(self) -> None:
+        self.result: defer.Deferred[Outcome] = defer.Deferred()
+
+    def finish(self, outcome: Outcome) -> None:
+        self.result.callback(outcome)
+
+    def kill(self, why: str) -> None:
+        if not self.result.called:
+            self.result.callback(Outcome(128 + 9, b"", b"", None, why))
+
+
+@dataclass
+class MemoryHandler:
+    """The job handler as the service sees it (:class:`~securecc.server.handler_link.HandlerLink`): no process, no sandbox."""
+
+    runs: list[HandlerRun] = field(default_factory=list)
+    cache: dict[str, Entry] = field(default_factory=dict)
+    gone: bool = False
+
+    def run(self, job_id: str, spec: dict[str, Any], files: dict[str, bytes], timeout: float, output_cap: int) -> HandlerRun:
+        if self.gone:
+            raise HandlerGone("the job handler has exited")
+        self.runs.append(HandlerRun())
+        return self.runs[-1]
+
+    def cache_get(self, key: str) -> defer.Deferred[Entry | None]:
+        return defer.succeed(self.cache.get(key))
+
+    def cache_put(self, key: str, entry: Entry) -> None:
+        self.cache[key] = entry
+
+
+GCC_IDENTITY = "gcc (GCC) 12.2.0; target x86_64-linux-gnu"
+"""What the memory service's one compiler, ``gcc`` at /usr/bin/gcc, says of itself."""
+
+
+@dataclass
+class MemoryService:
+    """A real :class:`~securecc.server.service.CompileService` over twins, writing a real audit log."""
+
+    service: CompileService
+    handler: MemoryHandler
+    clock: IReactorTime
+    log: Path
+
+
+def memory_service(directory: Path, *, mode: str = "bwrap", slots: int = 2, caching: bool = False,
+                   clock: IReactorTime | None = None, acl: str = "realms: [TEST.REALM]\nallow:\n  - principal: alice\n") -> MemoryService:
+    """The service of a server named securecc/localhost@TEST.REALM whose ACL allows alice, its files in ``directory``
+    (a fresh audit key and log), its jobs run by a :class:`MemoryHandler`; on ``clock``, an :class:`InstantReactor` by default."""
+    key, acl_path, log = directory / "audit.key", directory / "acl.yaml", directory / "audit.jsonl"
+    generate_key(key)
+    acl_path.write_text(acl)
+    config = ServerConfig("127.0.0.1", 0, "securecc/localhost@TEST.REALM", str(directory / "keytab"), acl_path, AuditConfig(log, key),
+                          LdapConfig((), "dc=test", "ou=users", "ou=groups", bind="none"), {"gcc": Compiler("/usr/bin/gcc", 60.0)},
+                          directory / "scratch", Settings(Limits(), None, None, mode), slots=slots)
+    clock = clock if clock is not None else InstantReactor()
+    handler = MemoryHandler()
+    service = CompileService(config, cast(IReactorProcess, clock), clock, AclFile(acl_path, clock), Directory(config.ldap, clock),
+                             ThreadPool(), AuditLog(log, load_private_key(key), "test", clock=clock), {"/usr/bin/gcc": GCC_IDENTITY},
+                             handler=cast(HandlerLink, handler), hash_pool=cast(ThreadPool, InlinePool()), caching=caching)
+    return MemoryService(service, handler, clock, log)

@@ -11,34 +11,26 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
 from securecc import protocol as wire
-from securecc.audit import UNSET, AuthRecord, Decision, JobRecord, generate_key, load_private_key, records
-from securecc.sandbox import Limits, Outcome, Settings
-from securecc.server.aclfile import AclFile
-from securecc.server.auditlog import AuditLog
+from securecc.audit import UNSET, AuthRecord, Decision, JobRecord, records
+from securecc.sandbox import Outcome
 from securecc.server.cache import Entry
-from securecc.server.config import AuditConfig, Compiler, ServerConfig
-from securecc.server.directory import Directory, LdapConfig
 from securecc.server.distcc_listener import DistccProtocol
 from securecc.server.distcc_wire import Request
 from securecc.server.handler_client import HandlerGone
-from securecc.server.service import CompileService
 from securecc.server.session import Session
+from securecc.testing import GCC_IDENTITY, MemoryService, memory_service
 
 ALICE, BOB, PEER = "alice@TEST.REALM", "bob@TEST.REALM", "127.0.0.1:40000"
-GCC = "gcc (GCC) 12.2.0; target x86_64-linux-gnu"
+GCC = GCC_IDENTITY
 SOURCE, OBJECT = b"int a;\n", b"\x7fELF object"
 
 
@@ -62,60 +54,6 @@ COMPILED = {**HASHED, "decision": "allowed", "exit_status": 0, "ended_by": None,
             "bytes_out": len(OBJECT) + len(b"warning\n"), **ENDED}
 
 
-class Reactor(Clock):
-    """The service's clock; what the hash pool computes comes back through :meth:`callFromThread` at once."""
-
-    def callFromThread(self, f: Callable[..., object], *args: object, **kwargs: object) -> None:
-        f(*args, **kwargs)
-
-
-class InlinePool:
-    """The hash pool: each call runs at once, in the test's thread."""
-
-    def callInThreadWithCallback(self, on_result: Callable[[bool, object], None], f: Callable[..., object], *args: object) -> None:
-        try:
-            result = f(*args)
-        except Exception:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-class Run:
-    """A compile in the handler twin: it ends when the test says, or when it is killed (as the sandbox ends it)."""
-
-    def __init__(self) -> None:
-        self.result: defer.Deferred[Outcome] = defer.Deferred()
-
-    def finish(self, outcome: Outcome) -> None:
-        self.result.callback(outcome)
-
-    def kill(self, why: str) -> None:
-        if not self.result.called:
-            self.result.callback(Outcome(128 + 9, b"", b"", None, why))
-
-
-@dataclass
-class Handler:
-    """The job handler's interface to the service (:class:`~securecc.server.handler_client.HandlerLink`)."""
-
-    runs: list[Run] = field(default_factory=list)
-    cache: dict[str, Entry] = field(default_factory=dict)
-    gone: bool = False
-
-    def run(self, job_id: str, spec: dict[str, Any], files: dict[str, bytes], timeout: float, output_cap: int) -> Run:
-        if self.gone:
-            raise HandlerGone("the job handler has exited")
-        self.runs.append(Run())
-        return self.runs[-1]
-
-    def cache_get(self, key: str) -> defer.Deferred[Entry | None]:
-        return defer.succeed(self.cache.get(key))
-
-    def cache_put(self, key: str, entry: Entry) -> None:
-        self.cache[key] = entry
-
-
 class Acceptor:
     """The GSS acceptor, never asked for more than a context here."""
 
@@ -123,37 +61,15 @@ class Acceptor:
         return None
 
 
-@dataclass
-class Server:
-    service: CompileService
-    handler: Handler
-    clock: Reactor
-    log: Path
-
-    def run(self, session: Session, raw: wire.Job) -> defer.Deferred[Any]:
-        return self.service.run(session, raw)
-
-    def records(self) -> list[dict[str, Any]]:
-        """The log's job and auth records without their chain fields (checked by the log's own tests)."""
-        chain = {"v", "seq", "prev", "time", "server"}
-        found = [{k: v for k, v in r.items() if k not in chain} for r in records([self.log])]
-        return [r for r in found if r["event"] in ("job", "job-start", "auth")]
+def server(tmp_path: Path, mode: str = "bwrap", slots: int = 2, caching: bool = False) -> MemoryService:
+    return memory_service(tmp_path, mode=mode, slots=slots, caching=caching)
 
 
-def server(tmp_path: Path, mode: str = "bwrap", slots: int = 2, caching: bool = False) -> Server:
-    key = tmp_path / "audit.key"
-    generate_key(key)
-    acl = tmp_path / "acl.yaml"
-    acl.write_text("realms: [TEST.REALM]\nallow:\n  - principal: alice\n")
-    log = tmp_path / "audit.jsonl"
-    config = ServerConfig("127.0.0.1", 0, "securecc/localhost@TEST.REALM", str(tmp_path / "keytab"), acl, AuditConfig(log, key),
-                          LdapConfig((), "dc=test", "ou=users", "ou=groups", bind="none"), {"gcc": Compiler("/usr/bin/gcc", 60.0)},
-                          tmp_path / "scratch", Settings(Limits(), None, None, mode), slots=slots)
-    clock, handler = Reactor(), Handler()
-    service = CompileService(config, clock, clock, AclFile(acl), Directory(config.ldap), ThreadPool(),
-                             AuditLog(log, load_private_key(key), "test", clock=clock), {"/usr/bin/gcc": GCC}, handler=handler,
-                             hash_pool=InlinePool(), caching=caching)
-    return Server(service, handler, clock, log)
+def job_records(s: MemoryService) -> list[dict[str, Any]]:
+    """The log's job and auth records without their chain fields (checked by the log's own tests)."""
+    chain = {"v", "seq", "prev", "time", "server"}
+    found = [{k: v for k, v in r.items() if k not in chain} for r in records([s.log])]
+    return [r for r in found if r["event"] in ("job", "job-start", "auth")]
 
 
 def native(principal: str = ALICE, expires: float = 3600.0) -> Session:
@@ -183,37 +99,37 @@ def ids(found: list[dict[str, Any]]) -> list[str]:
 
 def test_a_compile_leaves_its_start_and_its_record(tmp_path: Path) -> None:
     s = server(tmp_path)
-    d = s.run(native(), job())
-    started = s.records()
+    d = s.service.run(native(), job())
+    started = job_records(s)
     ids(started)
     assert started == [STARTED]  # before the compile runs
     s.handler.runs[0].finish(Outcome(0, b"", b"warning\n", OBJECT))
     reply = replied(d)
-    found = s.records()
+    found = job_records(s)
     assert ids(found) == [reply.job_id] * 2 and found == [STARTED, COMPILED]
     assert isinstance(reply, wire.Result) and reply.output == OBJECT
 
 
 def test_a_failed_compile_records_a_null_output_digest(tmp_path: Path) -> None:
     s = server(tmp_path)
-    d = s.run(native(), job())
+    d = s.service.run(native(), job())
     s.handler.runs[0].finish(Outcome(1, b"", b"a.c:1: error\n", None))
     replied(d)
-    found = s.records()
+    found = job_records(s)
     ids(found)
     assert found[1] == {**COMPILED, "exit_status": 1, "output_sha256": None, "bytes_out": len(b"a.c:1: error\n")}
 
 
 def test_a_timeout_and_a_client_gone_say_what_ended_the_compile(tmp_path: Path) -> None:
     s = server(tmp_path)
-    d = s.run(native(), job())
+    d = s.service.run(native(), job())
     s.handler.runs[0].kill("timeout")
     assert replied(d).reason == wire.Reason.TIMEOUT
     session = native()
-    d = s.run(session, job())
+    d = s.service.run(session, job())
     session.cancel()  # the connection is lost: the service kills the compile
     replied(d)
-    found = s.records()
+    found = job_records(s)
     ids(found)
     killed = {**COMPILED, "exit_status": 137, "output_sha256": None, "bytes_out": 0}
     assert found == [STARTED, {**killed, "ended_by": "timeout"}, STARTED, {**killed, "ended_by": "disconnect", "delivered": False}]
@@ -221,16 +137,48 @@ def test_a_timeout_and_a_client_gone_say_what_ended_the_compile(tmp_path: Path) 
 
 def test_a_cached_result_names_the_job_that_stored_it(tmp_path: Path) -> None:
     s = server(tmp_path, caching=True)
-    first = s.run(native(), job())
+    first = s.service.run(native(), job())
     s.handler.runs[0].finish(Outcome(0, b"", b"warning\n", OBJECT))
     stored = replied(first).job_id
-    hit = replied(s.run(native(), job()))
+    hit = replied(s.service.run(native(), job()))
     assert hit.output == OBJECT and len(s.handler.runs) == 1
-    found = s.records()
+    found = job_records(s)
     assert ids(found) == [stored, stored, hit.job_id]
     assert found == [STARTED, {**COMPILED, "cache": "stored"},
                      {**HASHED, "decision": "allowed", "cache": "hit", "cached_from": stored, "exit_status": 0,
                       "output_sha256": digest(OBJECT), "bytes_out": len(OBJECT) + len(b"warning\n"), **ENDED}]
+
+
+def test_a_cache_that_fails_after_the_record_costs_neither_the_result_nor_a_second_record(tmp_path: Path,
+                                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job handler gone between the compile and the cache: the job keeps its one record and its object."""
+    s = server(tmp_path, caching=True)
+
+    def gone(key: str, entry: Entry) -> None:
+        raise HandlerGone("the job handler has exited")
+
+    monkeypatch.setattr(s.handler, "cache_put", gone)
+    reply = s.service.run(native(), job())
+    s.handler.runs[0].finish(Outcome(0, b"", b"warning\n", OBJECT))
+    result = replied(reply)
+    found = job_records(s)
+    assert result.output == OBJECT and ids(found) == [result.job_id] * 2
+    assert found == [STARTED, {**COMPILED, "cache": "stored"}]
+
+
+def test_an_error_after_the_final_record_writes_no_second_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = server(tmp_path)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("after the record")
+
+    monkeypatch.setattr(s.service.audit, "release", broken)
+    reply = s.service.run(native(), job())
+    s.handler.runs[0].finish(Outcome(0, b"", b"warning\n", OBJECT))
+    refused = replied(reply)
+    found = job_records(s)
+    assert refused.reason == wire.Reason.SERVER_ERROR and ids(found) == [refused.job_id] * 2
+    assert found == [STARTED, COMPILED]
 
 
 @pytest.mark.parametrize(("raw", "session", "reason"), [
@@ -240,8 +188,8 @@ def test_a_cached_result_names_the_job_that_stored_it(tmp_path: Path) -> None:
 ])
 def test_a_job_refused_before_its_authorization(tmp_path: Path, raw: wire.Job, session: Session, reason: wire.Reason) -> None:
     s = server(tmp_path)
-    reply = replied(s.run(session, raw))
-    found = s.records()
+    reply = replied(s.service.run(session, raw))
+    found = job_records(s)
     assert ids(found) == [reply.job_id] and reply.reason == reason
     expected = {**ARRIVED, "cwd": raw.cwd, "decision": "refused", "reason": reason, "detail": reply.message, **ENDED}
     assert found == [expected]
@@ -249,8 +197,8 @@ def test_a_job_refused_before_its_authorization(tmp_path: Path, raw: wire.Job, s
 
 def test_a_job_the_acl_refuses_names_the_compiler_it_asked_for(tmp_path: Path) -> None:
     s = server(tmp_path)
-    reply = replied(s.run(native(BOB), job()))
-    found = s.records()
+    reply = replied(s.service.run(native(BOB), job()))
+    found = job_records(s)
     ids(found)
     assert found == [{**AUTHORIZED, "principal": BOB, "decision": "refused", "reason": "denied:not-in-group",
                       "detail": f"{BOB} may not compile here (denied:not-in-group)", **ENDED}]
@@ -259,12 +207,12 @@ def test_a_job_the_acl_refuses_names_the_compiler_it_asked_for(tmp_path: Path) -
 
 def test_a_busy_job_says_how_loaded_the_server_was(tmp_path: Path) -> None:
     s = server(tmp_path, slots=1)
-    running = s.run(native(), job())
-    busy = replied(s.run(native(), job()))
+    running = s.service.run(native(), job())
+    busy = replied(s.service.run(native(), job()))
     assert isinstance(busy, wire.Busy) and busy.reason == wire.Reason.BUSY_FULL
     s.handler.runs[0].finish(Outcome(0, b"", b"warning\n", OBJECT))
     replied(running)
-    found = s.records()
+    found = job_records(s)
     ids(found)
     assert found == [STARTED, {**HASHED, "decision": "busy", "reason": "busy:full", "load": 1, **ENDED}, COMPILED]
 
@@ -272,9 +220,9 @@ def test_a_busy_job_says_how_loaded_the_server_was(tmp_path: Path) -> None:
 def test_an_error_of_ours_is_recorded_after_its_start(tmp_path: Path) -> None:
     s = server(tmp_path)
     s.handler.gone = True
-    reply = replied(s.run(native(), job()))
+    reply = replied(s.service.run(native(), job()))
     assert reply.reason == wire.Reason.SERVER_ERROR
-    found = s.records()
+    found = job_records(s)
     ids(found)
     assert found == [STARTED, {**HASHED, "decision": "error", "reason": "server-error",
                                "detail": "HandlerGone: the job handler has exited", **ENDED}]
@@ -282,20 +230,20 @@ def test_an_error_of_ours_is_recorded_after_its_start(tmp_path: Path) -> None:
 
 def test_records_say_when_a_server_runs_without_bubblewrap(tmp_path: Path) -> None:
     s = server(tmp_path, mode="rlimits-only")
-    d = s.run(native(), job())
+    d = s.service.run(native(), job())
     s.handler.runs[0].finish(Outcome(0, b"", b"warning\n", OBJECT))
     replied(d)
-    found = s.records()
+    found = job_records(s)
     ids(found)
     assert found == [{**STARTED, "sandbox": "rlimits-only"}, {**COMPILED, "sandbox": "rlimits-only"}]
 
 
 def test_a_distcc_job_says_its_protocol_and_that_it_came_in_the_clear(tmp_path: Path) -> None:
     s = server(tmp_path)
-    d = s.run(distcc(), job())
+    d = s.service.run(distcc(), job())
     s.handler.runs[0].finish(Outcome(0, b"", b"warning\n", OBJECT))
     replied(d)
-    found = s.records()
+    found = job_records(s)
     ids(found)
     clear = {"protocol": "distcc", "payload": "cleartext"}
     assert found == [{**STARTED, **clear}, {**COMPILED, **clear}]
@@ -307,7 +255,7 @@ def test_a_distcc_command_that_is_no_compile_is_refused_on_its_arguments(tmp_pat
     protocol = DistccProtocol(s.service, Acceptor())
     protocol.transport, protocol.session = StringTransport(), distcc()
     protocol._run(Request(2, ["gcc", "-E", "a.c"], b""))
-    assert protocol.transport.disconnecting and s.records() == [
+    assert protocol.transport.disconnecting and job_records(s) == [
         {"event": "job", "protocol": "distcc", "payload": "cleartext", "principal": ALICE, "peer": PEER,
          "args": ["gcc", "-E", "a.c"], "decision": "refused", "reason": "denied:argument-refused", "detail": "option -E"}]
 
@@ -319,15 +267,15 @@ def test_failed_handshakes_one_record_per_source_and_window(tmp_path: Path) -> N
     s.clock.advance(10)
     s.service.auth_failed("127.0.0.1:40002", "x" * 600, protocol="distcc")
     failed = {"event": "auth", "decision": "refused", "reason": "denied:authentication-failed"}
-    assert s.records() == [{**failed, "peer": PEER, "detail": "bad token"},
+    assert job_records(s) == [{**failed, "peer": PEER, "detail": "bad token"},
                            {**failed, "peer": "127.0.0.1:40002", "detail": "x" * 500, "suppressed_before": 1, "protocol": "distcc"}]
 
 
 def test_the_metrics_count_what_the_records_say(tmp_path: Path) -> None:
     s = server(tmp_path, slots=1)
-    running = s.run(native(), job())
-    replied(s.run(native(), job()))  # busy
-    replied(s.run(native(BOB), job()))  # refused
+    running = s.service.run(native(), job())
+    replied(s.service.run(native(), job()))  # busy
+    replied(s.service.run(native(BOB), job()))  # refused
     s.handler.runs[0].kill("timeout")
     replied(running)
     assert s.service.status()["totals"] == {"allowed": 1, "busy": 1, "refused": 1}
