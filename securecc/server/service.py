@@ -161,8 +161,10 @@ class CompileService:
             record.decision, record.reason, record.detail = Decision.REFUSED, refusal.reason, str(refusal)
             self._record(record, started, session)
             return wire.Refused(refusal.reason, str(refusal), job_id)
-        except Exception as e:  # ours, not the client's: still recorded, and the server goes on
+        except Exception as e:  # ours, not the client's: still recorded, once, and the server goes on
             self._log.failure("job {job_id} failed", Failure(), job_id=job_id)
+            if record.duration is not None:  # its final record is written: what failed came after it
+                return wire.Refused(wire.Reason.SERVER_ERROR, "internal server error after the job was recorded", job_id)
             record.decision, record.reason, record.detail = Decision.ERROR, wire.Reason.SERVER_ERROR, f"{type(e).__name__}: {e}"[:500]
             self._record(record, started, session)
             return wire.Refused(wire.Reason.SERVER_ERROR, "internal server error; the job was not run", job_id)
@@ -245,7 +247,10 @@ class CompileService:
     def _share(self, key: str, stored: Entry | None, hit: Entry | None) -> None:
         """Store a successful, recorded compile (the handler writes it); hand it, or the hit, to identical jobs."""
         if stored is not None:
-            self.handler.cache_put(key, stored)
+            try:
+                self.handler.cache_put(key, stored)
+            except Exception:  # the cache only saves work: a job recorded and answered stays so, and its waiters wake
+                self._log.failure("the result of a job could not be stored in the cache", Failure())
         for waiter in self.inflight.pop(key, []):
             waiter.callback(stored or hit)  # None: they compile for themselves
 
