@@ -32,6 +32,8 @@ cut the same way: a chain starts at seq 0 or, once older files are rotated
 away, at the ``rotation`` record that opens each newer file (:func:`verify`).
 
 The writer is :mod:`securecc.server.auditlog`; this module is what both it and an auditor need.
+Why one file of ~420 lines: the record types, the line format and :func:`verify` are the one
+contract between the writer and every auditor, and a change to one is a change to all of them.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 Each one has the interface the code asks of the real component (the GSS
 contexts of :mod:`securecc.handshake`,
-:class:`~securecc.server.directory.MembershipSource`, the pool's ``submit``
-of :class:`~securecc.server.directory.MembershipLookups`, slapd's answers to
+:class:`~securecc.server.lookups.MembershipSource`, the pool's ``submit``
+of :class:`~securecc.server.lookups.MembershipLookups`, slapd's answers to
 :class:`~securecc.server.directory.Directory`), so a test drives the real code,
 not a copy of it, and decides itself when an answer arrives.
 """

@@ -11,30 +11,23 @@ case-preserving ``name@REALM`` (:func:`securecc.acl.principal_named`); its direc
 must name it exactly (:meth:`Directory.identifies`), so ``ALICE@R``,
 ``alice/admin@R`` and ``alice@OTHER`` never get alice's groups.
 
-:class:`MembershipLookups` is how the Twisted server asks: one query in
-flight per principal, so one principal's jobs cannot fill the LDAP pool.
+It blocks and knows no Twisted, so ``securecc-admin acl check`` uses it as
+it is; the server asks through :mod:`securecc.server.lookups`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import functools
 import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
 
 import ldap
 import ldap.dn
 import ldap.filter
 import ldap.sasl
-
-if TYPE_CHECKING:  # Twisted is imported only by the server's use (MembershipLookups): lint and check stay light
-    from twisted.internet.defer import Deferred
-    from twisted.python.failure import Failure
 
 from securecc.acl import split_principal
 from securecc.server.clock import TimeSource
@@ -319,71 +312,6 @@ class Directory:
             except (ldap.LDAPError, OSError) as e:
                 last = e
         raise last or OSError("no LDAP URIs configured")
-
-
-class MembershipSource(Protocol):
-    """What :class:`MembershipLookups` needs of a :class:`Directory` (tests give it a fake)."""
-
-    def fresh(self, principal: str) -> Membership | None: ...
-
-    def membership(self, principal: str) -> Membership: ...
-
-
-Submit = Callable[[Callable[[], Membership]], "Deferred[Membership]"]
-
-
-class MembershipLookups:
-    """The server's way to ask LDAP: fair to every principal while LDAP is slow.
-
-    Asking :meth:`Directory.membership` on the LDAP thread pool once per job
-    lets one principal's ``make -j64`` occupy every pool thread (each either
-    querying or waiting for the query it joined) while LDAP hangs, and
-    everyone else's jobs queue behind them.  Here, in the reactor thread,
-    lookups for one principal are joined *before* they take a thread: each
-    principal has at most one thread, and every other lookup for it waits
-    for that answer.  A fresh cached answer takes no thread at all.
-    """
-
-    def __init__(self, directory: MembershipSource, submit: Submit) -> None:
-        self._directory = directory
-        self._submit = submit  # runs a blocking call on the pool; its Deferred fires in the reactor thread
-        self._waiting: dict[str, list[Deferred[Membership]]] = {}
-
-    @classmethod
-    def on_pool(cls, directory: MembershipSource, reactor: Any, pool: Any) -> MembershipLookups:
-        """Lookups run on a Twisted ``ThreadPool`` (``reactor`` delivers their answers)."""
-        from twisted.internet import threads
-
-        return cls(directory, lambda call: threads.deferToThreadPool(reactor, pool, call))
-
-    def in_flight(self) -> int:
-        """Principals with a query on the pool now (each holds at most one thread)."""
-        return len(self._waiting)
-
-    def lookup(self, principal: str) -> Deferred[Membership]:
-        """The principal's :class:`Membership`; fails with :class:`DirectoryUnavailable` as the directory does."""
-        from twisted.internet import defer
-
-        fresh = self._directory.fresh(principal)
-        if fresh is not None:
-            return defer.succeed(fresh)
-        answer: Deferred[Membership] = defer.Deferred()
-        waiting = self._waiting.get(principal)
-        if waiting is not None:
-            waiting.append(answer)
-            return answer
-        self._waiting[principal] = [answer]
-        self._submit(functools.partial(self._directory.membership, principal)).addBoth(self._answered, principal)
-        return answer
-
-    def _answered(self, result: Membership | Failure, principal: str) -> None:
-        from twisted.python.failure import Failure
-
-        for waiter in self._waiting.pop(principal):
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
 
 
 def _alive(conn: ldap.ldapobject.LDAPObject, timeout: float) -> None:

@@ -33,8 +33,9 @@ from securecc.server.admission import FairShare
 from securecc.server.auditlog import AuditLog, Reservation
 from securecc.server.cache import Entry
 from securecc.server.config import Compiler, ServerConfig
-from securecc.server.directory import Directory, DirectoryUnavailable, MembershipLookups
+from securecc.server.directory import Directory, DirectoryUnavailable
 from securecc.server.handler_client import HandlerLink, Running
+from securecc.server.lookups import MembershipLookups
 from securecc.server.metrics import Metrics
 from securecc.server.session import Session
 

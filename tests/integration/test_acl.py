@@ -32,7 +32,8 @@ from securecc.client.channel import Channel
 from securecc.client.hosts import parse_host
 from securecc.server.clock import MONOTONIC, TimeSource
 from securecc.server.config import ConfigError, load_config
-from securecc.server.directory import Directory, DirectoryUnavailable, LdapConfig, Membership, MembershipLookups
+from securecc.server.directory import Directory, DirectoryUnavailable, LdapConfig, Membership
+from securecc.server.lookups import MembershipLookups
 from securecc.testing import ManualPool
 
 

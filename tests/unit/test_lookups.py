@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from securecc.server.directory import DirectoryUnavailable, Membership, MembershipLookups
+from securecc.server.directory import DirectoryUnavailable, Membership
+from securecc.server.lookups import MembershipLookups
 from securecc.testing import ManualPool, MemoryDirectory
 
 ALICE, BOB = "alice@TEST.REALM", "bob@TEST.REALM"
