@@ -222,7 +222,7 @@ int main(int argc, char **argv) {
         as_compiler |= strcmp(name, masquerade[i]) == 0;
     const char *agent = getenv("SECURECC_AGENT");
     if (argc < 2 || strncmp(command, "--", 2) == 0 || (agent && strcmp(agent, "off") == 0) ||
-        (!as_compiler && (strcmp(command, "stats") == 0 || strcmp(command, "-h") == 0)))
+        (!as_compiler && (strcmp(command, "stats") == 0 || strcmp(command, "-h") == 0 || strcmp(command, "doctor") == 0)))
         python_shim(argc, argv); /* own commands, options for people, direct mode: the Python shim's */
 
     char **env;

@@ -44,6 +44,8 @@ HELP = b"""\
 usage: securecc COMPILER [ARGS...]   (or through a symlink named gcc, cc, g++, c++, clang or clang++)
        securecc stats [-z]    the agent's counters: since it started, since the last -z (resets)
        securecc --show-hosts  the compile servers, where they came from, back-off and latency
+       securecc doctor [--strict]  check ticket, agent directory, hosts, each server; --strict: fail
+                              when compiles would stay local (for CI)
        securecc --version | --help
 
 Environment:
@@ -59,6 +61,8 @@ Environment:
   SECURECC_IO_TIMEOUT         seconds of silence after which a server is taken as hung (8)
   SECURECC_BACKOFF            seconds a failing server is left alone, doubling up to 300 (15)
   SECURECC_AGENT=off          no agent: every securecc process does its job itself
+  SECURECC_FALLBACK=0         a compile that should go remote but cannot (no ticket, no server
+                              answering, refused) fails with the reason instead of compiling here
   SECURECC_AGENT_DIR          the agent's socket and log (default: $XDG_RUNTIME_DIR/securecc,
                               else /tmp/securecc-UID)
   SECURECC_AGENT_IDLE         seconds without a job after which the agent exits (600)
@@ -266,8 +270,17 @@ def own_command(command: str) -> int:
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] in OWN_COMMANDS and sys.argv[0].rpartition("/")[2] not in MASQUERADE_NAMES:
+    as_compiler = sys.argv[0].rpartition("/")[2] in MASQUERADE_NAMES
+    if len(sys.argv) > 1 and sys.argv[1] in OWN_COMMANDS and not as_compiler:
         sys.exit(own_command(sys.argv[1]))
+    if len(sys.argv) > 1 and sys.argv[1] == "doctor" and not as_compiler:
+        if sys.flags.no_site:
+            import site
+
+            site.main()
+        from securecc.client.doctor import main as doctor
+
+        doctor(sys.argv[2:])
     # `securecc --show-hosts` and the like are for people, not builds: direct mode
     if len(sys.argv) > 1 and not sys.argv[1].startswith("--") and ENVIRON.get(b"SECURECC_AGENT", b"on") != b"off":
         status = through_agent()

@@ -473,6 +473,12 @@ def show_hosts(inv: Invocation) -> int:
     return 0
 
 
+NOT_FALLEN_BACK = 1
+"""The status of a job that should have gone remote and could not, with SECURECC_FALLBACK=0: CI that must
+know its farm works fails instead of building everything here.  A compile that failed on the server still
+compiles here (that is the user's error, not the farm's), and jobs kept local by nature or policy (links,
+``-E``, an option the servers may not run) stay local."""
+
 USAGE = "usage: securecc COMPILER [ARGS...]   (or call it through a symlink named gcc, cc, g++, c++, clang or clang++)"
 
 
@@ -514,6 +520,9 @@ def compile_one(inv: Invocation, compiler: str, path: str, args: list[str], sess
         inv.verbose(f"compiling locally: {e}")
         local.reason = str(e)
     except RemoteFailure as e:
+        if inv.env.get("SECURECC_FALLBACK") == "0" and not isinstance(e, FailedRemotely):
+            inv.say(f"{plan.source}: {e}; not compiling locally (SECURECC_FALLBACK=0)")
+            return NOT_FALLEN_BACK
         (inv.verbose if e.quiet else inv.say)(f"{plan.source}: {e}; compiling locally")
         local.reason, local.failure = str(e), True
     return local
