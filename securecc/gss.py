@@ -147,6 +147,11 @@ class Initiator:
         """Seconds the completed context stays valid: until the ticket it was made with expires."""
         return float(self._context.lifetime or 0)
 
+    @property
+    def server(self) -> str:
+        """The server's principal as the completed context names it (with its realm)."""
+        return str(self._context.target_name)
+
     def session(self) -> Session:
         return Session(self._context)
 
@@ -176,6 +181,7 @@ class AcceptorContext:
         self._required = required
         self.principal: str | None = None
         self.lifetime = 0.0  # seconds from completion: the client's ticket's end
+        self.server = ""  # the service principal the client authenticated to
 
     def step(self, in_token: bytes) -> bytes | None:
         """Consume a client token; return the reply token (possibly None).
@@ -190,6 +196,7 @@ class AcceptorContext:
                 _check_flags(self._context, self._required)
                 self.principal = str(self._context.initiator_name)
                 self.lifetime = float(self._context.lifetime or 0)
+                self.server = str(self._context.target_name)
             return out
         except GSSError as e:
             raise GSSFailure(explain(e), token=out or e.token) from None

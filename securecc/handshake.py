@@ -65,10 +65,16 @@ class InitiatorContext(SecurityContext, Protocol):
     @property
     def lifetime(self) -> float: ...
 
+    @property
+    def server(self) -> str:
+        """The server's principal as the completed context names it (with its realm)."""
+        ...
+
 
 class AcceptorContext(SecurityContext, Protocol):
     principal: str | None  # the client's, once complete
     lifetime: float  # seconds from completion: the client's ticket's end
+    server: str  # the service principal the client authenticated to, once complete
 
     def step(self, in_token: bytes) -> bytes | None: ...
 

@@ -41,8 +41,8 @@ from enum import StrEnum
 from typing import Any
 
 MAGIC = b"securecc"
-VERSION = 2
-MIN_VERSION = 2  # 2: jobs name the system headers they need (Job.system_headers)
+VERSION = 3
+MIN_VERSION = 3  # 2: jobs name the system headers they need (Job.system_headers); 3: results are attested
 
 MAX_FRAME = 512 * 1024
 """Largest sealed frame, header excluded."""
@@ -148,6 +148,8 @@ class Result:
     output: bytes | None = field(repr=False)  # None when the compile failed
     job_id: str = ""
     dwo: bytes | None = field(default=None, repr=False)  # -gsplit-dwarf's .dwo
+    # Signed statements of the servers behind it, the serving one's first (securecc.attest)
+    attestations: list[dict[str, str]] = field(default_factory=list, repr=False)
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,7 @@ _BLOB_FIELDS: dict[type, tuple[str, ...]] = {
 _HEADER_FIELDS: dict[type, dict[str, type | tuple[type, ...]]] = {
     Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str, "environment": dict, "include_paths": list,
           "compiler_identity": str, "system_headers": list, "system_digest": str, "output_path": str, "directories": list},
-    Result: {"exit_status": int, "job_id": str},
+    Result: {"exit_status": int, "job_id": str, "attestations": list},
     Refused: {"reason": str, "message": str, "job_id": str},
     Busy: {"reason": str, "load": int, "slots": int},
     Alive: {"running": (int, float)},
@@ -255,6 +257,8 @@ def decode_message(data: bytes) -> Message:
         and all(isinstance(p, str) for p in header["directories"])
     ):
         raise ProtocolError("bad Job.environment, Job.include_paths, Job.system_headers or Job.directories")
+    if kind is Result and not all(isinstance(a, dict) and all(isinstance(v, str) for v in a.values()) for a in header["attestations"]):
+        raise ProtocolError("bad Result.attestations")
     lengths = header.pop("blobs")
     names = _BLOB_FIELDS[kind]
     if kind is Job:

@@ -97,6 +97,10 @@ class MemoryInitiator:
     def session(self) -> MemorySealing:
         return MemorySealing(self._nonce, b"initiator", b"acceptor")
 
+    @property
+    def server(self) -> str:
+        return self.principal
+
 
 @dataclass
 class MemoryAcceptorContext:
@@ -105,6 +109,7 @@ class MemoryAcceptorContext:
     acceptor: MemoryAcceptor
     principal: str | None = None
     lifetime: float = 0.0
+    server: str = ""
     _nonce: bytes = b""
 
     @property
@@ -122,7 +127,7 @@ class MemoryAcceptorContext:
             why = f"{request.get('client')} may not authenticate to {self.acceptor.principal}"
             raise AuthenticationFailure(why, token=_ERROR + why.encode())
         self._nonce = bytes.fromhex(request["nonce"])
-        self.principal, self.lifetime = request["client"], float(request["lifetime"])
+        self.principal, self.lifetime, self.server = request["client"], float(request["lifetime"]), self.acceptor.principal
         return _REPLY + self._nonce
 
     def session(self) -> MemorySealing:
@@ -318,15 +323,17 @@ def memory_service(directory: Path, *, mode: str = "bwrap", slots: int = 2, cach
                    clock: IReactorTime | None = None, acl: str = "realms: [TEST.REALM]\nallow:\n  - principal: alice\n") -> MemoryService:
     """The service of a server named securecc/localhost@TEST.REALM whose ACL allows alice, its files in ``directory``
     (a fresh audit key and log), its jobs run by a :class:`MemoryHandler`; on ``clock``, an :class:`InstantReactor` by default."""
-    key, acl_path, log = directory / "audit.key", directory / "acl.yaml", directory / "audit.jsonl"
+    key, signing, acl_path, log = directory / "audit.key", directory / "signing.key", directory / "acl.yaml", directory / "audit.jsonl"
     generate_key(key)
+    generate_key(signing)
     acl_path.write_text(acl)
     config = ServerConfig("127.0.0.1", 0, "securecc/localhost@TEST.REALM", str(directory / "keytab"), acl_path, AuditConfig(log, key),
-                          LdapConfig((), "dc=test", "ou=users", "ou=groups", bind="none"), {"gcc": Compiler("/usr/bin/gcc", 60.0)},
+                          signing, LdapConfig((), "dc=test", "ou=users", "ou=groups", bind="none"), {"gcc": Compiler("/usr/bin/gcc", 60.0)},
                           directory / "scratch", Settings(Limits(), None, None, mode), slots=slots)
     clock = clock if clock is not None else InstantReactor()
     handler = MemoryHandler()
     service = CompileService(config, cast(IReactorProcess, clock), clock, AclFile(acl_path, clock), Directory(config.ldap, clock),
                              ThreadPool(), AuditLog(log, load_private_key(key), "test", clock=clock), {"/usr/bin/gcc": GCC_IDENTITY},
+                             load_private_key(signing),
                              handler=cast(HandlerLink, handler), hash_pool=cast(ThreadPool, InlinePool()), caching=caching)
     return MemoryService(service, handler, clock, log)

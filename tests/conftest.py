@@ -64,10 +64,13 @@ def stop_agents(directory: Path) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def agent_directory(tmp_path_factory):
-    """Agents the tests start (every `securecc` run goes through one) live here and are stopped at the end."""
+    """Agents the tests start (every `securecc` run goes through one) live here and are stopped at the end.
+    The client's state (host back-off, compiler identities, pinned server keys) goes to a directory of the run's
+    too: every test realm has a key of its own for the same principal, which must not reach the user's cache."""
     directory = tmp_path_factory.mktemp("agents")
     os.environ["SECURECC_AGENT_DIR"] = str(directory)
     os.environ["SECURECC_AGENT_IDLE"] = "60"
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
     yield directory
     stop_agents(directory)
 

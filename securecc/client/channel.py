@@ -81,6 +81,7 @@ class Channel:
         self.timeouts = timeouts._replace(io=io_timeout) if io_timeout else timeouts
         self.wire = wire.Connection()
         self.expires = 0.0
+        self.server = ""  # the server's principal as the completed handshake names it: what its results are signed as
         self.sock: socket.socket | None = None  # connected by authenticate() once it holds the first token: never while the KDC is asked
 
     def _socket(self) -> socket.socket:
@@ -153,7 +154,7 @@ class Channel:
                     reply = steps.receive(event)
                     if reply:
                         sock.sendall(reply)
-            self.expires = time.monotonic() + initiator.lifetime
+            self.expires, self.server = time.monotonic() + initiator.lifetime, initiator.server
         except handshake.Refused as e:
             raise RemoteFailure(f"{self.host.name} {e}") from None
         except handshake.AuthenticationFailure as e:
@@ -178,7 +179,20 @@ class Channel:
                 if not isinstance(event, wire.MessageReceived):
                     raise HostFailure(f"unexpected {type(event).__name__} from {self.host.name}")
                 if not isinstance(event.message, wire.Alive):
-                    return event.message
+                    return self._attested(message, event.message)
+
+    def _attested(self, sent: wire.Message, reply: wire.Message) -> wire.Message:
+        """A job's result only when its attestation holds (:func:`securecc.attest.check`); pinning is the caller's."""
+        from securecc import protocol as wire
+
+        if isinstance(sent, wire.Job) and isinstance(reply, wire.Result):
+            from securecc import attest
+
+            try:
+                attest.check(reply, sent, self.server, None)
+            except attest.BadAttestation as e:
+                raise HostFailure(f"the result from {self.host.name} fails its attestation: {e}") from None
+        return reply
 
     def idle_and_open(self) -> bool:
         """Still connected with nothing pending: a server that closed an idle connection shows EOF."""

@@ -279,6 +279,21 @@ class HostState:
             return [Host(n, p, DEFAULT_LIMIT, pr) for n, p, pr in entry.get("hosts", [])]
         return None
 
+    def pin(self, principal: str, key: str) -> bool:
+        """Whether ``key`` is the result signing key pinned for ``principal``: the first one met is pinned (written
+        at once, under the file's lock, so parallel jobs pin one key).  An unwritable state file pins nothing."""
+        known = self.data.get("keys", {}).get(principal) if isinstance(self.data.get("keys"), dict) else None
+        if known is not None:
+            return bool(known == key)
+
+        def first(current: dict[str, Any]) -> bool:
+            if not isinstance(current.get("keys"), dict):
+                current["keys"] = {}
+            return bool(current["keys"].setdefault(principal, key) == key)
+
+        pinned = self.save(first)
+        return pinned if pinned is not None else True
+
     def remember_srv(self, name: str, hosts: list[Host], ttl: float) -> None:
         self.data["srv"] = {"name": name, "expires": time.time() + ttl, "hosts": [[h.name, h.port, h.principal] for h in hosts]}
         self._changed.add("srv")

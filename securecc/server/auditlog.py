@@ -197,8 +197,9 @@ class AuditLog:
         self._unsigned += 1
         self._lost, self.healthy = 0, True
 
-    def write(self, reservation: Reservation | None = None, **fields: Any) -> None:
-        """Append one record; raises AuditError, and only that, if it cannot be written or has a value JSON cannot take.
+    def write(self, reservation: Reservation | None = None, **fields: Any) -> tuple[int, str]:
+        """Append one record: its seq and its line's sha256.  Raises AuditError, and only that, if it cannot be
+        written or has a value JSON cannot take.
 
         A record without a ``reservation`` is written only if it leaves the
         room promised to jobs under way and the standing reserve intact.
@@ -209,12 +210,14 @@ class AuditLog:
         except AuditError:
             self._lost += 1
             raise
-        self._append(fields, reservation=reservation)
+        line = self._append(fields, reservation=reservation)
+        written = (self._seq - 1, line_hash(line))
         self._unsigned += 1
         if self._unsigned >= self.checkpoint_every:
             self.checkpoint()
         if self.rotate_bytes and self._size >= self.rotate_bytes:
             self.rotate()
+        return written
 
     def _append(self, fields: dict[str, Any], sign: bool = False, reservation: Reservation | None = None,
                 essential: bool = False) -> bytes:

@@ -22,6 +22,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from securecc.cachekey import FORMAT
 from securecc.files import write_atomically
@@ -32,7 +33,7 @@ class Entry:
     stdout: bytes
     stderr: bytes
     output: bytes
-    producer: dict[str, str]  # job_id, principal, server, time
+    producer: dict[str, Any]  # job_id, principal, server, time; attestation: the producing server's (securecc.attest)
 
 
 class ResultCache:

@@ -84,6 +84,7 @@ class ServerConfig:
     keytab: str
     acl: Path
     audit: AuditConfig
+    signing_key: Path  # Ed25519 private key that signs every result (securecc-admin signing keygen; securecc.attest)
     ldap: LdapConfig
     compilers: dict[str, Compiler]
     scratch: Path
@@ -99,7 +100,7 @@ class ServerConfig:
     run_as: tuple[int, int] | None = None  # (uid, gid) the front drops to after its root steps; None: stay
 
 
-_TOP = {"listen", "principal", "keytab", "acl", "audit", "ldap", "compilers", "sandbox", "limits", "timeouts", "slots",
+_TOP = {"listen", "principal", "keytab", "acl", "audit", "signing_key", "ldap", "compilers", "sandbox", "limits", "timeouts", "slots",
         "cache", "distcc", "monitor", "run_as"}
 _CACHE = {"path", "max_bytes"}
 _DISTCC = {"listen", "principal", "cleartext"}
@@ -175,7 +176,7 @@ def _unsafe_root(root: str) -> str | None:
 
 def _contains_secrets(root: str, config: ServerConfig) -> Path | None:
     """A secret of the server's (keytab, keys, config, ACL, audit log, scratch, cache) under ``root``."""
-    paths = [Path(config.keytab), config.audit.key, config.audit.path, config.acl, config.scratch,
+    paths = [Path(config.keytab), config.audit.key, config.signing_key, config.audit.path, config.acl, config.scratch,
              *([config.cache.path] if config.cache else [])]
     return next((p for p in paths if str(p).startswith(root.rstrip("/") + "/")), None)
 
@@ -195,7 +196,7 @@ def load_config(path: Path) -> ServerConfig:
 def _server_config(data: YamlMapping, base: Path) -> ServerConfig:
     """The configuration ``data`` describes; relative paths are relative to ``base``, the file's directory."""
     refuse_unknown(data, _TOP)
-    for key in ("listen", "principal", "keytab", "acl", "audit", "compilers"):
+    for key in ("listen", "principal", "keytab", "acl", "audit", "signing_key", "compilers"):
         if key not in data:
             raise data.error(None, f"missing '{key}'")
     host, port = _host_port(data, "listen", name="listen")
@@ -295,6 +296,7 @@ def _server_config(data: YamlMapping, base: Path) -> ServerConfig:
             checkpoint_seconds=get_seconds(audit, "checkpoint_seconds", 5, name="audit.checkpoint_seconds"),
             syslog=get_str(audit, "syslog", name="audit.syslog") if audit.get("syslog") else None,
         ),
+        signing_key=resolve(data, "signing_key", name="signing_key"),
         ldap=ldap_config,
         compilers=compilers,
         scratch=resolve(sandbox, "scratch", "scratch", name="sandbox.scratch"),

@@ -75,7 +75,7 @@ class DistccProtocol(protocol.Protocol):
             if self.context.complete:
                 self.principal = self.context.principal
                 self.session = Session(self.principal, self.peer, self.service.clock.seconds() + self.context.lifetime,
-                                       self.transport, protocol="distcc", payload="cleartext")
+                                       self.transport, protocol="distcc", payload="cleartext", server=self.context.server)
                 self.authenticated()
                 self.transport.write(out + b"y")  # tokens and verdict in one write
                 self.state = "request"

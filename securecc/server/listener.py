@@ -105,7 +105,7 @@ class JobProtocol(protocol.Protocol):
             context = self.handshake.context
             assert context.principal is not None
             now = self.service.clock.seconds()  # a session ends with the ticket that opened it:
-            self.session = Session(context.principal, self.peer, now + context.lifetime, transport=self.transport)
+            self.session = Session(context.principal, self.peer, now + context.lifetime, transport=self.transport, server=context.server)
             self.service.metrics.handshake.observe(now - self._connected)
             self.authenticated()
             self._rearm(self.config.idle_timeout)

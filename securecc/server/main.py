@@ -15,6 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer, error, protocol, task
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -123,18 +124,22 @@ def _check_private(path: Path) -> None:
                           "server's user; the job handler must not be able to read it")
 
 
+def _key(path: Path, area: str) -> Ed25519PrivateKey:
+    """One of the server's Ed25519 keys (``area``: audit or signing, as securecc-admin names them)."""
+    try:
+        return load_private_key(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{area} key {path}: {e}; make one with: securecc-admin {area} keygen --out {path}") from None
+
+
 def build(config: ServerConfig, reactor, handler: HandlerLink) -> tuple[ServiceFactory, ThreadPool]:
     """Everything the listener needs, with secrets; fails (ConfigError, AclError, GSSFailure) before listening."""
     if config.ldap.bind == "gssapi":
         use_service_credentials(config.keytab)
-    for secret in (Path(config.keytab), config.audit.key):
+    for secret in (Path(config.keytab), config.audit.key, config.signing_key):
         _check_private(secret)
     acceptor = Acceptor(config.principal, config.keytab)
-    try:
-        key = load_private_key(config.audit.key)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"audit key {config.audit.key}: {e}; make one with: securecc-admin audit keygen "
-                          f"--out {config.audit.key}") from None
+    key, signer = _key(config.audit.key, "audit"), _key(config.signing_key, "signing")
     audit = AuditLog(config.audit.path, key, socket.getfqdn(), config.audit.rotate_bytes, config.audit.checkpoint_every,
                      config.audit.checkpoint_seconds, forwarder(config.audit.syslog), clock=reactor)
     # The reactor is the service's clock (deadlines, sessions, checkpoints); LDAP answers' TTLs and acl.yaml's settle
@@ -150,7 +155,7 @@ def build(config: ServerConfig, reactor, handler: HandlerLink) -> tuple[ServiceF
             "see this host's whole filesystem and network; every audit record says so", mode=config.sandbox.mode,
         )
     pool = ThreadPool(minthreads=0, maxthreads=LDAP_THREADS, name="ldap")
-    service = CompileService(config, reactor, reactor, acl, directory, pool, audit, identities, handler=handler,
+    service = CompileService(config, reactor, reactor, acl, directory, pool, audit, identities, signer, handler=handler,
                              caching=config.cache is not None,
                              compiler_roots=tuple(c.root for c in config.compilers.values() if c.root))
     handler.on_gone = lambda: service.handler_gone()

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer, task, threads
 from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger
@@ -22,8 +23,8 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from securecc import args as argpolicy
+from securecc import attest, sandbox
 from securecc import protocol as wire
-from securecc import sandbox
 from securecc.acl import decide, split_principal
 from securecc.audit import AuditError, AuthRecord, Decision, JobRecord, now_rfc3339, sha256
 from securecc.cachekey import cache_key, expands_time
@@ -61,6 +62,7 @@ class CompileService:
     pool: ThreadPool
     audit: AuditLog
     identities: dict[str, str]  # compiler path -> what it says of itself (securecc.toolchain)
+    signer: Ed25519PrivateKey  # signs every result (securecc.attest); the front's alone, like the audit key
     host: str = field(default_factory=socket.getfqdn)
     handler: HandlerLink = field(default_factory=HandlerLink)  # where jobs run (securecc.server.handler)
     hash_pool: ThreadPool = field(default_factory=lambda: ThreadPool(minthreads=0, maxthreads=2, name="hash"))
@@ -185,16 +187,19 @@ class CompileService:
         if not decision.allowed:
             raise _Refusal(decision.reason, f"{principal} may not compile here ({decision.reason})")
         # Authorized: only now the large work (hashing the input, the cache key), off the reactor.
-        record.input_sha256, key = yield threads.deferToThreadPool(self.clock, self.hash_pool, self._digests, job)
+        record.input_sha256, key, job_sha256 = yield threads.deferToThreadPool(self.clock, self.hash_pool, self._digests, job)
         hit, owner = yield self._cached(key)
         stored = room = None
         try:
             if hit is not None:
                 record.decision, record.cache, record.cached_from = Decision.ALLOWED, "hit", hit.producer.get("job_id")
                 record.exit_status, record.output_sha256, record.bytes_out = 0, sha256(hit.output), len(hit.output) + len(hit.stderr)
-                if not self._record(record, started, session):
+                written = self._record(record, started, session)
+                if written is None:
                     return wire.Refused(wire.Reason.AUDIT_UNAVAILABLE, AUDIT_DOWN, job_id)
-                return wire.Result(0, hit.stdout, hit.stderr, hit.output, job_id)
+                mine = self._attest(session, job_id, job_sha256, raw, attest.outputs(0, hit.stdout, hit.stderr, hit.output, None), written)
+                original = [hit.producer["attestation"]] if isinstance(hit.producer.get("attestation"), dict) else []
+                return wire.Result(0, hit.stdout, hit.stderr, hit.output, job_id, attestations=[mine.fields(), *original])
             busy = self._admit(principal, decision.rule.max_jobs if decision.rule else None)
             if busy is not None:
                 record.decision, record.reason, record.load = Decision.BUSY, busy.reason, busy.load
@@ -221,8 +226,13 @@ class CompileService:
             entry = self._entry(key, outcome, {"job_id": job_id, "principal": principal})
             if entry is not None:
                 record.cache = "stored"
-            if not self._record(record, started, session, room):
+            written = self._record(record, started, session, room)
+            if written is None:
                 return wire.Refused(wire.Reason.AUDIT_UNAVAILABLE, AUDIT_DOWN, job_id)
+            signed = self._attest(session, job_id, job_sha256, raw, attest.outputs(outcome.exit_status, outcome.stdout, outcome.stderr,
+                                                                          outcome.output, outcome.dwo), written)
+            if entry is not None:
+                entry.producer["attestation"] = signed.fields()  # a hit carries it on, beside the serving server's own
             stored = entry  # recorded first: the cache never holds an unaudited result
         finally:
             if room is not None:
@@ -231,13 +241,21 @@ class CompileService:
                 self._share(key, stored, hit)
         if outcome.ended_by == "timeout":
             return wire.Refused(wire.Reason.TIMEOUT, f"compile killed after {compiler.timeout:g} s", job_id)
-        return wire.Result(outcome.exit_status, outcome.stdout, outcome.stderr, outcome.output, job_id, outcome.dwo)
+        return wire.Result(outcome.exit_status, outcome.stdout, outcome.stderr, outcome.output, job_id, outcome.dwo,
+                           [signed.fields()])
 
-    def _digests(self, job: jobspec.ValidJob) -> tuple[str | None, str | None]:
-        """The input's sha256 for the record and the cache key (None: not cached), in a thread."""
+    def _digests(self, job: jobspec.ValidJob) -> tuple[str | None, str | None, str]:
+        """The input's sha256 for the record, the cache key (None: not cached) and the whole job's for its attestation,
+        in a thread."""
         # A key cannot carry the time of the compile; an entry holds one output, not a .dwo too.
         cacheable = self.caching and not expands_time(job.job) and not job.split_dwarf
-        return sha256(job.source or job.original), cache_key(job.compiler_identity, job.job) if cacheable else None
+        return (sha256(job.source or job.original), cache_key(job.compiler_identity, job.job) if cacheable else None,
+                attest.job_digest(job.job))
+
+    def _attest(self, session: Session, job_id: str, job_sha256: str, job: wire.Job, result: dict[str, Any],
+                written: tuple[int, str]) -> attest.Attestation:
+        """This server's signed statement of a reply, naming the job's final audit record (already written)."""
+        return attest.sign(self.signer, session.server or self.config.principal, job_id, job_sha256, job, result, *written)
 
     def _entry(self, key: str | None, outcome: sandbox.Outcome, producer: dict[str, str]) -> Entry | None:
         """A cache entry of a successful compile, or None."""
@@ -279,8 +297,9 @@ class CompileService:
         reason = self.share.admit(principal, max_jobs)
         return None if reason is None else wire.Busy(reason, self.share.load, self.config.slots)
 
-    def _record(self, record: JobRecord, started: float, session: Session, room: Reservation | None = None) -> bool:
-        """Write a job's audit record (into its ``room`` if it ran); False (and a log line) when the log cannot take it.
+    def _record(self, record: JobRecord, started: float, session: Session, room: Reservation | None = None) -> tuple[int, str] | None:
+        """Write a job's audit record (into its ``room`` if it ran): its seq and line hash; None (and a log line) when the
+        log cannot take it.
 
         ``delivered``: the reply goes to the client's open connection right
         after this record (the record comes first, so nothing unrecorded is
@@ -290,12 +309,11 @@ class CompileService:
         record.duration, record.delivered = round(self.clock.seconds() - started, 4), not session.gone()
         self.metrics.observe(record)
         try:
-            self.audit.write(room, **record.to_fields())
-            return True
+            return self.audit.write(room, **record.to_fields())
         except AuditError as e:
             self.metrics.audit_errors.inc()
             self._log.critical("{error}; refusing jobs until it can be written", error=str(e))
-            return False
+            return None
 
     def _check_job(self, job: jobspec.ValidJob) -> Compiler:
         """What this server adds to the job's grammar: its audit log, compilers and sandbox."""

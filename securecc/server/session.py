@@ -21,6 +21,7 @@ class Session:
     transport: Any = None  # its socket is peeked to tell whether the client has gone (see :meth:`gone`)
     protocol: str | None = None  # its jobs' records name a protocol other than the native one ("distcc")
     payload: str | None = None  # ... and say "cleartext" when its jobs came unsealed
+    server: str = ""  # the service principal the client authenticated to: what this server signs its results as
     cancelled: bool = False
     _on_cancel: Callable[[], None] | None = None
 

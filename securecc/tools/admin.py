@@ -1,6 +1,7 @@
 """securecc-admin: the server administrator's tool.
 
-  securecc-admin audit keygen --out /etc/securecc/audit.key    a new Ed25519 signing key (+ .pub for auditors)
+  securecc-admin audit keygen --out /etc/securecc/audit.key    a new Ed25519 audit key (+ .pub for auditors)
+  securecc-admin signing keygen --out /etc/securecc/signing.key  a new Ed25519 key that signs every result
   securecc-admin acl lint acl.yaml                             validate an ACL before installing it
   securecc-admin acl check PRINCIPAL [--compiler gcc]          what the server would decide, and why
 
@@ -21,6 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     audit = areas.add_parser("audit", help="the audit log's signing key").add_subparsers(dest="command", required=True)
     keygen = audit.add_parser("keygen", help="make the server's Ed25519 audit signing key")
     keygen.add_argument("--out", type=Path, required=True, help="private key file to create (never overwritten)")
+    signing = areas.add_parser("signing", help="the key that signs results").add_subparsers(dest="command", required=True)
+    signing.add_parser("keygen", help="make the server's Ed25519 result signing key").add_argument(
+        "--out", type=Path, required=True, help="private key file to create (never overwritten)")
     acl = areas.add_parser("acl", help="the access control list").add_subparsers(dest="command", required=True)
     lint = acl.add_parser("lint", help="validate an acl.yaml")
     lint.add_argument("file", type=Path)
@@ -30,26 +34,32 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--config", type=Path, default=Path(os.environ.get("SECURECC_CONFIG", "/etc/securecc/securecc.yaml")),
                        help="the server's configuration (default $SECURECC_CONFIG or /etc/securecc/securecc.yaml)")
     options = parser.parse_args(argv)
-    if options.area == "audit":
-        keygen_command(options.out)
+    if options.area in ("audit", "signing"):
+        keygen_command(options.out, options.area)
     elif options.command == "lint":
         lint_command(options.file)
     else:
         check_command(options.principal, options.compiler, options.config)
 
 
-def keygen_command(out: Path) -> None:
+def keygen_command(out: Path, area: str) -> None:
+    """A new Ed25519 key: the audit log's (checkpoints) or the results' (securecc.attest); never the other's."""
     from securecc.audit import generate_key
 
+    why = ("a new key would orphan the old log's checkpoints" if area == "audit"
+           else "clients pin a server's key: a new one is refused until each user forgets the old")
     try:
         public = generate_key(out)
     except FileExistsError:
-        sys.exit(f"securecc-admin: {out} exists; a new key would orphan the old log's checkpoints — "
-                 "move it away first if you mean to rotate the key")
+        sys.exit(f"securecc-admin: {out} exists; {why} — move it away first if you mean to rotate the key")
     except OSError as e:
         sys.exit(f"securecc-admin: cannot write {out}: {e.strerror or e}")
-    print(f"private key: {out} (mode 0600, for the server's audit.key)")
-    print(f"public key:  {public} (for auditors: securecc-audit verify --key {public} LOG...)")
+    if area == "audit":
+        print(f"private key: {out} (mode 0600, for the server's audit.key)")
+        print(f"public key:  {public} (for auditors: securecc-audit verify --key {public} LOG...)")
+    else:
+        print(f"private key: {out} (mode 0600, the server config's signing_key)")
+        print(f"public key:  {public} (what clients pin for this server's principal)")
 
 
 def _invalid(message: str) -> None:

@@ -40,10 +40,10 @@ def handler_pids(server_pid: int) -> list[int]:
 @root_only
 def test_front_runs_as_its_user_and_the_handler_cannot_read_its_secrets(realm, own_server, workdir):
     """run_as: the front is nobody after binding and spawning; the handler (uid 64999) compiles alice's
-    job but can open none of the keytab, audit key, config or ACL."""
+    job but can open none of the keytab, audit key, signing key, config or ACL."""
     secrets = workdir / "secrets"
     secrets.mkdir(mode=0o700)
-    for name in ("service.keytab", "audit.key", "acl.yaml"):
+    for name in ("service.keytab", "audit.key", "signing.key", "acl.yaml"):
         shutil.copy(realm.dir / name, secrets / name)
     rcache = workdir / "rcache"
     rcache.mkdir()
@@ -52,7 +52,7 @@ def test_front_runs_as_its_user_and_the_handler_cannot_read_its_secrets(realm, o
     for path in (secrets, *secrets.iterdir(), rcache, audit_dir):
         os.chown(path, FRONT, FRONT)
     s = own_server(env={"KRB5RCACHEDIR": str(rcache)}, run_as="nobody", keytab=str(secrets / "service.keytab"),
-                   acl=str(secrets / "acl.yaml"), sandbox={"uid": HANDLER, "gid": HANDLER},
+                   acl=str(secrets / "acl.yaml"), signing_key=str(secrets / "signing.key"), sandbox={"uid": HANDLER, "gid": HANDLER},
                    audit={"key": str(secrets / "audit.key"), "path": str(audit_dir / "audit.jsonl")})
     s.audit_path = audit_dir / "audit.jsonl"
     os.chmod(s.config_path, 0o600)  # as an admin installs it (the fixture writes it world-readable)

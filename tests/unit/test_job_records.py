@@ -10,6 +10,7 @@ test holds (so every duration is 0.0) and writes a real log, read back here.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from securecc import attest
 from securecc import protocol as wire
-from securecc.audit import UNSET, AuthRecord, Decision, JobRecord, records
+from securecc.audit import UNSET, AuthRecord, Decision, JobRecord, load_private_key, records
 from securecc.sandbox import Outcome
 from securecc.server.cache import Entry
 from securecc.server.distcc_listener import DistccProtocol
@@ -133,6 +135,24 @@ def test_a_timeout_and_a_client_gone_say_what_ended_the_compile(tmp_path: Path) 
     ids(found)
     killed = {**COMPILED, "exit_status": 137, "output_sha256": None, "bytes_out": 0}
     assert found == [STARTED, {**killed, "ended_by": "timeout"}, STARTED, {**killed, "ended_by": "disconnect", "delivered": False}]
+
+
+def test_every_result_is_signed_naming_its_final_audit_record(tmp_path: Path) -> None:
+    """The statement names the job's final record by seq and line hash (read back from the log), and a cache hit
+    carries the producer's original statement after its own."""
+    s = server(tmp_path, caching=True)
+    first = s.service.run(native(), job())
+    s.handler.runs[0].finish(Outcome(0, b"", b"warning\n", OBJECT))
+    hit = replied(s.service.run(native(), job()))
+    compiled = replied(first)
+    lines = s.log.read_bytes().splitlines()
+    key = attest.public_key(load_private_key(tmp_path / "signing.key"))
+    for reply, count in ((compiled, 1), (hit, 2)):
+        facts = attest.check(reply, job(), "securecc/localhost@TEST.REALM", key)
+        assert len(facts) == count and facts[0]["job_id"] == reply.job_id
+        line = next(line for line in lines if json.loads(line).get("job_id") == reply.job_id and json.loads(line)["event"] == "job")
+        assert facts[0]["audit"] == {"seq": json.loads(line)["seq"], "line_sha256": hashlib.sha256(line).hexdigest()}
+    assert attest.check(hit, job(), "securecc/localhost@TEST.REALM", key)[1]["job_id"] == compiled.job_id
 
 
 def test_a_cached_result_names_the_job_that_stored_it(tmp_path: Path) -> None:

@@ -252,11 +252,11 @@ def test_error_message_is_truncated():
 
 @pytest.mark.parametrize(
     ("low", "high", "chosen"),
-    [(2, 2, 2), (2, 5, 2), (0, 2, 2), (1, 1, None), (0, 0, None), (3, 4, None), (7, 9, None)],
+    [(3, 3, 3), (3, 5, 3), (0, 3, 3), (2, 2, None), (0, 0, None), (4, 5, None), (7, 9, None)],
 )
 def test_choose_version(low, high, chosen):
-    """The highest common version, or None when the ranges do not overlap (version 1 jobs lack system headers)."""
-    assert (wire.MIN_VERSION, wire.VERSION) == (2, 2)
+    """The highest common version, or None when the ranges do not overlap (version 2 results are not attested)."""
+    assert (wire.MIN_VERSION, wire.VERSION) == (3, 3)
     assert wire.choose_version(wire.HelloReceived(low, high)) == chosen
 
 
@@ -437,7 +437,7 @@ def raw_message(code: int, header: object, blobs: bytes = b"", header_len: int |
 
 
 def result_header(**changes: object) -> dict[str, object]:
-    header: dict[str, object] = {"exit_status": 0, "job_id": "j", "blobs": [2, 3, 1, None]}
+    header: dict[str, object] = {"exit_status": 0, "job_id": "j", "attestations": [], "blobs": [2, 3, 1, None]}
     header.update(changes)
     return {k: v for k, v in header.items() if v is not DROP}
 
@@ -482,6 +482,9 @@ BAD_MESSAGES = {
     "header-a-list": raw_message(2, [0, "j", [2, 3, 1]], RESULT_BLOBS),
     "header-a-string": raw_message(2, "exit_status", RESULT_BLOBS),
     "missing-field": raw_message(2, result_header(job_id=DROP), RESULT_BLOBS),
+    "attestations-a-string": raw_message(2, result_header(attestations="signed"), RESULT_BLOBS),
+    "attestation-a-list": raw_message(2, result_header(attestations=[["s", "k"]]), RESULT_BLOBS),
+    "attestation-value-a-number": raw_message(2, result_header(attestations=[{"statement": 1}]), RESULT_BLOBS),
     "missing-blobs": raw_message(2, result_header(blobs=DROP), RESULT_BLOBS),
     "extra-field": raw_message(2, result_header(output=None), RESULT_BLOBS),
     "job-fields-in-result": raw_message(2, job_header(), b"src"),
