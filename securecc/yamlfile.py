@@ -86,7 +86,16 @@ def _line(node: Node) -> int:
     return int(node.start_mark.line) + 1
 
 
+def _kind_of(node: Node, wanted: type[Node], tag: str) -> None:
+    """``!!map`` and ``!!seq`` may tag any node: the other kind must be an error, not a TypeError in the constructor."""
+    if not isinstance(node, wanted):
+        kinds = {ScalarNode: "a scalar", SequenceNode: "a sequence", MappingNode: "a mapping"}
+        raise ConstructorError(None, None, f"!!{tag} needs {kinds[wanted]}, not {kinds.get(type(node), 'that node')}",
+                               node.start_mark)
+
+
 def _construct_mapping(loader: _Loader, node: MappingNode) -> YamlMapping:
+    _kind_of(node, MappingNode, "map")
     mapping = YamlMapping(loader.where, _line(node))
     for key_node, value_node in node.value:
         if key_node.tag == "tag:yaml.org,2002:merge":
@@ -102,6 +111,7 @@ def _construct_mapping(loader: _Loader, node: MappingNode) -> YamlMapping:
 
 
 def _construct_list(loader: _Loader, node: SequenceNode) -> YamlList:
+    _kind_of(node, SequenceNode, "seq")
     items = YamlList(loader.where, _line(node))
     for item in node.value:
         items.append(loader.construct_object(item, deep=True))

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from twisted.internet.task import Clock
 
-from securecc.acl import SETTLE, AclUnstable, file_stamp, load_acl, read_acl_stable
+from securecc.acl import SETTLE, AclError, AclUnstable, file_stamp, load_acl, read_acl_stable
 from securecc.server.aclfile import AclFile
 
 FULL_ACL = "realms: [TEST.REALM]\nallow:\n  - group: committers\ndeny:\n  principals: [mallory]\n"
@@ -108,6 +108,25 @@ def test_a_broken_edit_keeps_the_last_good_acl_and_is_reported_once(tmp_path: Pa
     acls.current()
     clock.advance(SETTLE)
     assert acls.current().deny_principals == frozenset() and [r["accepted"] for r in reloads] == [False, True]
+
+
+@pytest.mark.parametrize("broken", ["deny: !!map [mallory]\n", "deny:\n  principals: !!seq {mallory: 1}\n",
+                                    "allow: !!map [{group: committers}]\n"])
+def test_an_edit_with_a_tag_on_the_wrong_node_keeps_the_last_good_acl(tmp_path: Path, broken: str) -> None:
+    """A mistyped tag is a broken edit like any other: the last good ACL stays in force, no exception reaches the job."""
+    line = broken.count("\n") + 1  # the tag is on the edit's last line, after the realms
+    path, clock, reloads = tmp_path / "acl.yaml", Clock(), []
+    path.write_text(FULL_ACL)
+    acls = AclFile(path, clock, on_reload=lambda **record: reloads.append(record))
+    path.write_text("realms: [TEST.REALM]\n" + broken)
+    ahead = time.time() + 3600
+    os.utime(path, (ahead, ahead))
+    acls.current()
+    clock.advance(SETTLE)
+    assert acls.current().deny_principals == {"mallory"}
+    assert [r["accepted"] for r in reloads] == [False] and f"{path}:{line}: !!" in reloads[0]["detail"]
+    with pytest.raises(AclError, match=f"{path}:{line}: !!"):
+        load_acl(path)
 
 
 def test_a_save_in_two_writes_is_never_loaded_half(tmp_path: Path) -> None:

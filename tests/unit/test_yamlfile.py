@@ -130,6 +130,23 @@ def test_values_pyyaml_cannot_construct_are_errors_not_exceptions(text, message)
     assert error(text) == message
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: 1\nb: !!map [c, d]\n", "f.yaml:2: !!map needs a mapping, not a sequence"),
+        ("a: !!map [[c, d]]\n", "f.yaml:1: !!map needs a mapping, not a sequence"),
+        ("!!map [a]\n", "f.yaml:1: !!map needs a mapping, not a sequence"),
+        ("a:\n  - !!seq {b: 1}\n", "f.yaml:2: !!seq needs a sequence, not a mapping"),
+        ("a: !!seq b\n", "f.yaml:1: !!seq needs a sequence, not a scalar"),
+        ("a: !!map b\n", "f.yaml:1: !!map needs a mapping, not a scalar"),
+    ],
+)
+def test_a_collection_tag_on_the_other_kind_of_node_is_an_error(text, message):
+    """``!!map`` on a sequence, ``!!seq`` on a mapping: PyYAML hands our constructors the wrong kind of node,
+    which raised TypeError or AttributeError (an acl.yaml edit so tagged broke every job's ACL check)."""
+    assert error(text) == message
+
+
 def test_empty_and_non_mapping_documents():
     assert error("") == "f.yaml:1: expected a mapping at the top level"
     assert error("# only a comment\n") == "f.yaml:1: expected a mapping at the top level"
