@@ -235,11 +235,17 @@ def kerberos_environment() -> bytes:
     return agent_wire.kerberos_environment(os.environ)
 
 
+@functools.cache
+def kerberos_entries() -> dict[str, str]:
+    """The same, entry by entry: KRB5ENV's newlines can join two environments alike (agent_wire.kerberos_entries)."""
+    return agent_wire.kerberos_entries(os.environ)
+
+
 def invocation(data: bytes, watch: socket.socket, out: io.BytesIO, err: io.BytesIO) -> client.Invocation | None:
     """The shim's request as an Invocation writing to ``out`` and ``err``; None if it is not for us (version,
     Kerberos environment)."""
     request = agent_wire.parse_request(data)
-    if request is None or request.kerberos != kerberos_environment():
+    if request is None or request.kerberos != kerberos_environment() or agent_wire.kerberos_entries(request.environ) != kerberos_entries():
         return None
     return client.Invocation(request.argv, request.environ, request.cwd, request.tty, out, err, request.umask, watch)
 

@@ -12,7 +12,10 @@ user's own directory with mode 0700; ``HEX`` is the 64-bit FNV-1a, 16 hex
 digits, of ``PROTOCOL NUL KRB5ENV`` (:func:`agent_name`).  ``KRB5ENV`` is
 the ``KRB5*`` variables as ``NAME=VALUE``, sorted by name, joined by
 newlines: it decides whose tickets an agent uses, so two terminals with
-different ccaches reach different agents.  Both ends check the peer's uid.
+different ccaches reach different agents.  A newline in a value can make two
+environments join alike; the agent therefore also compares the request's
+``KRB5*`` environment entries (field 7) with its own, and answers ``D`` to
+any other.  Both ends check the peer's uid.
 
 **Request** (shim to agent): the decimal size of the rest and a newline,
 then these fields joined by NUL:
@@ -50,6 +53,13 @@ _MAX_SIZE_DIGITS = 12
 def kerberos_environment(environ: Mapping[str, str]) -> bytes:
     """``KRB5ENV``: the ``KRB5*`` entries of ``environ``, sorted by name, newline-joined."""
     return b"\n".join(os.fsencode(k) + b"=" + os.fsencode(v) for k, v in sorted(environ.items()) if k.startswith("KRB5"))
+
+
+def kerberos_entries(environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``KRB5*`` entries themselves.  KRB5ENV may read as another environment's (a value holding a newline
+    and a second entry: ``KRB5CCNAME=A\\nKRB5_CONFIG=B`` joins as the two entries do), so the agent compares
+    these, the request's environment entries, with its own as well."""
+    return {k: v for k, v in environ.items() if k.startswith("KRB5")}
 
 
 def fnv1a(data: bytes) -> str:

@@ -73,3 +73,52 @@ def test_the_python_shim_sends_a_request_the_agent_parses_and_obeys_its_reply(mo
     assert request == agent_wire.Request(b"KRB5CCNAME=FILE:/tmp/c", os.getcwd(), request.umask, request.tty,
                                          ["gcc", "-c", "t.c"], {"KRB5CCNAME": "FILE:/tmp/c", "HOME": "/home/a"})
     assert capfd.readouterr() == (out.decode(), err.decode())
+
+
+# --- whose Kerberos environment the agent serves ---------------------------------------------
+
+OURS = {"KRB5CCNAME": "FILE:/tmp/krb5cc_a", "KRB5_CONFIG": "/etc/krb5-other.conf"}
+# One variable whose value holds a newline and the other's entry: KRB5ENV joins it to OURS's bytes exactly.
+FORGED = {"KRB5CCNAME": "FILE:/tmp/krb5cc_a\nKRB5_CONFIG=/etc/krb5-other.conf"}
+
+
+@pytest.fixture
+def agent_environment(monkeypatch):
+    """The agent's module, started in OURS (its Kerberos environment is read once, at first use)."""
+    from securecc.client import agent
+
+    def clear() -> None:
+        for cached in (agent.kerberos_environment, getattr(agent, "kerberos_entries", None)):
+            if cached is not None:
+                cached.cache_clear()
+
+    for name in [k for k in os.environ if k.startswith("KRB5")]:
+        monkeypatch.delenv(name)
+    for name, value in OURS.items():
+        monkeypatch.setenv(name, value)
+    clear()
+    yield agent
+    clear()
+
+
+def test_another_kerberos_environment_that_joins_to_the_same_bytes_is_not_served(agent_environment):
+    """KRB5ENV is newline-joined in the name and in the request, so FORGED's shim reaches OURS's agent by name
+    and sends OURS's bytes; the agent must still see that its ccache is another one, and answer D."""
+    import io
+
+    assert agent_wire.kerberos_environment(FORGED) == agent_wire.kerberos_environment(OURS)
+
+    def asked(environ: dict[str, str]) -> bool:
+        request = agent_wire.Request(agent_wire.kerberos_environment(environ), "/src", 0o22, False, ["gcc", "-c", "t.c"],
+                                     {**environ, "PATH": "/usr/bin"})
+        body = agent_wire.encode_request(request).partition(b"\n")[2]
+        watch, other = socket.socketpair()
+        try:
+            return agent_environment.invocation(body, watch, io.BytesIO(), io.BytesIO()) is not None
+        finally:
+            watch.close()
+            other.close()
+
+    assert asked(OURS)
+    assert not asked(FORGED)
+    assert not asked({**OURS, "KRB5_TRACE": "/dev/stderr"})  # an entry more, under the same kerberos field's claim
