@@ -273,15 +273,22 @@ class AuditLog:
                 pass
 
     def rotate(self) -> None:
-        """Start a new file, unless the disk has no room for what is promised (then later)."""
+        """Start a new file, unless the disk has no room for what is promised or the directory refuses the
+        rename (then later).  The rename comes first: the open descriptor still writes the renamed file, which
+        the checkpoint ends, and it is closed only once the new file is open, never left closed for another
+        file or a client's socket to take its number and the next records."""
         free = os.statvfs(self.path.parent)
         if free.f_bavail * free.f_frsize < self._reserved + STANDING_RESERVE + ALLOCATE_AHEAD:
             return
-        self.checkpoint()
-        self._give_back()
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-        os.rename(self.path, self.path.with_name(f"{self.path.name}.{stamp}"))
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.rename(self.path, self.path.with_name(f"{self.path.name}.{stamp}"))
+        except OSError:
+            return  # a directory the server's user may not write (a mistaken install): this file goes on
+        self.checkpoint()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._give_back()
+        self._fd = fd
         self._size = self._allocated = 0
         try:
             self._allocate(self._reserved + STANDING_RESERVE)
