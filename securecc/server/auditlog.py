@@ -203,6 +203,9 @@ class AuditLog:
 
         A record without a ``reservation`` is written only if it leaves the
         room promised to jobs under way and the standing reserve intact.
+        Once it is written, the write succeeded: a checkpoint or rotation
+        that fails after it leaves the log unhealthy (the next write without a
+        reservation, and the next job, find out) or is tried again later.
         """
         try:
             if reservation is None:  # a reserved record is written even while the log is out of room
@@ -213,10 +216,13 @@ class AuditLog:
         line = self._append(fields, reservation=reservation)
         written = (self._seq - 1, line_hash(line))
         self._unsigned += 1
-        if self._unsigned >= self.checkpoint_every:
-            self.checkpoint()
-        if self.rotate_bytes and self._size >= self.rotate_bytes:
-            self.rotate()
+        try:
+            if self._unsigned >= self.checkpoint_every:
+                self.checkpoint()
+            if self.rotate_bytes and self._size >= self.rotate_bytes:
+                self.rotate()
+        except (AuditError, OSError):
+            pass  # the record is written: its caller must not take it for lost (a job-start left without its end)
         return written
 
     def _append(self, fields: dict[str, Any], sign: bool = False, reservation: Reservation | None = None,

@@ -201,6 +201,35 @@ def test_an_error_after_the_final_record_writes_no_second_one(tmp_path: Path, mo
     assert found == [STARTED, COMPILED]
 
 
+@pytest.mark.parametrize("failing", ["the start's checkpoint", "the final record's checkpoint"])
+def test_a_checkpoint_that_fails_after_a_record_costs_the_job_neither_its_record_nor_its_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str) -> None:
+    """A record written, then the checkpoint after it refused by the disk (EIO): the record stands.  Taken for
+    unwritten, a job-start was left without any final record (the job refused, audit unavailable), or a compile
+    recorded as delivered was refused to its client and kept out of the cache."""
+    import errno
+    import os
+
+    s = server(tmp_path)
+    s.service.audit.checkpoint_every = 1 if failing == "the start's checkpoint" else 2
+    real_write = os.write
+
+    def write(fd: int, data: bytes) -> int:
+        if b'"event":"checkpoint"' in data and not failed:
+            failed.append(data)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_write(fd, data)
+
+    failed: list[bytes] = []
+    monkeypatch.setattr(os, "write", write)
+    d = s.service.run(native(), job())
+    s.handler.runs[0].finish(Outcome(0, b"", b"warning\n", OBJECT))
+    reply = replied(d)
+    found = job_records(s)
+    assert failed and isinstance(reply, wire.Result) and reply.output == OBJECT
+    assert ids(found) == [reply.job_id] * 2 and found == [STARTED, COMPILED]
+
+
 @pytest.mark.parametrize(("raw", "session", "reason"), [
     (job(cwd="src"), native(), wire.Reason.BAD_PATH),
     (job(), native(expires=0.0), wire.Reason.SESSION_EXPIRED),
