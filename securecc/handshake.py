@@ -111,6 +111,8 @@ class ServerHandshake:
         self.phase = Phase.HELLO
 
     def receive(self, event: wire.Event) -> Step:
+        if self.phase is Phase.CLOSED:  # refused already; a client's token comes in the write of its HELLO: a
+            return Step()  # protocol error now would abort the connection and drop the refusal unsent
         if self.phase is Phase.HELLO and isinstance(event, wire.HelloReceived):
             version = wire.choose_version(event)
             if version is None:

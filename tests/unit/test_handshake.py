@@ -135,3 +135,14 @@ def test_no_order_of_events_without_a_valid_request_opens_a_session(events):
         if step.close:
             break
     assert not server.done and not server.connection.is_secure
+
+
+def test_after_a_refusal_nothing_the_peer_sends_is_answered_or_opens_a_session():
+    """Refused (a version from the future), the server ignores the rest while its refusal is flushed: even a
+    HELLO and a request it would accept neither get an answer nor seal the connection."""
+    client, server = ends()
+    [hello] = server.connection.receive_data(wire.hello(7, 9))
+    assert server.receive(hello).close
+    for event in server.connection.receive_data(client.opening(client.context.step() or b"")):
+        assert server.receive(event) == handshake.Step()
+    assert server.phase is handshake.Phase.CLOSED and not server.done and not server.connection.is_secure

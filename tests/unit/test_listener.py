@@ -73,6 +73,29 @@ def test_unsupported_version_gets_a_clear_error(memory):
     assert transport.disconnecting
 
 
+def test_a_refusal_reaches_a_real_client_whose_token_follows_its_hello(memory):
+    """A client writes HELLO and its first token at once: the token, arriving after the server refused the
+    version, must not turn the refusal into an abort (a reset, which drops the ERROR frame unsent)."""
+    proto, transport, _clock = connected(memory)
+    initiator = MemoryInitiator(ALICE, SERVER)
+    proto.dataReceived(wire.hello(7, 9) + wire.token(initiator.step() or b""))
+    events = wire.Connection().receive_data(transport.value())
+    assert events == [wire.ErrorReceived("unsupported-version", f"this server speaks version {wire.VERSION}")]
+    assert transport.disconnecting and not transport.disconnected  # closed after the write, not aborted
+    assert proto.session is None
+
+
+def test_a_client_refused_its_authentication_is_told_why_whatever_follows(memory):
+    proto, transport, _clock = connected(memory)
+    initiator = MemoryInitiator("mallory@TEST.REALM", SERVER)
+    proto.dataReceived(wire.hello() + wire.token(initiator.step() or b"") + wire.token(b"MEMORY-REQ {}") + wire.hello())
+    events = wire.Connection().receive_data(transport.value())
+    assert events[-1] == wire.ErrorReceived("authentication-failed", f"mallory@TEST.REALM may not authenticate to {SERVER}")
+    assert transport.disconnecting and not transport.disconnected and proto.session is None
+    [record] = records([memory.log])
+    assert record["event"] == "auth"  # one record: what followed was not a second attempt
+
+
 def test_token_before_hello_is_a_protocol_error(memory):
     """The handshake has an order: a GSS token without a hello drops the connection."""
     proto, transport, _clock = connected(memory)
