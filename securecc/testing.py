@@ -118,16 +118,21 @@ class MemoryAcceptorContext:
 
     def step(self, in_token: bytes) -> bytes | None:
         try:
-            request = json.loads(in_token.removeprefix(_REQUEST)) if in_token.startswith(_REQUEST) else None
+            request: Any = json.loads(in_token.removeprefix(_REQUEST)) if in_token.startswith(_REQUEST) else None
         except ValueError:
             request = None
-        if not isinstance(request, dict) or self.complete:
-            raise AuthenticationFailure("not an authentication request", token=_ERROR + b"malformed request")
-        if request.get("server") != self.acceptor.principal or request.get("client") not in self.acceptor.clients:
-            why = f"{request.get('client')} may not authenticate to {self.acceptor.principal}"
+        try:  # anything but a request as MemoryInitiator makes one fails as a bad token fails GSS: never otherwise
+            client, server, nonce = request["client"], request["server"], bytes.fromhex(request["nonce"])
+            lifetime = request["lifetime"]
+            if not (isinstance(client, str) and isinstance(lifetime, (int, float)) and not isinstance(lifetime, bool)) or self.complete:
+                raise TypeError
+        except (KeyError, TypeError, ValueError):
+            raise AuthenticationFailure("not an authentication request", token=_ERROR + b"malformed request") from None
+        if server != self.acceptor.principal or client not in self.acceptor.clients:
+            why = f"{client} may not authenticate to {self.acceptor.principal}"
             raise AuthenticationFailure(why, token=_ERROR + why.encode())
-        self._nonce = bytes.fromhex(request["nonce"])
-        self.principal, self.lifetime, self.server = request["client"], float(request["lifetime"]), self.acceptor.principal
+        self._nonce = nonce
+        self.principal, self.lifetime, self.server = client, float(lifetime), self.acceptor.principal
         return _REPLY + self._nonce
 
     def session(self) -> MemorySealing:
