@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from securecc.acl import AclError, load_acl, parse_acl
+from securecc.acl import AclError, decide, load_acl, parse_acl
 
 
 @pytest.mark.parametrize(
@@ -50,3 +50,35 @@ def test_an_empty_section_grants_and_denies_nothing():
 def test_rules_keep_their_lines():
     acl = parse_acl("realms: [A]\nallow:\n  - group: x\n\n  - principal: robot\n    max_jobs: 2\n", "acl.yaml")
     assert [(rule.name, rule.line) for rule in acl.allow] == [("x", 3), ("robot", 5)]
+
+
+ALLOWS_MALLORY = "realms: [TEST.REALM]\nallow:\n  - principal: mallory\n"
+
+
+@pytest.mark.parametrize("deny", [
+    "deny: &d {principals: [mallory]}\nadmins: *d\n",  # an anchor and its alias: the same list, twice
+    "deny: {principals: &p [mallory]}\nadmins: {principals: *p}\n",
+    "deny: !!map {principals: [mallory]}\n",
+    "!!str deny: {principals: [mallory]}\n",
+    "deny: {principals: [mallory, mallory]}\n",
+    "deny: {principals: [mallory]}\ndeny: {principals: []}\n",  # a second deny replaced the first, for safe_load
+    "deny: {principals: [mallory]}\n\"deny\": {}\n",
+    "deny: {principals: [mallory]}\n? deny\n: {}\n",
+    "deny: {principals: [mallory], principals: []}\n",
+    "x: &x {principals: [mallory]}\ndeny: {<<: *x}\n",
+    "deny: {principals: !!set {mallory}}\n",
+    "deny: !!omap [principals: [mallory]]\n",
+    "deny: !!seq {principals: [mallory]}\n",
+    "deny: {principals: [mallory]}\n---\ndeny: {}\n",
+    "deny: {principals: [no]}\n",  # YAML 1.1's false, not a principal called no
+    "deny: {principals: [mallory]}\nDeny: {}\n",
+    "deny: {principals: [mallory@TEST.REALM\u200b]}\n",  # a zero-width space: an entry that could never match
+])
+def test_no_construct_drops_the_deny_list_silently(deny):
+    """An ACL that allows mallory and denies her, written in YAML's odder ways: refused whole, or she stays denied."""
+    try:
+        acl = parse_acl(ALLOWS_MALLORY + deny, "acl.yaml")
+    except AclError as e:
+        assert str(e).startswith("acl.yaml:")
+        return
+    assert acl.deny_principals and not decide(acl, "mallory@TEST.REALM", frozenset(), "gcc").allowed

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from securecc.client import agent_wire
@@ -122,3 +122,24 @@ def test_another_kerberos_environment_that_joins_to_the_same_bytes_is_not_served
     assert asked(OURS)
     assert not asked(FORGED)
     assert not asked({**OURS, "KRB5_TRACE": "/dev/stderr"})  # an entry more, under the same kerberos field's claim
+
+
+FIELD = st.binary(max_size=12) | st.sampled_from([b"", b"-1", b"+3", b" 2 ", b"1_0", b"9" * 5000, b"0o7", b"\xff", b"777777777777"])
+
+
+@settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(FIELD, max_size=10))  # the fixture only sets the agent's environment, the same for every example
+def test_no_request_makes_the_agent_raise_what_it_does_not_catch(agent_environment, fields):
+    """Agent.handle answers D to a request that raises ValueError or IndexError; anything else would kill the
+    connection's thread with a traceback (same uid only, but a shim of another version must not)."""
+    import io
+
+    body = b"\0".join([agent_wire.PROTOCOL, agent_wire.kerberos_environment(OURS), *fields])
+    watch, other = socket.socketpair()
+    try:
+        agent_environment.invocation(body, watch, io.BytesIO(), io.BytesIO())
+    except (ValueError, IndexError):
+        pass
+    finally:
+        watch.close()
+        other.close()
