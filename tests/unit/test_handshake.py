@@ -80,7 +80,7 @@ def test_a_server_of_an_old_version_is_refused_by_the_client():
 
 @pytest.mark.parametrize("events", [
     [wire.TokenReceived(b"x")],  # a token before the hello
-    [wire.HelloReceived(2, 2), wire.HelloReceived(2, 2)],  # a second hello
+    [wire.HelloReceived(wire.VERSION, wire.VERSION), wire.HelloReceived(wire.VERSION, wire.VERSION)],  # a second hello
     [wire.MessageReceived(wire.StatusRequest())],  # a message before the context is complete
 ])
 def test_the_server_refuses_events_out_of_order(events):
@@ -118,7 +118,7 @@ def test_sealed_frames_are_checked_for_tampering_and_replay():
 
 
 EVENTS = st.sampled_from([
-    wire.HelloReceived(2, 2), wire.HelloReceived(9, 9), wire.TokenReceived(b"MEMORY-REQ {}"),
+    wire.HelloReceived(wire.VERSION, wire.VERSION), wire.HelloReceived(9, 9), wire.TokenReceived(b"MEMORY-REQ {}"),
     wire.TokenReceived(b"junk"), wire.ErrorReceived("x", "y"), wire.MessageReceived(wire.StatusRequest()),
 ])
 

@@ -121,7 +121,7 @@ def client_after_hello() -> handshake.ClientHandshake:
     initiator = MemoryInitiator(ALICE, SERVER)
     client = handshake.ClientHandshake(wire.Connection(), initiator)
     initiator.step()
-    [hello] = client.connection.receive_data(wire.hello(2, 2))
+    [hello] = client.connection.receive_data(wire.hello(wire.VERSION, wire.VERSION))
     assert client.receive(hello) == b"" and not client.done
     return client
 
