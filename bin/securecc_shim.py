@@ -63,6 +63,8 @@ Environment:
   SECURECC_AGENT=off          no agent: every securecc process does its job itself
   SECURECC_FALLBACK=0         a compile that should go remote but cannot (no ticket, no server
                               answering, refused) fails with the reason instead of compiling here
+  SECURECC_PROVENANCE=DIR     one in-toto statement per object received, DIR/<sha256>.json, with
+                              the servers' signed statements (securecc-audit provenance OBJECT)
   SECURECC_AGENT_DIR          the agent's socket and log (default: $XDG_RUNTIME_DIR/securecc,
                               else /tmp/securecc-UID)
   SECURECC_AGENT_IDLE         seconds without a job after which the agent exits (600)

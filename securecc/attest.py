@@ -23,7 +23,12 @@ first one it met, kept in its host state, so a server that changes its key
 is refused until the user forgets the old one), that ``server`` is the
 principal it authenticated by mutual Kerberos, that ``job_sha256`` is its
 own job's, and that every output's digest is the reply's.  Anything else is
-:class:`BadAttestation`, and the job compiles locally.  A leaf: the
+:class:`BadAttestation`, and the job compiles locally.
+
+With ``SECURECC_PROVENANCE`` the client keeps, per object, an in-toto
+statement (:func:`provenance`) whose subject is the object's digest and
+whose predicate carries those signed statements; :func:`check_provenance`
+is what ``securecc-audit provenance`` applies to it.  A leaf: the
 cryptography package and the wire format, nothing else of securecc.
 """
 
@@ -151,5 +156,58 @@ def check(reply: wire.Result, job: wire.Job, server: str, pinned: str | None) ->
             raise BadAttestation("the producer's statement names another compiler")
         if {k: facts.get(k) for k in served} != served:
             raise BadAttestation("its digests do not match the outputs received")
+        found.append(facts)
+    return found
+
+
+# --- provenance: one in-toto statement per object the client received -------------------------------------
+
+PROVENANCE_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://securecc.dev/provenance/result/v1"
+
+
+def provenance(name: str, data: bytes, reply: wire.Result) -> dict[str, Any]:
+    """The in-toto statement of one output (``name``, as the build calls it) of an accepted reply: its subject is the
+    file's digest, its predicate the servers' signed statements, which name the same digest.  The file itself is not
+    signed (the client holds no key); what it carries is, and checks with the servers' keys alone."""
+    facts = [Attestation.of(a).facts() for a in reply.attestations]
+    first = facts[0]
+    return {
+        "_type": PROVENANCE_TYPE,
+        "subject": [{"name": name, "digest": {"sha256": hashlib.sha256(data).hexdigest()}}],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "builder": {"id": first["server"]}, "job_id": first["job_id"], "compiler_identity": first["compiler_identity"],
+            "time": first["time"], "audit": first["audit"],
+            "attestations": [{**a, "public_key_pem": _pem(a["key"])} for a in reply.attestations],
+        },
+    }
+
+
+def _pem(key: str) -> str:
+    raw = Ed25519PublicKey.from_public_bytes(base64.b64decode(key))
+    return raw.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def check_provenance(document: dict[str, Any], data: bytes) -> list[dict[str, Any]]:
+    """The verified facts behind one object's provenance (the serving server's first); BadAttestation if ``data`` is
+    not the subject, or any statement does not verify or does not name the object's digest."""
+    if document.get("_type") != PROVENANCE_TYPE or document.get("predicateType") != PREDICATE_TYPE:
+        raise BadAttestation("not a securecc provenance statement")
+    wanted = hashlib.sha256(data).hexdigest()
+    subjects = document.get("subject")
+    if not isinstance(subjects, list) or [s.get("digest", {}).get("sha256") for s in subjects if isinstance(s, dict)] != [wanted]:
+        raise BadAttestation("it describes another file (its subject's digest is not this file's)")
+    predicate = document.get("predicate")
+    listed = predicate.get("attestations") if isinstance(predicate, dict) else None
+    if not isinstance(listed, list) or not listed:
+        raise BadAttestation("it carries no server statement")
+    found = []
+    for fields in listed:
+        if not isinstance(fields, dict):
+            raise BadAttestation("malformed attestation")
+        facts = Attestation.of({k: fields.get(k) for k in ("statement", "signature", "key")}).verified()
+        if wanted not in (facts.get("outputs") or {}).values():
+            raise BadAttestation(f"{facts.get('server')}'s statement names another object")
         found.append(facts)
     return found

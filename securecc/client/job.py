@@ -406,6 +406,8 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
         if reply.output is None or (reply.dwo is None) == plan.split_dwarf:
             raise RemoteFailure(f"{host.name} returned no output file, or not the ones asked for")
         outputs = {plan.output: reply.output, **({argpolicy.dwo_path(plan.output): reply.dwo} if reply.dwo else {})}
+        if inv.env.get("SECURECC_PROVENANCE"):
+            write_provenance(inv, inv.env["SECURECC_PROVENANCE"], outputs, reply)
         for name, data in outputs.items():
             try:
                 write_atomically(inv.path(name), data, 0o666 & ~inv.umask)  # the caller's umask, not the agent's
@@ -420,6 +422,24 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
     if kdc_trouble is not None and not troubles:
         raise kdc_outage(kdc_trouble)
     raise RemoteFailure("; ".join(troubles + ([str(kdc_trouble)] if kdc_trouble else [])))
+
+
+def write_provenance(inv: Invocation, directory: str, outputs: dict[str, bytes], reply: wire.Result) -> None:
+    """SECURECC_PROVENANCE=DIR: one in-toto statement per output received (securecc.attest.provenance), named by
+    the output's sha256, written before the output itself: an object that has none was compiled here."""
+    import hashlib
+    import json
+
+    from securecc import attest
+
+    for name, data in outputs.items():
+        statement = attest.provenance(os.path.normpath(inv.path(name)), data, reply)
+        path = os.path.join(inv.path(directory), hashlib.sha256(data).hexdigest() + ".json")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_atomically(path, json.dumps(statement, indent=1).encode() + b"\n", 0o666 & ~inv.umask)
+        except OSError as e:
+            raise RemoteFailure(f"cannot write the provenance of {name} in {directory}: {e.strerror or e}") from None
 
 
 def need_a_cached_ticket(state: HostState, candidates: list[Host]) -> None:

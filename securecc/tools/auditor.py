@@ -4,6 +4,9 @@
   securecc-audit show LOG... [filters] [--json]          records as a table (or JSON lines for jq)
   securecc-audit stats LOG... [filters]                  jobs, refusals by reason, top principals, bytes, time
   securecc-audit show --follow LOG                       a live log, as it grows
+  securecc-audit provenance OBJECT... [--dir DIR] [--log LOG... --key KEY]
+                                                         who compiled each object, where, when, with what;
+                                                         with the log, whether it holds that job's record
 
 Names in a record are the client's choice: the table, stats and verify's messages print them through
 :func:`visible`, so a file name cannot move the cursor, erase a row or print a forged one.
@@ -12,15 +15,19 @@ Names in a record are the client's choice: the table, stats and verify's message
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
+import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from securecc.audit import load_public_key, records, verify
+from securecc import attest
+from securecc.audit import key_id, line_hash, load_public_key, read_lines, records, verify
 
 
 def visible(value: object) -> str:
@@ -124,6 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     show.add_argument("--follow", action="store_true", help="watch the (last given) log grow")
     stats = commands.add_parser("stats", help="totals")
     _filters(stats)
+    origin = commands.add_parser("provenance", help="where objects came from, checked against the servers' signatures")
+    origin.add_argument("objects", nargs="+", type=Path)
+    origin.add_argument("--dir", type=Path, default=os.environ.get("SECURECC_PROVENANCE"),
+                        help="where the client wrote the statements (default $SECURECC_PROVENANCE)")
+    origin.add_argument("--log", type=Path, action="append", default=[], help="the server's audit log and rotated files")
+    origin.add_argument("--key", type=Path, action="append", default=[], help="the log's public key (audit.key.pub): verify it first")
     options = parser.parse_args(argv)
     try:
         if options.command == "verify":
@@ -144,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(HEADER)
             for record in _selected(options):
                 print(_json(record) if options.json else _row(record))
+        elif options.command == "provenance":
+            sys.exit(_provenance(options))
         else:
             _stats(list(_selected(options)))
     except (OSError, ValueError) as e:
@@ -165,3 +180,54 @@ def _stats(selected: list[dict[str, Any]]) -> None:
         print("refusals by reason: " + ", ".join(f"{visible(reason)} {n}" for reason, n in refused.most_common()))
     if principals:
         print("top principals: " + ", ".join(f"{visible(p)} {n}" for p, n in principals.most_common(10)))
+
+
+def _provenance(options: argparse.Namespace) -> int:
+    """One line per object: who, where, when, with what, and whether the given log holds the job's record; 1 if any
+    object has no statement, or one that does not check."""
+    if options.dir is None:
+        raise ValueError("say where the statements are: --dir DIR or SECURECC_PROVENANCE")
+    logged: dict[int, tuple[str, dict[str, Any]]] = {}
+    if options.log:
+        if options.key:
+            report = verify(options.log, [load_public_key(k) for k in options.key], live=True)
+            if not report.ok:
+                print(f"securecc-audit: the log does not verify: {visible(report.problem)}")
+                return 1
+        logged = {line.record["seq"]: (line_hash(line.raw), line.record) for line in read_lines(options.log)
+                  if line.record is not None and isinstance(line.record.get("seq"), int)}
+    failed = 0
+    for path in options.objects:
+        data = path.read_bytes()
+        statement = options.dir / (hashlib.sha256(data).hexdigest() + ".json")
+        try:
+            facts = attest.check_provenance(json.loads(statement.read_bytes()), data)
+        except FileNotFoundError:
+            print(f"{visible(path)}: no provenance in {visible(options.dir)}: compiled locally, or without SECURECC_PROVENANCE")
+            failed += 1
+            continue
+        except (ValueError, attest.BadAttestation) as e:
+            print(f"{visible(path)}: FAILED: {visible(e)}")
+            failed += 1
+            continue
+        first = facts[0]
+        said = (f"{visible(path)}: compiled by {visible(first['server'])} (job {visible(first['job_id'])}) at {visible(first['time'])} "
+                f"with {visible(first['compiler_identity'])}, signed by key {_key_name(first['key'])}")
+        said += "".join(f"; served from the cache of {visible(f['server'])}'s job {visible(f['job_id'])}" for f in facts[1:])
+        if options.log:
+            seq, digest = first["audit"]["seq"], first["audit"]["line_sha256"]
+            found = logged.get(seq)
+            if found is None or found[0] != digest or found[1].get("job_id") != first["job_id"]:
+                print(f"{said}; FAILED: its audit record (seq {seq}) is not in the log given")
+                failed += 1
+                continue
+            checked = "verified" if options.key else "not verified: give --key"
+            said += f"; its audit record, seq {seq}, is in the log ({checked}): for {visible(found[1].get('principal'))}"
+        print(said)
+    return 1 if failed else 0
+
+
+def _key_name(key: str) -> str:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    return key_id(Ed25519PublicKey.from_public_bytes(base64.b64decode(key)))

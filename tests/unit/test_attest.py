@@ -101,3 +101,17 @@ def test_the_clients_channel_turns_a_bad_attestation_into_a_host_failure():
         channel._attested(JOB, dataclasses.replace(result(), output=b"\x7fELG"))
     refusal = wire.Refused(wire.Reason.BAD_PATH, "no")
     assert channel._attested(JOB, refusal) is refusal  # only results are attested
+
+
+def test_provenance_names_the_object_and_checks_only_with_it():
+    reply = result()
+    document = attest.provenance("/src/a.o", b"\x7fELF", reply)
+    assert document["subject"] == [{"name": "/src/a.o", "digest": {"sha256": attest.digest(b"\x7fELF")}}]
+    [facts] = attest.check_provenance(document, b"\x7fELF")
+    assert facts["server"] == SERVER and "BEGIN PUBLIC KEY" in document["predicate"]["attestations"][0]["public_key_pem"]
+    with pytest.raises(attest.BadAttestation, match="another file"):
+        attest.check_provenance(document, b"\x7fELG")
+    forged = json.loads(json.dumps(document))
+    forged["subject"][0]["digest"]["sha256"] = attest.digest(b"\x7fELG")
+    with pytest.raises(attest.BadAttestation, match="names another object"):
+        attest.check_provenance(forged, b"\x7fELG")  # a subject rewritten to another object: the signed digests say no
