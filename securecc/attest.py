@@ -15,6 +15,8 @@ signature over its bytes::
      "exit_status": 0, "outputs": {"object": sha256 or null, "dwo": ...,
        "stdout": ..., "stderr": ...},
      "audit": {"seq": N, "line_sha256": ...}: the job's final audit record,
+     "cache_key": the result cache's key of a job it stored (else null): a hit on
+       that entry is served only if this statement is the server's own for that key,
      "time": RFC 3339, "key": the public key (base64, raw 32 bytes)}
 
 The client checks, before it writes any output (:func:`check`): the
@@ -112,10 +114,11 @@ def outputs(exit_status: int, stdout: bytes, stderr: bytes, output: bytes | None
 
 
 def sign(key: Ed25519PrivateKey, server: str, job_id: str, job_sha256: str, job: wire.Job, result: dict[str, Any],
-         audit_seq: int, audit_line_sha256: str) -> Attestation:
-    """The serving server's statement of one reply (``result``: :func:`outputs`)."""
+         audit_seq: int, audit_line_sha256: str, cache_key: str | None = None) -> Attestation:
+    """The serving server's statement of one reply (``result``: :func:`outputs`); ``cache_key``: the result cache's key
+    of the job (None: not cached), which a later hit on that entry checks before it serves the entry's bytes."""
     statement = {"type": STATEMENT_TYPE, "server": server, "job_id": job_id, "job_sha256": job_sha256,
-                 "compiler_identity": job.compiler_identity, "args_sha256": args_digest(job.args), **result,
+                 "compiler_identity": job.compiler_identity, "args_sha256": args_digest(job.args), **result, "cache_key": cache_key,
                  "audit": {"seq": audit_seq, "line_sha256": audit_line_sha256},
                  "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"), "key": public_key(key)}
     text = json.dumps(statement, sort_keys=True, separators=(",", ":"))

@@ -189,17 +189,22 @@ class CompileService:
         # Authorized: only now the large work (hashing the input, the cache key), off the reactor.
         record.input_sha256, key, job_sha256 = yield threads.deferToThreadPool(self.clock, self.hash_pool, self._digests, job)
         hit, owner = yield self._cached(key)
+        served = producer = None
+        if hit is not None:
+            served = attest.outputs(0, hit.stdout, hit.stderr, hit.output, None)
+            producer = self._vouched(hit, key, job.compiler_identity, served)
+            if producer is None:  # the handler's word alone: compiled afresh (and stored again, vouched for)
+                hit = None
         stored = room = None
         try:
-            if hit is not None:
-                record.decision, record.cache, record.cached_from = Decision.ALLOWED, "hit", hit.producer.get("job_id")
-                record.exit_status, record.output_sha256, record.bytes_out = 0, sha256(hit.output), len(hit.output) + len(hit.stderr)
+            if hit is not None and producer is not None and served is not None:
+                record.decision, record.cache, record.cached_from = Decision.ALLOWED, "hit", producer.get("job_id")
+                record.exit_status, record.output_sha256, record.bytes_out = 0, served["outputs"]["object"], len(hit.output) + len(hit.stderr)
                 written = self._record(record, started, session)
                 if written is None:
                     return wire.Refused(wire.Reason.AUDIT_UNAVAILABLE, AUDIT_DOWN, job_id)
-                mine = self._attest(session, job_id, job_sha256, raw, attest.outputs(0, hit.stdout, hit.stderr, hit.output, None), written)
-                original = [hit.producer["attestation"]] if isinstance(hit.producer.get("attestation"), dict) else []
-                return wire.Result(0, hit.stdout, hit.stderr, hit.output, job_id, attestations=[mine.fields(), *original])
+                mine = self._attest(session, job_id, job_sha256, raw, served, written)
+                return wire.Result(0, hit.stdout, hit.stderr, hit.output, job_id, attestations=[mine.fields(), hit.producer["attestation"]])
             busy = self._admit(principal, decision.rule.max_jobs if decision.rule else None)
             if busy is not None:
                 record.decision, record.reason, record.load = Decision.BUSY, busy.reason, busy.load
@@ -230,7 +235,7 @@ class CompileService:
             if written is None:
                 return wire.Refused(wire.Reason.AUDIT_UNAVAILABLE, AUDIT_DOWN, job_id)
             signed = self._attest(session, job_id, job_sha256, raw, attest.outputs(outcome.exit_status, outcome.stdout, outcome.stderr,
-                                                                          outcome.output, outcome.dwo), written)
+                                                                          outcome.output, outcome.dwo), written, key if entry else None)
             if entry is not None:
                 entry.producer["attestation"] = signed.fields()  # a hit carries it on, beside the serving server's own
             stored = entry  # recorded first: the cache never holds an unaudited result
@@ -253,9 +258,28 @@ class CompileService:
                 attest.job_digest(job.job))
 
     def _attest(self, session: Session, job_id: str, job_sha256: str, job: wire.Job, result: dict[str, Any],
-                written: tuple[int, str]) -> attest.Attestation:
+                written: tuple[int, str], cache_key: str | None = None) -> attest.Attestation:
         """This server's signed statement of a reply, naming the job's final audit record (already written)."""
-        return attest.sign(self.signer, session.server or self.config.principal, job_id, job_sha256, job, result, *written)
+        return attest.sign(self.signer, session.server or self.config.principal, job_id, job_sha256, job, result, *written,
+                           cache_key=cache_key)
+
+    def _vouched(self, hit: Entry, key: str | None, identity: str, served: dict[str, Any]) -> dict[str, Any] | None:
+        """The facts of a cache entry's producer statement if it is this server's own, for this key, this compiler and
+        these bytes; None if not.  The job handler writes the cache and holds no key: an entry it altered, stripped
+        of its statement or filed under another job's key (and one from before attestations) is no hit."""
+        fields = hit.producer.get("attestation") if isinstance(hit.producer, dict) else None
+        try:
+            if not isinstance(fields, dict):
+                raise attest.BadAttestation("no statement")
+            statement = attest.Attestation.of(fields)
+            facts = statement.verified()
+            if statement.key != attest.public_key(self.signer) or facts.get("cache_key") != key or \
+                    facts.get("compiler_identity") != identity or {k: facts.get(k) for k in served} != served:
+                raise attest.BadAttestation("another entry's")
+        except attest.BadAttestation as e:
+            self._log.warn("cache entry {key} is not vouched for by this server's statement ({why}): compiling afresh", key=key, why=str(e))
+            return None
+        return facts
 
     def _entry(self, key: str | None, outcome: sandbox.Outcome, producer: dict[str, str]) -> Entry | None:
         """A cache entry of a successful compile, or None."""
