@@ -190,7 +190,9 @@ class HostState:
                 raise ValueError
         except (OSError, ValueError):
             self.data = {}
-        self.hosts: dict[str, dict[str, Any]] = self.data.setdefault("hosts", {})
+        if not isinstance(self.data.get("hosts"), dict):
+            self.data["hosts"] = {}  # a malformed entry: no hosts known, the pinned keys kept
+        self.hosts: dict[str, dict[str, Any]] = self.data["hosts"]
         self._changed: set[str] = set()  # what this process changed: the entries save() writes back
 
     def backed_off(self, host: Host, now: float | None = None) -> float:
@@ -316,10 +318,12 @@ class HostState:
                 try:
                     with open(self.path) as f:
                         current = json.load(f)
-                    if not isinstance(current, dict) or not isinstance(current.get("hosts"), dict):
+                    if not isinstance(current, dict):
                         raise ValueError
                 except (OSError, ValueError):
                     current = {"hosts": {}}
+                if not isinstance(current.get("hosts"), dict):
+                    current["hosts"] = {}  # only the hosts start afresh: the result keys pinned beside them stay
                 for key in self._changed:
                     if key == "srv":
                         current["srv"] = self.data["srv"]
