@@ -210,7 +210,18 @@ def check_provenance(document: dict[str, Any], data: bytes) -> list[dict[str, An
         if not isinstance(fields, dict):
             raise BadAttestation("malformed attestation")
         facts = Attestation.of({k: fields.get(k) for k in ("statement", "signature", "key")}).verified()
-        if wanted not in (facts.get("outputs") or {}).values():
-            raise BadAttestation(f"{facts.get('server')}'s statement names another object")
+        _complete(facts)
+        made = facts["outputs"]
+        if wanted not in (made.get("object"), made.get("dwo")):  # not its stdout's or stderr's: an empty file is everyone's stdout
+            raise BadAttestation(f"{facts['server']}'s statement names another object")
         found.append(facts)
     return found
+
+
+def _complete(facts: dict[str, Any]) -> None:
+    """A verified statement holds every field a reader prints, of its type (anyone can sign one with a key of their own)."""
+    audit = facts.get("audit")
+    if not (all(isinstance(facts.get(k), str) for k in ("server", "job_id", "compiler_identity", "time", "key"))
+            and isinstance(facts.get("outputs"), dict) and isinstance(audit, dict)
+            and isinstance(audit.get("seq"), int) and not isinstance(audit.get("seq"), bool) and isinstance(audit.get("line_sha256"), str)):
+        raise BadAttestation("its statement lacks a field, or has one of the wrong type")
