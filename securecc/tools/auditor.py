@@ -218,11 +218,15 @@ def _provenance(options: argparse.Namespace) -> int:
             seq, digest = first["audit"]["seq"], first["audit"]["line_sha256"]
             found = logged.get(seq)
             if found is None or found[0] != digest or found[1].get("job_id") != first["job_id"]:
-                print(f"{said}; FAILED: its audit record (seq {seq}) is not in the log given")
+                print(f"{said}; FAILED: its audit record (seq {visible(seq)}) is not in the log given")
+                failed += 1
+                continue
+            if first["outputs"].get("object") != found[1].get("output_sha256"):  # a statement naming a real record, by any key
+                print(f"{said}; FAILED: its audit record (seq {visible(seq)}) names another object")
                 failed += 1
                 continue
             checked = "verified" if options.key else "not verified: give --key"
-            said += f"; its audit record, seq {seq}, is in the log ({checked}): for {visible(found[1].get('principal'))}"
+            said += f"; its audit record, seq {visible(seq)}, is in the log ({checked}): for {visible(found[1].get('principal'))}"
         print(said)
     return 1 if failed else 0
 

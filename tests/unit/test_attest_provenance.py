@@ -20,7 +20,7 @@ from securecc import protocol as wire
 from securecc.audit import load_private_key, records
 from securecc.sandbox import Outcome
 from securecc.server.session import Session
-from securecc.testing import GCC_IDENTITY, MemoryService
+from securecc.testing import GCC_IDENTITY, MemoryService, memory_service
 
 ALICE, PEER, SERVER = "alice@TEST.REALM", "127.0.0.1:40000", "securecc/localhost@TEST.REALM"
 OBJECT, EVIL = b"\x7fELF object", b"\x7fELF evil"
@@ -131,3 +131,23 @@ def test_the_auditor_reports_a_statement_missing_a_field_without_a_traceback(tmp
     obj, directory = write_document(tmp_path, OBJECT, reply)
     code, out = audit(["provenance", str(obj), "--dir", str(directory)], capsys)
     assert code == 1 and "FAILED" in out
+
+
+def test_a_forged_statement_naming_a_real_audit_record_fails_against_the_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The forger copies a genuine record's seq, line hash and job id (the log is readable) into a statement they
+    sign with a key of their own, for another object: the record's own output digest says no."""
+    (tmp_path / "server").mkdir()
+    s = memory_service(tmp_path / "server")
+    genuine = compiled(s, job())
+    [facts] = attest.check(genuine, job(), SERVER, None)
+    forger = Ed25519PrivateKey.generate()
+    j = job()
+    forged = attest.sign(forger, SERVER, genuine.job_id, attest.job_digest(j), j, attest.outputs(0, b"", b"", EVIL, None),
+                         facts["audit"]["seq"], facts["audit"]["line_sha256"])
+    reply = wire.Result(0, b"", b"", EVIL, genuine.job_id, attestations=[forged.fields()])
+    obj, directory = write_document(tmp_path, EVIL, reply)
+    code, out = audit(["provenance", str(obj), "--dir", str(directory), "--log", str(s.log)], capsys)
+    assert code == 1 and "FAILED" in out, out
+    obj, directory = write_document(tmp_path, OBJECT, genuine)
+    code, out = audit(["provenance", str(obj), "--dir", str(directory), "--log", str(s.log)], capsys)
+    assert code == 0 and "is in the log" in out, out
