@@ -113,15 +113,18 @@ def start_handler(config: ServerConfig, reactor) -> HandlerLink:
     })
 
 
-def _check_private(path: Path) -> None:
-    """A secret that others can read is a secret the job handler's uid (or anyone) can read: refuse it."""
+def _check_private(path: Path, handler_uid: int | None) -> None:
+    """A secret that others can read, or that the job handler's uid owns, is a secret the job handler can read: refuse it."""
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except OSError:
         return  # missing: the loader says so in its own words
-    if mode & 0o077:
-        raise ConfigError(f"{path} is open to other users (mode {mode & 0o777:04o}): chmod 600 {path}, owned by the "
+    if st.st_mode & 0o077:
+        raise ConfigError(f"{path} is open to other users (mode {st.st_mode & 0o777:04o}): chmod 600 {path}, owned by the "
                           "server's user; the job handler must not be able to read it")
+    if handler_uid is not None and st.st_uid == handler_uid:
+        raise ConfigError(f"{path} is owned by the job handler's uid {handler_uid}, which can read it: chown it to the "
+                          "server's user")
 
 
 def _key(path: Path, area: str) -> Ed25519PrivateKey:
@@ -137,7 +140,7 @@ def build(config: ServerConfig, reactor, handler: HandlerLink) -> tuple[ServiceF
     if config.ldap.bind == "gssapi":
         use_service_credentials(config.keytab)
     for secret in (Path(config.keytab), config.audit.key, config.signing_key):
-        _check_private(secret)
+        _check_private(secret, config.sandbox.uid)
     acceptor = Acceptor(config.principal, config.keytab)
     key, signer = _key(config.audit.key, "audit"), _key(config.signing_key, "signing")
     audit = AuditLog(config.audit.path, key, socket.getfqdn(), config.audit.rotate_bytes, config.audit.checkpoint_every,
