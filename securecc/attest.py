@@ -91,8 +91,10 @@ class Attestation:
         return facts
 
 
-def public_key(key: Ed25519PrivateKey) -> str:
-    return base64.b64encode(key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
+def public_key(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
+    """A key as statements name it: the raw public key, base64."""
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    return base64.b64encode(public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)).decode()
 
 
 def digest(data: bytes | None) -> str | None:

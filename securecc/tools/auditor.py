@@ -4,7 +4,7 @@
   securecc-audit show LOG... [filters] [--json]          records as a table (or JSON lines for jq)
   securecc-audit stats LOG... [filters]                  jobs, refusals by reason, top principals, bytes, time
   securecc-audit show --follow LOG                       a live log, as it grows
-  securecc-audit provenance OBJECT... [--dir DIR] [--log LOG... --key KEY]
+  securecc-audit provenance OBJECT... [--dir DIR] [--signing-key PUB] [--log LOG... --key KEY]
                                                          who compiled each object, where, when, with what;
                                                          with the log, whether it holds that job's record
 
@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="where the client wrote the statements (default $SECURECC_PROVENANCE)")
     origin.add_argument("--log", type=Path, action="append", default=[], help="the server's audit log and rotated files")
     origin.add_argument("--key", type=Path, action="append", default=[], help="the log's public key (audit.key.pub): verify it first")
+    origin.add_argument("--signing-key", type=Path, action="append", default=[],
+                        help="a server's result key (signing.key.pub): the serving statement must be signed by one given")
     options = parser.parse_args(argv)
     try:
         if options.command == "verify":
@@ -196,6 +198,7 @@ def _provenance(options: argparse.Namespace) -> int:
                 return 1
         logged = {line.record["seq"]: (line_hash(line.raw), line.record) for line in read_lines(options.log)
                   if line.record is not None and isinstance(line.record.get("seq"), int)}
+    anchors = {attest.public_key(load_public_key(k)) for k in options.signing_key}
     failed = 0
     for path in options.objects:
         data = path.read_bytes()
@@ -211,6 +214,10 @@ def _provenance(options: argparse.Namespace) -> int:
             failed += 1
             continue
         first = facts[0]
+        if anchors and first["key"] not in anchors:  # without them, a statement is as good as the key it carries
+            print(f"{visible(path)}: FAILED: signed by key {_key_name(first['key'])}, not one given with --signing-key")
+            failed += 1
+            continue
         said = (f"{visible(path)}: compiled by {visible(first['server'])} (job {visible(first['job_id'])}) at {visible(first['time'])} "
                 f"with {visible(first['compiler_identity'])}, signed by key {_key_name(first['key'])}")
         said += "".join(f"; served from the cache of {visible(f['server'])}'s job {visible(f['job_id'])}" for f in facts[1:])

@@ -52,6 +52,11 @@ def test_provenance_per_object_checked_against_the_servers_signature_and_log(rea
     for line in checked.stdout.splitlines():
         assert "compiled by securecc/localhost@TEST.REALM" in line and "is in the log (verified): for alice@TEST.REALM" in line
 
+    anchored = subprocess.run([*audit, "--signing-key", f"{realm.dir / 'signing.key'}.pub", str(workdir / "a.o")], capture_output=True, text=True)
+    assert anchored.returncode == 0, anchored.stdout
+    (workdir / "other.key").write_bytes(subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519"], capture_output=True, check=True).stdout)
+    stranger = subprocess.run([*audit, "--signing-key", str(workdir / "other.key"), str(workdir / "a.o")], capture_output=True, text=True)
+    assert stranger.returncode == 1 and "not one given with --signing-key" in stranger.stdout, stranger.stdout
     assert subprocess.run([*audit, str(workdir / "a.i")], capture_output=True, text=True).returncode == 1  # no statement
     statement = json.loads(document["predicate"]["attestations"][0]["statement"])
     document["predicate"]["attestations"][0]["statement"] = json.dumps({**statement, "compiler_identity": "gcc 1"})
