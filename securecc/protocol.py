@@ -95,6 +95,7 @@ class Reason(StrEnum):
     BUSY_FULL = "busy:full"
     BUSY_PRINCIPAL_LIMIT = "busy:principal-limit"
     BUSY_FAIR_SHARE = "busy:fair-share"
+    NOT_ADMIN = "denied:not-admin"
     TIMEOUT = "timeout"
     SERVER_ERROR = "server-error"
 
@@ -185,15 +186,22 @@ class StatusRequest:
 
 
 @dataclass(frozen=True)
+class Revoke:
+    """An ACL admin ends ``principal``'s access on this server now: its jobs killed, its sessions closed."""
+
+    principal: str
+
+
+@dataclass(frozen=True)
 class Status:
     """The server's status as JSON; principal names only for the ACL's admins."""
 
     json: str
 
 
-Message = Job | Result | Refused | Busy | Alive | StatusRequest | Status
+Message = Job | Result | Refused | Busy | Alive | StatusRequest | Status | Revoke
 
-_TYPE_CODES: dict[type, int] = {Job: 1, Result: 2, Refused: 3, Busy: 4, Alive: 5, StatusRequest: 6, Status: 7}
+_TYPE_CODES: dict[type, int] = {Job: 1, Result: 2, Refused: 3, Busy: 4, Alive: 5, StatusRequest: 6, Status: 7, Revoke: 8}
 _BLOB_FIELDS: dict[type, tuple[str, ...]] = {
     Job: ("source", "original"),
     Result: ("stdout", "stderr", "output", "dwo"),
@@ -202,6 +210,7 @@ _BLOB_FIELDS: dict[type, tuple[str, ...]] = {
     Alive: (),
     StatusRequest: (),
     Status: (),
+    Revoke: (),
 }
 _HEADER_FIELDS: dict[type, dict[str, type | tuple[type, ...]]] = {
     Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str, "environment": dict, "include_paths": list,
@@ -212,6 +221,7 @@ _HEADER_FIELDS: dict[type, dict[str, type | tuple[type, ...]]] = {
     Alive: {"running": (int, float)},
     StatusRequest: {"detail": bool},
     Status: {"json": str},
+    Revoke: {"principal": str},
 }
 
 

@@ -117,6 +117,11 @@ class Directory:
     def groups_of(self, principal: str) -> frozenset[str]:
         return self.membership(principal).groups
 
+    def forget(self, principal: str) -> None:
+        """Drop ``principal``'s cached answer: its next lookup asks LDAP (after a revocation)."""
+        with self._lock:
+            self._cache.pop(principal, None)
+
     def fresh(self, principal: str) -> Membership | None:
         """The cached answer while within its TTL, else None; never blocks, so the reactor may ask."""
         with self._lock:

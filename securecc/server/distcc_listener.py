@@ -76,6 +76,7 @@ class DistccProtocol(protocol.Protocol):
                 self.principal = self.context.principal
                 self.session = Session(self.principal, self.peer, self.service.clock.seconds() + self.context.lifetime,
                                        self.transport, protocol="distcc", payload="cleartext", server=self.context.server)
+                self.service.sessions.add(self.session)
                 self.authenticated()
                 self.transport.write(out + b"y")  # tokens and verdict in one write
                 self.state = "request"
@@ -127,6 +128,7 @@ class DistccProtocol(protocol.Protocol):
         self.authenticated()
         self._cancel_timer()
         if self.session is not None:
+            self.service.sessions.discard(self.session)
             self.session.cancel()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from twisted.internet import protocol, task, threads
+from twisted.internet import defer, protocol, task, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -90,6 +90,8 @@ class JobProtocol(protocol.Protocol):
             self._start_job(event.message)
         elif isinstance(event, wire.MessageReceived) and isinstance(event.message, wire.StatusRequest) and not self.busy:
             self._send_status()
+        elif isinstance(event, wire.MessageReceived) and isinstance(event.message, wire.Revoke) and not self.busy:
+            self._revoke(event.message.principal)
         else:
             raise wire.ProtocolError(f"unexpected {type(event).__name__}")
 
@@ -106,6 +108,7 @@ class JobProtocol(protocol.Protocol):
             assert context.principal is not None
             now = self.service.clock.seconds()  # a session ends with the ticket that opened it:
             self.session = Session(context.principal, self.peer, now + context.lifetime, transport=self.transport, server=context.server)
+            self.service.sessions.add(self.session)
             self.service.metrics.handshake.observe(now - self._connected)
             self.authenticated()
             self._rearm(self.config.idle_timeout)
@@ -124,22 +127,45 @@ class JobProtocol(protocol.Protocol):
         d.addCallback(self._reply)
         d.addErrback(self._failed)
 
-    def _send_status(self) -> None:
-        """For securecc-monitor: this server's status; principal names only for the ACL's admins."""
+    def _admin(self) -> defer.Deferred[bool]:
+        """Whether this session's principal is one of the ACL's admins (by name, or by its groups)."""
         assert self.session is not None
         principal, acl = self.session.principal, self.service.acl.current()
+        if is_admin(acl, principal, frozenset()):
+            return defer.succeed(True)
         d = self.service.lookups.lookup(principal).addCallback(lambda membership: membership.groups)
         d.addErrback(lambda f: f.trap(DirectoryUnavailable) and frozenset())
+        return d.addCallback(lambda groups: is_admin(acl, principal, groups))
 
-        def send(groups: frozenset[str]) -> None:
+    def _revoke(self, principal: str) -> None:
+        """securecc-admin revoke: an admin ends ``principal``'s access here now; anyone else is refused."""
+        assert self.session is not None
+        admin = self.session.principal
+
+        def decided(allowed: bool) -> None:
+            if self.lost:
+                return
+            if not allowed:
+                self.transport.write(self.wire.seal(wire.Refused(wire.Reason.NOT_ADMIN, f"{admin} is not an admin of this server")))
+                return
+            sessions, jobs = self.service.revoke(principal, "revoked:admin", by=admin)
+            if not self.lost:
+                self.transport.write(self.wire.seal(wire.Status(json.dumps({"revoked": principal, "sessions": sessions, "jobs": jobs}))))
+
+        self._admin().addCallback(decided)
+
+    def _send_status(self) -> None:
+        """For securecc-monitor: this server's status; principal names only for the ACL's admins."""
+
+        def send(admin: bool) -> None:
             current = self.service.status()
-            if not is_admin(acl, principal, groups):  # who compiles what is for admins only
+            if not admin:  # who compiles what is for admins only
                 current["running"] = [{"principal": "(admins only)", "source": "(admins only)", "job_id": "", "peer": "",
                                        "compiler": job["compiler"], "started": job["started"]} for job in current["running"]]
             if not self.lost:
                 self.transport.write(self.wire.seal(wire.Status(json.dumps(current))))
 
-        d.addCallback(send)
+        self._admin().addCallback(send)
 
     def _stop_heartbeat(self, result: object) -> object:
         if self._heartbeat is not None and self._heartbeat.running:
@@ -168,5 +194,7 @@ class JobProtocol(protocol.Protocol):
         self.authenticated()
         self._rearm(None)
         self._stop_heartbeat(None)
-        if self.session is not None and self.session.cancel():
-            self._log.info("{peer}: client went away; its compile was killed", peer=self.peer)
+        if self.session is not None:
+            self.service.sessions.discard(self.session)
+            if self.session.cancel():
+                self._log.info("{peer}: client went away; its compile was killed", peer=self.peer)

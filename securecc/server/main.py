@@ -34,7 +34,7 @@ from securecc.server.directory import Directory, use_service_credentials
 from securecc.server.distcc_listener import DistccProtocol
 from securecc.server.handler_client import HandlerGone, HandlerLink
 from securecc.server.listener import JobProtocol
-from securecc.server.service import CompileService
+from securecc.server.service import REVOCATION_CHECK, CompileService
 
 LDAP_THREADS = 4
 LISTEN_BACKLOG = 1024  # make -j64 on a few workstations connects in bursts; 50 would drop SYNs (1 s retries)
@@ -221,6 +221,7 @@ def _serve(config: ServerConfig, reactor, handler: HandlerLink, listeners: dict[
     pool.start()
     factory.service.hash_pool.start()
     task.LoopingCall(factory.service.audit.tick).start(1.0, now=False)
+    task.LoopingCall(factory.service.recheck).start(REVOCATION_CHECK, now=False)
     signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(factory.service.acl.reload))
     reactor.addSystemEventTrigger("before", "shutdown", factory.service.stop)
     reactor.addSystemEventTrigger("before", "shutdown", pool.stop)

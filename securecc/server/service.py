@@ -42,6 +42,7 @@ from securecc.server.session import Session
 
 AUDIT_DOWN = "the server cannot write its audit log; it runs no job unrecorded"
 AUTH_FAILURE_WINDOW = 10.0  # seconds: one failed-handshake record per source address at most
+REVOCATION_CHECK = 1.0  # seconds between re-decisions of the open sessions (cached answers make one cost microseconds)
 
 
 class _Refusal(Exception):
@@ -71,6 +72,7 @@ class CompileService:
     stopping: bool = False
     auth_failures: dict[str, tuple[float, int]] = field(default_factory=dict)  # source -> last recorded, left out since
     running: set[Running] = field(default_factory=set)
+    sessions: set[Session] = field(default_factory=set)  # authenticated and open: what a revocation ends
     inflight: dict[str, list[defer.Deferred]] = field(default_factory=dict)  # key -> jobs waiting for its compile
     metrics: Metrics = field(default_factory=Metrics)
     jobs_now: dict[str, dict[str, object]] = field(default_factory=dict)  # job id -> who compiles what, since when
@@ -92,6 +94,43 @@ class CompileService:
                                           suppressed_before=suppressed or None).to_fields())
         except AuditError:
             pass  # logged by the caller; nothing ran
+
+    def revoke(self, principal: str, reason: str, by: str | None = None) -> tuple[int, int]:
+        """End ``principal``'s access now: kill its running jobs (their records say ``ended_by: revoked``), close its
+        sessions, forget its cached groups, and record it.  Returns (sessions closed, jobs killed)."""
+        ended = [s for s in self.sessions if s.principal == principal]
+        killed = sum(s.cancel("revoked") for s in ended)
+        for session in ended:
+            self.sessions.discard(session)
+            if session.transport is not None:
+                session.transport.loseConnection()
+        self.directory.forget(principal)
+        self._log.warn("revoked {principal} ({reason}): {sessions} session(s) closed, {jobs} job(s) killed",
+                       principal=principal, reason=reason, sessions=len(ended), jobs=killed)
+        try:
+            self.audit.write(event="revoked", principal=principal, reason=reason, sessions=len(ended), jobs=killed,
+                             **({"by": by} if by else {}))
+        except AuditError as e:
+            self._log.critical("{error}", error=str(e))
+        return len(ended), killed
+
+    def recheck(self) -> defer.Deferred[None]:
+        """Every principal with an open session, decided again on the ACL in force and its groups (as cached for the
+        positive TTL): one that may run none of this server's compilers any more is revoked.  An LDAP outage
+        revokes nobody (jobs use cached answers until ``max_stale`` as it is)."""
+        acl = self.acl.current()
+
+        def decided(membership: Any, principal: str) -> None:
+            allowed = [decide(acl, principal, membership.groups, name) for name in self.config.compilers]
+            if not any(d.allowed for d in allowed) and any(s.principal == principal for s in self.sessions):
+                self.revoke(principal, allowed[0].reason if allowed else "denied:no-compilers")
+
+        def failed(failure: Failure) -> None:
+            if not failure.check(DirectoryUnavailable):
+                self._log.failure("re-deciding the open sessions failed", failure)
+
+        checks = [self.lookups.lookup(p).addCallback(decided, p).addErrback(failed) for p in {s.principal for s in self.sessions}]
+        return defer.gatherResults(checks).addCallback(lambda _: None)
 
     def status(self) -> dict[str, Any]:
         """What the dashboard and securecc-monitor show: this server, its slots, who compiles what now."""
@@ -393,7 +432,7 @@ class CompileService:
         }
         running = self.handler.run(job_id, spec, files, compiler.timeout, self.config.sandbox.limits.file_size)
         self.running.add(running)
-        session.while_running(lambda: running.kill("disconnect"))  # at once if it left meanwhile: nobody to compile for
+        session.while_running(running.kill)  # at once if it left meanwhile: nobody to compile for
         try:
             outcome = yield running.result
         finally:

@@ -23,7 +23,7 @@ class Session:
     payload: str | None = None  # ... and say "cleartext" when its jobs came unsealed
     server: str = ""  # the service principal the client authenticated to: what this server signs its results as
     cancelled: bool = False
-    _on_cancel: Callable[[], None] | None = None
+    _on_cancel: Callable[[str], None] | None = None
 
     def gone(self) -> bool:
         """The client has left: noticed already, or its FIN or RST waiting unread in the socket (as when
@@ -40,16 +40,17 @@ class Session:
         except OSError:
             return True
 
-    def while_running(self, kill: Callable[[], None] | None) -> None:
-        """What to call if the client leaves while its job runs (None: nothing runs now)."""
+    def while_running(self, kill: Callable[[str], None] | None) -> None:
+        """What to call, with why, if the session ends while its job runs (None: nothing runs now)."""
         self._on_cancel = kill
         if kill is not None and self.cancelled:
-            kill()
+            kill("disconnect")
 
-    def cancel(self) -> bool:
-        """The connection is lost: kill what runs for it; True if something did."""
+    def cancel(self, why: str = "disconnect") -> bool:
+        """The session ends (the connection is lost, or its principal's access was revoked): kill what runs for it,
+        its record saying ``ended_by: why``; True if something did."""
         self.cancelled = True
         kill, self._on_cancel = self._on_cancel, None
         if kill is not None:
-            kill()
+            kill(why)
         return kill is not None

@@ -4,6 +4,8 @@
   securecc-admin signing keygen --out /etc/securecc/signing.key  a new Ed25519 key that signs every result
   securecc-admin acl lint acl.yaml                             validate an ACL before installing it
   securecc-admin acl check PRINCIPAL [--compiler gcc]          what the server would decide, and why
+  securecc-admin revoke PRINCIPAL [HOST...]                    end PRINCIPAL's access now on every server of your
+                                                               host list (or the HOSTs): jobs killed, sessions closed
 
 Exit status of ``acl``: 0 allowed (or valid), 1 denied, 2 invalid or unusable.
 """
@@ -33,8 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--compiler", default="gcc", help="a compiler name from the server's list (default gcc)")
     check.add_argument("--config", type=Path, default=Path(os.environ.get("SECURECC_CONFIG", "/etc/securecc/securecc.yaml")),
                        help="the server's configuration (default $SECURECC_CONFIG or /etc/securecc/securecc.yaml)")
+    revoke = areas.add_parser("revoke", help="end a principal's access now on every server (as an ACL admin)")
+    revoke.add_argument("principal", help="e.g. mallory@EXAMPLE.ORG")
+    revoke.add_argument("hosts", nargs="*", help="servers, as in SECURECC_HOSTS (default: your host list)")
     options = parser.parse_args(argv)
-    if options.area in ("audit", "signing"):
+    if options.area == "revoke":
+        revoke_command(options.principal, options.hosts)
+    elif options.area in ("audit", "signing"):
         keygen_command(options.out, options.area)
     elif options.command == "lint":
         lint_command(options.file)
@@ -60,6 +67,40 @@ def keygen_command(out: Path, area: str) -> None:
     else:
         print(f"private key: {out} (mode 0600, the server config's signing_key)")
         print(f"public key:  {public} (what clients pin for this server's principal)")
+
+
+def revoke_command(principal: str, given: list[str]) -> None:
+    """Each server, authenticated as you: your ticket must be an ACL admin's.  Exit 1 if any server did not revoke."""
+    import json
+
+    from securecc import protocol as wire
+    from securecc.client.channel import Channel, RemoteFailure
+    from securecc.client.hosts import HostsError, HostState, configured_hosts, parse_hosts
+
+    try:
+        hosts = parse_hosts(" ".join(given)) if given else configured_hosts(HostState())[0]
+    except HostsError as e:
+        _invalid(f"cannot parse the host list: {e}")
+    hosts = [h for h in hosts if not h.is_local]
+    if not hosts:
+        _invalid("no servers: give them, or set SECURECC_HOSTS")
+    failed = 0
+    for host in hosts:
+        channel = Channel(host)
+        try:
+            channel.authenticate()
+            reply = channel.call(wire.Revoke(principal))
+        except RemoteFailure as e:
+            reply = wire.Refused(wire.Reason.SERVER_ERROR, str(e))
+        finally:
+            channel.close()
+        if isinstance(reply, wire.Status):
+            done = json.loads(reply.json)
+            print(f"{host.name}:{host.port}: revoked {principal}: {done['sessions']} session(s) closed, {done['jobs']} job(s) killed")
+        else:
+            failed += 1
+            print(f"securecc-admin: {host.name}:{host.port}: not revoked: {getattr(reply, 'message', type(reply).__name__)}", file=sys.stderr)
+    sys.exit(1 if failed else 0)
 
 
 def _invalid(message: str) -> None:

@@ -55,8 +55,11 @@ def test_the_preauth_gate_caps_each_source_and_releases_once() -> None:
 def test_a_session_kills_what_runs_for_it_when_its_client_leaves() -> None:
     killed: list[str] = []
     session = Session("alice@R", "10.0.0.1:4000", expires=100.0)
-    session.while_running(lambda: killed.append("first"))
+    session.while_running(killed.append)
     session.while_running(None)  # that job ended: leaving now kills nothing
     assert not session.cancel() and killed == []
-    session.while_running(lambda: killed.append("late"))  # a job admitted after its client left is killed at once
-    assert killed == ["late"] and session.gone()
+    session.while_running(killed.append)  # a job admitted after its client left is killed at once
+    assert killed == ["disconnect"] and session.gone()
+    revoked = Session("mallory@R", "10.0.0.2:4000", expires=100.0)
+    revoked.while_running(killed.append)
+    assert revoked.cancel("revoked") and killed == ["disconnect", "revoked"]  # its record says why it ended
