@@ -155,9 +155,9 @@ def check(reply: wire.Result, job: wire.Job, server: str, pinned: str | None) ->
                 raise BadAttestation(f"{server} signed with another key than the one pinned for it")
             if facts.get("job_id") != reply.job_id:
                 raise BadAttestation("it names another job")
-        if index == 0 and facts.get("job_sha256") != mine:
-            raise BadAttestation("it describes another job than the one sent")
-        if index > 0 and facts.get("compiler_identity") != job.compiler_identity:  # a producer compiled an equal job
+            if facts.get("job_sha256") != mine:
+                raise BadAttestation("it describes another job than the one sent")
+        elif facts.get("compiler_identity") != job.compiler_identity:  # a producer compiled an equal job
             raise BadAttestation("the producer's statement names another compiler")
         if {k: facts.get(k) for k in served} != served:
             raise BadAttestation("its digests do not match the outputs received")

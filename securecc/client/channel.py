@@ -63,6 +63,10 @@ class HostFailure(RemoteFailure):
         self.timed_out = timed_out
 
 
+class Unattested(HostFailure):
+    """This host's result failed its attestation (securecc.attest): a misbehaving server, backed off like a dead one."""
+
+
 class Cancelled(Exception):
     """The caller went away (^C, make killed it): drop the job; closing the connection kills the compile."""
 
@@ -191,7 +195,7 @@ class Channel:
             try:
                 attest.check(reply, sent, self.server, None)
             except attest.BadAttestation as e:
-                raise HostFailure(f"the result from {self.host.name} fails its attestation: {e}") from None
+                raise Unattested(f"the result from {self.host.name} fails its attestation: {e}") from None
         return reply
 
     def idle_and_open(self) -> bool:

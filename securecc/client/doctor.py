@@ -28,8 +28,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from securecc import attest
 from securecc import protocol as wire
-from securecc.client.channel import HostFailure, KdcUnavailable, RemoteFailure, Timeouts
+from securecc.client.channel import HostFailure, KdcUnavailable, RemoteFailure, Timeouts, Unattested
 from securecc.client.hosts import Host
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
@@ -140,8 +141,9 @@ def agent_check(env: Mapping[str, str]) -> Check:
     return Check(OK, "agent directory", f"{directory}, yours, mode 0700")
 
 
-def host_checks(host: Host, identity: str, timeouts: Timeouts, backed_off: float) -> tuple[list[Check], bool]:
-    """One host: its service ticket, an authenticated connection and its clock, a trivial compile.
+def host_checks(host: Host, identity: str, timeouts: Timeouts, backed_off: float, pins: dict[str, str]) -> tuple[list[Check], bool]:
+    """One host: its service ticket, an authenticated connection and its clock, a trivial compile and the key that
+    signed its result against the one pinned (``pins``: the client's, by principal; never written here).
     Returns the checks and whether the host would take a job now."""
     from securecc.client import tickets
     from securecc.client.channel import Channel
@@ -170,6 +172,8 @@ def host_checks(host: Host, identity: str, timeouts: Timeouts, backed_off: float
         compile_started = time.monotonic()
         reply = channel.call(job)
         latency = time.monotonic() - compile_started
+    except Unattested as e:
+        return [*checks, Check(FAIL, name, str(e), "tell its admin: compiles refuse its results")], False
     except (HostFailure, KdcUnavailable) as e:
         return [*checks, Check(WARN, name, str(e), "start the server, or take it out of the host list")], False
     except RemoteFailure as e:
@@ -184,6 +188,13 @@ def host_checks(host: Host, identity: str, timeouts: Timeouts, backed_off: float
                             "" if level == OK else "run NTP on both: beyond 300 s Kerberos refuses the handshake"))
     if isinstance(reply, wire.Result) and reply.exit_status == 0 and reply.output:
         checks.append(Check(OK, f"{name} compile", f"a trivial compile took {latency * 1000:.0f} ms, same compiler ({identity})"))
+        server, key = attest.signer(reply)
+        pinned = pins.get(server)
+        if pinned is not None and pinned != key:
+            checks.append(Check(FAIL, f"{name} result key", f"{server} signs with another key than the one pinned for it: compiles "
+                                "refuse its results", 'if its admin rotated the key, delete its entry under "keys" in hosts.json'))
+            return checks, False
+        checks.append(Check(OK, f"{name} result key", "the one pinned for it" if pinned else "not pinned yet: the next compile pins it"))
         return checks, True
     if isinstance(reply, wire.Busy):
         checks.append(Check(OK, f"{name} compile", f"busy now ({reply.load}/{reply.slots} slots): compiles go to others meanwhile"))
@@ -233,9 +244,10 @@ def run(env: Mapping[str, str], strict: bool) -> list[Check]:
         identity = ""
     if not identity:
         checks.append(Check(WARN, "compiler", "no gcc in PATH to compare with the servers'", "install gcc or fix PATH"))
+    pins = state.data.get("keys") if isinstance(state.data.get("keys"), dict) else {}
     takers = 0
     for host in remote:
-        found, takes = host_checks(host, identity, timeouts, state.backed_off(host))
+        found, takes = host_checks(host, identity, timeouts, state.backed_off(host), pins)
         checks += found
         takers += takes
     if not takers:

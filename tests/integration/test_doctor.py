@@ -24,7 +24,7 @@ def test_a_healthy_farm_is_all_ok(realm, server, workdir):
     assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
     name = f"host 127.0.0.1:{server.port}"
     for check in ("ticket", "client keytab", "agent directory", "hosts", f"{name} principal", f"{name} authentication",
-                  f"{name} clock", f"{name} compile", "remote compiles"):
+                  f"{name} clock", f"{name} compile", f"{name} result key", "remote compiles"):
         assert report[check].startswith("OK"), (check, done.stdout.decode())
     assert "alice@TEST.REALM" in report["ticket"] and "left" in report["ticket"]
     assert "same compiler" in report[f"{name} compile"] and " ms" in report[f"{name} compile"]
@@ -90,3 +90,13 @@ def test_no_fallback_fails_a_compile_the_farm_cannot_take(realm, workdir):
     assert fallen_back.returncode == 0 and (workdir / "t.o").exists() and b"compiling locally" in fallen_back.stderr
     linked = securecc(realm, None, "alice", workdir, "gcc", "t.o", "-o", "t", hosts=dead, SECURECC_FALLBACK="0")
     assert linked.returncode == 0 and Path(workdir / "t").exists()
+
+
+def test_a_server_signing_with_another_key_than_the_pinned_one_fails(realm, server, workdir):
+    state = workdir / ".cache" / "securecc" / "hosts.json"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"hosts": {}, "keys": {"securecc/localhost@TEST.REALM": "AAAA" * 11}}))
+    done = securecc(realm, server, "alice", workdir, "doctor")
+    line = lines(done)[f"host 127.0.0.1:{server.port} result key"]
+    assert done.returncode == 1 and line.startswith("FAIL") and "delete its entry" in line, done.stdout.decode()
+    assert json.loads(state.read_text())["keys"] == {"securecc/localhost@TEST.REALM": "AAAA" * 11}  # doctor pins nothing
