@@ -27,7 +27,7 @@ header | blobs``; the header lists the blob lengths, and every field is
 type-checked on decode.  One authenticated connection can carry several jobs
 one after another: nothing here is per-job state.
 
-Why one file of ~480 lines: every byte a peer can send is parsed here, and a
+Why one file of ~500 lines: every byte a peer can send is parsed here, and a
 reviewer reads the whole wire format in one place.
 """
 

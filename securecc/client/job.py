@@ -14,7 +14,7 @@ compiler's messages and exit with its status.  Infrastructure failures
 ``securecc:`` line and compile locally; a compile error is returned as is
 and never retried.
 
-Why one file of ~570 lines: it is the one path a compile takes, read top to
+Why one file of ~600 lines: it is the one path a compile takes, read top to
 bottom in the order it runs; the connection is :mod:`securecc.client.channel`.
 """
 

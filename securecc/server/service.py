@@ -3,7 +3,14 @@
 Each refusal names a stable reason, and every job however it ends gets one
 audit record.  The protocols (:mod:`securecc.server.listener`,
 :mod:`securecc.server.distcc_listener`) hand jobs in; the job runs in the
-handler's sandbox (:mod:`securecc.server.handler_client`).
+handler's sandbox (:mod:`securecc.server.handler_client`).  Every result
+is signed (:mod:`securecc.attest`), and access ends with the rights:
+:meth:`CompileService.recheck` decides the open sessions again and
+:meth:`CompileService.revoke` ends one principal's.
+
+Why one file of ~440 lines: a job's stages, each of which may refuse it,
+the one place its record is written and the statement signed over that
+record are one sequence, read in the order it runs.
 """
 
 from __future__ import annotations
