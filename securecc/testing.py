@@ -27,6 +27,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from securecc import protocol as wire
 from securecc.acl import split_principal
 from securecc.audit import generate_key, load_private_key
 from securecc.handshake import AuthenticationFailure
@@ -39,6 +40,7 @@ from securecc.server.config import AuditConfig, Compiler, ServerConfig
 from securecc.server.directory import Directory, DirectoryUnavailable, LdapConfig, Membership
 from securecc.server.handler_client import HandlerGone, HandlerLink
 from securecc.server.service import CompileService
+from securecc.server.session import Session
 
 # --- GSS ---------------------------------------------------------------------
 #
@@ -314,6 +316,16 @@ GCC_IDENTITY = "gcc (GCC) 12.2.0; target x86_64-linux-gnu"
 """What the memory service's one compiler, ``gcc`` at /usr/bin/gcc, says of itself."""
 
 
+def replied(d: defer.Deferred[Any]) -> Any:
+    """What a finished job replied (the job must have finished: twins answer at once or when told)."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "the job has not finished"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
 @dataclass
 class MemoryService:
     """A real :class:`~securecc.server.service.CompileService` over twins, writing a real audit log."""
@@ -322,6 +334,14 @@ class MemoryService:
     handler: MemoryHandler
     clock: IReactorTime
     log: Path
+
+    def compile(self, job: wire.Job, output: bytes, principal: str = "alice@TEST.REALM") -> Any:
+        """``job`` run to its reply, its compile (if it gets one) finishing with ``output`` as the object."""
+        runs = len(self.handler.runs)
+        d = self.service.run(Session(principal, "127.0.0.1:40000", 3600.0), job)
+        if len(self.handler.runs) > runs:
+            self.handler.runs[-1].finish(Outcome(0, b"", b"", output))
+        return replied(d)
 
 
 def memory_service(directory: Path, *, mode: str = "bwrap", slots: int = 2, caching: bool = False,

@@ -342,7 +342,6 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
     would say the same.  ``sessions`` makes the connections: OneShot here,
     the agent's pool there.
     """
-    from securecc import attest
     from securecc import protocol as wire
     from securecc.client.hosts import HostsError, HostState, configured_hosts
 
@@ -396,6 +395,8 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
             raise RemoteFailure(f"{host.name} refused the job: {reply.message}")
         if not isinstance(reply, wire.Result):
             raise RemoteFailure(f"unexpected reply from {host.name}")
+        from securecc import attest  # imported by the Channel's check already: cryptography costs 35 ms a start
+
         if not state.pin(*attest.signer(reply)):  # its attestation holds (Channel checked it): is its key the one we know?
             state.failed(host, "another result signing key")
             raise RemoteFailure(f"{host.name} signed its result with another key than the one pinned for {attest.signer(reply)[0]} "

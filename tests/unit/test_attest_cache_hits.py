@@ -13,8 +13,6 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from securecc import attest
 from securecc import protocol as wire
@@ -23,7 +21,7 @@ from securecc.cachekey import cache_key
 from securecc.sandbox import Outcome
 from securecc.server.cache import Entry
 from securecc.server.session import Session
-from securecc.testing import GCC_IDENTITY, MemoryService, memory_service
+from securecc.testing import GCC_IDENTITY, MemoryService, memory_service, replied
 
 ALICE, PEER, SERVER = "alice@TEST.REALM", "127.0.0.1:40000", "securecc/localhost@TEST.REALM"
 OBJECT, EVIL = b"\x7fELF object", b"\x7fELF evil"
@@ -31,21 +29,6 @@ OBJECT, EVIL = b"\x7fELF object", b"\x7fELF evil"
 
 def job(source: bytes = b"int a;\n") -> wire.Job:
     return wire.Job("gcc", ["-O2"], "c", "-c", "/src", "a.c", source, compiler_identity=GCC_IDENTITY)
-
-
-def replied(d: defer.Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the job has not finished"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
-
-def compiled(s: MemoryService, j: wire.Job, output: bytes = OBJECT) -> wire.Result:
-    d = s.service.run(Session(ALICE, PEER, 3600.0), j)
-    s.handler.runs[-1].finish(Outcome(0, b"", b"", output))
-    return replied(d)
 
 
 def accepted(s: MemoryService, tmp_path: Path, reply: wire.Message, j: wire.Job) -> bool:
@@ -68,7 +51,7 @@ def final_records(s: MemoryService) -> list[dict[str, Any]]:
 
 def test_a_cache_entry_whose_bytes_were_changed_is_not_accepted(tmp_path: Path) -> None:
     s = memory_service(tmp_path, caching=True)
-    compiled(s, job())
+    s.compile(job(), OBJECT)
     [(key, entry)] = s.handler.cache.items()
     s.handler.cache[key] = dataclasses.replace(entry, output=EVIL)
     reply = s.service.run(Session(ALICE, PEER, 3600.0), job())
@@ -84,7 +67,7 @@ def test_a_cache_entry_with_changed_bytes_and_no_valid_statement_is_never_signed
     """The handler swaps the object and drops (or mangles) the producer's statement: the server must not sign those
     bytes with its own key; it compiles afresh, and the job still has exactly one final record."""
     s = memory_service(tmp_path, caching=True)
-    compiled(s, job())
+    s.compile(job(), OBJECT)
     [(key, entry)] = s.handler.cache.items()
     producer = {k: v for k, v in entry.producer.items() if k != "attestation"}
     if attestation is not None:
@@ -103,7 +86,7 @@ def test_another_jobs_genuine_result_replayed_under_this_key_is_not_served(tmp_p
     """The handler files mallory's genuine object and statement under alice's cache key: signed bytes, for another
     job.  The producer's statement must name the key it is served under."""
     s = memory_service(tmp_path, caching=True)
-    compiled(s, job(b"int evil;\n"), EVIL)
+    s.compile(job(b"int evil;\n"), EVIL)
     [(evil_key, evil_entry)] = s.handler.cache.items()
     key = cache_key(GCC_IDENTITY, job())
     assert key != evil_key
@@ -130,7 +113,7 @@ def test_an_entry_from_before_attestations_is_compiled_again_without_an_error(tm
 
 def test_a_genuine_hit_still_carries_both_statements(tmp_path: Path) -> None:
     s = memory_service(tmp_path, caching=True)
-    first = compiled(s, job())
+    first = s.compile(job(), OBJECT)
     hit = replied(s.service.run(Session(ALICE, PEER, 3600.0), job()))
     assert len(s.handler.runs) == 1
     mine, producer = attest.check(hit, job(), SERVER, attest.public_key(load_private_key(tmp_path / "signing.key")))

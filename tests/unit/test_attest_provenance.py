@@ -12,15 +12,10 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.internet import defer
-from twisted.python.failure import Failure
 
 from securecc import attest
 from securecc import protocol as wire
-from securecc.audit import load_private_key, records
-from securecc.sandbox import Outcome
-from securecc.server.session import Session
-from securecc.testing import GCC_IDENTITY, MemoryService, memory_service
+from securecc.testing import GCC_IDENTITY, memory_service
 
 ALICE, PEER, SERVER = "alice@TEST.REALM", "127.0.0.1:40000", "securecc/localhost@TEST.REALM"
 OBJECT, EVIL = b"\x7fELF object", b"\x7fELF evil"
@@ -28,36 +23,6 @@ OBJECT, EVIL = b"\x7fELF object", b"\x7fELF evil"
 
 def job(source: bytes = b"int a;\n") -> wire.Job:
     return wire.Job("gcc", ["-O2"], "c", "-c", "/src", "a.c", source, compiler_identity=GCC_IDENTITY)
-
-
-def replied(d: defer.Deferred[Any]) -> Any:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the job has not finished"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
-
-
-def compiled(s: MemoryService, j: wire.Job, output: bytes = OBJECT) -> wire.Result:
-    d = s.service.run(Session(ALICE, PEER, 3600.0), j)
-    s.handler.runs[-1].finish(Outcome(0, b"", b"", output))
-    return replied(d)
-
-
-def accepted(s: MemoryService, tmp_path: Path, reply: wire.Message, j: wire.Job) -> bool:
-    """Whether the client would take this reply: the Channel's check with the server's (pinned) key."""
-    if not isinstance(reply, wire.Result):
-        return False
-    try:
-        attest.check(reply, j, SERVER, attest.public_key(load_private_key(tmp_path / "signing.key")))
-    except attest.BadAttestation:
-        return False
-    return True
-
-
-def final_records(s: MemoryService) -> list[dict[str, Any]]:
-    return [r for r in records([s.log]) if r.get("event") == "job"]
 
 
 # --- provenance files and securecc-audit provenance ---------------------------------------------------
@@ -138,7 +103,7 @@ def test_a_forged_statement_naming_a_real_audit_record_fails_against_the_log(tmp
     sign with a key of their own, for another object: the record's own output digest says no."""
     (tmp_path / "server").mkdir()
     s = memory_service(tmp_path / "server")
-    genuine = compiled(s, job())
+    genuine = s.compile(job(), OBJECT)
     [facts] = attest.check(genuine, job(), SERVER, None)
     forger = Ed25519PrivateKey.generate()
     j = job()

@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet import defer
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 
 from securecc import attest
 from securecc import protocol as wire
@@ -29,7 +27,7 @@ from securecc.server.distcc_listener import DistccProtocol
 from securecc.server.distcc_wire import Request
 from securecc.server.handler_client import HandlerGone
 from securecc.server.session import Session
-from securecc.testing import GCC_IDENTITY, MemoryService, memory_service
+from securecc.testing import GCC_IDENTITY, MemoryService, memory_service, replied
 
 ALICE, BOB, PEER = "alice@TEST.REALM", "bob@TEST.REALM", "127.0.0.1:40000"
 GCC = GCC_IDENTITY
@@ -80,16 +78,6 @@ def native(principal: str = ALICE, expires: float = 3600.0) -> Session:
 
 def distcc() -> Session:
     return Session(ALICE, PEER, 3600.0, protocol="distcc", payload="cleartext")
-
-
-def replied(d: defer.Deferred[Any]) -> Any:
-    """What a finished job replied (the job must have finished)."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    assert results, "the job has not finished"
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 def ids(found: list[dict[str, Any]]) -> list[str]:
