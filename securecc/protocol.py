@@ -96,6 +96,7 @@ class Reason(StrEnum):
     BUSY_PRINCIPAL_LIMIT = "busy:principal-limit"
     BUSY_FAIR_SHARE = "busy:fair-share"
     NOT_ADMIN = "denied:not-admin"
+    BAD_REPORT = "denied:bad-report"  # a Divergence about a result this server did not sign
     TIMEOUT = "timeout"
     SERVER_ERROR = "server-error"
 
@@ -193,15 +194,31 @@ class Revoke:
 
 
 @dataclass(frozen=True)
+class Divergence:
+    """A client compiled a job's result again and got another object: it reports the result it refused.
+
+    ``attestations`` are the result's own, as received: the server believes a
+    report only about a result it signed itself.  ``local_sha256`` is the
+    object the client made (None when its compile failed), ``detail`` says
+    how they differ.
+    """
+
+    attestations: list[dict[str, str]]
+    local_sha256: str | None
+    detail: str
+
+
+@dataclass(frozen=True)
 class Status:
     """The server's status as JSON; principal names only for the ACL's admins."""
 
     json: str
 
 
-Message = Job | Result | Refused | Busy | Alive | StatusRequest | Status | Revoke
+Message = Job | Result | Refused | Busy | Alive | StatusRequest | Status | Revoke | Divergence
 
-_TYPE_CODES: dict[type, int] = {Job: 1, Result: 2, Refused: 3, Busy: 4, Alive: 5, StatusRequest: 6, Status: 7, Revoke: 8}
+_TYPE_CODES: dict[type, int] = {Job: 1, Result: 2, Refused: 3, Busy: 4, Alive: 5, StatusRequest: 6, Status: 7, Revoke: 8,
+                                 Divergence: 9}
 _BLOB_FIELDS: dict[type, tuple[str, ...]] = {
     Job: ("source", "original"),
     Result: ("stdout", "stderr", "output", "dwo"),
@@ -211,6 +228,7 @@ _BLOB_FIELDS: dict[type, tuple[str, ...]] = {
     StatusRequest: (),
     Status: (),
     Revoke: (),
+    Divergence: (),
 }
 _HEADER_FIELDS: dict[type, dict[str, type | tuple[type, ...]]] = {
     Job: {"compiler": str, "args": list, "language": str, "mode": str, "cwd": str, "source_path": str, "environment": dict, "include_paths": list,
@@ -222,6 +240,7 @@ _HEADER_FIELDS: dict[type, dict[str, type | tuple[type, ...]]] = {
     StatusRequest: {"detail": bool},
     Status: {"json": str},
     Revoke: {"principal": str},
+    Divergence: {"attestations": list, "local_sha256": (str, type(None)), "detail": str},
 }
 
 
@@ -267,8 +286,9 @@ def decode_message(data: bytes) -> Message:
         and all(isinstance(p, str) for p in header["directories"])
     ):
         raise ProtocolError("bad Job.environment, Job.include_paths, Job.system_headers or Job.directories")
-    if kind is Result and not all(isinstance(a, dict) and all(isinstance(v, str) for v in a.values()) for a in header["attestations"]):
-        raise ProtocolError("bad Result.attestations")
+    if kind in (Result, Divergence) and not all(isinstance(a, dict) and all(isinstance(v, str) for v in a.values())
+                                                for a in header["attestations"]):
+        raise ProtocolError(f"bad {kind.__name__}.attestations")
     lengths = header.pop("blobs")
     names = _BLOB_FIELDS[kind]
     if kind is Job:

@@ -311,6 +311,9 @@ class MemoryHandler:
     def cache_put(self, key: str, entry: Entry) -> None:
         self.cache[key] = entry
 
+    def cache_drop(self, key: str) -> None:
+        self.cache.pop(key, None)
+
 
 GCC_IDENTITY = "gcc (GCC) 12.2.0; target x86_64-linux-gnu"
 """What the memory service's one compiler, ``gcc`` at /usr/bin/gcc, says of itself."""

@@ -93,6 +93,9 @@ class ResultCache:
             self._sizes[path] = path.stat().st_size
         self._evict()
 
+    def drop(self, key: str) -> None:
+        self._remove(self._path(key))
+
     def _remove(self, path: Path) -> None:
         path.unlink(missing_ok=True)
         with self._lock:

@@ -31,6 +31,7 @@ from securecc.server.handler_link import LINK_FD, MAX_LINK_MESSAGE, LinkError, p
 from securecc.toolchain import HeaderDigests
 
 _FILE_NAME = re.compile(r"[a-z0-9-]{1,32}")
+_CACHE_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 def settings_from(data: dict[str, Any]) -> sandbox.Settings:
@@ -163,6 +164,11 @@ class HandlerProtocol(Int32StringReceiver):
         if self.cache and output is not None:
             d = threads.deferToThread(self.cache.put, key, Entry(stdout or b"", stderr or b"", output, producer))
             d.addErrback(lambda f: print(f"securecc-handler: cache write failed: {f.value!r}", file=sys.stderr))
+
+    def _cache_drop(self, blobs: list[bytes | None], key: str) -> None:
+        if self.cache and _CACHE_KEY.fullmatch(key):
+            threads.deferToThread(self.cache.drop, key).addErrback(
+                lambda f: print(f"securecc-handler: cache drop failed: {f.value!r}", file=sys.stderr))
 
     def connectionLost(self, reason: object = None) -> None:
         for job in list(self.running.values()):  # the front is gone: nobody to compile for

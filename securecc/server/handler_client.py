@@ -77,6 +77,11 @@ class HandlerLink(Int32StringReceiver):
     def cache_put(self, key: str, entry: Entry) -> None:
         self.send(pack("cache-put", [entry.stdout, entry.stderr, entry.output], key=key, producer=entry.producer))
 
+    def cache_drop(self, key: str) -> None:
+        """Remove an entry (a client reported its object diverged)."""
+        if not self.gone:
+            self.send(pack("cache-drop", key=key))
+
     def stringReceived(self, data: bytes) -> None:
         try:
             header, blobs = unpack(data)

@@ -7,7 +7,7 @@ front sends only values :mod:`securecc.server.jobspec` validated; the handler's
 answers are bounded by its caps and checked again here.
 
 front → handler: ``start`` (settings), ``run`` (one job's spec and files),
-``kill``, ``cache-get``, ``cache-put``.
+``kill``, ``cache-get``, ``cache-put``, ``cache-drop``.
 handler → front: ``ready`` / ``fatal``, ``done`` (an outcome), ``cache-entry``.
 """
 
@@ -32,6 +32,7 @@ OPS = {
     "cache-get": {"id": str, "key": str},
     "cache-entry": {"id": str, "producer": (dict, type(None))},
     "cache-put": {"key": str, "producer": dict},
+    "cache-drop": {"key": str},
 }
 
 

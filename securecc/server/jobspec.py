@@ -19,6 +19,9 @@ client field first.  The grammar, per field:
   ``.pch`` or other compiled input) at distinct paths;
 - arguments go through the one argument policy (:mod:`securecc.args`), the
   environment through its allowlist.
+
+A client's report that a job's result diverged (:class:`wire.Divergence`)
+is checked here too, by :func:`validate_report`.
 """
 
 from __future__ import annotations
@@ -200,3 +203,23 @@ def validate(job: wire.Job, compiler_roots: tuple[str, ...] = ()) -> ValidJob:
     if clash is not None or len(set(files)) != len(files):
         raise Invalid(wire.Reason.BAD_PATH, f"{clash or 'a file'!r} is both a file and a directory of the job, or named twice")
     return ValidJob(job, language, mode, source_mount, preprocessing, split_dwarf, tuple(made))
+
+
+MAX_STATEMENT = 16 * 1024  # a signed statement is about 1 KiB
+MAX_DETAIL = 500
+
+
+def validate_report(report: wire.Divergence) -> wire.Divergence:
+    """A client's :class:`wire.Divergence` within its grammar (whether this server signed it is the service's to
+    check): one or two attestations (the serving server's, and a cache hit's producer), each three bounded
+    strings; the client's object digest, or None; a one-line detail."""
+    if not 1 <= len(report.attestations) <= 2:
+        raise Invalid(wire.Reason.BAD_REPORT, "a report carries the result's one or two attestations")
+    for fields in report.attestations:
+        if set(fields) != {"statement", "signature", "key"} or any(len(v) > MAX_STATEMENT for v in fields.values()):
+            raise Invalid(wire.Reason.BAD_REPORT, "malformed attestation in the report")
+    if report.local_sha256 is not None and not _DIGEST.fullmatch(report.local_sha256):
+        raise Invalid(wire.Reason.BAD_REPORT, "the reported digest is not a sha256")
+    if len(report.detail) > MAX_DETAIL or _CONTROL.search(report.detail):
+        raise Invalid(wire.Reason.BAD_REPORT, f"the report's detail is not one line of at most {MAX_DETAIL} characters")
+    return report

@@ -92,6 +92,9 @@ class JobProtocol(protocol.Protocol):
             self._send_status()
         elif isinstance(event, wire.MessageReceived) and isinstance(event.message, wire.Revoke) and not self.busy:
             self._revoke(event.message.principal)
+        elif isinstance(event, wire.MessageReceived) and isinstance(event.message, wire.Divergence) and not self.busy:
+            assert self.session is not None
+            self.transport.write(self.wire.seal(self.service.divergences.report(self.session, event.message)))
         else:
             raise wire.ProtocolError(f"unexpected {type(event).__name__}")
 

@@ -33,6 +33,7 @@ class Metrics:
         self.ldap_errors = Counter("securecc_ldap_errors", "Group lookups LDAP could not answer", registry=r)
         self.preauth_refused = Counter("securecc_preauth_refused", "Connections closed at once: too many unauthenticated",
                                        registry=r)
+        self.divergences = Counter("securecc_divergences", "Jobs whose result a client's own compile contradicted", registry=r)
         self.audit_errors = Counter("securecc_audit_write_errors", "Audit records that could not be written", registry=r)
 
     def observe(self, record: JobRecord) -> None:

@@ -42,6 +42,7 @@ from securecc.server.auditlog import AuditLog, Reservation
 from securecc.server.cache import Entry
 from securecc.server.config import Compiler, ServerConfig
 from securecc.server.directory import Directory, DirectoryUnavailable
+from securecc.server.divergences import Divergences
 from securecc.server.handler_client import HandlerLink, Running
 from securecc.server.lookups import MembershipLookups
 from securecc.server.metrics import Metrics
@@ -152,12 +153,17 @@ class CompileService:
             "slots": self.config.slots,
             "running": sorted(self.jobs_now.values(), key=lambda j: j["started"]),
             "totals": totals,
+            "divergences": self.divergences.count,
             "time": time.time(),
         }
 
     @functools.cached_property
     def share(self) -> FairShare:
         return FairShare(self.config.slots, self.clock)
+
+    @functools.cached_property
+    def divergences(self) -> Divergences:
+        return Divergences(attest.public_key(self.signer), self.audit, self.metrics, self.handler.cache_drop)
 
     @functools.cached_property
     def lookups(self) -> MembershipLookups:
