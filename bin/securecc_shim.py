@@ -65,6 +65,8 @@ Environment:
                               answering, refused) fails with the reason instead of compiling here
   SECURECC_PROVENANCE=DIR     one in-toto statement per object received, DIR/<sha256>.json, with
                               the servers' signed statements (securecc-audit provenance OBJECT)
+  SECURECC_VERIFY_RATE        the share of remote jobs compiled here too and compared (0.01); a
+                              server whose object differs is quarantined (securecc-hosts --clear)
   SECURECC_AGENT_DIR          the agent's socket and log (default: $XDG_RUNTIME_DIR/securecc,
                               else /tmp/securecc-UID)
   SECURECC_AGENT_IDLE         seconds without a job after which the agent exits (600)

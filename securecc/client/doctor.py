@@ -182,10 +182,14 @@ def host_checks(host: Host, identity: str, timeouts: Timeouts, backed_off: float
         channel.close()
     checks.append(Check(OK, f"{name} authentication", f"mutual, sealed session, {handshake * 1000:.0f} ms"))
     if isinstance(status, wire.Status):
-        skew = json.loads(status.json).get("time", (asked + answered) / 2) - (asked + answered) / 2
+        shown = json.loads(status.json)
+        skew = shown.get("time", (asked + answered) / 2) - (asked + answered) / 2
         level = OK if abs(skew) <= SKEW_WARN else WARN if abs(skew) <= SKEW_FAIL else FAIL
         checks.append(Check(level, f"{name} clock", f"{skew:+.1f} s from this machine",
                             "" if level == OK else "run NTP on both: beyond 300 s Kerberos refuses the handshake"))
+        if shown.get("divergences"):
+            checks.append(Check(WARN, f"{name} results", f"clients reported {shown['divergences']} of its results wrong since it started",
+                                "its admin: see the divergence records in its audit log"))
     if isinstance(reply, wire.Result) and reply.exit_status == 0 and reply.output:
         checks.append(Check(OK, f"{name} compile", f"a trivial compile took {latency * 1000:.0f} ms, same compiler ({identity})"))
         server, key = attest.signer(reply)
@@ -247,6 +251,12 @@ def run(env: Mapping[str, str], strict: bool) -> list[Check]:
     pins = state.data.get("keys") if isinstance(state.data.get("keys"), dict) else {}
     takers = 0
     for host in remote:
+        quarantine = state.quarantined(host)
+        if quarantine:
+            checks.append(Check(WARN, f"host {host.name}:{host.port}", f"quarantined after job {quarantine.get('job_id', '?')}: "
+                                f"{quarantine.get('why', '')}; compiles skip it",
+                                f"once its admin has fixed it: securecc-hosts --clear {host.name}:{host.port}"))
+            continue
         found, takes = host_checks(host, identity, timeouts, state.backed_off(host), pins)
         checks += found
         takers += takes

@@ -14,6 +14,10 @@ back-off period that doubles with each failure up to ``MAX_BACKOFF``; the
 state lives in ``~/.cache/securecc/hosts.json`` (``securecc --show-hosts``
 prints it).  Hosts are tried in a random order weighted by their job limit
 and recent latency, so many clients do not stampede the same server.
+
+A host whose object a check contradicted (:mod:`securecc.client.verify`) is
+*quarantined*: no job goes to it, whatever its health, until the user clears
+it with ``securecc-hosts --clear HOST``.
 """
 
 from __future__ import annotations
@@ -250,9 +254,42 @@ class HostState:
         if material:
             self.save()
 
+    # Quarantines live beside the hosts, like the pinned keys, and change only under the file's lock (save's update):
+    # a process that loaded the file before a host was quarantined cannot write the host back as it was.
+    def quarantined(self, host: Host) -> dict[str, Any] | None:
+        """Why no job goes to ``host`` (``since``, ``why``, ``job_id``), or None."""
+        entry = self._quarantine(self.data).get(host_key(host))
+        return entry if isinstance(entry, dict) else None
+
+    def quarantine(self, host: Host, why: str, job_id: str) -> None:
+        entry = {"since": time.time(), "why": why, "job_id": job_id}
+
+        def mark(current: dict[str, Any]) -> bool:
+            self._quarantine(current)[host_key(host)] = entry
+            return True
+
+        if not self.save(mark):
+            mark(self.data)  # an unwritable file: this process at least stops
+
+    def clear(self, host: Host) -> bool:
+        """Lift ``host``'s quarantine and back-off; False if it had neither."""
+        key = host_key(host)
+
+        def lift(current: dict[str, Any]) -> bool:
+            quarantined = self._quarantine(current).pop(key, None) is not None
+            return bool(current["hosts"].pop(key, None)) or quarantined
+
+        return bool(self.save(lift))
+
+    @staticmethod
+    def _quarantine(data: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(data.get("quarantine"), dict):
+            data["quarantine"] = {}
+        return data["quarantine"]  # type: ignore[no-any-return]
+
     def order(self, hosts: list[Host]) -> list[Host]:
         """Usable hosts, weighted-random by job limit over recent latency (herds spread out)."""
-        usable = [h for h in hosts if not h.is_local and not self.backed_off(h)]
+        usable = [h for h in hosts if not h.is_local and not self.backed_off(h) and not self.quarantined(h)]
         weights = [h.limit / (0.05 + self.hosts.get(host_key(h), {}).get("latency", 0.1)) for h in usable]
         ordered = []
         while usable:

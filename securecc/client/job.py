@@ -9,7 +9,8 @@ remote.
 Flow: anything not distributable runs the local compiler (exec, same
 arguments).  Otherwise preprocess here, authenticate to a server (mutual
 GSS-API), send the sealed job, write the outputs atomically, print the
-compiler's messages and exit with its status.  Infrastructure failures
+compiler's messages and exit with its status; a sampled job is compiled here
+too, to check the server (:mod:`securecc.client.verify`).  Infrastructure failures
 (no ticket, refused, unreachable, server gone mid-job) print one
 ``securecc:`` line and compile locally; a compile error is returned as is
 and never retried.
@@ -34,6 +35,7 @@ from dataclasses import dataclass  # noqa: E402
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol  # noqa: E402
 
 from securecc import args as argpolicy  # noqa: E402
+from securecc.client import verify  # noqa: E402
 from securecc.client.channel import (  # noqa: E402
     Channel,
     FailedRemotely,
@@ -355,7 +357,7 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
         raise RemoteFailure(f"no compile servers found in {source}; list them in SECURECC_HOSTS")
     candidates = state.order(hosts)
     if not candidates:
-        raise RemoteFailure("every compile server is backed off after failures (see securecc --show-hosts)")
+        raise RemoteFailure("every compile server is backed off after failures, or quarantined (see securecc --show-hosts)")
     timeouts = timeouts_of(inv)
     need_a_cached_ticket(state, candidates)
     prepared = prepare_job(inv, compiler, compiler_path, plan)
@@ -407,6 +409,8 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
         if reply.output is None or (reply.dwo is None) == plan.split_dwarf:
             raise RemoteFailure(f"{host.name} returned no output file, or not the ones asked for")
         outputs = {plan.output: reply.output, **({argpolicy.dwo_path(plan.output): reply.dwo} if reply.dwo else {})}
+        if verify.sampled(inv):  # a signature says who made it; compiling it here too says whether it is right
+            verify.check(inv, compiler, compiler_path, plan, job, host, reply, state, timeouts)
         if inv.env.get("SECURECC_PROVENANCE"):
             write_provenance(inv, inv.env["SECURECC_PROVENANCE"], outputs, reply)
         for name, data in outputs.items():
@@ -484,8 +488,11 @@ def show_hosts(inv: Invocation) -> int:
             lines.append(f"  localhost (compile here) /{host.limit}")
             continue
         entry = state.hosts.get(host_key(host), {})
-        wait = state.backed_off(host)
+        wait, quarantine = state.backed_off(host), state.quarantined(host)
         status = f"backed off {wait:.0f} s more ({entry.get('why', '')})" if wait else "ok"
+        if quarantine:
+            status = (f"QUARANTINED since {time.strftime('%Y-%m-%d %H:%M', time.localtime(quarantine.get('since', 0)))}, job "
+                      f"{quarantine.get('job_id', '?')}: {quarantine.get('why', '')} (securecc-hosts --clear {host.name}:{host.port})")
         latency = f", latency {entry['latency'] * 1000:.0f} ms" if "latency" in entry else ""
         lines.append(f"  {host.name}:{host.port}/{host.limit} principal {host.target}: {status}{latency}")
     for key, entry in sorted(state.hosts.items()):

@@ -84,13 +84,16 @@ def check(hosts: list[Host], deadline: float) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="securecc-hosts", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="compile a trivial file on every host (the only mode)")
+    parser.add_argument("--check", action="store_true", help="compile a trivial file on every host")
+    parser.add_argument("--clear", action="store_true", help="send jobs again to the hosts given: lift their quarantine and back-off")
     parser.add_argument("--deadline", default="1s", help="how long a host may take, e.g. 500ms, 2s (default 1s)")
     parser.add_argument("--json", action="store_true", help="every host's result as JSON")
     parser.add_argument("hosts", nargs="*", help="hosts to check (default: the client's list)")
     options = parser.parse_args(argv)
+    if options.clear:
+        sys.exit(clear(options.hosts))
     if not options.check:
-        parser.error("say --check")
+        parser.error("say --check or --clear")
     text = options.deadline.strip()
     try:
         deadline = float(text[:-2]) / 1000 if text.endswith("ms") else float(text.rstrip("s"))
@@ -99,7 +102,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"securecc-hosts: {e}")
     if not hosts:
         sys.exit("securecc-hosts: no hosts to check (set SECURECC_HOSTS or give them)")
-    results = check(hosts, deadline)
+    state = HostState()
+    results = check([h for h in hosts if not state.quarantined(h)], deadline)
+    results += [{"host": h.name + f":{h.port}/{h.limit}", "ok": False, "quarantined": q,
+                 "error": f"quarantined after job {q.get('job_id', '?')}: {q.get('why', '')} (securecc-hosts --clear {h.name}:{h.port})"}
+                for h in hosts if (q := state.quarantined(h))]
     if options.json:
         print(json.dumps(results, indent=1))
     else:
@@ -110,6 +117,21 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"securecc-hosts: {r['host']} left out: {r['error']}", file=sys.stderr)
     sys.exit(0 if any(r["ok"] for r in results) else 1)
 
+def clear(specs: list[str]) -> int:
+    """``securecc-hosts --clear HOST...``: this user's compiles send jobs to them again."""
+    if not specs:
+        print("securecc-hosts: name the hosts to clear, as host[:port]", file=sys.stderr)
+        return 2
+    try:
+        hosts = parse_hosts(" ".join(specs))
+    except HostsError as e:
+        print(f"securecc-hosts: {e}", file=sys.stderr)
+        return 2
+    state = HostState()
+    for host in hosts:
+        done = state.clear(host)
+        print(f"{host.name}:{host.port}: " + ("cleared; compiles send it jobs again" if done else "was neither quarantined nor backed off"))
+    return 0
 
 
 def server_status(host: Host, timeout: float) -> dict[str, Any]:
@@ -133,12 +155,14 @@ def render(statuses: list[dict[str, Any]]) -> str:
     """A distccmon-text-like screen: one line per server, one per job it runs."""
     lines = [time.strftime("securecc-monitor  %H:%M:%S"), ""]
     for s in statuses:
+        quarantined = "  QUARANTINED" if s.get("quarantined") else ""
         if not s["ok"]:
-            lines.append(f"{s['host']:28} DOWN  {s['error']}")
+            lines.append(f"{s['host']:28} DOWN  {s['error']}{quarantined}")
             continue
         running, totals = s["running"], s.get("totals", {})
+        diverged = f"  diverged {s['divergences']}" if s.get("divergences") else ""
         lines.append(f"{s['host']:28} {len(running)}/{s['slots']} slots  allowed {totals.get('allowed', 0):.0f}  "
-                     f"refused {totals.get('refused', 0):.0f}  busy {totals.get('busy', 0):.0f}")
+                     f"refused {totals.get('refused', 0):.0f}  busy {totals.get('busy', 0):.0f}{diverged}{quarantined}")
         for job in running:
             lines.append(f"    {job['principal']:24} {job['compiler']:6} {job['source']:36} {s['time'] - job['started']:5.1f} s")
     return "\n".join(lines)
@@ -167,6 +191,9 @@ def monitor_main(argv: list[str] | None = None) -> None:
             for t in threads:
                 t.join(4)
             statuses = [s or {"host": f"{h.name}:{h.port}", "ok": False, "error": "no answer"} for s, h in zip(statuses, hosts)]
+            state = HostState()
+            for s, h in zip(statuses, hosts):
+                s["quarantined"] = state.quarantined(h)
             if options.once:
                 print(json.dumps(statuses, indent=1) if options.json else render(statuses))
                 sys.exit(0 if any(s["ok"] for s in statuses) else 1)

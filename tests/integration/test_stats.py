@@ -187,7 +187,9 @@ def test_local_reasons_have_short_stable_categories(reason, category):
     ("build1 refused the job: alice@TEST.REALM may not use this server", "refused"),
     ("no Kerberos ticket: run kinit (or point KRB5_CLIENT_KTNAME at a keytab)", "no Kerberos ticket"),
     ("no compile servers found in SECURECC_HOSTS; list them in SECURECC_HOSTS", "no servers configured"),
-    ("every compile server is backed off after failures (see securecc --show-hosts)", "every server backed off"),
+    ("every compile server is backed off after failures, or quarantined (see securecc --show-hosts)", "every server backed off"),
+    ("the object from b1 (job 1f) is not the one compiled here: ...; b1 is quarantined until ... (it refused the report: no)",
+     "result diverged"),
     ("something new", "other"),
 ])
 def test_failures_have_short_categories(message, category):
