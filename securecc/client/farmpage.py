@@ -50,7 +50,8 @@ def sparkline(points: Iterable[Point], now: float, label: str, unit: str = "") -
                     f'<circle cx="{s[0][0]:.1f}" cy="{s[0][1]:.1f}" r="1.5"/>' for s in segments if s)
     last = next((v for _, v in reversed(kept) if v is not None), None)
     said = f"{label}: now {number(last)}{unit}, peak {number(peak)}{unit} in 10 minutes" if values else f"{label}: no data yet"
-    return (f'<figure class="spark"><figcaption>{escape(label)} <b>{number(last)}{escape(unit)}</b></figcaption>'
+    shown = f"{number(last)}{unit}" if last is not None else "–"
+    return (f'<figure class="spark"><figcaption>{escape(label)} <b>{escape(shown)}</b></figcaption>'
             f'<svg role="img" aria-label="{escape(said)}" width="{SPARK_WIDTH}" height="{SPARK_HEIGHT}" '
             f'viewBox="0 0 {SPARK_WIDTH} {SPARK_HEIGHT}"><title>{escape(said)}</title>'
             f'<line class="axis" x1="0" y1="{SPARK_HEIGHT - 1}" x2="{SPARK_WIDTH}" y2="{SPARK_HEIGHT - 1}"/>'
@@ -104,9 +105,9 @@ def tile(index: int, host: HostView, now: float) -> str:
         f'<p class="server">{escape(host.server) if host.server else "&nbsp;"}</p>'
         f'<p class="badges">{badges(host)}</p>{"".join(detail)}'
         f'<p class="slots">slots <b class="in-use">{host.in_use}</b> / <b class="slot-count">{host.slots}</b> {slot_bar(host.in_use, host.slots)}</p>'
-        f'<dl class="numbers"><dt>jobs done</dt><dd class="allowed">{total.get("allowed", 0):.0f}</dd>'
-        f'<dt>refused</dt><dd class="refused">{total.get("refused", 0):.0f}</dd>'
-        f'<dt>BUSY answers</dt><dd class="busy">{total.get("busy", 0):.0f}</dd>'
+        f'<dl class="numbers"><dt>jobs done</dt><dd class="count-allowed">{total.get("allowed", 0):.0f}</dd>'
+        f'<dt>refused</dt><dd class="count-refused">{total.get("refused", 0):.0f}</dd>'
+        f'<dt>BUSY answers</dt><dd class="count-busy">{total.get("busy", 0):.0f}</dd>'
         f'<dt>job p50 / p95</dt><dd class="latency">{seconds(host.p50)} / {seconds(host.p95)}</dd>'
         f'<dt>probe compile</dt><dd class="probe">{probe}</dd>'
         f'<dt>divergences</dt><dd class="divergences{" alarm" if host.divergences else ""}">{host.divergences}</dd></dl>'
