@@ -50,6 +50,7 @@ def test_the_farm_page_in_chromium(realm, own_server, workdir, monkeypatch, tmp_
 
     def build() -> None:  # quick compiles on the working server while the page is watched
         (workdir / "a.c").write_text("int a;\n")
+        securecc(realm, working, "bob", workdir, "gcc", "-c", "a.c", "-o", "b.o")  # refused: not in the group
         while not stop.is_set():
             securecc(realm, working, "alice", workdir, "gcc", "-c", "a.c", "-o", "a.o")
             time.sleep(0.3)
@@ -85,6 +86,8 @@ def test_the_farm_page_in_chromium(realm, own_server, workdir, monkeypatch, tmp_
         running = browser.evaluate("[...document.querySelectorAll('#running tr.job')].map(r => [...r.cells].map(c => c.textContent))")
         assert running[0][:4] == [keys[0], "alice@TEST.REALM", "g++", HOSTILE_SOURCE]  # alice is an admin: names shown
         assert browser.evaluate("document.scripts.length") == 1  # the page's own, nothing injected
+        refusals = browser.evaluate("document.querySelector('#refusals-h').parentElement.textContent")
+        assert "denied:not-in-group 1" in refusals, refusals
         assert "cannot connect" in browser.evaluate("document.querySelector('#host-2 .why').textContent")
         if keep:  # the README's picture: give the sparklines half a minute of history first
             time.sleep(30)
