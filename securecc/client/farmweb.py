@@ -204,6 +204,18 @@ class Poller:
                   for i, (h, s) in enumerate(zip(self.hosts, self.series))]
         return defer.gatherResults(rounds).addCallback(lambda _: None)
 
+    def start(self, interval: float, probe_interval: float) -> None:
+        """Poll on a steady rhythm: a round is not waited for, so a silent host (whose call holds its thread
+        until the channel's timeouts) delays only its own tile, never the page's next update."""
+        def status_round() -> None:
+            self.poll()
+
+        def probe_round() -> None:
+            self.probe_all()
+
+        task.LoopingCall(status_round).start(interval)
+        task.LoopingCall(probe_round).start(probe_interval)
+
     def publish(self) -> None:
         view = self.view()
         self.metrics.update(view)
@@ -298,6 +310,5 @@ def serve(hosts: list[Host], listen: str, interval: float, probe_interval: float
     reactor.suggestThreadPoolSize(max(10, 2 * len(hosts) + 2))  # type: ignore[attr-defined]
     shown = f"[{address}]" if ":" in address else address
     print(f"http://{shown}:{site.port}/?token={token}", flush=True)
-    task.LoopingCall(poller.poll).start(interval)
-    task.LoopingCall(poller.probe_all).start(probe_interval)
+    poller.start(interval, probe_interval)
     reactor.run()
