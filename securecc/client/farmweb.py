@@ -293,6 +293,8 @@ def serve(hosts: list[Host], listen: str, interval: float, probe_interval: float
 
     try:
         address, port = parse_listen(listen)
+        if not (interval >= 0.2 and probe_interval >= 1):
+            raise WebError(f"--interval {interval:g} / --probe-interval {probe_interval:g}: at least 0.2 s and 1 s")
     except WebError as e:
         sys.exit(f"securecc-monitor: {e}")
     try:
