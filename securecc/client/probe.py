@@ -174,6 +174,9 @@ def monitor_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--once", action="store_true", help="print once and exit")
     parser.add_argument("--json", action="store_true", help="with --once: JSON for scripts")
     parser.add_argument("--interval", type=float, default=2.0)
+    parser.add_argument("--web", action="store_true", help="serve a live page (and /metrics) to this user instead")
+    parser.add_argument("--listen", default="127.0.0.1:0", help="with --web: loopback HOST:PORT (default: a free port)")
+    parser.add_argument("--probe-interval", type=float, default=15.0, help="with --web: seconds between trivial compiles")
     options = parser.parse_args(argv)
     try:
         hosts = [h for h in configured_hosts(HostState())[0] if not h.is_local]
@@ -181,6 +184,11 @@ def monitor_main(argv: list[str] | None = None) -> None:
         sys.exit(f"securecc-monitor: {e}")
     if not hosts:
         sys.exit("securecc-monitor: no servers (set SECURECC_HOSTS)")
+    if options.web:
+        from securecc.client import farmweb  # Twisted, for the page alone
+
+        farmweb.serve(hosts, options.listen, options.interval, options.probe_interval)
+        return
     try:
         while True:
             statuses: list[dict[str, Any]] = [{} for _ in hosts]

@@ -144,16 +144,21 @@ class CompileService:
         """What the dashboard and securecc-monitor show: this server, its slots, who compiles what now."""
         jobs = self.metrics.jobs.collect()[0].samples
         totals: dict[str, float] = {}
+        refusals: dict[str, float] = {}  # refused jobs by reason: what a monitor shows beside the totals
         for sample in jobs:
             if sample.name.endswith("_total"):
                 decision = sample.labels["decision"]
                 totals[decision] = totals.get(decision, 0) + sample.value
+                if decision == "refused":
+                    refusals[sample.labels["reason"]] = refusals.get(sample.labels["reason"], 0) + sample.value
         return {
             "server": self.host,
             "slots": self.config.slots,
             "running": sorted(self.jobs_now.values(), key=lambda j: j["started"]),
             "totals": totals,
             "divergences": self.divergences.count,
+            "refusals": refusals,
+            "recent_durations": [list(job) for job in self.metrics.recent],  # [ended, seconds], oldest first
             "time": time.time(),
         }
 

@@ -315,7 +315,10 @@ def test_the_metrics_count_what_the_records_say(tmp_path: Path) -> None:
     replied(s.service.run(native(BOB), job()))  # refused
     s.handler.runs[0].kill("timeout")
     replied(running)
-    assert s.service.status()["totals"] == {"allowed": 1, "busy": 1, "refused": 1}
+    status = s.service.status()
+    assert status["totals"] == {"allowed": 1, "busy": 1, "refused": 1}
+    assert status["refusals"] == {"denied:not-in-group": 1}  # by reason, for a monitor
+    assert [duration for _, duration in status["recent_durations"]] == [0]  # the allowed job only (the clock never moved)
     assert s.service.metrics.kills.labels("timeout")._value.get() == 1
     assert s.service.metrics.bytes_in._value.get() == 3 * len(SOURCE)
 
