@@ -166,8 +166,7 @@ class Poller:
 
     def view(self) -> FarmView:
         now, state = self.clock(), self.host_state()
-        quarantined = getattr(state, "quarantined", None)  # the quarantine state some clients have, others not yet
-        return FarmView(now, tuple(series.view(now, state.backed_off(h, now), quarantined(h) if quarantined else None)
+        return FarmView(now, tuple(series.view(now, state.backed_off(h, now), state.quarantined(h))
                                    for h, series in zip(self.hosts, self.series)))
 
     def _run(self, kind: str, index: int, call: Callable[[], dict[str, Any]], done: Callable[[dict[str, Any]], None]) -> defer.Deferred[None]:

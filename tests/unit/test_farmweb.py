@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from securecc.client.farmweb import (
     presented_token,
     sse_event,
 )
-from securecc.client.hosts import Host
+from securecc.client.hosts import Host, HostState
 
 TOKEN = "k3y-Of-The-Test_abcdefghijklmnopqrstuvwxyz0"
 PORT = 8637
@@ -78,18 +79,12 @@ class Request(DummyRequest):
         self.cookies_out.append((name, value, options))
 
 
-class State_:
-    def __init__(self, quarantined: dict[str, Any] | None = None) -> None:
-        if quarantined is not None:
-            self.quarantined = lambda host: quarantined
-
-    def backed_off(self, host: Host, now: float | None = None) -> float:
-        return 0.0
+NO_STATE = "/dev/null/hosts.json"  # a host state that reads nothing and can write nowhere, not even as root
 
 
-def site(state: State_ | None = None) -> FarmSite:
+def site(state: HostState | None = None) -> FarmSite:
     poller = Poller([Host("build1")], lambda h, t: {}, lambda h, i, d: {}, "", FarmMetrics(),
-                    clock=lambda: 100.0, host_state=lambda: state or State_())  # type: ignore[arg-type, return-value]
+                    clock=lambda: 100.0, host_state=lambda: state or HostState(NO_STATE))
     return FarmSite(poller, TOKEN, PORT)
 
 
@@ -154,8 +149,10 @@ def test_the_event_stream_starts_with_the_view_and_gets_each_update() -> None:
     assert not farm.streams  # a closed tab is forgotten
 
 
-def test_quarantine_is_shown_when_the_host_state_knows_it() -> None:
-    """HostState.quarantined arrives separately: without it no host is quarantined, with it the tile says so."""
+def test_a_quarantined_host_is_shown_so() -> None:
     assert site().poller.view().hosts[0].quarantine is None
-    quarantined = site(State_({"since": 1.0, "why": "diverged", "job_id": "j1"})).poller.view().hosts[0]
-    assert quarantined.state is State.QUARANTINED and quarantined.quarantine == {"since": 1.0, "why": "diverged", "job_id": "j1"}
+    state = HostState(NO_STATE)
+    state.quarantine(Host("build1"), "diverged", "j1")
+    quarantined = site(state).poller.view().hosts[0]
+    assert quarantined.state is State.QUARANTINED and quarantined.quarantine == {"since": pytest.approx(time.time(), abs=60),
+                                                                                 "why": "diverged", "job_id": "j1"}
