@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -125,3 +126,45 @@ def tui_page(text: str) -> str:
             '<pre style="margin:0;padding:12px;color:#e6e6e6;font:14px/1.35 monospace">'
             f"{html.escape(text)}</pre>")
 
+
+
+def test_a_frozen_host_turns_down_without_holding_the_page_and_a_quarantined_one_is_marked(realm, own_server, workdir, tmp_path):
+    """A server stopped with SIGSTOP accepts connections and answers nothing: its tile turns down within the status
+    deadline while the others' keep moving, and comes back once it runs again; a host this user quarantined says so."""
+    from securecc.client.hosts import Host, HostState
+
+    working, frozen, distrusted = own_server(), own_server(), own_server()
+    keys = [f"127.0.0.1:{s.port}" for s in (working, frozen, distrusted)]
+    HostState(str(workdir / ".cache" / "securecc" / "hosts.json")).quarantine(Host("127.0.0.1", distrusted.port), "its object differs", "j1")
+    env = {**realm.user_env("alice", workdir), "SECURECC_HOSTS": " ".join(s.hosts for s in (working, frozen, distrusted)),
+           "XDG_CACHE_HOME": str(workdir / ".cache")}
+    monitor, url = start_monitor(env)
+    browser = Chromium(tmp_path / "profile", 1280, 1000)
+
+    def tiles() -> list[dict]:
+        return browser.evaluate(TILES)
+
+    try:
+        browser.open(url)
+        assert wait_until(lambda: [t["state"] for t in tiles()] == ["ok", "ok", "quarantined"], 30), tiles()
+        assert "its object differs" in browser.evaluate("document.getElementById('host-2').textContent")
+        os.kill(frozen.process.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            assert wait_until(lambda: tiles()[1]["state"] == "down", 15), tiles()
+            took = time.monotonic() - stopped
+            assert "did not answer" in browser.evaluate("document.querySelector('#host-1 .why').textContent")
+            updated = browser.evaluate("document.getElementById('updated').textContent")
+            assert wait_until(lambda: browser.evaluate("document.getElementById('updated').textContent") != updated, 5), \
+                "the page stopped updating while a host was frozen"
+            assert tiles()[0]["state"] == "ok"
+        finally:
+            os.kill(frozen.process.pid, signal.SIGCONT)
+        assert took < 3.0 + 2 * 1 + 2, f"a frozen host took {took:.1f} s to show as down"  # the status deadline, two polls, slack
+        assert wait_until(lambda: tiles()[1]["state"] == "ok", 15), tiles()
+        assert [t["host"] for t in tiles()] == keys
+        browser.screenshot(tmp_path / "frozen.png")
+    finally:
+        browser.close()
+        monitor.terminate()
+        monitor.wait(15)
