@@ -11,24 +11,29 @@ Twisted web rather than ``http.server``: the page is pushed to every open
 tab as server-sent events, and polls run in threads while the answers land
 on one thread, so the model needs no locks; Twisted is a dependency already.
 
-Access is for the local user only.  The server binds loopback addresses and
-nothing else: a wider ``--listen`` is refused, because this page has no
-HTTP Negotiate (SPNEGO) login of its own and would show every server's
-status, as this user sees it, to anyone who can reach it; use ``ssh -L``.
-Every route, ``/metrics`` and the event stream included, needs the token of
-the URL it prints, from the query string, an ``Authorization: Bearer``
-header (for Prometheus) or the cookie set by the first visit (HttpOnly,
-SameSite=Strict); the Host header must name a loopback address (no DNS
-rebinding).  Every answer carries a nonce-based Content-Security-Policy,
-``nosniff``, ``no-referrer`` and ``no-store``.
+Access is for the user running the monitor only: the page shows every
+server's status as that user's ticket sees it.  Every route, ``/metrics``
+and the event stream included, needs the token of the URL it prints, from
+the query string, an ``Authorization: Bearer`` header (for Prometheus) or
+the cookie set by the first visit (HttpOnly, SameSite=Strict).  Without
+``--keytab`` it binds loopback addresses only, and the Host header must name
+one (no DNS rebinding).  With ``--keytab`` (an ``HTTP/<host>`` key) it may
+listen beyond loopback, and a browser may also log in by HTTP Negotiate
+(SPNEGO): only as the principal running the monitor, to a session cookie
+that ends with its ticket (:class:`Negotiate`).  The page itself travels
+unencrypted, as the servers' own dashboards do: beyond a trusted network,
+put TLS in front or use ``ssh -L``.  Every answer carries a nonce-based
+Content-Security-Policy, ``nosniff``, ``no-referrer`` and ``no-store``.
 """
 
 from __future__ import annotations
 
+import base64
 import hmac
 import ipaddress
 import re
 import secrets
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -42,8 +47,10 @@ from twisted.web import resource, server
 from securecc.client import farmpage
 from securecc.client.farmview import FarmView, HostSeries, State
 from securecc.client.hosts import Host, HostState, host_key
+from securecc.handshake import AcceptorContext, AuthenticationFailure
 
 COOKIE = "securecc_monitor"
+SESSION_COOKIE = "securecc_monitor_session"  # a Kerberos login's (Negotiate)
 MAX_STREAMS = 32  # open event streams; more tabs than that is a leak, not a user
 PROBE_DEADLINE = 5.0
 
@@ -52,8 +59,9 @@ class WebError(Exception):
     """A user error of ``--web``: one line."""
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) to bind; anything but a loopback address is refused."""
+def parse_listen(text: str, negotiate: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) to bind; anything but a loopback address is refused unless the page
+    has a Kerberos login (``negotiate``)."""
     host, sep, port = text.rpartition(":")
     host = host.strip("[]") if host.startswith("[") else host
     if not sep or not port.isdigit() or int(port) > 65535:
@@ -63,9 +71,9 @@ def parse_listen(text: str) -> tuple[str, int]:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
-    if not loopback:
-        raise WebError(f"--listen {text}: only a loopback address is served (the page has no Kerberos login); "
-                       "reach it from elsewhere with ssh -L")
+    if not loopback and not negotiate:
+        raise WebError(f"--listen {text}: beyond loopback the page needs a Kerberos login: give --keytab with an HTTP/<host> key, "
+                       "or reach it with ssh -L")
     return host, int(port)
 
 
@@ -222,6 +230,36 @@ class Poller:
             listener(view)
 
 
+class Negotiate:
+    """HTTP Negotiate (SPNEGO) for ``--keytab``: the principal running the monitor, and no one else, gets a session
+    cookie that ends with the ticket it showed (the page shows what that principal's own ticket sees)."""
+
+    def __init__(self, contexts: Callable[[], AcceptorContext], owner: str, clock: Callable[[], float] = time.time) -> None:
+        self.contexts, self.owner, self.clock = contexts, owner, clock
+        self.sessions: dict[str, float] = {}  # cookie -> when it ends
+
+    def session(self, cookie: bytes | None) -> bool:
+        now = self.clock()
+        self.sessions = {k: end for k, end in self.sessions.items() if end > now}
+        return cookie is not None and any(hmac.compare_digest(cookie, k.encode()) for k in self.sessions)
+
+    def login(self, authorization: bytes | None) -> tuple[int, str, str | None, bytes | None]:
+        """(status, message, new session cookie or None, the acceptor's reply token) for one ``Authorization``."""
+        scheme, _, value = (authorization or b"").partition(b" ")
+        if scheme.lower() != b"negotiate":
+            return 401, "log in with Kerberos (HTTP Negotiate), or open the URL securecc-monitor printed", None, None
+        try:
+            context = self.contexts()
+            reply = context.step(base64.b64decode(value.strip(), validate=True))
+        except (AuthenticationFailure, ValueError):
+            return 401, "the Kerberos login failed", None, None
+        if not context.complete or context.principal != self.owner:
+            return 403, f"this page is {self.owner}'s alone", None, None
+        cookie = secrets.token_urlsafe(32)
+        self.sessions[cookie] = self.clock() + max(60.0, context.lifetime)
+        return 200, "", cookie, reply
+
+
 def header(request: server.Request, name: bytes) -> bytes | None:
     values = request.requestHeaders.getRawHeaders(name)
     return values[0] if values else None
@@ -232,9 +270,9 @@ class FarmSite(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, poller: Poller, token: str, port: int) -> None:
+    def __init__(self, poller: Poller, token: str, port: int, negotiate: Negotiate | None = None) -> None:
         super().__init__()
-        self.poller, self.token, self.port = poller, token, port
+        self.poller, self.token, self.port, self.negotiate = poller, token, port, negotiate
         self.streams: set[server.Request] = set()
         poller.listeners.append(self._push)
 
@@ -242,11 +280,13 @@ class FarmSite(resource.Resource):
         nonce = secrets.token_urlsafe(16)
         for name, value in security_headers(nonce).items():
             request.setHeader(name, value)
-        if not loopback_host(header(request, b"host"), self.port):
+        if self.negotiate is None and not loopback_host(header(request, b"host"), self.port):
             return self._error(request, 421, "this page answers only to its loopback address")
         offered = presented_token(request.args or {}, request.getCookie(COOKIE.encode()), header(request, b"authorization"))
         if not authorized(offered, self.token):
-            return self._error(request, 403, "securecc-monitor: open the URL securecc-monitor --web printed (with its ?token=)")
+            refused = self._login(request)
+            if refused is not None:
+                return refused
         if request.args and b"token" in request.args and request.path == b"/":  # keep the token out of the address bar
             request.addCookie(COOKIE, self.token, path="/", httpOnly=True, sameSite="strict")
             request.setResponseCode(303)
@@ -261,6 +301,22 @@ class FarmSite(resource.Resource):
             request.setHeader("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
             return generate_latest(self.poller.metrics.registry)
         return self._error(request, 404, "no such page")
+
+    def _login(self, request: server.Request) -> bytes | None:
+        """Without the token: a Kerberos session, or a Negotiate login to one (None: let it in); else the refusal."""
+        if self.negotiate is None:
+            return self._error(request, 403, "securecc-monitor: open the URL securecc-monitor --web printed (with its ?token=)")
+        if self.negotiate.session(request.getCookie(SESSION_COOKIE.encode())):
+            return None
+        code, message, cookie, reply = self.negotiate.login(header(request, b"authorization"))
+        if reply:
+            request.setHeader("WWW-Authenticate", "Negotiate " + base64.b64encode(reply).decode())
+        if cookie is None:
+            if code == 401:
+                request.setHeader("WWW-Authenticate", "Negotiate")
+            return self._error(request, code, f"securecc-monitor: {message}")
+        request.addCookie(SESSION_COOKIE, cookie, path="/", httpOnly=True, sameSite="strict")
+        return None
 
     def _error(self, request: server.Request, code: int, message: str) -> bytes:
         request.setResponseCode(code)
@@ -283,7 +339,8 @@ class FarmSite(resource.Resource):
                 request.write(event)
 
 
-def serve(hosts: list[Host], listen: str, interval: float, probe_interval: float) -> None:
+def serve(hosts: list[Host], listen: str, interval: float, probe_interval: float, keytab: str | None = None,
+          principal: str | None = None) -> None:
     """Run until interrupted; user errors end as one ``securecc-monitor:`` line."""
     from twisted.internet import error, reactor
 
@@ -291,9 +348,10 @@ def serve(hosts: list[Host], listen: str, interval: float, probe_interval: float
     from securecc.toolchain import ProbeError, cached_identity
 
     try:
-        address, port = parse_listen(listen)
+        address, port = parse_listen(listen, negotiate=keytab is not None)
         if not (interval >= 0.2 and probe_interval >= 1):
             raise WebError(f"--interval {interval:g} / --probe-interval {probe_interval:g}: at least 0.2 s and 1 s")
+        negotiate = kerberos_login(keytab, principal) if keytab else None
     except WebError as e:
         sys.exit(f"securecc-monitor: {e}")
     try:
@@ -302,7 +360,7 @@ def serve(hosts: list[Host], listen: str, interval: float, probe_interval: float
         identity = ""
     poller = Poller(hosts, server_status, check_host, identity, FarmMetrics())
     token = secrets.token_urlsafe(32)
-    site = FarmSite(poller, token, 0)
+    site = FarmSite(poller, token, 0, negotiate)
     try:
         listening = reactor.listenTCP(port, server.Site(site), interface=address)  # type: ignore[arg-type]
     except error.CannotListenError as e:
@@ -313,3 +371,22 @@ def serve(hosts: list[Host], listen: str, interval: float, probe_interval: float
     print(f"http://{shown}:{site.port}/?token={token}", flush=True)
     poller.start(interval, probe_interval)
     reactor.run()
+
+
+def kerberos_login(keytab: str, principal: str | None) -> Negotiate:
+    """The Negotiate login of ``--keytab``: its ``HTTP/`` key, and the principal of this user's own ticket, the one
+    principal it lets in."""
+    import gssapi
+    from gssapi.raw.misc import GSSError
+
+    from securecc.gss import Acceptor, GSSFailure
+
+    try:
+        owner = str(gssapi.Credentials(usage="initiate").name)
+    except GSSError:
+        raise WebError("--keytab lets in only you, by your Kerberos ticket, and there is none: run kinit") from None
+    try:
+        acceptor = Acceptor(principal or f"HTTP/{socket.getfqdn()}", keytab)
+    except GSSFailure as e:
+        raise WebError(str(e)) from None
+    return Negotiate(lambda: acceptor.new_context(frozenset()), owner)  # authentication only: nothing is wrapped over HTTP

@@ -175,7 +175,9 @@ def monitor_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="with --once: JSON for scripts")
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--web", action="store_true", help="serve a live page (and /metrics) to this user instead")
-    parser.add_argument("--listen", default="127.0.0.1:0", help="with --web: loopback HOST:PORT (default: a free port)")
+    parser.add_argument("--listen", default="127.0.0.1:0", help="with --web: HOST:PORT, loopback unless --keytab (default: a free port)")
+    parser.add_argument("--keytab", help="with --web: an HTTP/<host> keytab; lets you log in by Kerberos, also beyond loopback")
+    parser.add_argument("--principal", help="with --keytab: the page's principal (default: HTTP/<this host's name>)")
     parser.add_argument("--probe-interval", type=float, default=15.0, help="with --web: seconds between trivial compiles")
     options = parser.parse_args(argv)
     try:
@@ -187,7 +189,7 @@ def monitor_main(argv: list[str] | None = None) -> None:
     if options.web:
         from securecc.client import farmweb  # Twisted, for the page alone
 
-        farmweb.serve(hosts, options.listen, options.interval, options.probe_interval)
+        farmweb.serve(hosts, options.listen, options.interval, options.probe_interval, options.keytab, options.principal)
         return
     try:
         while True:

@@ -168,3 +168,31 @@ def test_a_frozen_host_turns_down_without_holding_the_page_and_a_quarantined_one
         browser.close()
         monitor.terminate()
         monitor.wait(15)
+
+
+def test_with_a_keytab_the_page_takes_a_real_kerberos_login_from_its_user_alone(realm, server, workdir, monkeypatch):
+    """--keytab: HTTP Negotiate against the real KDC; alice runs the monitor, so alice gets in and bob does not."""
+    from test_monitor import get_port
+
+    monkeypatch.setenv("KRB5_CONFIG", realm.info["env"]["KRB5_CONFIG"])  # this process makes the tokens
+    env = {**realm.user_env("alice", workdir), "SECURECC_HOSTS": server.hosts, "XDG_CACHE_HOME": str(workdir / ".cache")}
+    monitor = subprocess.Popen([BIN / "securecc-monitor", "--web", "--keytab", realm.info["service_keytab"],
+                                "--principal", "HTTP/localhost@TEST.REALM"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = monitor.stdout.readline().strip() if monitor.stdout else ""
+        assert url.startswith("http://127.0.0.1:"), monitor.stderr and monitor.stderr.read()
+        port = int(url.split(":")[2].split("/")[0])
+        code, headers, _ = get_port(port, "/")
+        assert code == 401 and headers["WWW-Authenticate"] == "Negotiate"
+        code, _, body = get_port(port, "/", "bob", realm)
+        assert code == 403 and b"alice@TEST.REALM's alone" in body
+        code, headers, body = get_port(port, "/", "alice", realm)
+        assert code == 200 and b'<article class="tile' in body, body[:300]
+        assert "securecc_monitor_session=" in headers["Set-Cookie"] and "HttpOnly" in headers["Set-Cookie"]
+    finally:
+        monitor.terminate()
+        monitor.wait(15)
+    without = subprocess.run([BIN / "securecc-monitor", "--web", "--listen", "0.0.0.0:0"], env=env, capture_output=True, text=True,
+                             timeout=60)
+    assert without.returncode != 0 and without.stderr.startswith("securecc-monitor: --listen 0.0.0.0:0: beyond loopback"), without.stderr
+    assert without.stderr.count("\n") == 1

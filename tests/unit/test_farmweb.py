@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
@@ -13,8 +14,10 @@ from twisted.web.test.requesthelper import DummyRequest
 from securecc.client.farmview import State
 from securecc.client.farmweb import (
     COOKIE,
+    SESSION_COOKIE,
     FarmMetrics,
     FarmSite,
+    Negotiate,
     Poller,
     WebError,
     authorized,
@@ -24,6 +27,7 @@ from securecc.client.farmweb import (
     sse_event,
 )
 from securecc.client.hosts import Host, HostState
+from securecc.testing import MemoryAcceptor, MemoryInitiator
 
 TOKEN = "k3y-Of-The-Test_abcdefghijklmnopqrstuvwxyz0"
 PORT = 8637
@@ -34,8 +38,9 @@ def test_only_loopback_addresses_are_served() -> None:
     assert parse_listen("localhost:0") == ("127.0.0.1", 0)
     assert parse_listen("[::1]:9000") == ("::1", 9000) and parse_listen("127.0.0.2:1") == ("127.0.0.2", 1)
     for wide in ("0.0.0.0:8637", "[::]:8637", "192.0.2.1:80", "build1.example.org:80"):
-        with pytest.raises(WebError, match="only a loopback address"):
+        with pytest.raises(WebError, match="beyond loopback the page needs a Kerberos login: give --keytab"):
             parse_listen(wide)
+        assert parse_listen(wide, negotiate=True)[1] in (8637, 80)
     for bad in ("8637", "127.0.0.1:http", "127.0.0.1:70000"):
         with pytest.raises(WebError, match="say HOST:PORT"):
             parse_listen(bad)
@@ -63,13 +68,15 @@ class Request(DummyRequest):
     """DummyRequest with the parts of twisted.web's Request the site uses."""
 
     def __init__(self, path: bytes, token: str | None = None, cookie: str | None = None, host: bytes = b"127.0.0.1:8637",
-                 **headers: bytes) -> None:
+                 session: str | None = None, **headers: bytes) -> None:
         super().__init__(path.lstrip(b"/").split(b"/"))
         self.path = path
         self.requestHeaders = Headers({b"host": [host], **{k.encode(): [v] for k, v in headers.items()}})
         if token is not None:
             self.args = {b"token": [token.encode()]}
         self.cookies_in = {COOKIE.encode(): cookie.encode()} if cookie else {}
+        if session:
+            self.cookies_in[SESSION_COOKIE.encode()] = session.encode()
         self.cookies_out: list[tuple[str, str, dict[str, Any]]] = []
 
     def getCookie(self, name: bytes) -> bytes | None:  # noqa: N802 - Twisted's name
@@ -82,10 +89,10 @@ class Request(DummyRequest):
 NO_STATE = "/dev/null/hosts.json"  # a host state that reads nothing and can write nowhere, not even as root
 
 
-def site(state: HostState | None = None) -> FarmSite:
+def site(state: HostState | None = None, negotiate: Negotiate | None = None) -> FarmSite:
     poller = Poller([Host("build1")], lambda h, t: {}, lambda h, i, d: {}, "", FarmMetrics(),
                     clock=lambda: 100.0, host_state=lambda: state or HostState(NO_STATE))
-    return FarmSite(poller, TOKEN, PORT)
+    return FarmSite(poller, TOKEN, PORT, negotiate)
 
 
 def render(request: Request, farm: FarmSite | None = None) -> tuple[int, bytes]:
@@ -156,3 +163,44 @@ def test_a_quarantined_host_is_shown_so() -> None:
     quarantined = site(state).poller.view().hosts[0]
     assert quarantined.state is State.QUARANTINED and quarantined.quarantine == {"since": pytest.approx(time.time(), abs=60),
                                                                                  "why": "diverged", "job_id": "j1"}
+
+
+# --- --keytab: a Kerberos login, for alice (who runs the monitor) alone ------------------------------------
+
+
+def kerberos_site(now: list[float]) -> FarmSite:
+    acceptor = MemoryAcceptor("HTTP/build1.example.org@TEST.REALM", frozenset({"alice@TEST.REALM", "bob@TEST.REALM"}))
+    return site(negotiate=Negotiate(acceptor.new_context, "alice@TEST.REALM", clock=lambda: now[0]))
+
+
+def negotiate_header(client: str, lifetime: float = 3600.0) -> bytes:
+    token = MemoryInitiator(client, "HTTP/build1.example.org@TEST.REALM", lifetime).step()
+    assert token is not None
+    return b"Negotiate " + base64.b64encode(token)
+
+
+def test_with_a_keytab_only_the_monitors_own_principal_logs_in_and_its_session_ends_with_its_ticket() -> None:
+    now = [1000.0]
+    farm = kerberos_site(now)
+    challenge = Request(b"/", host=b"build1.example.org:8637")
+    assert render(challenge, farm)[0] == 401 and challenge.responseHeaders.getRawHeaders(b"www-authenticate") == [b"Negotiate"]
+    bob = Request(b"/", host=b"build1.example.org:8637", authorization=negotiate_header("bob@TEST.REALM"))
+    code, body = render(bob, farm)
+    assert code == 403 and b"alice@TEST.REALM's alone" in body and not bob.cookies_out
+    garbage = Request(b"/", host=b"build1.example.org:8637", authorization=b"Negotiate !!!")
+    assert render(garbage, farm)[0] == 401
+    alice = Request(b"/", host=b"build1.example.org:8637", authorization=negotiate_header("alice@TEST.REALM", lifetime=600))
+    code, body = render(alice, farm)
+    assert code == 200 and b"<article" in body
+    [(name, session, options)] = alice.cookies_out
+    assert name == SESSION_COOKIE and options == {"path": "/", "httpOnly": True, "sameSite": "strict"} and session != TOKEN
+    assert render(Request(b"/events", host=b"build1.example.org:8637", session=session), farm)[0] == 200
+    assert render(Request(b"/metrics", host=b"build1.example.org:8637", session=session + "x"), farm)[0] == 401
+    now[0] += 601
+    assert render(Request(b"/metrics", host=b"build1.example.org:8637", session=session), farm)[0] == 401, "ended with the ticket"
+
+
+def test_with_a_keytab_the_token_still_opens_every_route() -> None:
+    farm = kerberos_site([0.0])
+    code, _ = render(Request(b"/metrics", host=b"build1.example.org:8637", authorization=b"Bearer " + TOKEN.encode()), farm)
+    assert code == 200
