@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import stat
@@ -109,24 +110,47 @@ INFO_FD = 3  # bwrap writes the sandbox's inner pid here (--info-fd), for Runnin
 KILL_WAIT = 0.25  # seconds a kill waits for bwrap to name its inner process (it takes milliseconds)
 
 
-def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD) -> list[str]:
+BLOCK_FD = 4  # with command(block_fd=...), bwrap waits on it, set up, before it runs the compiler (RunningJob)
+
+
+@dataclass(frozen=True)
+class Rlimit:
+    resource: int  # resource.RLIMIT_*
+    option: str  # prlimit(1)'s name for it
+    soft: int
+    hard: int
+
+
+def rlimits(settings: Settings) -> tuple[Rlimit, ...]:
+    """Every rlimit a compile runs under: the one list, set by prlimit(1) in front of the sandbox or by
+    :class:`RunningJob` on bwrap's inner process before it may go on."""
+    limits = settings.limits
+    return (
+        Rlimit(resource.RLIMIT_CPU, "cpu", limits.cpu_seconds, limits.cpu_seconds + 1),  # SIGXCPU names it; SIGKILL 1 s later
+        Rlimit(resource.RLIMIT_AS, "as", limits.address_space, limits.address_space),
+        Rlimit(resource.RLIMIT_FSIZE, "fsize", limits.file_size, limits.file_size),
+        Rlimit(resource.RLIMIT_NOFILE, "nofile", limits.open_files, limits.open_files),
+        Rlimit(resource.RLIMIT_CORE, "core", 0, 0),
+        *([Rlimit(resource.RLIMIT_NPROC, "nproc", limits.processes, limits.processes)] if settings.uid is not None else []),  # the uid's
+    )
+
+
+def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD, block_fd: int | None = None) -> list[str]:
     """The complete command line for one sandboxed compile.
 
     A ``preprocessed`` job compiles ``/job/input`` (named back to
     ``source_path`` in debug info); otherwise the compiler reads the
     client's files at their own paths and preprocesses them itself.
+
+    The rlimits (:func:`rlimits`) come from ``prlimit`` in front of bwrap,
+    except with ``block_fd`` (bwrap mode, and ``info_fd`` given): then bwrap
+    sets the sandbox up and waits, before it runs anything of the job, for
+    :class:`RunningJob` to set them on its inner process, which saves an exec
+    a job (0.9 ms).
     """
-    limits = settings.limits
-    rlimits = [
-        "prlimit",
-        f"--cpu={limits.cpu_seconds}:{limits.cpu_seconds + 1}",  # SIGXCPU names the limit; SIGKILL a second later
-        f"--as={limits.address_space}",
-        f"--fsize={limits.file_size}",
-        f"--nofile={limits.open_files}",
-        "--core=0",
-        *([f"--nproc={limits.processes}"] if settings.uid is not None else []),  # counts the whole uid
-        "--",
-    ]
+    blocked = block_fd is not None and info_fd is not None and settings.mode != "rlimits-only"
+    rlimit_argv = [] if blocked else \
+        ["prlimit", *(f"--{r.option}={r.soft}:{r.hard}" for r in rlimits(settings)), "--"]
     environment = {"PATH": "/usr/bin:/bin", "TMPDIR": "/tmp", "LC_ALL": "C", **spec.environment}
     if settings.mode == "rlimits-only":
         # Degraded: a process group to kill, a clean environment, the job
@@ -134,13 +158,14 @@ def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD) -> li
         job = str(spec.job_dir)
         names = [f"-fdebug-prefix-map={job}/input={spec.source_path}", "-o", f"{job}/{OUTPUT}", f"{job}/input"]
         env = ["env", "-i", *[f"{k}={v}" for k, v in environment.items() if k != "TMPDIR"], f"TMPDIR={job}"]
-        return [*rlimits, "setsid", *env, spec.compiler, "-pipe", *spec.args, *names]
+        return [*rlimit_argv, "setsid", *env, spec.compiler, "-pipe", *spec.args, *names]
     bwrap = [
         "bwrap",
         "--unshare-all",
         "--die-with-parent",
         "--new-session",
         *(["--info-fd", str(info_fd)] if info_fd is not None else []),
+        *(["--block-fd", str(block_fd)] if blocked else []),
         "--cap-drop", "ALL",
         *_system_binds(),
         "--proc", "/proc",
@@ -164,7 +189,7 @@ def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD) -> li
         names = [f"-fdebug-prefix-map={_INPUT}={spec.source_path}", "-o", output, _INPUT]
     else:
         names = ["-o", output, spec.source_path]
-    return [*rlimits, *bwrap, spec.compiler, "-pipe", *spec.args, *names]
+    return [*rlimit_argv, *bwrap, spec.compiler, "-pipe", *spec.args, *names]
 
 
 # Signals and messages by which a limit ends a compile (the driver reports its cc1's death).
@@ -283,7 +308,10 @@ class RunningJob:
     def __init__(
         self, reactor: IReactorProcess, clock: IReactorTime, argv: list[str], job_dir: Path, timeout: float,
         process_group: bool = False, output_cap: int = Limits().file_size, split_dwarf: tuple[str, str] | None = None,
+        limits: tuple[Rlimit, ...] | None = None,
     ) -> None:
+        self._limits = limits  # to set on bwrap's inner process before it goes on (argv made with command(block_fd=BLOCK_FD))
+        self._inner_pid: int | None = None
         self._job_dir = job_dir
         self._split_dwarf = split_dwarf  # the object's and the .dwo's names in SPLIT_DIR
         self._output_cap = output_cap
@@ -300,7 +328,7 @@ class RunningJob:
         self._process = reactor.spawnProcess(
             self._collector, shutil.which(argv[0]) or argv[0], argv, env={"PATH": "/usr/bin:/bin"},
             path=str(job_dir) if process_group else None,
-            childFDs={0: "w", 1: "r", 2: "r", **({} if process_group else {INFO_FD: "r"})},
+            childFDs={0: "w", 1: "r", 2: "r", **({} if process_group else {INFO_FD: "r"}), **({BLOCK_FD: "w"} if limits else {})},
         )
         self._process.closeStdin()
         self._timer = clock.callLater(timeout, self.kill, "timeout")
@@ -340,15 +368,33 @@ class RunningJob:
             pass
 
     def _inner_started(self, info: bytes) -> None:
-        """Pin bwrap's inner process by a pidfd, then finish a kill that waited for it."""
+        """Pin bwrap's inner process by a pidfd, then finish a kill that waited for it, or let the compile go on."""
         self._named = True
         try:
             self._pin_inner(info)
         finally:
+            if self.ended_by is None and self._limits is not None:
+                self._release()
             if self.ended_by is not None:
                 if self._pending_kill is not None and self._pending_kill.active():
                     self._pending_kill.cancel()
                 self._kill_now()
+
+    def _release(self) -> None:
+        """Set the rlimits on the pinned inner process, which waits on BLOCK_FD, then let it run the compiler; a
+        sandbox whose limits cannot be set never runs it (ended_by: handler-error)."""
+        assert self._limits is not None
+        try:
+            if self._inner is None or self._inner_pid is None:
+                raise OSError("bwrap did not name its inner process")
+            for limit in self._limits:
+                resource.prlimit(self._inner_pid, limit.resource, (limit.soft, limit.hard))
+            signal.pidfd_send_signal(self._inner, 0)  # still the process pinned: its pid was not reused meanwhile
+            self._process.writeToChild(BLOCK_FD, b"1")
+            self._process.closeChildFD(BLOCK_FD)
+        except (OSError, ValueError) as e:
+            self._collector.streams[2] += f"securecc: the sandbox's limits could not be set ({e})\n".encode()
+            self.ended_by = "handler-error"
 
     def _pin_inner(self, info: bytes) -> None:
         """The pidfd, provided the pid is still the init of the sandbox's own pid namespace (not a pid
@@ -367,7 +413,7 @@ class RunningJob:
         except OSError:
             os.close(pidfd)
             return
-        self._inner = pidfd
+        self._inner, self._inner_pid = pidfd, pid
 
     def _kill_inner(self) -> None:
         if self._inner is not None:

@@ -122,9 +122,10 @@ class HandlerProtocol(Int32StringReceiver):
                                        None, "handler-error"), id, self.scratch / id)
             return
         try:
-            command = sandbox.command(job_spec, self.settings)
-            job = sandbox.RunningJob(reactor, reactor, command, job_dir, timeout, process_group=self.settings.mode != "bwrap",
-                                     output_cap=output_cap,
+            contained = self.settings.mode == "bwrap"  # bwrap waits for its rlimits, set by RunningJob (no prlimit exec)
+            command = sandbox.command(job_spec, self.settings, block_fd=sandbox.BLOCK_FD if contained else None)
+            job = sandbox.RunningJob(reactor, reactor, command, job_dir, timeout, process_group=not contained,
+                                     output_cap=output_cap, limits=sandbox.rlimits(self.settings) if contained else None,
                                      split_dwarf=(os.path.basename(split[1]), os.path.basename(split[2])) if split else None)
         except BaseException:
             sandbox.remove_job_dir(job_dir)

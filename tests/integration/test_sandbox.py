@@ -38,6 +38,7 @@ case "$action" in
   daemon) setsid sleep 600 & disown; exit 0 ;;
   whoami) id -u; id -g; ls /; cat /proc/self/status | grep -i cap ;;
   fds) ls -l /proc/$$/fd/; exit 0 ;;
+  limits) cat /proc/self/limits; exit 0 ;;
 esac
 exit 3
 """
@@ -158,6 +159,24 @@ def test_unprivileged_and_capability_free(evil, realm, monkeypatch, workdir):
     listing = set(lines[2 : lines.index(next(line for line in lines if line.startswith("Cap")))])
     assert {"usr", "job", "proc", "dev", "tmp"} <= listing
     assert not listing & {"root", "home", "etc", "var", "srv", "opt"}
+
+
+def test_the_compile_runs_under_every_limit(evil, realm, monkeypatch, workdir):
+    """The compiler itself holds the configured rlimits, whichever way the sandbox sets them."""
+    from securecc.sandbox import Limits
+
+    reply = run_evil(evil, realm, monkeypatch, workdir, "limits")
+    assert isinstance(reply, wire.Result) and reply.exit_status == 0, reply
+    rows = {line[:26].strip(): line[26:].split()[:2] for line in reply.stdout.decode().splitlines()[1:]}
+    defaults = Limits()
+    assert rows["Max cpu time"] == ["2", "3"]
+    assert rows["Max file size"] == [str(10 << 20)] * 2
+    assert rows["Max address space"] == [str(defaults.address_space)] * 2
+    assert rows["Max open files"] == [str(defaults.open_files)] * 2
+    assert rows["Max core file size"] == ["0", "0"]
+    if os.geteuid() == 0:  # a root server's sandboxes have a uid of their own, whose processes it counts
+        assert rows["Max processes"] == ["64", "64"]
+    assert_contained(evil, reply)
 
 
 @pytest.mark.parametrize(
@@ -284,4 +303,36 @@ def test_a_kill_takes_the_whole_sandbox_even_where_die_with_parent_did_not(tmp_p
     scratch.mkdir(mode=0o700)
     done = subprocess.run([sys.executable, "-I", "-c", KILL_SCRIPT, scratch], capture_output=True, text=True, timeout=20)
     assert done.returncode == 0 and done.stdout.strip() == "disconnect", done.stderr
+    assert wait_until(lambda: not [p for p in sandbox_processes() if str(scratch) in p], 5), sandbox_processes()
+
+
+UNLIMITED_SCRIPT = """
+import dataclasses, resource, sys
+from pathlib import Path
+from twisted.internet import reactor
+from securecc import sandbox
+
+job_dir = sandbox.make_job_dir(Path(sys.argv[1]), "j", {"input": b""})
+spec = sandbox.Spec("/bin/sh", ["-c", "echo ran > /job/output"], job_dir, "/tmp/w", "a.c", {})
+settings = sandbox.Settings(sandbox.Limits(), None, None)
+limits = sandbox.rlimits(settings)
+if sys.argv[2] == "unsettable":  # a hard limit above what this process may raise: prlimit(2) refuses it
+    limits = (*limits, sandbox.Rlimit(resource.RLIMIT_NOFILE, "nofile", 1 << 40, 1 << 40))
+argv = sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD)
+assert "prlimit" not in argv and "--block-fd" in argv
+job = sandbox.RunningJob(reactor, reactor, argv, job_dir, 20, limits=limits)
+job.result.addBoth(lambda outcome: (print(outcome.ended_by, (job_dir / "output").read_bytes()), reactor.stop()))
+reactor.run()
+"""
+
+
+@pytest.mark.parametrize("limits", ["settable", "unsettable"])
+def test_bwrap_waits_for_its_rlimits_and_a_sandbox_without_them_never_runs_the_compile(tmp_path, limits):
+    """The handler's sandboxes get their rlimits from RunningJob while bwrap waits on --block-fd: when they cannot
+    all be set, the compile is never started (its output stays empty) and the job ends as a handler error."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o700)
+    done = subprocess.run([sys.executable, "-I", "-c", UNLIMITED_SCRIPT, scratch, limits], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("None b'ran\\n'" if limits == "settable" else "handler-error b''"), done.stdout
     assert wait_until(lambda: not [p for p in sandbox_processes() if str(scratch) in p], 5), sandbox_processes()
