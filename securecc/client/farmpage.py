@@ -143,8 +143,15 @@ def fragment(view: FarmView) -> str:
     stamp = time.strftime("%H:%M:%S", time.localtime(view.time))
     tiles = "".join(tile(i, h, view.time) for i, h in enumerate(view.hosts))
     return (f'<p class="summary"><span id="counts">{len(view.hosts)} hosts: {counts}</span> · updated '
-            f'<time id="updated">{stamp}</time></p><section class="tiles" aria-label="hosts">{tiles}</section>'
+            f'<time id="updated">{stamp}</time></p>{alert(view)}<section class="tiles" aria-label="hosts">{tiles}</section>'
             f"{running(view)}{refusals(view)}")
+
+
+def alert(view: FarmView) -> str:
+    """One line for what is wrong on this side, not the farm's: without a ticket every host looks down."""
+    if view.hosts and all("kinit" in h.error for h in view.hosts):
+        return '<p class="why" id="alert" role="alert">No Kerberos ticket: every host is unreachable from here until you run kinit.</p>'
+    return ""
 
 
 STYLE = """

@@ -84,3 +84,17 @@ def test_the_slot_bar_fills_by_the_share_of_slots_in_use() -> None:
         return [attrs for tag, attrs in Elements(slot_bar(in_use, slots)).tags if tag == "rect"][1]["width"]
 
     assert used(1, 4) == "37.5" and used(4, 4) == "150.0" and used(5, 4) == "150.0" and used(0, 0) == "0.0"
+
+
+def test_without_a_ticket_the_page_says_so_once_instead_of_a_dead_farm() -> None:
+    def view(*errors: str) -> FarmView:
+        hosts = []
+        for n, error in enumerate(errors):
+            series = HostSeries(f"build{n}:3637")
+            series.status_received({"ok": False, "error": error}, now=100)
+            hosts.append(series.view(100))
+        return FarmView(100, tuple(hosts))
+
+    no_ticket = "no Kerberos ticket: run kinit (or point KRB5_CLIENT_KTNAME at a keytab)"
+    assert 'id="alert"' in fragment(view(no_ticket, no_ticket)) and "run kinit" in fragment(view(no_ticket, no_ticket))
+    assert 'id="alert"' not in fragment(view(no_ticket, "cannot connect to build1:3637: Connection refused"))
