@@ -57,8 +57,9 @@ def test_a_report_of_a_signed_result_is_audited_counted_once_and_shown(tmp_path:
     assert record["job_audit_seq"] == facts["audit"]["seq"] and record["detail"] == "a.c: its object differs"
     assert counted(s) == 1 and s.service.status()["divergences"] == 1
     assert b"securecc_divergences_total 1.0" in s.service.metrics.text()
-    report(s, wire.Divergence(result.attestations, LOCAL_SHA, "again"), principal=BOB)
-    assert len(divergence_records(s)) == 2, "every report is recorded"
+    again = report(s, wire.Divergence(result.attestations, LOCAL_SHA, "again"))
+    assert isinstance(again, wire.Refused) and again.reason == wire.Reason.BAD_REPORT, "a job is believed once"
+    assert [r.get("decision") for r in divergence_records(s)] == [None, "refused"], "every report is recorded"
     assert counted(s) == 1 and s.service.status()["divergences"] == 1, "a job counts once"
 
 
@@ -192,3 +193,46 @@ def test_verify_leaves_alone_what_no_comparison_can_judge() -> None:
     pinned = dataclasses.replace(job(b"const char *t = __TIME__;\n"), environment={"SOURCE_DATE_EPOCH": "1"})
     assert verify.unverifiable(plain, pinned) is None
     assert "dependency" in str(verify.unverifiable(argpolicy.plan(["-Wp,-MD,a.d", "-c", "a.c"]), job()))
+
+
+# --- who may report what: a statement is no secret (cache hits pass the producer's on, provenance files keep them)
+
+
+def test_nobody_but_the_principal_served_a_result_can_report_it(tmp_path: Path) -> None:
+    """Bob, holding Alice's statement (her provenance file), cannot have her job counted or her entry dropped."""
+    s = memory_service(tmp_path, caching=True)
+    alices = s.compile(job(), OBJECT)
+    answer = report(s, wire.Divergence(alices.attestations, LOCAL_SHA, "differs"), principal=BOB)
+    assert isinstance(answer, wire.Refused) and answer.reason == wire.Reason.BAD_REPORT
+    assert len(s.handler.cache) == 1 and counted(s) == 0
+    [record] = divergence_records(s)
+    assert record["decision"] == "refused" and record["principal"] == BOB and "job_id" not in record
+    assert isinstance(report(s, wire.Divergence(alices.attestations, LOCAL_SHA, "differs")), wire.Status), "Alice still can"
+
+
+def test_the_entry_dropped_is_the_one_the_server_served_not_one_a_statement_names(tmp_path: Path) -> None:
+    """A reporter who pairs a result of its own with another entry's producer statement drops nothing of that entry."""
+    s = memory_service(tmp_path, caching=True, acl="realms: [TEST.REALM]\nallow:\n  - principal: alice\n  - principal: bob\n")
+    others = s.compile(job(b"int other;\n"), OBJECT, principal=BOB)  # Bob's entry
+    s.compile(job(), OBJECT)
+    hit = s.compile(job(), b"unused: served from the cache")  # Alice's hit on her own entry
+    assert len(s.handler.cache) == 2 and len(hit.attestations) == 2
+    answer = report(s, wire.Divergence([hit.attestations[0], others.attestations[0]], LOCAL_SHA, "differs"))
+    assert isinstance(answer, wire.Status)
+    assert len(s.handler.cache) == 1 and divergence_records(s)[-1]["cache_dropped"] == 1
+    [left] = s.handler.cache.values()
+    assert left.producer["principal"] == BOB, "Bob's entry stays: only the one Alice's job was served from went"
+
+
+def test_only_recent_results_can_be_reported_and_the_server_remembers_a_bounded_number(tmp_path: Path,
+                                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from securecc.server import divergences
+
+    monkeypatch.setattr(divergences, "RECENT", 3)
+    s = memory_service(tmp_path)
+    results = [s.compile(job(b"int a%d;\n" % n), OBJECT) for n in range(5)]
+    assert len(s.service.divergences.recent) == 3
+    old = report(s, wire.Divergence(results[0].attestations, LOCAL_SHA, "differs"))
+    assert isinstance(old, wire.Refused) and old.reason == wire.Reason.BAD_REPORT
+    assert isinstance(report(s, wire.Divergence(results[4].attestations, LOCAL_SHA, "differs")), wire.Status)
+    assert counted(s) == 1 and len(s.service.divergences.recent) == 2
