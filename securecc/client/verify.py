@@ -25,10 +25,10 @@ import os
 import random
 from typing import TYPE_CHECKING
 
+from securecc import args as argpolicy
 from securecc.client.channel import Channel, RemoteFailure, Timeouts
 
 if TYPE_CHECKING:
-    from securecc import args as argpolicy
     from securecc import protocol as wire
     from securecc.client.hosts import Host, HostState
     from securecc.client.job import Invocation
@@ -63,8 +63,9 @@ def unverifiable(plan: argpolicy.Plan, job: wire.Job) -> str | None:
 
     if plan.split_dwarf:
         return "-gsplit-dwarf objects name their .dwo by path"
-    if any(a.startswith("-Wp,") and ",-M" in a for a in plan.cpp_args):
-        return "-Wp,-M... would write the dependency file again"
+    if any(a.startswith("-Wp,") and ",-M" in a for a in plan.cpp_args) or \
+            any(a == "-Xpreprocessor" and b.startswith("-M") for a, b in zip(plan.cpp_args, plan.cpp_args[1:])):
+        return "-Wp,-M... or -Xpreprocessor -M... would write the dependency file again"
     return uncacheable(job)  # __DATE__/__TIME__ unpinned, __TIMESTAMP__
 
 
@@ -104,14 +105,13 @@ def compile_here(inv: Invocation, compiler: str, compiler_path: str, plan: argpo
     import subprocess
     import tempfile
 
-    args, skip = [], False
-    for arg in plan.cpp_args:
-        if skip:
-            skip = False
-        elif arg in _DEPENDENCY_VALUES:
-            skip = True
-        elif arg not in _DEPENDENCY_OPTIONS and not arg.startswith(_DEPENDENCY_VALUES):
-            args.append(arg)
+    args, i = [], 0
+    while i < len(plan.cpp_args):  # option by option, each with its value: a value is never read as an option
+        arg = plan.cpp_args[i]
+        group = plan.cpp_args[i:i + 2] if argpolicy.takes_value(arg) else [arg]
+        i += len(group)
+        if arg not in _DEPENDENCY_OPTIONS and arg not in _DEPENDENCY_VALUES:
+            args += group
     directory = tempfile.mkdtemp(prefix="securecc-check-", dir=inv.env.get("TMPDIR") or None)
     try:
         output = os.path.join(directory, os.path.basename(plan.output) or "out")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -236,3 +237,47 @@ def test_only_recent_results_can_be_reported_and_the_server_remembers_a_bounded_
     assert isinstance(old, wire.Refused) and old.reason == wire.Reason.BAD_REPORT
     assert isinstance(report(s, wire.Divergence(results[4].attestations, LOCAL_SHA, "differs")), wire.Status)
     assert counted(s) == 1 and len(s.service.divergences.recent) == 2
+
+
+FAKE_GCC = """#!/bin/sh
+# records its arguments, one a line, and writes the -o file
+: > "$SEEN"
+for a in "$@"; do printf '%s\\n' "$a" >> "$SEEN"; done
+while [ $# -gt 0 ]; do
+  if [ "$1" = -o ]; then printf 'object' > "$2"; fi
+  shift
+done
+"""
+
+
+def test_the_check_compile_reads_each_option_with_its_value_and_drops_only_dependency_options(tmp_path: Path) -> None:
+    """A separate value (an include directory called -MFdir) is never taken for an option, and -MF/-MT/-MQ go with theirs."""
+    import io
+
+    from securecc import args as argpolicy
+    from securecc.client import verify
+    from securecc.client.job import Invocation
+
+    gcc = tmp_path / "gcc"
+    gcc.write_text(FAKE_GCC)
+    gcc.chmod(0o755)
+    seen = tmp_path / "seen"
+    plan = argpolicy.plan(["-MMD", "-MT", "a.o", "-I", "-MFdir", "-c", "a.c", "-o", "sub/a.o"])
+    inv = Invocation(["gcc"], {"SEEN": str(seen), "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}, str(tmp_path), False,
+                     io.BytesIO(), io.BytesIO())
+    assert verify.compile_here(inv, "gcc", str(gcc), plan) == (0, b"object")
+    args = seen.read_text().splitlines()
+    assert args[:4] == ["-I", "-MFdir", "a.c", "-c"] and args[4] == "-o", args
+    assert os.path.dirname(args[5]).startswith(str(tmp_path / "securecc-check-")) and len(args) == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gcc", "seen"], "nothing left beside the user's files"
+
+
+def test_dependency_options_handed_through_xpreprocessor_are_not_checked() -> None:
+    """-Xpreprocessor -MD -Xpreprocessor dep.d writes dep.d: the check compile would write it again, or, dropping
+    the -MD alone, give gcc dep.d as a second source, fail, and quarantine a sound server."""
+    from securecc import args as argpolicy
+    from securecc.client import verify
+
+    plan = argpolicy.plan(["-c", "a.c", "-Xpreprocessor", "-MD", "-Xpreprocessor", "dep.d"])
+    assert "dependency" in str(verify.unverifiable(plan, job()))
+    assert verify.unverifiable(argpolicy.plan(["-c", "a.c", "-Xpreprocessor", "-P"]), job()) is None
