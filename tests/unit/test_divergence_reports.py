@@ -281,3 +281,29 @@ def test_dependency_options_handed_through_xpreprocessor_are_not_checked() -> No
     plan = argpolicy.plan(["-c", "a.c", "-Xpreprocessor", "-MD", "-Xpreprocessor", "dep.d"])
     assert "dependency" in str(verify.unverifiable(plan, job()))
     assert verify.unverifiable(argpolicy.plan(["-c", "a.c", "-Xpreprocessor", "-P"]), job()) is None
+
+
+@pytest.mark.parametrize("entry", [{"since": "yesterday", "why": ["x"], "job_id": {"a": 1}}, {"since": 1e300},
+                                   {"since": float("nan"), "why": "a\x1b[2Jb", "job_id": "\x1b]0;owned\x07"}, "corrupt", 7])
+def test_a_corrupt_quarantine_entry_still_quarantines_and_no_tool_tracebacks(tmp_path: Path, entry: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    from securecc.client import probe
+    from securecc.client.job import Invocation, show_hosts
+
+    (tmp_path / "securecc").mkdir()
+    (tmp_path / "securecc" / "hosts.json").write_text(json.dumps({"hosts": {}, "quarantine": {"bad:3637": entry}}))
+    env = {"XDG_CACHE_HOME": str(tmp_path), "SECURECC_HOSTS": "bad"}
+    state = HostState(env=env)
+    shown = state.quarantined(Host("bad"))
+    assert shown is not None and state.order([Host("bad")]) == [], "a quarantine the file holds, however written, holds"
+    assert all(isinstance(shown[k], str) and shown[k].isprintable() for k in ("why", "job_id"))
+    out = io.BytesIO()
+    assert show_hosts(Invocation(["securecc", "--show-hosts"], env, "/", False, out, io.BytesIO())) == 0
+    assert "QUARANTINED since" in out.getvalue().decode() and "\x1b" not in out.getvalue().decode()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit):
+        probe.main(["--check", "--json", "bad"])
+    assert json.loads(capsys.readouterr().out)[0]["quarantined"]["job_id"] == shown["job_id"]
