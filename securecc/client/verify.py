@@ -16,7 +16,10 @@ Not compared: a job that reads the clock without ``SOURCE_DATE_EPOCH``
 (``__TIME__``: no two compiles agree), ``-gsplit-dwarf`` (the object names
 its ``.dwo`` by path), and a compile that gives two objects when run twice
 here (``-flto`` without ``-frandom-seed``): that is said with
-``SECURECC_VERBOSE``, never counted against the server.
+``SECURECC_VERBOSE``, never counted against the server.  Nor is a compile
+that fails here (no object to compare: a full ``TMPDIR``, a ulimit, a signal
+say nothing of the server's); that job compiles here, unchecked objects are
+never used.
 """
 
 from __future__ import annotations
@@ -88,12 +91,16 @@ def check(inv: Invocation, compiler: str, compiler_path: str, plan: argpolicy.Pl
     except OSError as e:
         inv.verbose(f"{plan.source}: cannot check {host.name}'s object here: {e.strerror or e}")
         return
+    if status != 0 or here is None:
+        # No object here to compare: a full TMPDIR, a ulimit, the OOM killer, a signal say nothing of the server's.
+        # Its object is not used unchecked either: the job compiles here, where the user sees why it fails.
+        raise RemoteFailure(f"cannot check the object from {host.name} (job {reply.job_id}): the compile here "
+                            f"{'was killed by signal ' + str(-status) if status < 0 else f'failed (exit {status})'}")
     import hashlib
 
-    detail = (f"the compile here failed (exit {status})" if status != 0 else
-              f"its {len(reply.output or b'')}-byte object differs from the {len(here or b'')}-byte one compiled here")
+    detail = f"its {len(reply.output or b'')}-byte object differs from the {len(here)}-byte one compiled here"
     state.quarantine(host, detail, reply.job_id)
-    told = report(host, reply, hashlib.sha256(here).hexdigest() if here is not None else None, f"{plan.source}: {detail}", timeouts)
+    told = report(host, reply, hashlib.sha256(here).hexdigest(), f"{plan.source}: {detail}", timeouts)
     raise Diverged(f"the object from {host.name} (job {reply.job_id}) is not the one compiled here: {detail}; "
                    f"{host.name} is quarantined until 'securecc-hosts --clear {host.name}:{host.port}' ({told})")
 

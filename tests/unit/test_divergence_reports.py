@@ -307,3 +307,27 @@ def test_a_corrupt_quarantine_entry_still_quarantines_and_no_tool_tracebacks(tmp
     with pytest.raises(SystemExit):
         probe.main(["--check", "--json", "bad"])
     assert json.loads(capsys.readouterr().out)[0]["quarantined"]["job_id"] == shown["job_id"]
+
+
+@pytest.mark.parametrize("failure", ["exit 1", "kill -9 $$"])
+def test_a_check_compile_that_fails_here_blames_no_server(tmp_path: Path, failure: str) -> None:
+    """A full TMPDIR, a ulimit or the OOM killer fail the compile here: that is no divergence of the server's object
+    (it is not used either: the job compiles here)."""
+    import io
+
+    from securecc import args as argpolicy
+    from securecc.client import verify
+    from securecc.client.channel import RemoteFailure, Timeouts
+    from securecc.client.job import Invocation
+
+    gcc = tmp_path / "gcc"
+    gcc.write_text(f"#!/bin/sh\n{failure}\n")
+    gcc.chmod(0o755)
+    state = HostState(str(tmp_path / "hosts.json"))
+    host = Host("127.0.0.1", 9)
+    reply = wire.Result(0, b"", b"", OBJECT, "00ff")
+    inv = Invocation(["gcc"], {"PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)}, str(tmp_path), False, io.BytesIO(), io.BytesIO())
+    with pytest.raises(RemoteFailure, match="cannot check the object from 127.0.0.1 .*the compile here") as raised:
+        verify.check(inv, "gcc", str(gcc), argpolicy.plan(["-c", "a.c"]), job(), host, reply, state, Timeouts(0.2, 0.2, 0.2, 0.2))
+    assert not isinstance(raised.value, verify.Diverged)
+    assert HostState(state.path).quarantined(host) is None and state.order([host]) == [host]
