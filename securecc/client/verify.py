@@ -140,7 +140,8 @@ def report(host: Host, reply: wire.Result, local_sha256: str | None, detail: str
     channel = Channel(host, timeouts=timeouts)
     try:
         channel.authenticate()
-        answer = channel.call(wire.Divergence(reply.attestations, local_sha256, detail[:500]))
+        # answered at once by a sound server: one that keeps sending Alive instead must not hold the build
+        answer = channel.call(wire.Divergence(reply.attestations, local_sha256, detail[:500]), within=timeouts.io)
     except RemoteFailure as e:
         return f"reporting it failed: {e}"
     finally:

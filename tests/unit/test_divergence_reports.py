@@ -331,3 +331,34 @@ def test_a_check_compile_that_fails_here_blames_no_server(tmp_path: Path, failur
         verify.check(inv, "gcc", str(gcc), argpolicy.plan(["-c", "a.c"]), job(), host, reply, state, Timeouts(0.2, 0.2, 0.2, 0.2))
     assert not isinstance(raised.value, verify.Diverged)
     assert HostState(state.path).quarantined(host) is None and state.order([host]) == [host]
+
+
+def test_a_server_that_answers_its_report_with_alive_forever_does_not_hold_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from securecc.client import verify
+    from securecc.client.channel import Channel, Timeouts
+
+    class Socket:
+        def settimeout(self, timeout: float) -> None:
+            pass
+
+        def sendall(self, data: bytes) -> None:
+            pass
+
+    sent = []
+
+    def alive(self: Channel, timeout: float, watch: object = None) -> list[wire.Event]:
+        time.sleep(0.01)
+        sent.append(1)
+        assert len(sent) < 300, "the client waits for the report's answer for ever"
+        return [wire.MessageReceived(wire.Alive(1.0))]
+
+    monkeypatch.setattr(Channel, "authenticate", lambda self: None)
+    monkeypatch.setattr(Channel, "_socket", lambda self: Socket())
+    monkeypatch.setattr(Channel, "_events", alive)
+    monkeypatch.setattr(Channel, "close", lambda self: None)
+    monkeypatch.setattr(wire.Connection, "seal", lambda self, message: b"")
+    started = time.monotonic()
+    told = verify.report(Host("127.0.0.1", 9), wire.Result(0, b"", b"", OBJECT, "00ff"), LOCAL_SHA, "differs", Timeouts(0.2, 0.2, 0.2, 0.2))
+    assert "reporting it failed" in told and "no answer within 0.2 s" in told and time.monotonic() - started < 2
