@@ -168,9 +168,14 @@ class Channel:
         except OSError as e:
             raise HostFailure(f"connection to {self.host.name} failed: {e.strerror or e}") from None
 
-    def call(self, message: wire.Message, watch: FileDescriptorLike | None = None) -> wire.Message:
-        """Send ``message`` (a job, a status request), return the reply; ``watch`` readable (the caller gone) raises Cancelled."""
+    def call(self, message: wire.Message, watch: FileDescriptorLike | None = None, within: float | None = None) -> wire.Message:
+        """Send ``message`` (a job, a status request), return the reply; ``watch`` readable (the caller gone) raises Cancelled.
+        ``within``: the seconds the reply may take however many Alive come first (a job's may take as long as it compiles)."""
+        import time
+
         from securecc import protocol as wire
+
+        deadline = None if within is None else time.monotonic() + within
 
         sock = self._socket()
         try:
@@ -184,6 +189,8 @@ class Channel:
                     raise HostFailure(f"unexpected {type(event).__name__} from {self.host.name}")
                 if not isinstance(event.message, wire.Alive):
                     return self._attested(message, event.message)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise HostFailure(f"{self.host.name} sent no answer within {within:g} s", timed_out=True)
 
     def _attested(self, sent: wire.Message, reply: wire.Message) -> wire.Message:
         """A job's result only when its attestation holds (:func:`securecc.attest.check`); pinning is the caller's."""

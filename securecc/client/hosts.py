@@ -26,6 +26,7 @@ import fcntl
 import json
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -177,6 +178,13 @@ def srv_hosts(state: HostState | None = None, env: Mapping[str, str] = os.enviro
     return [], f"SECURECC_HOSTS, ~/.config/securecc/hosts, /etc/securecc/hosts or SRV {' '.join(map(str, names))}"
 
 
+_JOB_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _printable(value: object) -> str:
+    return "".join(c if c.isprintable() else "?" for c in value) if isinstance(value, str) else ""
+
+
 def host_key(host: Host) -> str:
     return f"{host.name}:{host.port}"
 
@@ -257,9 +265,17 @@ class HostState:
     # Quarantines live beside the hosts, like the pinned keys, and change only under the file's lock (save's update):
     # a process that loaded the file before a host was quarantined cannot write the host back as it was.
     def quarantined(self, host: Host) -> dict[str, Any] | None:
-        """Why no job goes to ``host`` (``since``, ``why``, ``job_id``), or None."""
+        """Why no job goes to ``host``, or None: ``since`` (a time, or None if the file says none that is one), ``why``
+        and ``job_id`` (one printable line each, whatever the file or the server that named the job said)."""
         entry = self._quarantine(self.data).get(host_key(host))
-        return entry if isinstance(entry, dict) else None
+        if entry is None:
+            return None
+        entry = entry if isinstance(entry, dict) else {}  # still quarantined: the file said so, if not why
+        since = entry.get("since")
+        job_id = entry.get("job_id")
+        return {"since": float(since) if isinstance(since, (int, float)) and 0 <= since < 2**33 else None,
+                "why": _printable(entry.get("why"))[:500] or "no reason recorded",
+                "job_id": job_id if isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) else "?"}
 
     def quarantine(self, host: Host, why: str, job_id: str) -> None:
         entry = {"since": time.time(), "why": why, "job_id": job_id}

@@ -491,8 +491,9 @@ def show_hosts(inv: Invocation) -> int:
         wait, quarantine = state.backed_off(host), state.quarantined(host)
         status = f"backed off {wait:.0f} s more ({entry.get('why', '')})" if wait else "ok"
         if quarantine:
-            status = (f"QUARANTINED since {time.strftime('%Y-%m-%d %H:%M', time.localtime(quarantine.get('since', 0)))}, job "
-                      f"{quarantine.get('job_id', '?')}: {quarantine.get('why', '')} (securecc-hosts --clear {host.name}:{host.port})")
+            since = time.strftime('%Y-%m-%d %H:%M', time.localtime(quarantine["since"])) if quarantine["since"] else "?"
+            status = (f"QUARANTINED since {since}, job {quarantine['job_id']}: {quarantine['why']} "
+                      f"(securecc-hosts --clear {host.name}:{host.port})")
         latency = f", latency {entry['latency'] * 1000:.0f} ms" if "latency" in entry else ""
         lines.append(f"  {host.name}:{host.port}/{host.limit} principal {host.target}: {status}{latency}")
     for key, entry in sorted(state.hosts.items()):

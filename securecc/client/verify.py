@@ -16,7 +16,10 @@ Not compared: a job that reads the clock without ``SOURCE_DATE_EPOCH``
 (``__TIME__``: no two compiles agree), ``-gsplit-dwarf`` (the object names
 its ``.dwo`` by path), and a compile that gives two objects when run twice
 here (``-flto`` without ``-frandom-seed``): that is said with
-``SECURECC_VERBOSE``, never counted against the server.
+``SECURECC_VERBOSE``, never counted against the server.  Nor is a compile
+that fails here (no object to compare: a full ``TMPDIR``, a ulimit, a signal
+say nothing of the server's); that job compiles here, unchecked objects are
+never used.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ import os
 import random
 from typing import TYPE_CHECKING
 
+from securecc import args as argpolicy
 from securecc.client.channel import Channel, RemoteFailure, Timeouts
 
 if TYPE_CHECKING:
-    from securecc import args as argpolicy
     from securecc import protocol as wire
     from securecc.client.hosts import Host, HostState
     from securecc.client.job import Invocation
@@ -63,8 +66,9 @@ def unverifiable(plan: argpolicy.Plan, job: wire.Job) -> str | None:
 
     if plan.split_dwarf:
         return "-gsplit-dwarf objects name their .dwo by path"
-    if any(a.startswith("-Wp,") and ",-M" in a for a in plan.cpp_args):
-        return "-Wp,-M... would write the dependency file again"
+    if any(a.startswith("-Wp,") and ",-M" in a for a in plan.cpp_args) or \
+            any(a == "-Xpreprocessor" and b.startswith("-M") for a, b in zip(plan.cpp_args, plan.cpp_args[1:])):
+        return "-Wp,-M... or -Xpreprocessor -M... would write the dependency file again"
     return uncacheable(job)  # __DATE__/__TIME__ unpinned, __TIMESTAMP__
 
 
@@ -87,12 +91,16 @@ def check(inv: Invocation, compiler: str, compiler_path: str, plan: argpolicy.Pl
     except OSError as e:
         inv.verbose(f"{plan.source}: cannot check {host.name}'s object here: {e.strerror or e}")
         return
+    if status != 0 or here is None:
+        # No object here to compare: a full TMPDIR, a ulimit, the OOM killer, a signal say nothing of the server's.
+        # Its object is not used unchecked either: the job compiles here, where the user sees why it fails.
+        raise RemoteFailure(f"cannot check the object from {host.name} (job {reply.job_id}): the compile here "
+                            f"{'was killed by signal ' + str(-status) if status < 0 else f'failed (exit {status})'}")
     import hashlib
 
-    detail = (f"the compile here failed (exit {status})" if status != 0 else
-              f"its {len(reply.output or b'')}-byte object differs from the {len(here or b'')}-byte one compiled here")
+    detail = f"its {len(reply.output or b'')}-byte object differs from the {len(here)}-byte one compiled here"
     state.quarantine(host, detail, reply.job_id)
-    told = report(host, reply, hashlib.sha256(here).hexdigest() if here is not None else None, f"{plan.source}: {detail}", timeouts)
+    told = report(host, reply, hashlib.sha256(here).hexdigest(), f"{plan.source}: {detail}", timeouts)
     raise Diverged(f"the object from {host.name} (job {reply.job_id}) is not the one compiled here: {detail}; "
                    f"{host.name} is quarantined until 'securecc-hosts --clear {host.name}:{host.port}' ({told})")
 
@@ -104,14 +112,13 @@ def compile_here(inv: Invocation, compiler: str, compiler_path: str, plan: argpo
     import subprocess
     import tempfile
 
-    args, skip = [], False
-    for arg in plan.cpp_args:
-        if skip:
-            skip = False
-        elif arg in _DEPENDENCY_VALUES:
-            skip = True
-        elif arg not in _DEPENDENCY_OPTIONS and not arg.startswith(_DEPENDENCY_VALUES):
-            args.append(arg)
+    args, i = [], 0
+    while i < len(plan.cpp_args):  # option by option, each with its value: a value is never read as an option
+        arg = plan.cpp_args[i]
+        group = plan.cpp_args[i:i + 2] if argpolicy.takes_value(arg) else [arg]
+        i += len(group)
+        if arg not in _DEPENDENCY_OPTIONS and arg not in _DEPENDENCY_VALUES:
+            args += group
     directory = tempfile.mkdtemp(prefix="securecc-check-", dir=inv.env.get("TMPDIR") or None)
     try:
         output = os.path.join(directory, os.path.basename(plan.output) or "out")
@@ -133,7 +140,8 @@ def report(host: Host, reply: wire.Result, local_sha256: str | None, detail: str
     channel = Channel(host, timeouts=timeouts)
     try:
         channel.authenticate()
-        answer = channel.call(wire.Divergence(reply.attestations, local_sha256, detail[:500]))
+        # answered at once by a sound server: one that keeps sending Alive instead must not hold the build
+        answer = channel.call(wire.Divergence(reply.attestations, local_sha256, detail[:500]), within=timeouts.io)
     except RemoteFailure as e:
         return f"reporting it failed: {e}"
     finally:

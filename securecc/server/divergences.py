@@ -4,15 +4,22 @@ A client that checks a sampled job by compiling it again (its own gcc, or
 another server) and gets another object reports the result it refused
 (:class:`wire.Divergence`).  The report carries the result's attestations,
 so the server believes it only about a result it signed itself: nobody can
-blame it for an object it never made.  Each believed report is audited
+blame it for an object it never made.  And only from the principal it served
+that result to, about one of its recent results (:meth:`Divergences.served`
+remembers the last ``RECENT`` of them): a statement is no secret (a cache
+hit hands the producer's on, provenance files carry them), so without that
+anyone who read one could have it counted, audited and its cache entry
+dropped, as often as they liked.  Each believed report is audited once
 (``event: divergence``, the reporter, the job, both digests), counted in
-``/metrics`` and the status, and a result served from, or stored in, the
-cache is dropped from it, so no one else is handed the same object.  A report
-about anything else is refused and audited too.
+``/metrics`` and the status, and the cache entry the server itself served
+the job from or stored it in (never one a statement names) is dropped, so no
+one else is handed the same object.  A report about anything else, or a
+second one about the same job, is refused and audited too.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +34,15 @@ from securecc.server.auditlog import AuditLog
 from securecc.server.metrics import Metrics
 from securecc.server.session import Session
 
+RECENT = 100_000  # results a report may be about (~100 bytes each): a day of a busy server's, not its whole life
+
+
+@dataclass(frozen=True)
+class Served:
+    principal: str
+    object_sha256: str | None
+    cache_key: str | None
+
 
 @dataclass
 class Divergences:
@@ -36,12 +52,15 @@ class Divergences:
     audit: AuditLog
     metrics: Metrics
     drop_cached: Callable[[str], None]  # removes a result cache entry by its key
-    jobs: set[str] = field(default_factory=set)  # job ids reported: a job counts once however often it is reported
+    count: int = 0  # jobs reported (each once: it is forgotten when reported)
+    recent: OrderedDict[str, Served] = field(default_factory=OrderedDict)  # job id -> what it was served, newest last
     _log = Logger()
 
-    @property
-    def count(self) -> int:
-        return len(self.jobs)
+    def served(self, job_id: str, principal: str, object_sha256: str | None, cache_key: str | None) -> None:
+        """A result was sent: its principal may report it (``cache_key``: the entry it came from or went to)."""
+        self.recent[job_id] = Served(principal, object_sha256, cache_key)
+        while len(self.recent) > RECENT:
+            self.recent.popitem(last=False)
 
     def report(self, session: Session, report: wire.Divergence) -> wire.Message:
         """Audit and count a believed report; the reply the reporter gets."""
@@ -50,7 +69,11 @@ class Divergences:
         except (jobspec.Invalid, attest.BadAttestation) as e:
             return self._refused(session, str(e))
         facts = ours[0]
-        cached = [f["cache_key"] for f in ours if isinstance(f.get("cache_key"), str) and len(f["cache_key"]) == 64]
+        job_id = str(facts.get("job_id"))
+        served = self.recent.get(job_id)
+        if served is None or served.principal != session.principal or served.object_sha256 != facts["outputs"].get("object"):
+            return self._refused(session, f"job {job_id[:64]} is not a recent result of {session.principal}'s, or was reported already")
+        cached = [served.cache_key] if served.cache_key else []
         for key in cached:
             self.drop_cached(key)
         self._log.warn("{principal} reports job {job_id}'s object diverged: {detail}", principal=session.principal,
@@ -63,9 +86,9 @@ class Divergences:
         except AuditError as e:
             self._log.critical("{error}", error=str(e))
             return wire.Refused(wire.Reason.AUDIT_UNAVAILABLE, "the server cannot write its audit log; report it again later")
-        if str(facts.get("job_id")) not in self.jobs:
-            self.jobs.add(str(facts.get("job_id")))
-            self.metrics.divergences.inc()
+        del self.recent[job_id]  # audited and counted once
+        self.count += 1
+        self.metrics.divergences.inc()
         return wire.Status(f'{{"recorded": {seq}}}')
 
     def _ours(self, report: wire.Divergence) -> list[dict[str, Any]]:

@@ -261,6 +261,7 @@ class CompileService:
                 if written is None:
                     return wire.Refused(wire.Reason.AUDIT_UNAVAILABLE, AUDIT_DOWN, job_id)
                 mine = self._attest(session, job_id, job_sha256, raw, served, written)
+                self.divergences.served(job_id, principal, served["outputs"]["object"], key)
                 return wire.Result(0, hit.stdout, hit.stderr, hit.output, job_id, attestations=[mine.fields(), hit.producer["attestation"]])
             busy = self._admit(principal, decision.rule.max_jobs if decision.rule else None)
             if busy is not None:
@@ -303,6 +304,8 @@ class CompileService:
                 self._share(key, stored, hit)
         if outcome.ended_by == "timeout":
             return wire.Refused(wire.Reason.TIMEOUT, f"compile killed after {compiler.timeout:g} s", job_id)
+        if outcome.exit_status == 0 and outcome.output is not None:  # what a client may check, and report
+            self.divergences.served(job_id, principal, record.output_sha256, key if stored else None)
         return wire.Result(outcome.exit_status, outcome.stdout, outcome.stderr, outcome.output, job_id, outcome.dwo,
                            [signed.fields()])
 
