@@ -34,10 +34,10 @@ from securecc.server.auditlog import AuditLog
 from securecc.server.metrics import Metrics
 from securecc.server.session import Session
 
-RECENT = 100_000  # results a report may be about (~100 bytes each): a day of a busy server's, not its whole life
+RECENT = 10_000  # results a report may be about: a client reports within its job, seconds after the result (~0.5-1 KB each)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Served:
     principal: str
     object_sha256: str | None
