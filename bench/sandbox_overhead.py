@@ -11,6 +11,11 @@ namespaces and / bound read-only; with every namespace (--unshare-all);
 with the real system binds, /proc, /dev and a /tmp tmpfs instead of /;
 and the complete sandbox.command() line (job binds, read-only remounts,
 --die-with-parent, --new-session, --info-fd).
+
+``--runner``: the complete compile as the job handler runs it, through
+``sandbox.RunningJob`` in a reactor (as root: after dropping to uid 65534),
+the two ways its rlimits can be set, interleaved: ``prlimit`` in front of
+bwrap, and bwrap waiting on ``--block-fd`` while RunningJob sets them.
 """
 
 from __future__ import annotations
@@ -105,16 +110,66 @@ def sample(options: argparse.Namespace, settings: sandbox.Settings, scratch: Pat
         sandbox.remove_job_dir(job_dir)
 
 
+def runner(options: argparse.Namespace, settings: sandbox.Settings, scratch: Path) -> None:
+    """RunningJob's wall per compile, with prlimit(1) in front and with --block-fd (see ``--runner``)."""
+    if os.geteuid() == 0:
+        os.chown(scratch, 65534, 65534)
+        child = os.fork()
+        if child:
+            os.waitpid(child, 0)
+            return
+        os.setgroups([])
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
+    from twisted.internet import defer, reactor
+
+    ways = {"prlimit(1) in front of bwrap": False, "bwrap --block-fd, RunningJob sets them": True}
+    walls: dict[str, list[float]] = {name: [] for name in ways}
+
+    @defer.inlineCallbacks
+    def run_all():  # type: ignore[no-untyped-def]
+        try:
+            for n in range(options.n + 2):
+                for name, blocked in ways.items():
+                    job_dir = sandbox.make_job_dir(scratch, f"r{n}{int(blocked)}", {"input": SOURCE})
+                    spec = sandbox.Spec("/usr/bin/gcc", ["-x", "c", "-O2", "-c"], job_dir, "/build", "tiny.c", {})
+                    argv = sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD if blocked else None)
+                    started = time.perf_counter()
+                    outcome = yield sandbox.RunningJob(reactor, reactor, argv, job_dir, 60,
+                                                       limits=sandbox.rlimits(settings) if blocked else None).result
+                    if outcome.exit_status != 0:
+                        raise SystemExit(f"{name}: {outcome.stderr.decode(errors='replace')}")
+                    if n >= 2:  # warm-up
+                        walls[name].append(time.perf_counter() - started)
+                    sandbox.remove_job_dir(job_dir)
+        finally:
+            reactor.stop()
+
+    reactor.callWhenRunning(run_all)
+    reactor.run()
+    for name, values in walls.items():
+        print(f"{name:45s} median {statistics.median(values) * 1000:6.2f} ms over {len(values)} (interleaved)")
+    if os.geteuid() == 65534:
+        os._exit(0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", type=int, default=50, help="compiles of each kind (interleaved)")
     parser.add_argument("--breakdown", action="store_true", help="what each layer of the sandbox costs")
+    parser.add_argument("--runner", action="store_true", help="RunningJob with prlimit(1) in front against --block-fd")
     options = parser.parse_args()
     root = os.geteuid() == 0
     settings = sandbox.Settings(sandbox.Limits(), 65534 if root else None, 65534 if root else None)
     scratch = Path(tempfile.mkdtemp(prefix="scc-bench-", dir="/tmp"))
     os.chmod(scratch, 0o711)
     bare, boxed = [], []
+    if options.runner:
+        try:
+            runner(options, settings, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     if options.breakdown:
         try:
             breakdown(options, settings, scratch)
