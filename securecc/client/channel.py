@@ -171,12 +171,9 @@ class Channel:
     def call(self, message: wire.Message, watch: FileDescriptorLike | None = None, within: float | None = None) -> wire.Message:
         """Send ``message`` (a job, a status request), return the reply; ``watch`` readable (the caller gone) raises Cancelled.
         ``within``: the seconds the reply may take however many Alive come first (a job's may take as long as it compiles)."""
-        import time
-
         from securecc import protocol as wire
 
         deadline = None if within is None else time.monotonic() + within
-
         sock = self._socket()
         try:
             sock.settimeout(self.timeouts.io)
