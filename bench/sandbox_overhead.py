@@ -164,15 +164,10 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="scc-bench-", dir="/tmp"))
     os.chmod(scratch, 0o711)
     bare, boxed = [], []
-    if options.runner:
+    mode = runner if options.runner else breakdown if options.breakdown else None
+    if mode is not None:
         try:
-            runner(options, settings, scratch)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return
-    if options.breakdown:
-        try:
-            breakdown(options, settings, scratch)
+            mode(options, settings, scratch)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return
