@@ -339,12 +339,12 @@ class FarmSite(resource.Resource):
                 request.write(event)
 
 
-def serve(hosts: list[Host], listen: str, interval: float, probe_interval: float, keytab: str | None = None,
-          principal: str | None = None) -> None:
-    """Run until interrupted; user errors end as one ``securecc-monitor:`` line."""
+def serve(hosts: list[Host], status: StatusFunction, probe: ProbeFunction, listen: str, interval: float, probe_interval: float,
+          keytab: str | None = None, principal: str | None = None) -> None:
+    """Run until interrupted, polling with ``status`` and ``probe`` (securecc-monitor's own); user errors end as one
+    ``securecc-monitor:`` line."""
     from twisted.internet import error, reactor
 
-    from securecc.client.probe import check_host, server_status
     from securecc.toolchain import ProbeError, cached_identity
 
     try:
@@ -358,7 +358,7 @@ def serve(hosts: list[Host], listen: str, interval: float, probe_interval: float
         identity = cached_identity("/usr/bin/gcc")
     except (ProbeError, OSError):
         identity = ""
-    poller = Poller(hosts, server_status, check_host, identity, FarmMetrics())
+    poller = Poller(hosts, status, probe, identity, FarmMetrics())
     token = secrets.token_urlsafe(32)
     site = FarmSite(poller, token, 0, negotiate)
     try:

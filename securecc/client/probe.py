@@ -189,7 +189,8 @@ def monitor_main(argv: list[str] | None = None) -> None:
     if options.web:
         from securecc.client import farmweb  # Twisted, for the page alone
 
-        farmweb.serve(hosts, options.listen, options.interval, options.probe_interval, options.keytab, options.principal)
+        farmweb.serve(hosts, server_status, check_host, options.listen, options.interval, options.probe_interval, options.keytab,
+                      options.principal)
         return
     try:
         while True:

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import os
 import random
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 from securecc import args as argpolicy
 from securecc.client.channel import Channel, RemoteFailure, Timeouts
@@ -34,7 +35,17 @@ from securecc.client.channel import Channel, RemoteFailure, Timeouts
 if TYPE_CHECKING:
     from securecc import protocol as wire
     from securecc.client.hosts import Host, HostState
-    from securecc.client.job import Invocation
+
+
+class Invocation(Protocol):
+    """What the check needs of the compile's caller (a :class:`securecc.client.job.Invocation`)."""
+
+    env: Mapping[str, str]
+    cwd: str
+
+    def say(self, message: str) -> None: ...
+
+    def verbose(self, message: str) -> None: ...
 
 DEFAULT_RATE = 0.01
 _DEPENDENCY_OPTIONS = ("-MD", "-MMD", "-MP", "-MG")  # the dependency file is written by the preprocessing already
