@@ -384,9 +384,10 @@ class RunningJob:
         """Set the rlimits on the pinned inner process, which waits on BLOCK_FD, then let it run the compiler; a
         sandbox whose limits cannot be set never runs it (ended_by: handler-error)."""
         assert self._limits is not None
+        if self._inner is None or self._inner_pid is None:  # bwrap failed before naming it (its message says why)
+            self.ended_by = "handler-error"
+            return
         try:
-            if self._inner is None or self._inner_pid is None:
-                raise OSError("bwrap did not name its inner process")
             for limit in self._limits:
                 resource.prlimit(self._inner_pid, limit.resource, (limit.soft, limit.hard))
             signal.pidfd_send_signal(self._inner, 0)  # still the process pinned: its pid was not reused meanwhile

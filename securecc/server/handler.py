@@ -17,13 +17,13 @@ from __future__ import annotations
 import os
 import re
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
 
 from securecc import sandbox
 from securecc.server.cache import Entry, ResultCache
@@ -38,19 +38,18 @@ def settings_from(data: dict[str, Any]) -> sandbox.Settings:
     return sandbox.Settings(sandbox.Limits(**data["limits"]), data["uid"], data["gid"], data["mode"])
 
 
-def self_test(scratch: Path, settings: sandbox.Settings, compiler: str, root: str | None) -> None:
-    """Compile a trivial file in the sandbox once, so a broken setup fails at start-up."""
-    job_dir = sandbox.make_job_dir(scratch, "self-test", {"input": b"int securecc_probe;\n"})
-    try:
-        spec = sandbox.Spec(compiler, ["-x", "c", "-c"], job_dir, "/build", "probe.c", {}, compiler_root=root)
-        done = subprocess.run(sandbox.command(spec, settings, info_fd=None), capture_output=True, timeout=60, cwd=job_dir)
-        if done.returncode != 0 or not sandbox.read_output(job_dir, settings.limits.file_size):
-            detail = done.stderr.decode(errors="replace").strip().splitlines()
-            raise RuntimeError(f"the sandbox cannot compile ({detail[-1] if detail else done.returncode}); "
-                               "check that bubblewrap works here (or, knowing what it costs, set sandbox.mode: "
-                               "rlimits-only) and that the scratch directory is reachable by the sandbox uid")
-    finally:
-        sandbox.remove_job_dir(job_dir)
+def sandboxed(settings: sandbox.Settings, spec: sandbox.Spec, job_dir: Path, timeout: float, output_cap: int,
+              split_dwarf: tuple[str, str] | None = None) -> sandbox.RunningJob:
+    """A compile started as every job's is, the self-test's included: under bwrap, which waits on BLOCK_FD until
+    RunningJob has set its rlimits (no prlimit exec); a process group under prlimit in rlimits-only mode."""
+    contained = settings.mode == "bwrap"
+    command = sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD if contained else None)
+    return sandbox.RunningJob(reactor, reactor, command, job_dir, timeout, process_group=not contained, output_cap=output_cap,
+                              limits=sandbox.rlimits(settings) if contained else None, split_dwarf=split_dwarf)
+
+
+SELF_TEST_FAILED = ("the sandbox cannot compile ({}); check that bubblewrap works here (or, knowing what it costs, set "
+                    "sandbox.mode: rlimits-only) and that the scratch directory is reachable by the sandbox uid")
 
 
 class HandlerProtocol(Int32StringReceiver):
@@ -81,11 +80,23 @@ class HandlerProtocol(Int32StringReceiver):
             sandbox.prepare_scratch(self.scratch)
             if settings.get("cache_path"):
                 self.cache = ResultCache(Path(settings["cache_path"]), settings["cache_max"])
-            self_test(self.scratch, self.settings, settings["probe"], settings["probe_root"])
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            job_dir = sandbox.make_job_dir(self.scratch, "self-test", {"input": b"int securecc_probe;\n"})
+            spec = sandbox.Spec(settings["probe"], ["-x", "c", "-c"], job_dir, "/build", "probe.c", {}, compiler_root=settings["probe_root"])
+            test = sandboxed(self.settings, spec, job_dir, 60, self.settings.limits.file_size)
+        except OSError as e:
             self.sendString(pack("fatal", error=str(e)))
             return
-        self.sendString(pack("ready"))
+        test.result.addBoth(self._tested, job_dir)
+
+    def _tested(self, outcome: sandbox.Outcome | Failure, job_dir: Path) -> None:
+        """The self-test compiled a trivial file once, so a broken setup fails at start-up: ready, or fatal."""
+        sandbox.remove_job_dir(job_dir)
+        if isinstance(outcome, sandbox.Outcome) and outcome.exit_status == 0 and outcome.output:
+            self.sendString(pack("ready"))
+            return
+        lines = outcome.stderr.decode(errors="replace").strip().splitlines() if isinstance(outcome, sandbox.Outcome) else [str(outcome)]
+        theirs = [line for line in lines if not line.startswith("securecc:")] or lines  # bwrap's or gcc's own words first
+        self.sendString(pack("fatal", error=SELF_TEST_FAILED.format(theirs[-1] if theirs else getattr(outcome, "exit_status", "?"))))
 
     def _run(self, blobs: list[bytes | None], id: str, spec: dict[str, Any], files: list[str], timeout: float,
              output_cap: int) -> None:
@@ -122,11 +133,8 @@ class HandlerProtocol(Int32StringReceiver):
                                        None, "handler-error"), id, self.scratch / id)
             return
         try:
-            contained = self.settings.mode == "bwrap"  # bwrap waits for its rlimits, set by RunningJob (no prlimit exec)
-            command = sandbox.command(job_spec, self.settings, block_fd=sandbox.BLOCK_FD if contained else None)
-            job = sandbox.RunningJob(reactor, reactor, command, job_dir, timeout, process_group=not contained,
-                                     output_cap=output_cap, limits=sandbox.rlimits(self.settings) if contained else None,
-                                     split_dwarf=(os.path.basename(split[1]), os.path.basename(split[2])) if split else None)
+            job = sandboxed(self.settings, job_spec, job_dir, timeout, output_cap,
+                            (os.path.basename(split[1]), os.path.basename(split[2])) if split else None)
         except BaseException:
             sandbox.remove_job_dir(job_dir)
             raise
