@@ -33,6 +33,7 @@ NATURAL = frozenset({"no source file", "source from standard input", "output to 
 # What a remote failure was, by the words of its RemoteFailure message (the first that matches).
 FAILURES = (
     ("is not the one compiled here", "result diverged"),  # securecc.client.verify: before "refused the" (of its report)
+    ("cannot check the object", "check failed here"),
     ("refused the", "refused"),  # the job or the connection; not "Connection refused" (unreachable)
     ("kinit", "no Kerberos ticket"),
     ("KDC", "KDC not answering"),

@@ -190,6 +190,7 @@ def test_local_reasons_have_short_stable_categories(reason, category):
     ("every compile server is backed off after failures, or quarantined (see securecc --show-hosts)", "every server backed off"),
     ("the object from b1 (job 1f) is not the one compiled here: ...; b1 is quarantined until ... (it refused the report: no)",
      "result diverged"),
+    ("cannot check the object from b1 (job 1f): the compile here failed (exit 1)", "check failed here"),
     ("something new", "other"),
 ])
 def test_failures_have_short_categories(message, category):
