@@ -28,13 +28,14 @@ reading of its outputs are one security decision, reviewed together.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import shutil
 import signal
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,6 +303,41 @@ class _Collector(protocol.ProcessProtocol):
         self.done.callback(code)
 
 
+def _block_pipe() -> tuple[int, int]:
+    """(bwrap's end, ours) of the pipe bwrap waits on with --block-fd.  bwrap goes on at end of file as at a byte
+    (it ignores what read() returns), so its end is the pipe reopened read-write: the pipe always has a writer,
+    and closing ours unwritten (a handler that dies, a kill, a failure) leaves the sandbox waiting, never running
+    the compile without its limits."""
+    read, write = os.pipe2(os.O_CLOEXEC)
+    try:
+        both = os.open(f"/proc/self/fd/{read}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        os.close(write)
+        raise
+    finally:
+        os.close(read)
+    return both, write
+
+
+@contextlib.contextmanager
+def _nproc_for_new_namespaces(limits: tuple[Rlimit, ...] | None) -> Iterator[None]:
+    """RLIMIT_NPROC counts a process in every user namespace up to the first: in the sandbox's own namespace
+    against its own limit (set later, on the inner process), and as one of the uid's against the limit of
+    whoever created that namespace, taken at its creation: bwrap's, a copy of ours.  So bwrap is started under
+    the job's soft limit, or the uid's cap over every job together would not hold; ours is put back at once."""
+    nproc = next((r for r in limits or () if r.resource == resource.RLIMIT_NPROC), None)
+    if nproc is None:
+        yield
+        return
+    saved = resource.getrlimit(resource.RLIMIT_NPROC)
+    hard = saved[1]
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc.soft if hard == resource.RLIM_INFINITY else min(nproc.soft, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NPROC, saved)
+
+
 class RunningJob:
     """A compile in progress: ``result`` fires with an :class:`Outcome`."""
 
@@ -321,15 +357,27 @@ class RunningJob:
         self._named = process_group  # bwrap has said who its inner process is (or closed --info-fd unsaid)
         self._clock = clock
         self._pending_kill: IDelayedCall | None = None
+        self._go: int | None = None  # the write end of the pipe bwrap waits on at BLOCK_FD
         done: defer.Deferred[int] = defer.Deferred()
         self._collector = _Collector(done, None if process_group else self._inner_started)
+        blocked = _block_pipe() if limits else None
+        fds: dict[int, str | int] = {0: "w", 1: "r", 2: "r", **({} if process_group else {INFO_FD: "r"})}
+        if blocked is not None:
+            fds[BLOCK_FD], self._go = blocked
         # No working directory in bwrap mode (bwrap --chdir sets the compile's): with one, Twisted forks
         # and runs Python in the child rather than posix_spawn, ~5 ms of the handler's CPU a job.
-        self._process = reactor.spawnProcess(
-            self._collector, shutil.which(argv[0]) or argv[0], argv, env={"PATH": "/usr/bin:/bin"},
-            path=str(job_dir) if process_group else None,
-            childFDs={0: "w", 1: "r", 2: "r", **({} if process_group else {INFO_FD: "r"}), **({BLOCK_FD: "w"} if limits else {})},
-        )
+        try:
+            with _nproc_for_new_namespaces(limits):
+                self._process = reactor.spawnProcess(
+                    self._collector, shutil.which(argv[0]) or argv[0], argv, env={"PATH": "/usr/bin:/bin"},
+                    path=str(job_dir) if process_group else None, childFDs=fds,
+                )
+        except BaseException:
+            self._close_go()
+            raise
+        finally:
+            if blocked is not None:
+                os.close(blocked[0])
         self._process.closeStdin()
         self._timer = clock.callLater(timeout, self.kill, "timeout")
         self.result: defer.Deferred[Outcome] = done.addCallback(self._finished)
@@ -391,11 +439,17 @@ class RunningJob:
             for limit in self._limits:
                 resource.prlimit(self._inner_pid, limit.resource, (limit.soft, limit.hard))
             signal.pidfd_send_signal(self._inner, 0)  # still the process pinned: its pid was not reused meanwhile
-            self._process.writeToChild(BLOCK_FD, b"1")
-            self._process.closeChildFD(BLOCK_FD)
+            assert self._go is not None
+            os.write(self._go, b"1")
+            self._close_go()
         except (OSError, ValueError) as e:
             self._collector.streams[2] += f"securecc: the sandbox's limits could not be set ({e})\n".encode()
             self.ended_by = "handler-error"
+
+    def _close_go(self) -> None:
+        if self._go is not None:
+            os.close(self._go)
+            self._go = None
 
     def _pin_inner(self, info: bytes) -> None:
         """The pidfd, provided the pid is still the init of the sandbox's own pid namespace (not a pid
@@ -430,6 +484,7 @@ class RunningJob:
         if self._inner is not None:
             os.close(self._inner)
             self._inner = None
+        self._close_go()
         output = dwo = None
         if code == 0 and self.ended_by is None:
             try:

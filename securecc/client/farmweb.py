@@ -254,7 +254,7 @@ class Negotiate:
         except (AuthenticationFailure, ValueError):
             return 401, "the Kerberos login failed", None, None
         if not context.complete or context.principal != self.owner:
-            return 403, f"this page is {self.owner}'s alone", None, None
+            return 403, "this page is its monitor's user's alone", None, None  # naming that user would tell any ticket holder
         cookie = secrets.token_urlsafe(32)
         self.sessions[cookie] = self.clock() + max(60.0, context.lifetime)
         return 200, "", cookie, reply
@@ -376,6 +376,11 @@ def serve(hosts: list[Host], status: StatusFunction, probe: ProbeFunction, liste
 def kerberos_login(keytab: str, principal: str | None) -> Negotiate:
     """The Negotiate login of ``--keytab``: its ``HTTP/`` key, and the principal of this user's own ticket, the one
     principal it lets in."""
+    import os
+
+    if os.environ.get("KRB5RCACHETYPE") == "none" or os.environ.get("KRB5RCACHENAME", "").startswith("none"):
+        # the page travels unencrypted: a Negotiate token seen on the wire must not log in twice
+        raise WebError("--keytab: KRB5RCACHETYPE/KRB5RCACHENAME=none would accept a replayed Negotiate login; unset it")
     import gssapi
     from gssapi.raw.misc import GSSError
 

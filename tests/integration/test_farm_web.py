@@ -185,7 +185,7 @@ def test_with_a_keytab_the_page_takes_a_real_kerberos_login_from_its_user_alone(
         code, headers, _ = get_port(port, "/")
         assert code == 401 and headers["WWW-Authenticate"] == "Negotiate"
         code, _, body = get_port(port, "/", "bob", realm)
-        assert code == 403 and b"alice@TEST.REALM's alone" in body
+        assert code == 403 and b"alone" in body and b"alice" not in body
         code, headers, body = get_port(port, "/", "alice", realm)
         assert code == 200 and b'<article class="tile' in body, body[:300]
         assert "securecc_monitor_session=" in headers["Set-Cookie"] and "HttpOnly" in headers["Set-Cookie"]

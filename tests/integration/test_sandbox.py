@@ -7,10 +7,12 @@ with the config's ``root``) that does what the first line of its input says.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -279,6 +281,16 @@ def test_server_refuses_to_start_when_bubblewrap_fails(realm, workdir):
         os.environ["PATH"] = old
 
 
+TREE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def run_script(script: str, *args: object, timeout: float = 30, user: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``script`` in an isolated Python (``-I``) that imports securecc from this source tree."""
+    code = f"import sys; sys.path.insert(0, {TREE_ROOT!r})\n" + script
+    return subprocess.run([*(user or []), sys.executable, "-I", "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
 KILL_SCRIPT = """
 import sys
 from pathlib import Path
@@ -301,7 +313,7 @@ def test_a_kill_takes_the_whole_sandbox_even_where_die_with_parent_did_not(tmp_p
     the outer one, so the namespace and everything in it die even when the inner would outlive its parent."""
     scratch = tmp_path / "scratch"
     scratch.mkdir(mode=0o700)
-    done = subprocess.run([sys.executable, "-I", "-c", KILL_SCRIPT, scratch], capture_output=True, text=True, timeout=20)
+    done = run_script(KILL_SCRIPT, scratch, timeout=20)
     assert done.returncode == 0 and done.stdout.strip() == "disconnect", done.stderr
     assert wait_until(lambda: not [p for p in sandbox_processes() if str(scratch) in p], 5), sandbox_processes()
 
@@ -332,7 +344,93 @@ def test_bwrap_waits_for_its_rlimits_and_a_sandbox_without_them_never_runs_the_c
     all be set, the compile is never started (its output stays empty) and the job ends as a handler error."""
     scratch = tmp_path / "scratch"
     scratch.mkdir(mode=0o700)
-    done = subprocess.run([sys.executable, "-I", "-c", UNLIMITED_SCRIPT, scratch, limits], capture_output=True, text=True, timeout=30)
+    done = run_script(UNLIMITED_SCRIPT, scratch, limits)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ("None b'ran\\n'" if limits == "settable" else "handler-error b''"), done.stdout
     assert wait_until(lambda: not [p for p in sandbox_processes() if str(scratch) in p], 5), sandbox_processes()
+
+
+HANDLER_DIES_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from twisted.internet import reactor
+from securecc import sandbox
+
+job_dir = sandbox.make_job_dir(Path(sys.argv[1]), "j", {"input": b""})
+spec = sandbox.Spec("/bin/sh", ["-c", "echo ran > /job/output"], job_dir, "/tmp/w", "a.c", {})
+settings = sandbox.Settings(sandbox.Limits(), None, None)
+
+def die(job):  # the handler dies after bwrap named its inner process, before it set the limits and let it go
+    print(job._inner_pid, flush=True)
+    time.sleep(0.5)  # the inner is past its parent's go-ahead, waiting on the block fd
+    os._exit(0)
+
+sandbox.RunningJob._release = die
+sandbox.RunningJob(reactor, reactor, sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD), job_dir, 20,
+                   limits=sandbox.rlimits(settings))
+reactor.run()
+"""
+
+
+def test_a_handler_that_dies_before_the_limits_are_set_never_lets_the_compile_run(tmp_path):
+    """bwrap goes on at end of file on --block-fd as at a byte: the handler's end closing unwritten (it died, or
+    gave up) must leave the sandbox waiting, never run the compile without its rlimits, orphaned, untimed."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o700)
+    done = run_script(HANDLER_DIES_SCRIPT, scratch)
+    inner = int(done.stdout.split()[0])
+    try:
+        time.sleep(1.0)
+        assert (scratch / "j" / "output").read_bytes() == b"", "the compile ran without its limits"
+    finally:
+        try:
+            os.kill(inner, 9)  # the sandbox this test started, waiting for ever
+        except ProcessLookupError:
+            pass
+
+
+NPROC_SCRIPT = """
+import subprocess, sys
+from pathlib import Path
+from twisted.internet import reactor
+from securecc import sandbox
+
+# the uid's processes, other jobs' say, beyond the cap of 16
+others = [subprocess.Popen(["sleep", "30"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(24)]
+job_dir = sandbox.make_job_dir(Path(sys.argv[1]), "j", {"input": b""})
+spec = sandbox.Spec("/bin/sh", ["-c", "(true) && echo forked > /job/output || echo refused > /job/output"], job_dir, "/tmp/w",
+                    "a.c", {})
+settings = sandbox.Settings(sandbox.Limits(processes=16), int(sys.argv[2]), int(sys.argv[2]))
+try:
+    job = sandbox.RunningJob(reactor, reactor, sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD), job_dir, 20,
+                             limits=sandbox.rlimits(settings))
+except BlockingIOError:  # EAGAIN: bwrap itself is one process too many (the handler reports a handler error)
+    print("refused at spawn", (job_dir / "output").read_bytes())
+    for other in others:
+        other.kill()
+    sys.exit(0)
+
+def finished(outcome):
+    print(outcome.ended_by, (job_dir / "output").read_bytes())
+    for other in others:
+        other.kill()
+    reactor.stop()
+
+job.result.addBoth(finished)
+reactor.run()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="RLIMIT_NPROC is set for a server running as root (setpriv to another uid)")
+def test_the_process_limit_caps_the_sandbox_uid_over_every_job_not_per_sandbox():
+    """RLIMIT_NPROC of the sandbox uid caps every job together.  Set on bwrap's inner process alone it would count
+    only the processes of that sandbox's own user namespace: a uid already over the cap must not fork in a job."""
+    nobody = 65534
+    scratch = Path(tempfile.mkdtemp(prefix="securecc-nproc-"))  # pytest's own directory is its user's alone
+    try:
+        os.chown(scratch, nobody, nobody)
+        done = run_script(NPROC_SCRIPT, scratch, nobody, user=["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups"])
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert done.returncode == 0, done.stderr
+    assert "forked" not in done.stdout, done.stdout

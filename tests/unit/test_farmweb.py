@@ -186,7 +186,7 @@ def test_with_a_keytab_only_the_monitors_own_principal_logs_in_and_its_session_e
     assert render(challenge, farm)[0] == 401 and challenge.responseHeaders.getRawHeaders(b"www-authenticate") == [b"Negotiate"]
     bob = Request(b"/", host=b"build1.example.org:8637", authorization=negotiate_header("bob@TEST.REALM"))
     code, body = render(bob, farm)
-    assert code == 403 and b"alice@TEST.REALM's alone" in body and not bob.cookies_out
+    assert code == 403 and b"alone" in body and b"alice" not in body and not bob.cookies_out
     garbage = Request(b"/", host=b"build1.example.org:8637", authorization=b"Negotiate !!!")
     assert render(garbage, farm)[0] == 401
     alice = Request(b"/", host=b"build1.example.org:8637", authorization=negotiate_header("alice@TEST.REALM", lifetime=600))
@@ -204,3 +204,12 @@ def test_with_a_keytab_the_token_still_opens_every_route() -> None:
     farm = kerberos_site([0.0])
     code, _ = render(Request(b"/metrics", host=b"build1.example.org:8637", authorization=b"Bearer " + TOKEN.encode()), farm)
     assert code == 200
+
+
+@pytest.mark.parametrize("variable, value", [("KRB5RCACHETYPE", "none"), ("KRB5RCACHENAME", "none:")])
+def test_a_keytab_login_refuses_to_run_without_a_replay_cache(monkeypatch, variable: str, value: str) -> None:
+    from securecc.client.farmweb import kerberos_login
+
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(WebError, match="replayed Negotiate login"):
+        kerberos_login("/nonexistent.keytab", None)
