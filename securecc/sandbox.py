@@ -35,6 +35,7 @@ import resource
 import shutil
 import signal
 import stat
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,11 +410,36 @@ class RunningJob:
         self._kill_now()
 
     def _kill_now(self) -> None:
+        if self._inner is None:
+            self._kill_children()
         self._kill_inner()
         try:
             self._process.signalProcess(signal.SIGKILL)
         except (OSError, error.ProcessExitedAlready):
             pass
+
+    def _kill_children(self) -> None:
+        """The outer's children, killed before it: its inner process, when bwrap did not name it within KILL_WAIT (a
+        loaded host).  Left alive it waits for ever on the outer's go-ahead or on BLOCK_FD, holding the job's pipes,
+        so the job would never end.  The outer is stopped first, and its list read once it is: a clone under way has
+        then finished and no other can start; and no pid in the list can have been reused while the outer lives."""
+        pid = self._process.pid
+        try:
+            os.kill(pid, signal.SIGSTOP)
+            for _ in range(200):  # microseconds as a rule; at most 0.1 s, on this rare path only
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rpartition(")")[2].split()[0] in ("T", "t", "Z", "X"):
+                        break
+                time.sleep(0.0005)
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = [int(child) for child in f.read().split()]
+        except (OSError, ValueError, TypeError, IndexError):
+            return
+        for child in children:
+            try:
+                os.kill(child, signal.SIGKILL)
+            except OSError:
+                pass
 
     def _inner_started(self, info: bytes) -> None:
         """Pin bwrap's inner process by a pidfd, then finish a kill that waited for it, or let the compile go on."""

@@ -430,3 +430,41 @@ def test_the_process_limit_caps_the_sandbox_uid_over_every_job_not_per_sandbox()
         shutil.rmtree(scratch, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     assert "forked" not in done.stdout, done.stdout
+
+
+EARLY_KILL_SCRIPT = """
+import sys
+from pathlib import Path
+from twisted.internet import reactor
+from securecc import sandbox
+
+sandbox.KILL_WAIT = 0.0  # as on a host so loaded that bwrap names its inner process only after the wait
+scratch, ended = Path(sys.argv[1]), []
+settings = sandbox.Settings(sandbox.Limits(), None, None)
+
+def start(n):
+    if n == 40:
+        print(len(ended), "of 40 ended")
+        reactor.stop()
+        return
+    job_dir = sandbox.make_job_dir(scratch, f"j{n}", {"input": b""})
+    spec = sandbox.Spec("/bin/sh", ["-c", "sleep 60"], job_dir, "/tmp/w", "a.c", {})
+    job = sandbox.RunningJob(reactor, reactor, sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD), job_dir, 60,
+                             limits=sandbox.rlimits(settings))
+    reactor.callLater(n % 8 * 0.0005, job.kill, "disconnect")  # while bwrap starts: before or after it names its inner
+    timer = reactor.callLater(5, lambda: (print(f"job {n} never ended"), reactor.stop()))
+    job.result.addBoth(lambda _: (ended.append(n), timer.cancel(), start(n + 1)))
+
+reactor.callWhenRunning(start, 0)
+reactor.run()
+"""
+
+
+def test_a_kill_while_bwrap_starts_ends_the_job_whether_or_not_its_inner_process_was_named(tmp_path):
+    """A kill that waited KILL_WAIT for bwrap to name its inner process, in vain, kills the inner all the same (the
+    outer's child): left alive, it held the job's pipes, so the job never ended and kept its slot."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o700)
+    done = run_script(EARLY_KILL_SCRIPT, scratch, timeout=120)
+    assert done.stdout.strip() == "40 of 40 ended", done.stdout + done.stderr
+    assert wait_until(lambda: not [p for p in sandbox_processes() if str(scratch) in p], 5), sandbox_processes()
