@@ -15,9 +15,10 @@ Access is for the user running the monitor only: the page shows every
 server's status as that user's ticket sees it.  Every route, ``/metrics``
 and the event stream included, needs the token of the URL it prints, from
 the query string, an ``Authorization: Bearer`` header (for Prometheus) or
-the cookie set by the first visit (HttpOnly, SameSite=Strict).  Without
-``--keytab`` it binds loopback addresses only, and the Host header must name
-one (no DNS rebinding).  With ``--keytab`` (an ``HTTP/<host>`` key) it may
+the cookie set by the first visit (HttpOnly, SameSite=Strict), and the Host
+header must name the page (no DNS rebinding): a loopback address, or with
+``--keytab`` also its principal's host and its address.  Without ``--keytab``
+it binds loopback addresses only.  With ``--keytab`` (an ``HTTP/<host>`` key) it may
 listen beyond loopback, and a browser may also log in by HTTP Negotiate
 (SPNEGO): only as the principal running the monitor, to a session cookie
 that ends with its ticket (:class:`Negotiate`).  The page itself travels
@@ -91,10 +92,11 @@ def authorized(offered: bytes, token: str) -> bool:
     return bool(offered) and hmac.compare_digest(offered, token.encode())
 
 
-def loopback_host(header: bytes | None, port: int) -> bool:
-    """A Host header naming this server by a loopback address: a page of another origin that rebinds
-    its DNS name to 127.0.0.1 sends its own name here."""
-    allowed = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
+def loopback_host(header: bytes | None, port: int, names: frozenset[str] = frozenset()) -> bool:
+    """A Host header naming this server by a loopback address, or by one of ``names`` (with --keytab: the page's
+    principal's host, the address it listens on): a page of another origin that rebinds its DNS name to this
+    server's address sends its own name here."""
+    allowed = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]", *names)}
     return header is not None and header.decode("latin-1").lower() in allowed
 
 
@@ -234,8 +236,9 @@ class Negotiate:
     """HTTP Negotiate (SPNEGO) for ``--keytab``: the principal running the monitor, and no one else, gets a session
     cookie that ends with the ticket it showed (the page shows what that principal's own ticket sees)."""
 
-    def __init__(self, contexts: Callable[[], AcceptorContext], owner: str, clock: Callable[[], float] = time.time) -> None:
-        self.contexts, self.owner, self.clock = contexts, owner, clock
+    def __init__(self, contexts: Callable[[], AcceptorContext], owner: str, names: frozenset[str] = frozenset(),
+                 clock: Callable[[], float] = time.time) -> None:
+        self.contexts, self.owner, self.names, self.clock = contexts, owner, names, clock  # names: the Host names served
         self.sessions: dict[str, float] = {}  # cookie -> when it ends
 
     def session(self, cookie: bytes | None) -> bool:
@@ -280,8 +283,8 @@ class FarmSite(resource.Resource):
         nonce = secrets.token_urlsafe(16)
         for name, value in security_headers(nonce).items():
             request.setHeader(name, value)
-        if self.negotiate is None and not loopback_host(header(request, b"host"), self.port):
-            return self._error(request, 421, "this page answers only to its loopback address")
+        if not loopback_host(header(request, b"host"), self.port, self.negotiate.names if self.negotiate else frozenset()):
+            return self._error(request, 421, "this page answers only to its own names")
         offered = presented_token(request.args or {}, request.getCookie(COOKIE.encode()), header(request, b"authorization"))
         if not authorized(offered, self.token):
             refused = self._login(request)
@@ -351,7 +354,7 @@ def serve(hosts: list[Host], status: StatusFunction, probe: ProbeFunction, liste
         address, port = parse_listen(listen, negotiate=keytab is not None)
         if not (interval >= 0.2 and probe_interval >= 1):
             raise WebError(f"--interval {interval:g} / --probe-interval {probe_interval:g}: at least 0.2 s and 1 s")
-        negotiate = kerberos_login(keytab, principal) if keytab else None
+        negotiate = kerberos_login(keytab, principal, f"[{address}]" if ":" in address else address) if keytab else None
     except WebError as e:
         sys.exit(f"securecc-monitor: {e}")
     try:
@@ -373,7 +376,7 @@ def serve(hosts: list[Host], status: StatusFunction, probe: ProbeFunction, liste
     reactor.run()
 
 
-def kerberos_login(keytab: str, principal: str | None) -> Negotiate:
+def kerberos_login(keytab: str, principal: str | None, address: str) -> Negotiate:
     """The Negotiate login of ``--keytab``: its ``HTTP/`` key, and the principal of this user's own ticket, the one
     principal it lets in."""
     import os
@@ -391,7 +394,9 @@ def kerberos_login(keytab: str, principal: str | None) -> Negotiate:
     except GSSError:
         raise WebError("--keytab lets in only you, by your Kerberos ticket, and there is none: run kinit") from None
     try:
-        acceptor = Acceptor(principal or f"HTTP/{socket.getfqdn()}", keytab)
+        principal = principal or f"HTTP/{socket.getfqdn()}"
+        acceptor = Acceptor(principal, keytab)
     except GSSFailure as e:
         raise WebError(str(e)) from None
-    return Negotiate(lambda: acceptor.new_context(frozenset()), owner)  # authentication only: nothing is wrapped over HTTP
+    names = frozenset({principal.partition("/")[2].partition("@")[0].lower(), address.lower()} - {""})
+    return Negotiate(lambda: acceptor.new_context(frozenset()), owner, names)  # authentication only: nothing is wrapped over HTTP

@@ -170,7 +170,7 @@ def test_a_quarantined_host_is_shown_so() -> None:
 
 def kerberos_site(now: list[float]) -> FarmSite:
     acceptor = MemoryAcceptor("HTTP/build1.example.org@TEST.REALM", frozenset({"alice@TEST.REALM", "bob@TEST.REALM"}))
-    return site(negotiate=Negotiate(acceptor.new_context, "alice@TEST.REALM", clock=lambda: now[0]))
+    return site(negotiate=Negotiate(acceptor.new_context, "alice@TEST.REALM", frozenset({"build1.example.org"}), clock=lambda: now[0]))
 
 
 def negotiate_header(client: str, lifetime: float = 3600.0) -> bytes:
@@ -212,4 +212,12 @@ def test_a_keytab_login_refuses_to_run_without_a_replay_cache(monkeypatch, varia
 
     monkeypatch.setenv(variable, value)
     with pytest.raises(WebError, match="replayed Negotiate login"):
-        kerberos_login("/nonexistent.keytab", None)
+        kerberos_login("/nonexistent.keytab", None, "127.0.0.1")
+
+
+def test_with_a_keytab_the_host_header_must_still_name_this_page() -> None:
+    farm = kerberos_site([0.0])
+    bearer = b"Bearer " + TOKEN.encode()
+    assert render(Request(b"/metrics", host=b"build1.example.org:8637", authorization=bearer), farm)[0] == 200
+    assert render(Request(b"/metrics", host=b"127.0.0.1:8637", authorization=bearer), farm)[0] == 200
+    assert render(Request(b"/metrics", host=b"attacker.example:8637", authorization=bearer), farm)[0] == 421
