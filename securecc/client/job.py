@@ -35,7 +35,6 @@ from dataclasses import dataclass  # noqa: E402
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, Protocol  # noqa: E402
 
 from securecc import args as argpolicy  # noqa: E402
-from securecc.client import verify  # noqa: E402
 from securecc.client.channel import (  # noqa: E402
     Channel,
     FailedRemotely,
@@ -345,6 +344,7 @@ def compile_remotely(inv: Invocation, compiler: str, compiler_path: str, plan: a
     the agent's pool there.
     """
     from securecc import protocol as wire
+    from securecc.client import verify
     from securecc.client.hosts import HostsError, HostState, configured_hosts
 
     state = HostState(env=inv.env)
