@@ -34,6 +34,7 @@ reviewer reads the whole wire format in one place.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -59,6 +60,9 @@ MAX_HEADER = 64 * 1024
 COMPRESS_MIN = 2048
 """Messages smaller than this go uncompressed: a frame header and the CPU would not pay."""
 LAST, COMPRESSED = 1, 2  # chunk flags
+
+JOB_ID = re.compile(r"[A-Za-z0-9_.-]{0,64}")
+"""A job id as servers name jobs (16 hex digits): clients print it and keep it, so nothing else passes the wire."""
 
 _FRAME = struct.Struct(">IB")
 _HEADER = struct.Struct(">BI")
@@ -289,6 +293,8 @@ def decode_message(data: bytes) -> Message:
     if kind in (Result, Divergence) and not all(isinstance(a, dict) and all(isinstance(v, str) for v in a.values())
                                                 for a in header["attestations"]):
         raise ProtocolError(f"bad {kind.__name__}.attestations")
+    if "job_id" in fields and not JOB_ID.fullmatch(header["job_id"]):
+        raise ProtocolError(f"bad {kind.__name__}.job_id")
     lengths = header.pop("blobs")
     names = _BLOB_FIELDS[kind]
     if kind is Job:

@@ -26,13 +26,13 @@ import fcntl
 import json
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from securecc.files import cache_path, write_atomically
+from securecc.protocol import JOB_ID
 
 T = TypeVar("T")
 
@@ -178,7 +178,6 @@ def srv_hosts(state: HostState | None = None, env: Mapping[str, str] = os.enviro
     return [], f"SECURECC_HOSTS, ~/.config/securecc/hosts, /etc/securecc/hosts or SRV {' '.join(map(str, names))}"
 
 
-_JOB_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 def _printable(value: object) -> str:
@@ -275,7 +274,7 @@ class HostState:
         job_id = entry.get("job_id")
         return {"since": float(since) if isinstance(since, (int, float)) and 0 <= since < 2**33 else None,
                 "why": _printable(entry.get("why"))[:500] or "no reason recorded",
-                "job_id": job_id if isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) else "?"}
+                "job_id": job_id if isinstance(job_id, str) and job_id and JOB_ID.fullmatch(job_id) else "?"}
 
     def quarantine(self, host: Host, why: str, job_id: str) -> None:
         entry = {"since": time.time(), "why": why, "job_id": job_id}

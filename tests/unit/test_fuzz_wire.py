@@ -94,6 +94,7 @@ def header(length: int, kind: int) -> bytes:
 
 # Any str, lone surrogates included: JSON escapes them (ensure_ascii) and must give them back.
 texts = st.text(st.characters(exclude_categories=()), max_size=40) | st.sampled_from(["", "\udcff", "\ud800x", "é\udfff"])
+job_ids = st.from_regex(wire.JOB_ID, fullmatch=True)  # any other is refused (tests/unit/test_protocol.py)
 blobs = st.binary(max_size=300)
 ints = st.integers(-(2**70), 2**70)
 
@@ -111,8 +112,8 @@ def jobs(draw: st.DrawFn) -> wire.Job:
 
 messages = st.one_of(
     jobs(),
-    st.builds(wire.Result, ints, blobs, blobs, st.none() | blobs, texts),
-    st.builds(wire.Refused, texts, texts, texts),
+    st.builds(wire.Result, ints, blobs, blobs, st.none() | blobs, job_ids),
+    st.builds(wire.Refused, texts, texts, job_ids),
     st.builds(wire.Busy, texts, ints, ints),
     st.builds(wire.Alive, st.floats(allow_nan=False) | ints),
     st.builds(wire.StatusRequest, st.booleans()),

@@ -175,6 +175,15 @@ def test_result_output_none_and_empty_stay_distinct():
         assert isinstance(decoded, Result) and decoded.output == output and (decoded.output is None) == (output is None)
 
 
+@pytest.mark.parametrize("job_id", ["\x1b[2J\x1b]0;owned\x07", "a" * 65, "../../x", "id with spaces"])
+def test_a_job_id_that_a_terminal_or_a_state_file_could_take_amiss_is_refused(job_id):
+    """Clients print job ids and keep them in hosts.json: the wire carries none but the servers' own kind."""
+    for message in (Result(0, b"", b"", b"o", job_id), Refused("timeout", "slow", job_id)):
+        with pytest.raises(ProtocolError, match="job_id"):
+            wire.decode_message(wire.encode_message(message))
+    assert wire.decode_message(wire.encode_message(Result(0, b"", b"", b"o", "0f3a9c2b7d1e4a58"))).job_id == "0f3a9c2b7d1e4a58"
+
+
 def test_large_message_in_random_slices():
     """A 1 MiB + 3 byte source spans several CHUNKs; fed in random slices it arrives once, at the last byte."""
     source = random.Random(1).randbytes(1024 * 1024 + 3)
