@@ -73,16 +73,15 @@ class Divergences:
         served = self.recent.get(job_id)
         if served is None or served.principal != session.principal or served.object_sha256 != facts["outputs"].get("object"):
             return self._refused(session, f"job {job_id[:64]} is not a recent result of {session.principal}'s, or was reported already")
-        cached = [served.cache_key] if served.cache_key else []
-        for key in cached:
-            self.drop_cached(key)
+        if served.cache_key:
+            self.drop_cached(served.cache_key)
         self._log.warn("{principal} reports job {job_id}'s object diverged: {detail}", principal=session.principal,
                        job_id=facts.get("job_id"), detail=report.detail)
         try:
             seq, _ = self.audit.write(event="divergence", principal=session.principal, peer=session.peer, job_id=facts.get("job_id"),
                                       object_sha256=facts["outputs"].get("object"), local_sha256=report.local_sha256,
                                       detail=report.detail, job_audit_seq=facts.get("audit", {}).get("seq"),
-                                      cache_dropped=len(cached) or None)
+                                      cache_dropped=True if served.cache_key else None)
         except AuditError as e:
             self._log.critical("{error}", error=str(e))
             return wire.Refused(wire.Reason.AUDIT_UNAVAILABLE, "the server cannot write its audit log; report it again later")

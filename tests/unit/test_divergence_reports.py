@@ -125,7 +125,7 @@ def test_a_reported_result_leaves_the_cache_whether_stored_or_served_from_it(tmp
     stored = s.compile(job(), OBJECT)
     assert len(s.handler.cache) == 1
     report(s, wire.Divergence(stored.attestations, LOCAL_SHA, "differs"))
-    assert s.handler.cache == {} and divergence_records(s)[-1]["cache_dropped"] == 1
+    assert s.handler.cache == {} and divergence_records(s)[-1]["cache_dropped"] is True
     s.compile(job(), OBJECT)  # compiled and stored again
     hit = s.compile(job(), b"unused: served from the cache")
     assert len(hit.attestations) == 2 and hit.output == OBJECT
@@ -220,7 +220,7 @@ def test_the_entry_dropped_is_the_one_the_server_served_not_one_a_statement_name
     assert len(s.handler.cache) == 2 and len(hit.attestations) == 2
     answer = report(s, wire.Divergence([hit.attestations[0], others.attestations[0]], LOCAL_SHA, "differs"))
     assert isinstance(answer, wire.Status)
-    assert len(s.handler.cache) == 1 and divergence_records(s)[-1]["cache_dropped"] == 1
+    assert len(s.handler.cache) == 1 and divergence_records(s)[-1]["cache_dropped"] is True
     [left] = s.handler.cache.values()
     assert left.producer["principal"] == BOB, "Bob's entry stays: only the one Alice's job was served from went"
 
