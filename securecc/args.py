@@ -397,6 +397,59 @@ def check_family(p: Plan, family: str) -> None:
         raise NotDistributable("clang preprocesses .S into a temporary file")
 
 
+def dependency_command(compiler: str, p: Plan, family: str = "gcc") -> list[str] | None:
+    """``gcc -M``: the files a server that preprocesses needs, without the text (a hundredth of its size).
+
+    The rule goes where the user's ``-MD`` sends it, in the very bytes
+    ``-MD`` writes there (``-M`` after ``-MD -MF FILE`` only stops the text),
+    else to standard output.  None where only the text will do: clang (its
+    rule differs), assembler (whose text is checked for ``.include``),
+    ``-MMD`` (``-M`` would list the system headers in the user's file too)
+    and a dependency file that is not an ordinary file's name.
+    """
+    if family != "gcc" or p.source_args is None or p.language in ASSEMBLER or "-MMD" in p.cpp_args:
+        return None
+    target = dependency_target(p)
+    if target is not None and (target == "-" or target.startswith("/dev/")):
+        return None
+    return [compiler, *p.cpp_args, "-M"]
+
+
+def dependency_target(p: Plan) -> str | None:
+    """The file ``-MD`` writes (:func:`plan` adds ``-MF`` when the user gave none), or None without ``-MD``."""
+    if not p.dependency_file:
+        return None
+    value = None
+    for n, arg in enumerate(p.cpp_args):
+        if arg == "-MF" and n + 1 < len(p.cpp_args):
+            value = p.cpp_args[n + 1]
+        elif arg.startswith("-MF") and len(arg) > 3:
+            value = arg[3:]
+    return value
+
+
+_ESCAPED = re.compile(rb"\\([ #])|\$\$")
+
+
+def dependency_names(rule: bytes, source: str) -> list[str] | None:
+    """The files a ``gcc -M`` rule names after its targets, as gcc wrote them, or None if it cannot be read back.
+
+    gcc writes a space as ``\\ ``, ``#`` as ``\\#`` and ``$`` as ``$$``; a
+    name with any other backslash or a tab cannot be told apart
+    from the rule's own syntax, and a rule whose first dependency is not the
+    source is not the one expected: the caller then takes the text's markers.
+    """
+    first = rule.replace(b"\\\n", b" ").split(b"\n", 1)[0]  # -MP's rules follow, one a line
+    targets, colon, names = first.partition(b": ")
+    if not colon or b"\t" in names:
+        return None
+    words = re.split(rb"(?<!\\) +", names.strip())
+    if any(b"\\" in _ESCAPED.sub(b"", word) for word in words):
+        return None
+    found = [_ESCAPED.sub(lambda m: m.group(1) or b"$", word).decode("utf-8", "surrogateescape") for word in words]
+    return found if os.path.normpath(found[0]) == os.path.normpath(source) else None  # gcc drops a leading ./
+
+
 def full_preprocess_command(compiler: str, p: Plan) -> list[str]:
     """Plain ``-E``: the fallback when ``-fdirectives-only`` refuses a file."""
     return [compiler, *p.cpp_args, "-E"]

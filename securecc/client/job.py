@@ -250,21 +250,21 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
             output_path=plan.output if plan.split_dwarf else "", **fields,
         )
 
-    def server_preprocesses(text: bytes) -> tuple[wire.Job, bytes]:
-        if b"__TIMESTAMP__" in text:
-            raise argpolicy.NotDistributable("uses __TIMESTAMP__")
+    def server_preprocesses(names: list[str], text: bytes = b"") -> tuple[wire.Job, bytes]:
+        """The job for a server that preprocesses; ``names``: the files read, as the preprocessor wrote them."""
         main = os.path.normpath(os.path.join(cwd, plan.source))
-        markers = argpolicy.include_markers(text)
-        included = argpolicy.included_files(markers, cwd)
+        included = argpolicy.included_files(names, cwd)
         project = argpolicy.project_files(included)
         pch = next((p for p in project if os.path.exists(p + ".gch")), None)
         if pch:  # gcc here reads the .gch instead (CMake's cmake_pch.h), which no server can have
             raise argpolicy.NotDistributable(f"precompiled header {pch}.gch")
         files = {p: read_file(p) for p in project if p != main}
+        if any(b"__TIMESTAMP__" in data for data in (text, original, *files.values())):
+            raise argpolicy.NotDistributable("uses __TIMESTAMP__")
         system = argpolicy.system_files(included)
         return job(f"{plan.language}-source", b"", plan.source_args or [], include_paths=list(files),
                    includes=list(files.values()), system_headers=system, system_digest=system_headers().of(system),
-                   directories=argpolicy.lookup_directories(plan, markers, cwd)), b""
+                   directories=argpolicy.lookup_directories(plan, names, cwd)), b""
 
     if plan.preprocessed:
         return job(plan.language, original, plan.remote_args), b""
@@ -285,6 +285,16 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
             os.close(out)
             os.close(err)
 
+    listing = argpolicy.dependency_command(compiler_path, plan, kind)
+    if listing is not None:  # gcc -M: the names without the text; anything unexpected takes the text instead
+        rule, target, names = run(listing), argpolicy.dependency_target(plan), None
+        if rule.returncode == 0:
+            try:
+                names = argpolicy.dependency_names(read_file(inv.path(target)) if target else rule.stdout, plan.source)
+            except OSError:
+                pass
+        if names is not None:
+            return server_preprocesses(names)
     directives = run(argpolicy.preprocess_command(compiler_path, plan, kind))
     if directives.returncode != 0:  # __COUNTER__ in an #if, say: plain -E reads it, and names the same files
         directives = run(argpolicy.full_preprocess_command(compiler_path, plan))
@@ -296,7 +306,7 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
     if plan.language in argpolicy.ASSEMBLER and (plan.source_args is None or argpolicy.assembler_reads_files(directives.stdout)):
         raise argpolicy.NotDistributable("assembler .include or .incbin, or a preprocessing option")
     if plan.source_args is not None:
-        return server_preprocesses(directives.stdout)
+        return server_preprocesses(argpolicy.include_markers(directives.stdout), directives.stdout)
     if plan.debug:
         raise argpolicy.NotDistributable("a preprocessing option with -g")
     if argpolicy.uses_push_macro([original, *(read_file(p) for p in argpolicy.included_files(argpolicy.include_markers(directives.stdout), cwd))]):

@@ -533,6 +533,55 @@ def test_included_files_on_real_gcc_output(tmp_path):
         assert argpolicy.project_files(included) == [str(tmp_path / "inc" / "cfg.h")]
 
 
+@pytest.mark.parametrize("deps", [[], ["-MT", "out/x.o", "-MD", "-MP", "-MF", "dep/x.d"], ["-MD"]], ids=["none", "automake", "MD"])
+def test_gcc_M_names_the_files_the_markers_name(tmp_path, deps):
+    """The files a server that preprocesses needs, from ``gcc -M``, are the ones the text's markers name, awkward
+    names included; and ``-MD``'s file is the same bytes as beside ``-E -fdirectives-only``."""
+    for d in ("sub dir", "inc", "empty", "dep", "out"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "sub dir" / "a#b.h").write_text('#include "../x$y.h"\n#include <stdio.h>\n')
+    (tmp_path / "x$y.h").write_text("#define Q 1\n")
+    (tmp_path / "inc" / "pre.h").write_text("#define P 2\n")
+    (tmp_path / "src.c").write_text('#include "sub dir/a#b.h"\n#include "empty/../inc/pre.h"\nint q = Q + P;\n')
+    p = plan(["-O2", "-include", "inc/pre.h", "-I.", *deps, "-c", "./src.c", "-o", "out/x.o"])
+    listing = argpolicy.dependency_command(GCC, p)
+    assert listing is not None
+    target = argpolicy.dependency_target(p)
+    done = subprocess.run(listing, cwd=tmp_path, capture_output=True, check=True)
+    rule = (tmp_path / target).read_bytes() if target else done.stdout
+    names = argpolicy.dependency_names(rule, p.source)
+    assert names is not None
+    text = subprocess.run(argpolicy.preprocess_command(GCC, p), cwd=tmp_path, capture_output=True, check=True).stdout
+    markers = argpolicy.include_markers(text)
+    cwd = str(tmp_path)
+    main = str(tmp_path / "src.c")
+    assert [f for f in argpolicy.included_files(names, cwd) if f != main] == argpolicy.included_files(markers, cwd)
+    directories = argpolicy.lookup_directories(p, names, cwd)
+    assert directories == argpolicy.lookup_directories(p, markers, cwd) and str(tmp_path / "empty") in directories
+    if target:
+        assert (tmp_path / target).read_bytes() == rule  # the -E run above wrote it again
+
+
+@pytest.mark.parametrize(("rule", "names"), [
+    (b"x.o: x.c a\\ b.h \\\n c\\#d.h e$$f.h\n", ["x.c", "a b.h", "c#d.h", "e$f.h"]),
+    (b"x.o: ./x.c a.h\na.h:\n", ["./x.c", "a.h"]),  # -MP's phony rules are not names
+    (b"x.o: y.c a.h\n", None),  # not the rule for this source
+    (b"x.o: x.c a\\\\\\ b.h\n", None),  # a backslash of the name's own: ambiguous
+    (b"x.o: x.c a\tb.h\n", None),
+    (b"garbage\n", None),
+])
+def test_dependency_names_reads_back_what_gcc_writes_or_gives_up(rule, names):
+    assert argpolicy.dependency_names(rule, "x.c") == names
+
+
+@pytest.mark.parametrize("line", ["-MMD -c x.c", "-c x.S", "-H -c x.c", "-MD -MF /dev/stdout -c x.c"])
+def test_dependency_command_leaves_to_the_text_what_it_cannot_list(line):
+    """-MMD (-M would put system headers in the user's file), assembler (its text is checked), a CPP-only option
+    (the text is what is sent), a dependency file that is not a file; and clang."""
+    assert argpolicy.dependency_command(GCC, plan(argv(line))) is None
+    assert argpolicy.dependency_command(GCC, plan(argv("-c x.c")), "clang") is None
+
+
 # --- remote_text on real gcc output --------------------------------------------------------------
 
 
