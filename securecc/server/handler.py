@@ -39,13 +39,15 @@ def settings_from(data: dict[str, Any]) -> sandbox.Settings:
 
 
 def sandboxed(settings: sandbox.Settings, spec: sandbox.Spec, job_dir: Path, timeout: float, output_cap: int,
-              split_dwarf: tuple[str, str] | None = None) -> sandbox.RunningJob:
+              split_dwarf: tuple[str, str] | None = None, memory: list[int] | None = None) -> sandbox.RunningJob:
     """A compile started as every job's is, the self-test's included: under bwrap, which waits on BLOCK_FD until
-    RunningJob has set its rlimits (no prlimit exec); a process group under prlimit in rlimits-only mode."""
+    RunningJob has set its rlimits (no prlimit exec); a process group under prlimit in rlimits-only mode.
+    ``memory``: the job's tree as :func:`securecc.sandbox.memory_files` (bwrap mode), else it is on the disk."""
     contained = settings.mode == "bwrap"
-    command = sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD if contained else None)
+    sizes = [os.fstat(fd).st_size for fd in memory] if memory is not None else None
+    command = sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD if contained else None, memory=sizes)
     return sandbox.RunningJob(reactor, reactor, command, job_dir, timeout, process_group=not contained, output_cap=output_cap,
-                              limits=sandbox.rlimits(settings) if contained else None, split_dwarf=split_dwarf)
+                              limits=sandbox.rlimits(settings) if contained else None, split_dwarf=split_dwarf, files=memory)
 
 
 SELF_TEST_FAILED = ("the sandbox cannot compile ({}); check that bubblewrap works here (or, knowing what it costs, set "
@@ -126,18 +128,24 @@ class HandlerProtocol(Int32StringReceiver):
         spec["directories"] = tuple(spec["directories"])
         mounts = tuple((name, target) for name, target in spec.pop("mounts"))
         job_spec = sandbox.Spec(job_dir=self.scratch / id, mounts=mounts, **spec)
+        in_memory = self.settings.mode == "bwrap" and sandbox.tree_in_memory(job_spec)
+        memory = None
         try:
-            job_dir = sandbox.make_job_dir(self.scratch, id, files, job_spec)
-        except OSError as e:  # a full disk fails this job, not the handler
+            job_dir = sandbox.make_job_dir(self.scratch, id, files, job_spec, in_memory)
+            memory = sandbox.memory_files(job_spec, files) if in_memory else None
+        except OSError as e:  # a full disk (or memory) fails this job, not the handler
             self._done(sandbox.Outcome(1, b"", f"securecc: the server cannot store the job ({e.strerror})\n".encode(),
                                        None, "handler-error"), id, self.scratch / id)
             return
         try:
             job = sandboxed(self.settings, job_spec, job_dir, timeout, output_cap,
-                            (os.path.basename(split[1]), os.path.basename(split[2])) if split else None)
+                            (os.path.basename(split[1]), os.path.basename(split[2])) if split else None, memory)
         except BaseException:
             sandbox.remove_job_dir(job_dir)
             raise
+        finally:
+            for fd in memory or []:
+                os.close(fd)
         self.running[id] = job
         job.result.addBoth(self._done, id, job_dir)
 

@@ -9,6 +9,7 @@ record.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import socket
 import subprocess
@@ -228,9 +229,10 @@ def test_a_handshake_frame_larger_than_a_token_is_refused_before_buffering(own_s
 
 
 def sandboxed_shell(tmp_path: Path, script: str, file_size: int = 1 << 20, split_dwarf: tuple[str, str, str] | None = None,
-                    mounts: tuple[tuple[str, str], ...] = ()) -> tuple[subprocess.CompletedProcess, Path]:
+                    mounts: tuple[tuple[str, str], ...] = (), in_memory: bool = False) -> tuple[subprocess.CompletedProcess, Path]:
     """Run ``script`` where a compiler would run, as the job handler would (its uid: 65534 when root), with
-    ``mounts`` (name, path) holding their names."""
+    ``mounts`` (name, path) holding their names: on the scratch disk, or ``in_memory`` as the handler gives
+    bwrap a tree of at most sandbox.MEMORY_FILES files."""
     scratch = tmp_path / "scratch"
     scratch.mkdir(mode=0o700)
     as_handler = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"] if os.geteuid() == 0 else []
@@ -241,14 +243,26 @@ def sandboxed_shell(tmp_path: Path, script: str, file_size: int = 1 << 20, split
     files = {"input": b"", **{name: name.encode() for name, _ in mounts}}
     code = (
         "import sys; from pathlib import Path, PosixPath; from securecc import sandbox; from securecc.sandbox import *;"
-        f"d = sandbox.make_job_dir(Path(sys.argv[1]), 'j', {files!r}, {spec!r}); print(d)"
+        f"d = sandbox.make_job_dir(Path(sys.argv[1]), 'j', {files!r}, {spec!r}, {in_memory!r}); print(d)"
     )
     job_dir = Path(subprocess.run([*as_handler, os.sys.executable, "-I", "-c", code, scratch], check=True,
                                   capture_output=True, text=True).stdout.strip())
     limits = sandbox.Limits(file_size=file_size)
+    memory = sandbox.memory_files(spec, files) if in_memory else []
+
+    def at_file_fds() -> None:  # RunningJob's childFDs, by hand: memory file n at FILE_FD + n
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in memory]
+        for n, fd in enumerate(high):
+            os.dup2(fd, sandbox.FILE_FD + n)
+
     argv = sandbox.command(spec, sandbox.Settings(limits, 65534 if as_handler else None, 65534 if as_handler else None),
-                           info_fd=None)
-    done = subprocess.run([*as_handler, *argv], capture_output=True, timeout=60, cwd=job_dir)
+                           info_fd=None, memory=[len(files[name]) for name, _ in sandbox.tree_files(spec)] if in_memory else None)
+    try:
+        done = subprocess.run([*as_handler, *argv], capture_output=True, timeout=60, cwd=job_dir,
+                              preexec_fn=at_file_fds if memory else None, close_fds=not memory)
+    finally:
+        for fd in memory:
+            os.close(fd)
     return done, job_dir
 
 
@@ -284,20 +298,25 @@ def test_a_split_dwarf_job_writes_only_its_output_directory(workdir):
 HEADERS = (("h0", "/tmp/w/inc/a.h"), ("h1", "/tmp/w/b.h"), ("h2", "/tmp/other/deep/c.h"), ("h3", "/top.h"))
 
 
-def test_the_job_tree_shows_each_file_at_its_path_and_cannot_be_written(workdir):
-    """The headers a job sends are bound as a tree per top-level directory: each is where the client has
-    it, with its own content, and nothing in the tree can be changed, added or removed."""
+@pytest.mark.parametrize("in_memory", [False, True], ids=["disk", "memory"])
+def test_the_job_tree_shows_each_file_at_its_path_and_cannot_be_written(workdir, in_memory):
+    """The headers a job sends are bound as a tree per top-level directory, or written by bwrap from memory
+    files into its root: each is where the client has it, with its own content, and nothing in the tree can
+    be changed, added or removed.  From memory, only the file directly under / is on the disk."""
     script = ("set +e; for f in /tmp/w/inc/a.h /tmp/w/b.h /tmp/other/deep/c.h /top.h; do echo \"$f=$(cat $f)\"; done;"
               "echo x > /tmp/w/b.h; rm -f /tmp/w/inc/a.h; touch /tmp/w/new /tmp/other/new; mkdir /tmp/w/d;"
-              "mv /tmp/w/inc /tmp/w/moved; ln -s /etc /tmp/other/deep/l; exit 0")
-    done, job_dir = sandboxed_shell(workdir, script, mounts=HEADERS)
+              "mv /tmp/w/inc /tmp/w/moved; ln -s /etc /tmp/other/deep/l; ls /proc/self/fd >&2; exit 0")
+    done, job_dir = sandboxed_shell(workdir, script, mounts=HEADERS, in_memory=in_memory)
     assert done.returncode == 0, done.stderr
     assert done.stdout.decode().split() == ["/tmp/w/inc/a.h=h0", "/tmp/w/b.h=h1", "/tmp/other/deep/c.h=h2", "/top.h=h3"]
     assert done.stderr.count(b"Read-only file system") >= 7, done.stderr
     tree = job_dir / sandbox.TREE
-    assert sorted(str(p.relative_to(tree)) for p in tree.rglob("*")) == [
-        "tmp", "tmp/other", "tmp/other/deep", "tmp/other/deep/c.h", "tmp/w", "tmp/w/b.h", "tmp/w/inc", "tmp/w/inc/a.h", "top.h"]
-    assert (tree / "tmp/w/b.h").read_bytes() == b"h1"
+    on_disk = ["tmp", "tmp/other", "tmp/other/deep", "tmp/other/deep/c.h", "tmp/w", "tmp/w/b.h", "tmp/w/inc", "tmp/w/inc/a.h"]
+    assert sorted(str(p.relative_to(tree)) for p in tree.rglob("*")) == [*([] if in_memory else on_disk), "top.h"]
+    if in_memory:  # bwrap closed each memory file once read: none reaches the compile
+        assert not any(str(sandbox.FILE_FD + n).encode() in done.stderr.split() for n in range(3)), done.stderr
+    else:
+        assert (tree / "tmp/w/b.h").read_bytes() == b"h1"
 
 
 def test_a_split_dwarf_job_sees_its_headers_inside_its_writable_directory(workdir):

@@ -17,6 +17,7 @@ from conftest import BIN, local, make_job, processes_of_uid, securecc
 from securecc import protocol as wire
 from securecc.client.channel import Channel
 from securecc.client.hosts import parse_host
+from securecc.sandbox import MEMORY_FILES
 
 SOURCE = """\
 #include <stdio.h>
@@ -104,6 +105,23 @@ def test_cxx_assembler_and_dependency_files(realm, server, workdir):
     deps = (workdir / "r-main.d").read_text()
     assert deps.startswith("r-main.o:") and "util.h" in deps
     assert deps.replace("r-main.o", "l-main.o") == (workdir / "l-main.d").read_text()
+
+
+@pytest.mark.parametrize(("headers", "size"), [(MEMORY_FILES + 1, 40), (24, 8000)], ids=["more-than-memory", "big-in-tmp"])
+def test_header_heavy_jobs_compile_remotely_from_memory_or_the_disk(realm, server, workdir, headers, size):
+    """More headers than bwrap is given as memory files: the tree is on the scratch disk, as before.  A tree
+    under /tmp (this workdir) bigger than the empty /tmp's 64 KiB: that tmpfs is sized to hold it."""
+    assert str(workdir).startswith("/tmp/")
+    (workdir / "inc").mkdir()
+    for n in range(headers):
+        (workdir / "inc" / f"h{n}.h").write_text(f"static const char h{n}[] = \"{'x' * size}\";\n")
+    (workdir / "many.c").write_text("".join(f'#include "h{n}.h"\n' for n in range(headers)) +
+                                     "int total(void) { return sizeof h0 + sizeof h%d; }\n" % (headers - 1))
+    args = ["-O2", "-Iinc", "-c", "many.c", "-o"]
+    done = securecc(realm, server, "alice", workdir, "gcc", *args, "r.o", SECURECC_VERBOSE="1")
+    assert done.returncode == 0 and b"compiled" in done.stderr, done.stderr
+    assert local(workdir, "gcc", *args, "l.o").returncode == 0
+    assert (workdir / "r.o").read_bytes() == (workdir / "l.o").read_bytes()
 
 
 FALLTHROUGH = """\

@@ -129,6 +129,15 @@ def test_writes_outside_the_job_vanish(evil, realm, monkeypatch, workdir):
         assert_contained(evil, reply)
 
 
+def test_the_jobs_own_files_are_read_only(evil, realm, monkeypatch, workdir):
+    """bwrap writes the job's tree from memory into its root, then remounts the root read-only: the compile can
+    neither change its own source nor add a file beside it."""
+    for path in (workdir / "x.c", workdir / "beside.h"):
+        reply = run_evil(evil, realm, monkeypatch, workdir, f"write {path}")
+        assert isinstance(reply, wire.Result) and b"wrote" not in reply.stdout, reply
+        assert b"Read-only file system" in reply.stderr, reply.stderr
+
+
 def test_cannot_see_or_kill_the_server(evil, realm, monkeypatch, workdir):
     """kill -9 of the server's pid and of every process it can see: the server survives."""
     reply = run_evil(evil, realm, monkeypatch, workdir, f"kill {evil.process.pid}")
