@@ -16,6 +16,10 @@ and the complete sandbox.command() line (job binds, read-only remounts,
 ``sandbox.RunningJob`` in a reactor (as root: after dropping to uid 65534),
 the two ways its rlimits can be set, interleaved: ``prlimit`` in front of
 bwrap, and bwrap waiting on ``--block-fd`` while RunningJob sets them.
+
+``--tree N``: a compile whose source includes N project headers, as the handler runs a job the server
+preprocesses, with the job's tree on the scratch disk and from memory files (``sandbox.memory_files``),
+interleaved: wall and CPU (a cgroup), the job directory's making and removal included.
 """
 
 from __future__ import annotations
@@ -153,18 +157,81 @@ def runner(options: argparse.Namespace, settings: sandbox.Settings, scratch: Pat
         os._exit(0)
 
 
+def tree_cost(options: argparse.Namespace, settings: sandbox.Settings, scratch: Path) -> None:
+    """A compile of a source that includes ``--tree`` project headers, as the handler runs a job the server
+    preprocesses (see ``--tree``), its files on the scratch disk and from memory files, interleaved; the wall of
+    each and the CPU of everything it ran, the making and removal of its directory included (a cgroup)."""
+    group = CpuGroup("tree")
+    (group.path / "cgroup.procs").write_text(str(os.getpid()))
+    if os.geteuid() == 0:
+        os.chown(scratch, 65534, 65534)
+        child = os.fork()
+        if child:
+            os.waitpid(child, 0)
+            (Path(group.path.parent) / "cgroup.procs").write_text(str(os.getpid()))
+            group.remove()
+            return
+        os.setgroups([])
+        os.setresgid(65534, 65534, 65534)
+        os.setresuid(65534, 65534, 65534)
+    from twisted.internet import defer, reactor
+
+    headers = {f"h{k}": b"/* a project header of 3 KB, as gnulib's are */\n" * 60 + b"static const int h%d = %d;\n" % (k, k)
+               for k in range(options.tree)}
+    files = {"main": b"".join(b'#include "inc/h%d.h"\n' % k for k in range(options.tree)) + b"int f(void) { return 0; }\n", **headers}
+    mounts = (("main", "/home/u/p/main.c"), *((name, f"/home/u/p/inc/{name}.h") for name in headers))
+    measured_: dict[str, list[tuple[float, float]]] = {"disk": [], "memory": []}
+
+    @defer.inlineCallbacks
+    def run_all():  # type: ignore[no-untyped-def]
+        try:
+            for n in range(options.n + 2):
+                for name in measured_:
+                    in_memory = name == "memory"
+                    started, cpu = time.perf_counter(), group.cpu()
+                    spec = sandbox.Spec("/usr/bin/gcc", ["-O2", "-c"], scratch / f"t{n}{name}", "/home/u/p", "main.c", {},
+                                        mounts, preprocessed=False)
+                    job_dir = sandbox.make_job_dir(scratch, f"t{n}{name}", files, spec, in_memory)
+                    memory = sandbox.memory_files(spec, files) if in_memory else None
+                    argv = sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD,
+                                           memory=[len(files[k]) for k, _ in sandbox.tree_files(spec)] if in_memory else None)
+                    try:
+                        job = sandbox.RunningJob(reactor, reactor, argv, job_dir, 60, limits=sandbox.rlimits(settings), files=memory)
+                    finally:
+                        for fd in memory or []:
+                            os.close(fd)
+                    outcome = yield job.result
+                    sandbox.remove_job_dir(job_dir)
+                    if outcome.exit_status != 0:
+                        raise SystemExit(f"{name}: {outcome.stderr.decode(errors='replace')}")
+                    if n >= 2:  # warm-up
+                        measured_[name].append((time.perf_counter() - started, group.cpu() - cpu))
+        finally:
+            reactor.stop()
+
+    reactor.callWhenRunning(run_all)
+    reactor.run()
+    for name, values in measured_.items():
+        print(f"{options.tree} headers, tree on {name:6s}: median wall {statistics.median(v[0] for v in values) * 1000:6.2f} ms, "
+              f"CPU {statistics.median(v[1] for v in values) * 1000:6.2f} ms over {len(values)} (interleaved)")
+    if os.geteuid() == 65534:
+        os._exit(0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", type=int, default=50, help="compiles of each kind (interleaved)")
     parser.add_argument("--breakdown", action="store_true", help="what each layer of the sandbox costs")
     parser.add_argument("--runner", action="store_true", help="RunningJob with prlimit(1) in front against --block-fd")
+    parser.add_argument("--tree", type=int, default=0, metavar="N",
+                        help="a compile that includes N project headers: its tree on the scratch disk against memory files")
     options = parser.parse_args()
     root = os.geteuid() == 0
     settings = sandbox.Settings(sandbox.Limits(), 65534 if root else None, 65534 if root else None)
     scratch = Path(tempfile.mkdtemp(prefix="scc-bench-", dir="/tmp"))
     os.chmod(scratch, 0o711)
     bare, boxed = [], []
-    mode = runner if options.runner else breakdown if options.breakdown else None
+    mode = tree_cost if options.tree else runner if options.runner else breakdown if options.breakdown else None
     if mode is not None:
         try:
             mode(options, settings, scratch)
