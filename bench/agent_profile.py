@@ -5,7 +5,7 @@ Not a test: `.venv/bin/python bench/agent_profile.py [--package lua5.4] [-j 4] [
 Builds the package once (untimed warm-up: the agent's imports, tickets and compiler identities), then
 twice through `CC="securecc gcc"` against one securecc-server of a throwaway testrealm (result cache
 off): once plain, for the CPU per job of the agent and of make's process tree (make, the shim, the
-preprocessor), once with every agent job thread under cProfile timed by its own thread's CPU clock,
+preprocessor; and the server's front and job handler, their own CPU), once with every agent job thread under cProfile timed by its own thread's CPU clock,
 for the functions that CPU is spent in. The agent runs in this process (securecc.agent.Agent, as the
 shim would start it), so its threads can be profiled; the shim finds it by the same name. Then tiny
 compiles end to end, through securecc and through distcc (against a distccd started here): each
@@ -81,6 +81,19 @@ def cpu() -> tuple[float, float]:
     return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
 
 
+def own_cpu(pid: int) -> float:
+    """A process's own CPU (utime + stime, none of its children's), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_processes(front: int) -> dict[str, int]:
+    """The server's front and its job handler (the front's one Python child), by pid."""
+    children = Path(f"/proc/{front}/task/{front}/children").read_text().split()
+    handler = [int(c) for c in children if b"securecc.server.handler" in Path(f"/proc/{c}/cmdline").read_bytes()]
+    return {"front": front, **({"job handler": handler[0]} if handler else {})}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--package", default="lua5.4")
@@ -92,7 +105,7 @@ def main() -> None:
     os.chmod(top, 0o755)
     realm = Realm(top / "realm", ACL)
     try:
-        _, host = realm.server("server", slots=options.j, monitor=None)
+        daemon, host = realm.server("server", slots=options.j, monitor=None)
         tree = debian_source(options.package, SOURCES)
         if (tree / "configure").exists() and not (tree / "Makefile").exists():
             subprocess.run(["sh", "./configure"], cwd=tree, env={**os.environ, "CC": "gcc"}, check=True,
@@ -102,22 +115,28 @@ def main() -> None:
         start_agent(top / "agent", env, profiles)
         make = [f"-j{options.j}", *filter(None, [TARGETS.get(options.package)])]
 
+        servers = server_processes(daemon.pid)
+        server_s: dict[str, float] = {}
+
         def build(n: int) -> tuple[float, float, int]:
             cc = f"{BIN}/securecc gcc -DBENCH_BUILD={n}"  # each build new to the server's result cache
-            before = cpu()
+            before, serving = cpu(), {name: own_cpu(pid) for name, pid in servers.items()}
             timed_make(tree, [*make, f"CC={cc}"], env)
             after = cpu()
+            server_s.update({name: own_cpu(pid) - serving[name] for name, pid in servers.items()})
             jobs = sum(1 for _ in tree.rglob("*.o"))
             return after[0] - before[0], after[1] - before[1], jobs
 
         build(0)
         agent_s, make_s, jobs = build(1)
+        serving = ", ".join(f"{name} {seconds / jobs * 1e3:.1f}" for name, seconds in server_s.items())
         profiles.on = True
         build(2)
         taken = profiles.taken
         print(f"{options.package}: {jobs} jobs, -j{options.j}, one server on this machine")
         print(f"agent CPU   {agent_s / jobs * 1e3:6.1f} ms/job (unprofiled)")
         print(f"make's tree {make_s / jobs * 1e3:6.1f} ms/job (make, the shim, the preprocessor)")
+        print(f"server's own CPU, ms/job (unprofiled; its sandboxes apart): {serving}")
         stats = pstats.Stats(taken[0])
         for profile in taken[1:]:
             stats.add(profile)
