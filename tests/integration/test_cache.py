@@ -13,6 +13,7 @@ import pytest
 from conftest import BIN, local, make_job, securecc
 from test_hosts import build, project, spec
 
+from securecc import cachekey
 from securecc import protocol as wire
 from securecc.cachekey import cache_key, expands_time, uncacheable
 from securecc.server.cache import Entry, ResultCache
@@ -216,6 +217,29 @@ def test_a_job_that_expands_a_time_macro_is_not_cached(text):
     assert expansions(text) >= 1
     job = dataclasses.replace(JOB, source=text)
     assert uncacheable(job) and expands_time(job)
+
+
+@pytest.mark.parametrize("text", DATED.values(), ids=DATED.keys())
+def test_what_the_server_remembers_of_a_header_is_judged_as_the_first_time(text):
+    """The pieces of each text are remembered by its bytes (the next job sends the same headers): a text seen
+    before, in a header or as the source, judges a job as the first time did, alone or split across two texts."""
+    as_header = dataclasses.replace(JOB, source=b'#include "h.h"\n', include_paths=["/src/h.h"], includes=[text])
+    assert uncacheable(as_header) == uncacheable(as_header) == uncacheable(dataclasses.replace(JOB, source=text))
+    cut = len(text) // 2
+    halves = dataclasses.replace(JOB, source=text[:cut] + b"\n", include_paths=["/src/h.h"], includes=[b"\n" + text[cut:]])
+    assert uncacheable(halves) == uncacheable(halves)
+    assert uncacheable(dataclasses.replace(JOB, source=b"int x;\n", include_paths=["/src/h.h"], includes=[b"int y;\n"])) is None
+
+
+def test_what_the_server_remembers_is_bounded():
+    """However many texts pass (an authenticated client may send any), at most REMEMBERED_BYTES are kept, and a
+    larger text than REMEMBERED_TEXT is judged without being kept."""
+    remembered = cachekey._Remembered()
+    for n in range(40):
+        remembered.found(b"int DATE_%d[%d];\n" % (n, n) * (cachekey.REMEMBERED_BYTES // 20 // 16))
+    assert remembered._bytes <= cachekey.REMEMBERED_BYTES and len(remembered._found) < 40
+    big = b"const char *d = __DA ## TE__;\n" + b" " * cachekey.REMEMBERED_TEXT
+    assert remembered.found(big)[1] >= {b"__DA", b"TE__"} and big not in remembered._found
 
 
 def test_the_macro_counts_wherever_the_compile_reads_it():
