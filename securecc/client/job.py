@@ -253,12 +253,12 @@ def prepare_job(inv: Invocation, compiler: str, compiler_path: str, plan: argpol
     def server_preprocesses(names: list[str], text: bytes = b"") -> tuple[wire.Job, bytes]:
         """The job for a server that preprocesses; ``names``: the files read, as the preprocessor wrote them."""
         main = os.path.normpath(os.path.join(cwd, plan.source))
-        included = argpolicy.included_files(names, cwd)
+        included = [p for p in argpolicy.included_files(names, cwd) if p != main]  # -M names it: sent as the original
         project = argpolicy.project_files(included)
         pch = next((p for p in project if os.path.exists(p + ".gch")), None)
         if pch:  # gcc here reads the .gch instead (CMake's cmake_pch.h), which no server can have
             raise argpolicy.NotDistributable(f"precompiled header {pch}.gch")
-        files = {p: read_file(p) for p in project if p != main}
+        files = {p: read_file(p) for p in project}
         if any(b"__TIMESTAMP__" in data for data in (text, original, *files.values())):
             raise argpolicy.NotDistributable("uses __TIMESTAMP__")
         system = argpolicy.system_files(included)

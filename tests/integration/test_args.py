@@ -5,6 +5,7 @@ Pure functions, no fakes; the preprocessor tests run the real /usr/bin/gcc.
 
 from __future__ import annotations
 
+import io
 import os
 import shlex
 import subprocess
@@ -560,6 +561,31 @@ def test_gcc_M_names_the_files_the_markers_name(tmp_path, deps):
     assert directories == argpolicy.lookup_directories(p, markers, cwd) and str(tmp_path / "empty") in directories
     if target:
         assert (tmp_path / target).read_bytes() == rule  # the -E run above wrote it again
+
+
+def test_a_job_listed_by_gcc_M_is_the_job_the_text_made(tmp_path):
+    """The job prepare_job makes from gcc -M's rule carries the same files, system headers and directories as
+    the one from the -fdirectives-only text (which -MMD still takes); the main file is the original, never a
+    header or, under /usr, a system header."""
+    from securecc.client.job import Invocation, prepare_job
+
+    (tmp_path / "inc").mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "inc" / "cfg.h").write_text('#include <stdio.h>\n#define N 3\n')
+    (tmp_path / "foo.c").write_text('#include "cfg.h"\n#include "empty/../inc/cfg.h"\nint n = N;\n')
+    inv = Invocation(["gcc"], {"PATH": "/usr/bin:/bin", "XDG_CACHE_HOME": str(tmp_path / "cache")}, str(tmp_path),
+                     False, io.BytesIO(), io.BytesIO())
+    jobs = []
+    for deps in (["-MD"], ["-MMD"]):  # gcc -M, then the text
+        p = plan(["-O2", "-Iinc", "-I.", *deps, "-c", "foo.c"])
+        assert (argpolicy.dependency_command(GCC, p) is None) == (deps == ["-MMD"])
+        job, _ = prepare_job(inv, "gcc", GCC, p)
+        jobs.append(job)
+    listed, text = jobs
+    assert listed.include_paths == text.include_paths == [str(tmp_path / "inc" / "cfg.h")]
+    assert listed.includes == text.includes and listed.original == text.original
+    assert listed.system_headers == text.system_headers and "/usr/include/stdio.h" in listed.system_headers
+    assert listed.system_digest == text.system_digest and listed.directories == text.directories
 
 
 @pytest.mark.parametrize(("rule", "names"), [
