@@ -8,7 +8,7 @@ and it runs in the client's working directory, recreated empty, where the
 client's unpreprocessed main file (and, for jobs the server preprocesses,
 its project headers) are at their own paths in a read-only tree: debug info
 then names the same directories as a local build and diagnostics quote the
-same lines.  No network, no other pids, no capabilities, a clean
+same lines.  No network, no other pids, no capabilities, no user namespace of its own, a clean
 environment, rlimits, and - when the server runs as root - the unprivileged
 uid of the job handler (:mod:`securecc.server.handler`), which starts bubblewrap
 (``bwrap --uid`` as root would map to root outside; see notes/infra.md).
@@ -166,6 +166,7 @@ def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD, block
     bwrap = [
         "bwrap",
         "--unshare-all",
+        "--unshare-user", "--disable-userns",  # no user namespace of its own: no tmpfs of its choosing, less kernel to reach
         "--die-with-parent",
         "--new-session",
         *(["--info-fd", str(info_fd)] if info_fd is not None else []),
@@ -221,6 +222,7 @@ this disk a file costs ~0.1 ms to create and remove (100 headers: 8.9 ms of CPU 
 A job with more (jobspec allows 20,000) has its tree on the scratch disk: each descriptor stays open in the
 handler until bwrap has started, under the handler's open-file limit."""
 FILE_FD = 5  # the first of the memory files' descriptors in bwrap, one per tree file in tree_files() order
+_SETUP_FDS = 32  # what bwrap opens besides, as it sets the sandbox up (uid map, mountinfo, each file it writes)
 
 
 @dataclass(frozen=True)
@@ -271,9 +273,16 @@ def _tmp_bytes(spec: Spec, memory: list[int] | None) -> int:
     return sum(-(-size // page) * page for size, (_, target) in zip(memory or [], tree_files(spec)) if target.startswith("/tmp/"))
 
 
-def tree_in_memory(spec: Spec) -> bool:
-    """Whether bwrap makes the tree from memory files (:data:`MEMORY_FILES`) rather than binding it from the disk."""
-    return len(tree_files(spec)) <= MEMORY_FILES
+def most_memory_files(limits: Limits) -> int:
+    """The most tree files a job gives bwrap as memory files: :data:`MEMORY_FILES`, and few enough for the
+    compile's open-file limit, which RunningJob sets on bwrap's inner process as soon as it is named, while
+    bwrap still holds every memory file and opens more to set the sandbox up (256: 219 files)."""
+    return min(MEMORY_FILES, limits.open_files - FILE_FD - _SETUP_FDS)
+
+
+def tree_in_memory(spec: Spec, limits: Limits) -> bool:
+    """Whether bwrap makes the tree from memory files rather than binding it from the disk."""
+    return len(tree_files(spec)) <= most_memory_files(limits)
 
 
 def memory_files(spec: Spec, files: dict[str, bytes]) -> list[int]:
@@ -618,6 +627,7 @@ def make_job_dir(scratch: Path, job_id: str, files: dict[str, bytes], spec: Spec
     job_dir.mkdir(mode=0o700)
     placed = {name: _tree_path(target) for name, target in spec.mounts} if spec else {}
     elsewhere = {name for name, _ in tree_files(spec)} if spec and in_memory else set()
+    inside = [_tree_path(d) for d in tree(spec).directories] if spec else []  # checked either way
     top = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     made: set[str] = set()
 
@@ -629,7 +639,7 @@ def make_job_dir(scratch: Path, job_id: str, files: dict[str, bytes], spec: Spec
 
     try:
         if spec:
-            for directory in [SPLIT_DIR] * bool(spec.split_dwarf) + [_tree_path(d) for d in tree(spec).directories] * (not in_memory):
+            for directory in [SPLIT_DIR] * bool(spec.split_dwarf) + inside * (not in_memory):
                 make(directory)
         for name, data in {**files, OUTPUT: b""}.items():
             if name in elsewhere:

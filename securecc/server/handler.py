@@ -128,7 +128,7 @@ class HandlerProtocol(Int32StringReceiver):
         spec["directories"] = tuple(spec["directories"])
         mounts = tuple((name, target) for name, target in spec.pop("mounts"))
         job_spec = sandbox.Spec(job_dir=self.scratch / id, mounts=mounts, **spec)
-        in_memory = self.settings.mode == "bwrap" and sandbox.tree_in_memory(job_spec)
+        in_memory = self.settings.mode == "bwrap" and sandbox.tree_in_memory(job_spec, self.settings.limits)
         memory = None
         try:
             job_dir = sandbox.make_job_dir(self.scratch, id, files, job_spec, in_memory)

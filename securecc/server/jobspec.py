@@ -86,15 +86,18 @@ class ValidJob:
 
 
 def _text(value: str, what: str, limit: int) -> str:
-    """A name as the client's bytes allow it: bounded, no control characters, encodable as a file name."""
+    """A name as the client's bytes allow it: bounded, no control characters, encodable as a file name, and
+    the one spelling of its bytes (so that comparing names compares files)."""
     if len(value) > limit:
         raise Invalid(wire.Reason.BAD_PATH, f"{what} is longer than {limit} characters")
     if _CONTROL.search(value):
         raise Invalid(wire.Reason.BAD_PATH, f"{what} {value!r} contains a control character")
     try:
-        os.fsencode(value)
+        spelt = os.fsdecode(os.fsencode(value))
     except UnicodeError:
         raise Invalid(wire.Reason.BAD_PATH, f"{what} {value!r} is not a file name") from None
+    if spelt != value:  # "\udcc3\udca9" is the bytes of "é": two names of one file would pass as two files
+        raise Invalid(wire.Reason.BAD_PATH, f"{what} {value!r} is not the name its bytes spell")
     return value
 
 

@@ -232,7 +232,7 @@ def sandboxed_shell(tmp_path: Path, script: str, file_size: int = 1 << 20, split
                     mounts: tuple[tuple[str, str], ...] = (), in_memory: bool = False) -> tuple[subprocess.CompletedProcess, Path]:
     """Run ``script`` where a compiler would run, as the job handler would (its uid: 65534 when root), with
     ``mounts`` (name, path) holding their names: on the scratch disk, or ``in_memory`` as the handler gives
-    bwrap a tree of at most sandbox.MEMORY_FILES files."""
+    bwrap a small tree."""
     scratch = tmp_path / "scratch"
     scratch.mkdir(mode=0o700)
     as_handler = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"] if os.geteuid() == 0 else []
@@ -251,7 +251,7 @@ def sandboxed_shell(tmp_path: Path, script: str, file_size: int = 1 << 20, split
     memory = sandbox.memory_files(spec, files) if in_memory else []
 
     def at_file_fds() -> None:  # RunningJob's childFDs, by hand: memory file n at FILE_FD + n
-        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 100) for fd in memory]
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in memory]
         for n, fd in enumerate(high):
             os.dup2(fd, sandbox.FILE_FD + n)
 

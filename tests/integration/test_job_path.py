@@ -17,7 +17,7 @@ from conftest import BIN, local, make_job, processes_of_uid, securecc
 from securecc import protocol as wire
 from securecc.client.channel import Channel
 from securecc.client.hosts import parse_host
-from securecc.sandbox import MEMORY_FILES
+from securecc.sandbox import MEMORY_FILES, Limits, most_memory_files
 
 SOURCE = """\
 #include <stdio.h>
@@ -107,10 +107,16 @@ def test_cxx_assembler_and_dependency_files(realm, server, workdir):
     assert deps.replace("r-main.o", "l-main.o") == (workdir / "l-main.d").read_text()
 
 
-@pytest.mark.parametrize(("headers", "size"), [(MEMORY_FILES + 1, 40), (24, 8000)], ids=["more-than-memory", "big-in-tmp"])
+MOST_IN_MEMORY = most_memory_files(Limits())  # the main file is one of them
+
+
+@pytest.mark.parametrize(("headers", "size"), [
+    (MOST_IN_MEMORY - 1, 40), (MOST_IN_MEMORY, 40), (300, 40), (MEMORY_FILES + 1, 40), (24, 8000),
+], ids=["most-in-memory", "one-more", "past-open-files", "more-than-memory", "big-in-tmp"])
 def test_header_heavy_jobs_compile_remotely_from_memory_or_the_disk(realm, server, workdir, headers, size):
-    """More headers than bwrap is given as memory files: the tree is on the scratch disk, as before.  A tree
-    under /tmp (this workdir) bigger than the empty /tmp's 64 KiB: that tmpfs is sized to hold it."""
+    """As many headers as bwrap is given as memory files under the compile's open-file limit, and more (the
+    tree is then on the scratch disk, as before: bwrap would run out of descriptors setting up).  A tree under
+    /tmp (this workdir) bigger than the empty /tmp's 64 KiB: that tmpfs is sized to hold it."""
     assert str(workdir).startswith("/tmp/")
     (workdir / "inc").mkdir()
     for n in range(headers):

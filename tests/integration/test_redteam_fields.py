@@ -171,6 +171,7 @@ def test_a_job_naming_one_big_file_many_times_does_not_pin_the_handler(realm, al
     "/usr/./include/stdio.h", "/usr/include//stdio.h", "/usr/include/", "//usr/include/stdio.h",
     "/usr/local/include/x.h", "/usr/include/\nx.h", "/usr/include/\x00x.h", "/usr/include/" + "x" * 300,
     "/usr/lib/../../proc/self/environ", "/proc/self/environ", "/dev/zero", "/job/input", "", "/usr/bin/X11/../../etc/passwd",
+    "/usr/include/\udcc3\udca9.h",  # the bytes of "é.h" spelt as two escapes: one file with two names
 ])
 def test_system_header_names_outside_their_grammar_are_refused(server, alice, workdir, path):
     reply = send(server, workdir, b"int x;\n", system_headers=[path])

@@ -41,6 +41,7 @@ case "$action" in
   whoami) id -u; id -g; ls /; cat /proc/self/status | grep -i cap ;;
   fds) ls -l /proc/$$/fd/; exit 0 ;;
   limits) cat /proc/self/limits; exit 0 ;;
+  userns) unshare -Urm sh -c 'mount -t tmpfs none /tmp && echo mounted' ;;
 esac
 exit 3
 """
@@ -136,6 +137,13 @@ def test_the_jobs_own_files_are_read_only(evil, realm, monkeypatch, workdir):
         reply = run_evil(evil, realm, monkeypatch, workdir, f"write {path}")
         assert isinstance(reply, wire.Result) and b"wrote" not in reply.stdout, reply
         assert b"Read-only file system" in reply.stderr, reply.stderr
+
+
+def test_no_user_namespace_of_its_own(evil, realm, monkeypatch, workdir):
+    """Inside one the compile could mount a tmpfs of its choosing (half the host's memory) and reach more of
+    the kernel; bwrap --disable-userns refuses it."""
+    reply = run_evil(evil, realm, monkeypatch, workdir, "userns")
+    assert isinstance(reply, wire.Result) and b"mounted" not in reply.stdout and reply.exit_status != 0, reply
 
 
 def test_cannot_see_or_kill_the_server(evil, realm, monkeypatch, workdir):
