@@ -3,10 +3,11 @@
 
 Not a test: `.venv/bin/python bench/agent_profile.py [--package lua5.4] [-j 4] [--top 25] [--tiny 100]`.
 Builds the package once (untimed warm-up: the agent's imports, tickets and compiler identities), then
-twice through `CC="securecc gcc"` against one securecc-server of a throwaway testrealm (result cache
-off): once plain, for the CPU per job of the agent and of make's process tree (make, the shim, the
-preprocessor; and the server's front and job handler, their own CPU), once with every agent job thread under cProfile timed by its own thread's CPU clock,
-for the functions that CPU is spent in. The agent runs in this process (securecc.agent.Agent, as the
+twice through `CC="securecc gcc"` against one securecc-server of a throwaway testrealm (its result
+cache on, each build new to it): once plain, for the CPU per job of the agent, of make's process tree
+(make, the shim, the preprocessor) and of the server's front and job handler (their own), once with
+every agent job thread under cProfile timed by its own thread's CPU clock, for the functions that CPU
+is spent in. The agent runs in this process (securecc.agent.Agent, as the
 shim would start it), so its threads can be profiled; the shim finds it by the same name. Then tiny
 compiles end to end, through securecc and through distcc (against a distccd started here): each
 one's wall and its server's part of it, and bare gcc's compile and preprocessing.

@@ -122,7 +122,7 @@ def test_header_heavy_jobs_compile_remotely_from_memory_or_the_disk(realm, serve
     for n in range(headers):
         (workdir / "inc" / f"h{n}.h").write_text(f"static const char h{n}[] = \"{'x' * size}\";\n")
     (workdir / "many.c").write_text("".join(f'#include "h{n}.h"\n' for n in range(headers)) +
-                                     "int total(void) { return sizeof h0 + sizeof h%d; }\n" % (headers - 1))
+                                     f"int total(void) {{ return sizeof h0 + sizeof h{headers - 1}; }}\n")
     args = ["-O2", "-Iinc", "-c", "many.c", "-o"]
     done = securecc(realm, server, "alice", workdir, "gcc", *args, "r.o", SECURECC_VERBOSE="1")
     assert done.returncode == 0 and b"compiled" in done.stderr, done.stderr
