@@ -216,11 +216,11 @@ of bwrap's start; a header-heavy job sends dozens)."""
 
 
 MEMORY_FILES = 512
-"""A job with at most this many files in its tree gives them to bwrap as memory files (``--file FD PATH``),
-which bwrap writes into the sandbox's own root tmpfs, read-only with the rest of ``/`` once it is set up: on
-this disk a file costs ~0.1 ms to create and remove (100 headers: 8.9 ms of CPU a job against 5.1 ms).
-A job with more (jobspec allows 20,000) has its tree on the scratch disk: each descriptor stays open in the
-handler until bwrap has started, under the handler's open-file limit."""
+"""A job with at most this many files in its tree (and see :func:`most_memory_files`) gives them to bwrap as
+memory files (``--file FD PATH``), which bwrap writes into the sandbox's own root tmpfs, read-only with the rest
+of ``/`` once it is set up: on ext4 a header's data blocks cost more (``bench/sandbox_overhead.py --tree 100``:
+40.9 ms of CPU a job against 31.8 ms).  A job with more (jobspec allows 20,000) has its tree on the scratch
+disk: each descriptor stays open in the handler until bwrap has started, under the handler's open-file limit."""
 FILE_FD = 5  # the first of the memory files' descriptors in bwrap, one per tree file in tree_files() order
 _SETUP_FDS = 32  # what bwrap opens besides, as it sets the sandbox up (uid map, mountinfo, each file it writes)
 
