@@ -436,7 +436,7 @@ class CompileService:
     @defer.inlineCallbacks
     def _compile(self, job_id: str, compiler: Compiler, job: jobspec.ValidJob, session: Session):
         """Run the job in the handler's sandbox; only validated values cross to it."""
-        files = {"input": job.source}
+        files = {} if job.preprocessing else {"input": job.source}  # the server preprocesses: no /job/input to write
         mounts = []
         if job.original:
             files["original"] = job.original
