@@ -50,6 +50,7 @@ def sandboxed(settings: sandbox.Settings, spec: sandbox.Spec, job_dir: Path, tim
                               limits=sandbox.rlimits(settings) if contained else None, split_dwarf=split_dwarf, files=memory)
 
 
+HANDLER_FAILED = "securecc: the server could not run this job (its error, not yours; its log names job {}): compile again\n"
 SELF_TEST_FAILED = ("the sandbox cannot compile ({}); check that bubblewrap works here (or, knowing what it costs, set "
                     "sandbox.mode: rlimits-only) and that the scratch directory is reachable by the sandbox uid")
 
@@ -152,8 +153,10 @@ class HandlerProtocol(Int32StringReceiver):
     def _done(self, outcome: sandbox.Outcome, id: str, job_dir: Path) -> None:
         self.running.pop(id, None)
         self.checking.pop(id, None)
-        if not isinstance(outcome, sandbox.Outcome):  # a failure: report it as the compile's
-            outcome = sandbox.Outcome(1, b"", f"securecc: the job handler failed: {outcome}\n".encode(), None, "handler-error")
+        if not isinstance(outcome, sandbox.Outcome):  # ours, not the client's: the details go to the server's log only
+            print(f"securecc-handler: job {id} failed: {outcome.getTraceback() if isinstance(outcome, Failure) else outcome!r}",
+                  file=sys.stderr)
+            outcome = sandbox.Outcome(1, b"", HANDLER_FAILED.format(id).encode(), None, "handler-error")
         self.sendString(pack("done", [outcome.stdout, outcome.stderr, outcome.output, outcome.dwo], id=id,
                              exit_status=outcome.exit_status, ended_by=outcome.ended_by))
         threads.deferToThread(sandbox.remove_job_dir, job_dir)  # while the answer goes: nobody waits for the unlinks
