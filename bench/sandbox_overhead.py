@@ -10,7 +10,10 @@ handler): bare gcc; under prlimit; bwrap with only the user and mount
 namespaces and / bound read-only; with every namespace (--unshare-all);
 with the real system binds, /proc, /dev and a /tmp tmpfs instead of /;
 and the complete sandbox.command() line (job binds, read-only remounts,
---die-with-parent, --new-session, --info-fd).
+--die-with-parent, --new-session, --info-fd).  Each layer's wall and CPU (a
+cgroup holding all it ran), and the whole machine's CPU per run over runs
+in a row (/proc/stat): the kernel tears namespaces down partly in threads of
+its own, which no cgroup of ours holds.
 
 ``--runner``: the complete compile as the job handler runs it, through
 ``sandbox.RunningJob`` in a reactor (as root: after dropping to uid 65534),
@@ -87,6 +90,23 @@ def layers(full: list[str]) -> dict[str, list[str]]:
 AS_HANDLER = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"] if os.geteuid() == 0 else []
 
 
+def machine_cpu() -> float:
+    """Seconds of CPU the whole machine has used (/proc/stat, idle and iowait apart): the kernel's own threads
+    included, which do part of a namespace's teardown after its last process has gone, in no cgroup of ours."""
+    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_wide(argv: list[str], cwd: Path, n: int) -> float:
+    """The whole machine's CPU per run of ``argv``, over ``n`` runs in a row (its deferred work given time to end)."""
+    time.sleep(0.3)
+    before = machine_cpu()
+    for _ in range(n):
+        subprocess.run(argv, cwd=cwd, check=True, capture_output=True)
+    time.sleep(0.3)
+    return (machine_cpu() - before) / n
+
+
 def breakdown(options: argparse.Namespace, settings: sandbox.Settings, scratch: Path) -> None:
     times: dict[str, list[tuple[float, float]]] = {}
     group = CpuGroup("sandbox-overhead")
@@ -94,13 +114,18 @@ def breakdown(options: argparse.Namespace, settings: sandbox.Settings, scratch: 
         sample(options, settings, scratch, group, times)
     finally:
         group.remove()
+    job_dir = job_directory(scratch, "machine-wide", settings)
+    spec = sandbox.Spec("/usr/bin/gcc", ["-x", "c", "-O2", "-c"], job_dir, "/build", "tiny.c", {})
+    machine = {name: machine_wide([*AS_HANDLER, *argv], job_dir, options.n)
+               for name, argv in layers(sandbox.command(spec, settings, info_fd=None)).items()}
     previous = None
-    print(f"{'':50s} {'wall (median)':>20s} {'CPU (median)':>20s}")
+    print(f"{'':50s} {'wall (median)':>20s} {'CPU (median)':>20s} {'machine CPU (mean)':>20s}")
     for name, samples in times.items():
         wall, cpu = (statistics.median(s[k] for s in samples) * 1000 for k in (0, 1))
-        steps = (f"(+{wall - previous[0]:.1f})", f"(+{cpu - previous[1]:.1f})") if previous else ("", "")
-        print(f"{name:50s} {wall:6.1f} ms {steps[0]:>9s} {cpu:6.1f} ms {steps[1]:>9s}")
-        previous = wall, cpu
+        whole = machine[name] * 1000
+        steps = [f"(+{now - then:.1f})" for now, then in zip((wall, cpu, whole), previous)] if previous else ["", "", ""]
+        print(f"{name:50s} {wall:6.1f} ms {steps[0]:>9s} {cpu:6.1f} ms {steps[1]:>9s} {whole:6.1f} ms {steps[2]:>9s}")
+        previous = wall, cpu, whole
 
 
 def sample(options: argparse.Namespace, settings: sandbox.Settings, scratch: Path, group: CpuGroup,
