@@ -6,8 +6,9 @@ Fetches Debian source packages (apt-get source), configures each once if it has 
 then builds it, interleaved per repetition, with local gcc, with distcc against a distccd on 127.0.0.1
 and with securecc against a securecc-server of a throwaway testrealm (result cache off, so every job
 compiles). Per build: wall time, client CPU per job (make, preprocessing, wrapper, agent), server CPU per
-job raw and beyond gcc's own work on the same jobs, bytes on the wire per job (an untimed build through
-a counting relay). Then the latency of sequential tiny compiles, and jobs/s with p50/p99 latency for
+job raw, beyond gcc's own work on the same jobs, and beyond the gcc run each server is given (distccd
+compiles preprocessed text, securecc's server the sources: it preprocesses again), bytes on the wire per
+job (an untimed build through a counting relay). Then the latency of sequential tiny compiles, and jobs/s with p50/p99 latency for
 many concurrent clients. Writes JSON (raw numbers, medians, ratios, machine) and prints a short table.
 """
 
@@ -48,7 +49,7 @@ DEPS_WITH_VALUE = {"-MF", "-MT", "-MQ"}
 DEPS = {"-M", "-MM", "-MD", "-MMD", "-MP", "-MG"}
 NAMES = ["local", "distcc", "securecc"]
 BUILD_METRICS = ["wall_s", "client_cpu_ms_per_job", "server_cpu_ms_per_job", "server_cpu_beyond_cc_ms_per_job",
-                 "bytes_to_server_per_job", "bytes_from_server_per_job", "bytes_per_job"]
+                 "server_cpu_beyond_given_cc_ms_per_job", "bytes_to_server_per_job", "bytes_from_server_per_job", "bytes_per_job"]
 PREPROCESSED = {".c": ".i", ".S": ".s", ".cc": ".ii", ".cpp": ".ii", ".cxx": ".ii", ".C": ".ii"}
 
 
@@ -346,13 +347,15 @@ def split_command(args: list[str]) -> tuple[list[str], list[str], str | None]:
     return cpp, cc, source
 
 
-def compiler_own(project: Project, top: Path) -> tuple[float, int]:
-    """CPU seconds gcc itself needs for the build's jobs given preprocessed text (what a server is handed),
-    and how many jobs that covers: each job preprocessed (untimed), then compiled from it (rusage).
-    Run on the tree the recording build left, so generated headers are there."""
+def compiler_own(project: Project, top: Path) -> tuple[float, float, int]:
+    """CPU seconds gcc itself needs for the build's jobs given preprocessed text (what distccd is handed) and
+    given their sources (what securecc's server compiles: it preprocesses again, for objects identical to local
+    ones), and how many jobs that covers: each job preprocessed (untimed), then compiled from the text and from
+    the source (rusage).  Run on the tree the recording build left, so generated headers are there."""
     scratch = top / f"own-{project.package}"
     scratch.mkdir()
-    total, counted = 0.0, 0
+    total = from_source = 0.0
+    counted = 0
     for k, (cwd, *args) in enumerate(project.commands):
         cpp, cc, source = split_command(args)
         if source is None:
@@ -361,10 +364,11 @@ def compiler_own(project: Project, top: Path) -> tuple[float, int]:
         if subprocess.run(["gcc", *cpp, "-E", source, "-o", text], cwd=cwd, capture_output=True).returncode:
             continue
         total += run(["gcc", *cc, "-c", str(text), "-o", "/dev/null"], Path(cwd), dict(os.environ))[1]
+        from_source += run(["gcc", *cpp, "-c", source, "-o", "/dev/null"], Path(cwd), dict(os.environ))[1]
         counted += 1
     if not counted:
         raise SystemExit(f"{project.package}: none of the recorded compiles could be preprocessed again")
-    return total, counted
+    return total, from_source, counted
 
 
 def build(project: Project, tool: Tool) -> dict[str, Any]:
@@ -409,9 +413,9 @@ def bench_project(package: str, tools: list[Tool], options: argparse.Namespace, 
         print(f"{package}: skipped, its tree does not build here with gcc: {e}", file=sys.stderr)
         return None
     jobs = len(project.commands)
-    own, own_jobs = compiler_own(project, top)
-    print(f"{package}: {project.tree.name}, {jobs} jobs, gcc's own CPU {own / own_jobs * 1000:.1f} ms/job",
-          file=sys.stderr)
+    own, own_source, own_jobs = compiler_own(project, top)
+    print(f"{package}: {project.tree.name}, {jobs} jobs, gcc's own CPU {own / own_jobs * 1000:.1f} ms/job from "
+          f"preprocessed text, {own_source / own_jobs * 1000:.1f} from source", file=sys.stderr)
     for tool in tools:  # warm-up: page cache, distcc's state, securecc's agent
         timed_make(project.tree, [*project.make, f"CC={tool.cc}"], tool.env)
     settle()
@@ -426,7 +430,7 @@ def bench_project(package: str, tools: list[Tool], options: argparse.Namespace, 
     for tool in tools:
         if tool.group:
             check_remote(f"{package} relay build", tool, wire[tool.name]["remote_jobs"], jobs)
-    own_per_job = own / own_jobs
+    own_per_job, source_per_job = own / own_jobs, own_source / own_jobs
     medians: dict[str, dict[str, Any]] = {}
     for tool in tools:
         runs = builds[tool.name]
@@ -437,13 +441,17 @@ def bench_project(package: str, tools: list[Tool], options: argparse.Namespace, 
             "client_cpu_ms_per_job": statistics.median(r["client_cpu_s"] for r in runs) / jobs * 1000,
             "server_cpu_ms_per_job": server * 1000 if server is not None else None,
             "server_cpu_beyond_cc_ms_per_job": (server - own_per_job) * 1000 if server is not None else None,
+            # beyond the gcc run each server is given: distccd compiles text, securecc's server the sources
+            "server_cpu_beyond_given_cc_ms_per_job": (server - (source_per_job if tool.name == "securecc" else own_per_job)) * 1000
+            if server is not None else None,
             "bytes_to_server_per_job": wired["to_server"] / jobs if wired else None,
             "bytes_from_server_per_job": wired["from_server"] / jobs if wired else None,
             "bytes_per_job": (wired["to_server"] + wired["from_server"]) / jobs if wired else None,
             "remote_jobs": min(r["remote_jobs"] for r in runs),
         }
     return {"package": package, "tree": project.tree.name, "make": ["make", *project.make], "jobs": jobs,
-            "compiler_own_cpu_ms_per_job": own_per_job * 1000, "compiler_own_jobs_measured": own_jobs,
+            "compiler_own_cpu_ms_per_job": own_per_job * 1000, "compiler_own_source_cpu_ms_per_job": source_per_job * 1000,
+            "compiler_own_jobs_measured": own_jobs,
             "builds": builds, "wire": wire, "median": medians, "ratios": ratios(medians, BUILD_METRICS)}
 
 
@@ -574,6 +582,8 @@ def table(result: dict[str, Any]) -> str:
         metric("client CPU ms/job", m, r, "client_cpu_ms_per_job", 1)
         metric("server CPU ms/job (raw)", m, r, "server_cpu_ms_per_job", 1)
         metric(f"  beyond gcc's own {p['compiler_own_cpu_ms_per_job']:.1f}", m, r, "server_cpu_beyond_cc_ms_per_job", 1)
+        metric(f"  beyond the gcc it runs (sc: {p['compiler_own_source_cpu_ms_per_job']:.1f})", m, r,
+               "server_cpu_beyond_given_cc_ms_per_job", 1)
         metric("bytes/job to server", m, r, "bytes_to_server_per_job", 0)
         metric("bytes/job from server", m, r, "bytes_from_server_per_job", 0)
         metric("bytes/job total", m, r, "bytes_per_job", 0)
