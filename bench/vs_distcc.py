@@ -582,7 +582,7 @@ def table(result: dict[str, Any]) -> str:
         metric("client CPU ms/job", m, r, "client_cpu_ms_per_job", 1)
         metric("server CPU ms/job (raw)", m, r, "server_cpu_ms_per_job", 1)
         metric(f"  beyond gcc's own {p['compiler_own_cpu_ms_per_job']:.1f}", m, r, "server_cpu_beyond_cc_ms_per_job", 1)
-        metric(f"  beyond the gcc it runs (sc: {p['compiler_own_source_cpu_ms_per_job']:.1f})", m, r,
+        metric(f"  beyond gcc it runs (sc: {p['compiler_own_source_cpu_ms_per_job']:.1f})", m, r,
                "server_cpu_beyond_given_cc_ms_per_job", 1)
         metric("bytes/job to server", m, r, "bytes_to_server_per_job", 0)
         metric("bytes/job from server", m, r, "bytes_from_server_per_job", 0)
