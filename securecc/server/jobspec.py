@@ -205,6 +205,8 @@ def validate(job: wire.Job, compiler_roots: tuple[str, ...] = ()) -> ValidJob:
     clash = next((f for f in files if f in directories), None)
     if clash is not None or len(set(files)) != len(files):
         raise Invalid(wire.Reason.BAD_PATH, f"{clash or 'a file'!r} is both a file and a directory of the job, or named twice")
+    if preprocessing and job.source:  # its source is the original file: text beside it would be what the record hashes
+        raise Invalid(wire.Reason.ARGUMENT_REFUSED, "a job the server preprocesses sends its source as the original, not as text")
     return ValidJob(job, language, mode, source_mount, preprocessing, split_dwarf, tuple(made))
 
 

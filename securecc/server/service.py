@@ -314,7 +314,7 @@ class CompileService:
         in a thread."""
         # A key cannot carry the time of the compile; an entry holds one output, not a .dwo too.
         cacheable = self.caching and not expands_time(job.job) and not job.split_dwarf
-        return (sha256(job.source or job.original), cache_key(job.compiler_identity, job.job) if cacheable else None,
+        return (sha256(job.original if job.preprocessing else job.source), cache_key(job.compiler_identity, job.job) if cacheable else None,
                 attest.job_digest(job.job))
 
     def _attest(self, session: Session, job_id: str, job_sha256: str, job: wire.Job, result: dict[str, Any],
@@ -438,7 +438,7 @@ class CompileService:
         """Run the job in the handler's sandbox; only validated values cross to it."""
         files = {} if job.preprocessing else {"input": job.source}  # the server preprocesses: no /job/input to write
         mounts = []
-        if job.original:
+        if job.original or job.preprocessing:  # the file the server preprocesses, be it empty
             files["original"] = job.original
             mounts.append(("original", job.source_mount))
         for n, (path, data) in enumerate(zip(job.include_paths, job.includes)):

@@ -117,6 +117,7 @@ CASES = {
     "march-native": ({"m.c": C_MAIN, "inc/conv.h": CONV_H}, ["-O3", "-march=native"], "m.c"),
     "mtune-native-g-unrecorded": ({"m.c": C_MAIN, "inc/conv.h": CONV_H},
                                   ["-O2", "-g", "-gno-record-gcc-switches", "-mtune=native"], "m.c"),
+    "empty-source": ({"e.c": ""}, ["-O2", "-g"], "e.c"),  # an empty file is still the file the server preprocesses
 }
 
 

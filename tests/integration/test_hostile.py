@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import socket
 import subprocess
@@ -99,6 +100,19 @@ def test_fields_outside_their_grammar_are_refused_and_recorded(attack, fields, r
     reply = client.job(**{"compiler_identity": IDENTITIES["gcc"], **fields})
     assert isinstance(reply, wire.Refused) and reply.reason == reason, reply
     assert one_record(s, reply)["reason"] == reason
+
+
+def test_a_job_the_server_preprocesses_carries_no_decoy_text(attack):
+    """Its source is the original file, compiled where the client has it: text sent beside it was never compiled,
+    yet was what the record's input digest hashed.  Refused; an honest job's record hashes the compiled file."""
+    s, client = attack
+    fields = {"language": "c-source", "compiler_identity": IDENTITIES["gcc"]}
+    reply = client.job((b"int decoy;\n", b"int compiled;\n"), **fields)
+    assert isinstance(reply, wire.Refused) and reply.reason == "denied:argument-refused", reply
+    one_record(s, reply)
+    reply = client.job((b"", b"int compiled;\n"), **fields)
+    assert isinstance(reply, wire.Result) and reply.exit_status == 0 and reply.output, reply
+    assert one_record(s, reply)["input_sha256"] == hashlib.sha256(b"int compiled;\n").hexdigest()
 
 
 @pytest.mark.parametrize("path", ["/usr/include/stdio.h", "//usr/include/stdio.h", "///usr/include/stdio.h", "/src/a.c", "/src", "/",
