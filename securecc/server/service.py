@@ -49,14 +49,18 @@ from securecc.server.metrics import Metrics
 from securecc.server.session import Session
 
 AUDIT_DOWN = "the server cannot write its audit log; it runs no job unrecorded"
+LDAP_DOWN = "LDAP unavailable: this server cannot learn your groups now (its audit log says why); try again later"
 AUTH_FAILURE_WINDOW = 10.0  # seconds: one failed-handshake record per source address at most
 REVOCATION_CHECK = 1.0  # seconds between re-decisions of the open sessions (cached answers make one cost microseconds)
 
 
 class _Refusal(Exception):
-    def __init__(self, reason: str, message: str) -> None:
+    """A job refused: ``message`` for the client, ``detail`` (when the why is the server's own business, such as
+    its LDAP's error, which may name its files) for the audit record and the log alone."""
+
+    def __init__(self, reason: str, message: str, detail: str | None = None) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason, self.detail = reason, detail
 
 
 @dataclass
@@ -218,7 +222,7 @@ class CompileService:
         try:
             reply = yield self._run(job_id, session.principal, job, session, record, started)
         except _Refusal as refusal:
-            record.decision, record.reason, record.detail = Decision.REFUSED, refusal.reason, str(refusal)
+            record.decision, record.reason, record.detail = Decision.REFUSED, refusal.reason, refusal.detail or str(refusal)
             self._record(record, started, session)
             return wire.Refused(refusal.reason, str(refusal), job_id)
         except Exception as e:  # ours, not the client's: still recorded, once, and the server goes on
@@ -427,7 +431,7 @@ class CompileService:
                 membership = yield self.lookups.lookup(principal)
             except DirectoryUnavailable as e:
                 self.metrics.ldap_errors.inc()
-                raise _Refusal(wire.Reason.LDAP_UNAVAILABLE, str(e)) from None
+                raise _Refusal(wire.Reason.LDAP_UNAVAILABLE, LDAP_DOWN, str(e)) from None
             groups = membership.groups
             if membership.cached:
                 self.metrics.ldap_cache_hits.inc()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.testing import StringTransport
 
 from securecc import attest
@@ -23,11 +24,13 @@ from securecc import protocol as wire
 from securecc.audit import UNSET, AuthRecord, Decision, JobRecord, load_private_key, records
 from securecc.sandbox import Outcome
 from securecc.server.cache import Entry
+from securecc.server.directory import DirectoryUnavailable, Membership
 from securecc.server.distcc_listener import DistccProtocol
 from securecc.server.distcc_wire import Request
 from securecc.server.handler_client import HandlerGone
+from securecc.server.lookups import MembershipLookups
 from securecc.server.session import Session
-from securecc.testing import GCC_IDENTITY, MemoryService, memory_service, replied
+from securecc.testing import GCC_IDENTITY, MemoryDirectory, MemoryService, memory_service, replied
 
 ALICE, BOB, PEER = "alice@TEST.REALM", "bob@TEST.REALM", "127.0.0.1:40000"
 GCC = GCC_IDENTITY
@@ -240,6 +243,29 @@ def test_a_job_the_acl_refuses_names_the_compiler_it_asked_for(tmp_path: Path) -
     assert found == [{**AUTHORIZED, "principal": BOB, "decision": "refused", "reason": "denied:not-in-group",
                       "detail": f"{BOB} may not compile here (denied:not-in-group)", **ENDED}]
     assert reply.reason == "denied:not-in-group"
+
+
+class FailingDirectory(MemoryDirectory):
+    """An LDAP that fails as a misconfigured one does: its error names a file of the server's."""
+
+    def membership(self, principal: str) -> Membership:
+        raise DirectoryUnavailable(LDAP_ERROR)
+
+
+LDAP_ERROR = "LDAP unavailable: [Errno 2] No such file or directory: '/etc/securecc/ldap-bind.password'"
+
+
+def test_an_ldap_outage_tells_the_client_no_more_than_that(tmp_path: Path) -> None:
+    """The directory's own error goes to the record; the client learns only that its groups cannot be had now."""
+    s = memory_service(tmp_path, acl="realms: [TEST.REALM]\nallow:\n  - group: committers\n")
+    s.service.__dict__["lookups"] = MembershipLookups(FailingDirectory(), lambda call: defer.maybeDeferred(call))
+    reply = replied(s.service.run(native(BOB), job()))
+    assert isinstance(reply, wire.Refused) and reply.reason == "denied:ldap-unavailable", reply
+    assert "/etc/securecc" not in reply.message and reply.message.startswith("LDAP unavailable"), reply.message
+    found = job_records(s)
+    ids(found)
+    assert found == [{**ARRIVED, "principal": BOB, "decision": "refused", "reason": "denied:ldap-unavailable",
+                      "detail": LDAP_ERROR, **ENDED}]
 
 
 def test_a_busy_job_says_how_loaded_the_server_was(tmp_path: Path) -> None:
