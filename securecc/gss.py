@@ -66,8 +66,12 @@ def kdc_down(error: GSSError) -> bool:
     return _signed_minor(error) == _KDC_UNREACH
 
 
-def explain(error: GSSError, target: str = "") -> str:
-    """Turn a GSS-API error into one sentence that says what to do."""
+PEER_FAILED = "Kerberos authentication failed; the server's log says why"
+
+
+def explain(error: GSSError, target: str = "", peer: bool = False) -> str:
+    """Turn a GSS-API error into one sentence that says what to do.  ``peer``: for an unauthenticated peer, which
+    gets the sentences of the tables above and no more (the mechanism's own text may name the server's files)."""
     signed = _signed_minor(error)
     if signed in _KRB5_NAMED:
         return _KRB5_NAMED[signed]
@@ -78,6 +82,8 @@ def explain(error: GSSError, target: str = "") -> str:
     minor = error.min_code or 0
     if 0 <= minor - _KRB5_BASE < 128 and (minor - _KRB5_BASE) in _KRB5_MESSAGES:
         return _KRB5_MESSAGES[minor - _KRB5_BASE].format(target=target or "securecc/<host>")
+    if peer:
+        return PEER_FAILED
     detail = " ".join(error.gen_message().split())
     return f"Kerberos authentication failed: {detail}"
 
@@ -199,7 +205,7 @@ class AcceptorContext:
                 self.server = str(self._context.target_name)
             return out
         except GSSError as e:
-            raise GSSFailure(explain(e), token=out or e.token) from None
+            raise GSSFailure(explain(e, peer=True), token=out or e.token, detail=explain(e)) from None
 
     @property
     def complete(self) -> bool:

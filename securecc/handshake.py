@@ -31,13 +31,16 @@ class AuthenticationFailure(Exception):
 
     ``token`` is an error token for the peer when the mechanism made one (the
     peer then learns *why*); ``kdc_down`` says the authority (the KDC) could
-    not be reached: an outage the client backs off, not a refusal.
+    not be reached: an outage the client backs off, not a refusal.  ``detail``:
+    what only the server's log and audit record get, where an acceptor tells
+    its unauthenticated peer less than it knows.
     """
 
-    def __init__(self, message: str, token: bytes | None = None, kdc_down: bool = False) -> None:
+    def __init__(self, message: str, token: bytes | None = None, kdc_down: bool = False, detail: str | None = None) -> None:
         super().__init__(message)
         self.token = token
         self.kdc_down = kdc_down
+        self.detail = detail
 
 
 class Sealing(Protocol):
@@ -126,7 +129,7 @@ class ServerHandshake:
             except AuthenticationFailure as e:
                 self.phase = Phase.CLOSED
                 sent = (wire.token(e.token) if e.token else b"") + wire.error(AUTHENTICATION_FAILED, str(e))
-                return Step(sent, close=True, failure=str(e))
+                return Step(sent, close=True, failure=e.detail or str(e))
             if self.context.complete:
                 self._seal(self.context.session())
             return Step(wire.token(reply) if reply else b"")

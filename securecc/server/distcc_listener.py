@@ -59,8 +59,8 @@ class DistccProtocol(protocol.Protocol):
             self._advance()
         except (distcc.DistccError, GSSFailure) as e:
             if isinstance(e, GSSFailure):
-                self.service.auth_failed(self.peer, str(e), protocol="distcc")
-            self._drop(str(e))
+                self.service.auth_failed(self.peer, e.detail or str(e), protocol="distcc")
+            self._drop(getattr(e, "detail", None) or str(e))  # the log's: a distcc peer is told nothing
 
     def _advance(self) -> None:
         if self.state == "star" and self.parser.handshake_byte():

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from securecc import protocol as wire
-from securecc.gss import REQUIRED_FLAGS, Acceptor, GSSFailure, Initiator
+from securecc.gss import PEER_FAILED, REQUIRED_FLAGS, Acceptor, GSSFailure, Initiator
 
 SERVICE = "securecc/localhost@TEST.REALM"
 
@@ -143,3 +143,13 @@ def test_acceptor_without_its_key_fails_at_start(realm):
     """A keytab without the configured principal is a start-up error, not a runtime surprise."""
     with pytest.raises(GSSFailure, match="cannot use keytab"):
         Acceptor(SERVICE, str(realm.dir / "ldap.keytab"))
+
+
+def test_an_unauthenticated_peer_learns_only_the_explained_failures(realm):
+    """What the mechanism says of a failure it has no sentence for (MIT's text may name the server's keytab and
+    principals) goes to the server's log and audit record; the peer is told that it failed, no more."""
+    context = Acceptor(SERVICE, str(realm.dir / "service.keytab")).new_context()
+    with pytest.raises(GSSFailure) as caught:
+        context.step(b"\x60\x0bnot a ticket at all")
+    assert str(caught.value) == PEER_FAILED
+    assert caught.value.detail and caught.value.detail.startswith("Kerberos authentication failed: ") and caught.value.detail != PEER_FAILED
