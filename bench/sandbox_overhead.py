@@ -73,7 +73,7 @@ def layers(full: list[str]) -> dict[str, list[str]]:
     bare = [a.replace("/job/input", "input").replace("/job/output", "output") for a in compile_args]
     prlimit = full[: full.index("--") + 1]
     system = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-              "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+              "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", *sandbox.DEVICES, "--tmpfs", "/tmp"]
     over_root = ["--ro-bind", "/", "/", "--bind", ".", "/tmp", "--chdir", "/tmp"]  # the job dir where / has a mount point
     return {
         "bare gcc": bare,

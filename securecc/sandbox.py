@@ -69,6 +69,11 @@ class Limits:
     processes: int = 256  # RLIMIT_NPROC of the sandbox uid: every job together; enforced when root (setpriv)
 
 
+DEVICES = ["--dir", "/dev", *[arg for name in ("null", "zero", "urandom") for arg in ("--dev-bind", f"/dev/{name}", f"/dev/{name}")]]
+"""A /dev of the three devices a compile may open (cc1 seeds itself from urandom), in the read-only root: not bwrap's
+``--dev``, a tmpfs of its own without a size, with /dev/shm, /dev/pts and a tty besides (1 ms of a job's start)."""
+
+
 def _system_binds() -> list[str]:
     """Read-only /usr plus /lib*, /bin, /sbin as links (merged /usr) or binds."""
     args = ["--ro-bind", "/usr", "/usr"]
@@ -181,15 +186,14 @@ def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD, block
         "--cap-drop", "ALL",
         *_system_binds(),
         "--proc", "/proc",
-        "--dev", "/dev",
+        *DEVICES,
         "--size", str(_TMP_SIZE + _tmp_bytes(spec, memory)), "--tmpfs", "/tmp",
         "--ro-bind", str(spec.job_dir), "/job",
         "--bind", str(spec.job_dir / OUTPUT), _OUTPUT,
         *_job_binds(spec, memory is not None),
-        # Nothing else is writable: not /tmp (gcc -pipe needs no temporary files), not /dev, not the job's
+        # Nothing else is writable: not /tmp (gcc -pipe needs no temporary files), not /dev (its devices aside), not the job's
         # input, not the root the mounts were made in.  The output is one file capped by RLIMIT_FSIZE.
         "--remount-ro", "/tmp",
-        "--remount-ro", "/dev",  # bwrap's --dev is a tmpfs without a size: /dev/shm and /dev itself
         "--remount-ro", "/",
         "--chdir", spec.cwd,
         "--clearenv",
