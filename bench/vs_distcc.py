@@ -8,8 +8,8 @@ and with securecc against a securecc-server of a throwaway testrealm (result cac
 compiles). Per build: wall time, client CPU per job (make, preprocessing, wrapper, agent), server CPU per
 job raw, beyond gcc's own work on the same jobs, and beyond the gcc run each server is given (distccd
 compiles preprocessed text, securecc's server the sources: it preprocesses again), bytes on the wire per
-job (an untimed build through a counting relay). Then the latency of sequential tiny compiles, and jobs/s with p50/p99 latency for
-many concurrent clients. Writes JSON (raw numbers, medians, ratios, machine) and prints a short table.
+job (an untimed build through a counting relay). Then the latency of sequential tiny compiles, and jobs/s
+with p50/p99 latency for many concurrent clients. Writes JSON (raw numbers, medians, ratios, machine) and prints a short table.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ class Limits:
 
 DEVICES = ["--dir", "/dev", *[arg for name in ("null", "zero", "urandom") for arg in ("--dev-bind", f"/dev/{name}", f"/dev/{name}")]]
 """A /dev of the three devices a compile may open (cc1 seeds itself from urandom), in the read-only root: not bwrap's
-``--dev``, a tmpfs of its own without a size, with /dev/shm, /dev/pts and a tty besides (1 ms of a job's start)."""
+``--dev``, a tmpfs of its own without a size, with /dev/shm, /dev/pts and a tty besides."""
 
 
 def _system_binds() -> list[str]:
