@@ -168,8 +168,9 @@ def test_server_chain_survives_concurrency_kill_and_restart(realm, own_server, w
     (workdir / "c.c").write_text("int c(void) { return 3; }\n")
     results = []
 
-    def build(n: int) -> None:
-        results.append(securecc(realm, s, "alice" if n % 4 else "bob", workdir, "gcc", "-c", "c.c", "-o", f"c{n}.o"))
+    def build(n: int) -> None:  # bob, whom the server refuses (and whose sessions it revokes), keeps his own host state
+        user, state = ("alice", ".cache") if n % 4 else ("bob", ".cache-bob")
+        results.append(securecc(realm, s, user, workdir, "gcc", "-c", "c.c", "-o", f"c{n}.o", XDG_CACHE_HOME=str(workdir / state)))
 
     threads = [threading.Thread(target=build, args=(n,)) for n in range(64)]
     for t in threads:

@@ -83,7 +83,10 @@ def test_the_farm_page_in_chromium(realm, own_server, workdir, monkeypatch, tmp_
         second = tiles()
         assert browser.evaluate("window.samePage") is True  # updated in place, not reloaded
         assert browser.evaluate("document.activeElement.id") == "host-1"  # the keyboard focus survived the updates
-        assert [t["host"] for t in second] == keys and [t["inUse"] for t in second] == [1, 0, 0]
+        assert [t["host"] for t in second] == keys
+        # busy's one slot stays taken; the working server's quick compiles come and go (0.3 s apart), so one sample
+        # may catch one in flight
+        assert wait_until(lambda: [t["inUse"] for t in tiles()] == [1, 0, 0], 10), tiles()
         running = browser.evaluate("[...document.querySelectorAll('#running tr.job')].map(r => [...r.cells].map(c => c.textContent))")
         assert running[0][:4] == [keys[0], "alice@TEST.REALM", "g++", HOSTILE_SOURCE]  # alice is an admin: names shown
         assert browser.evaluate("document.scripts.length") == 1  # the page's own, nothing injected
