@@ -126,9 +126,11 @@ def _mount_point(value: str, what: str, roots: tuple[str, ...]) -> str:
     _path(value, what)
     if not value.startswith("/") or value == "/":
         raise Invalid(wire.Reason.BAD_PATH, f"{what} {value!r} is not an absolute path")
-    for top in (*argpolicy.RESERVED, *roots):
-        if value == top or value.startswith(top.rstrip("/") + "/"):
+    for top in argpolicy.RESERVED:
+        if value == top or value.startswith(top + "/"):
             raise Invalid(wire.Reason.BAD_PATH, f"{what} {value!r} is inside the sandbox's {top}")
+    if any(value == root or value.startswith(root.rstrip("/") + "/") for root in roots):  # the admin's paths: not named
+        raise Invalid(wire.Reason.BAD_PATH, f"{what} {value!r} is inside a compiler root of this server")
     return value
 
 
@@ -193,7 +195,7 @@ def validate(job: wire.Job, compiler_roots: tuple[str, ...] = ()) -> ValidJob:
         directory = _mount_point(posixpath.dirname(output), "output directory", compiler_roots)  # bound writable: never "/"
         for root in compiler_roots:  # nor over a compiler's root, which it would hide
             if root.startswith(directory.rstrip("/") + "/"):
-                raise Invalid(wire.Reason.BAD_PATH, f"output directory {directory!r} would cover the compiler root {root!r}")
+                raise Invalid(wire.Reason.BAD_PATH, f"output directory {directory!r} would cover a compiler root of this server")
         split_dwarf = (job.output_path, output, _mount_point(argpolicy.dwo_path(output), "split debug file", compiler_roots))
         files += split_dwarf[1:]
     if job.directories and not preprocessing:
