@@ -148,7 +148,8 @@ def test_a_frozen_host_turns_down_without_holding_the_page_and_a_quarantined_one
         return browser.evaluate(TILES)
 
     try:
-        browser.open(url)
+        browser.open(url)  # read the tiles once the stream has replaced them: the page may still be parsing before
+        assert wait_until(lambda: browser.evaluate("document.getElementById('live')?.textContent") == "live", 20)
         assert wait_until(lambda: [t["state"] for t in tiles()] == ["ok", "ok", "quarantined"], 30), tiles()
         assert "its object differs" in browser.evaluate("document.getElementById('host-2').textContent")
         os.kill(frozen.process.pid, signal.SIGSTOP)
