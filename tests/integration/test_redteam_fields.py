@@ -372,12 +372,12 @@ def test_a_taken_over_compiler_can_write_no_tmpfs(workdir):
     assert b"null-ok" in done.stdout, done.stderr
 
 
-
 def test_the_sandbox_has_three_devices_and_no_terminal_or_shared_memory(workdir):
     """/dev holds what a compile opens (null, zero, and urandom, from which cc1 seeds itself): no /dev/shm, no
     devpts, no tty, no tmpfs of bwrap's own under it."""
     done, _ = sandboxed_shell(workdir, "ls -A /dev; exit 0")
     assert done.stdout.split() == [b"null", b"urandom", b"zero"], done.stdout
+
 
 # --- 3. The assembler: -Wa/-Xassembler items, and .s files whose .incbin the server never checks ---
 

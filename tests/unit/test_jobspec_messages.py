@@ -23,6 +23,6 @@ def source_job(**fields: object) -> wire.Job:
 def test_a_refusal_never_names_a_compiler_root(fields: dict[str, object]) -> None:
     with pytest.raises(jobspec.Invalid) as refused:
         jobspec.validate(source_job(**fields), (ROOT,))
-    assert refused.value.reason == wire.Reason.BAD_PATH
-    assert "gcc-13.2/prefix'" not in str(refused.value) and not str(refused.value).endswith(ROOT), str(refused.value)
-    assert "compiler root of this server" in str(refused.value)
+    message = str(refused.value)  # the client's own path may be quoted back; the root itself never is
+    assert refused.value.reason == wire.Reason.BAD_PATH and "compiler root of this server" in message
+    assert repr(ROOT) not in message and not message.endswith(ROOT), message
