@@ -8,7 +8,7 @@ Prints the median wall time of each and their difference (the overhead).
 root: under uid 65534, so bwrap makes a user namespace as it does for the
 handler): bare gcc; under prlimit; bwrap with only the user and mount
 namespaces and / bound read-only; with every namespace (--unshare-all);
-with the real system binds, /proc, /dev and a /tmp tmpfs instead of /;
+with the real system binds, /dev and a /tmp tmpfs instead of /;
 and the complete sandbox.command() line (job binds, read-only remounts,
 --die-with-parent, --new-session, --info-fd).  Each layer's wall and CPU (a
 cgroup holding all it ran), and the whole machine's CPU per run over runs
@@ -73,14 +73,14 @@ def layers(full: list[str]) -> dict[str, list[str]]:
     bare = [a.replace("/job/input", "input").replace("/job/output", "output") for a in compile_args]
     prlimit = full[: full.index("--") + 1]
     system = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
-              "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", *sandbox.DEVICES, "--tmpfs", "/tmp"]
+              "--symlink", "usr/lib64", "/lib64", *sandbox.DEVICES, "--tmpfs", "/tmp"]
     over_root = ["--ro-bind", "/", "/", "--bind", ".", "/tmp", "--chdir", "/tmp"]  # the job dir where / has a mount point
     return {
         "bare gcc": bare,
         "+ prlimit": [*prlimit, *bare],
         "+ bwrap: user and mount namespaces, / read-only": [*prlimit, "bwrap", "--unshare-user", *over_root, "--", *bare],
         "+ every namespace (--unshare-all)": [*prlimit, "bwrap", "--unshare-all", *over_root, "--", *bare],
-        "+ system binds, /proc, /dev, /tmp tmpfs": [*prlimit, "bwrap", "--unshare-all", *system, "--bind", ".", "/job",
+        "+ system binds, /dev, /tmp tmpfs": [*prlimit, "bwrap", "--unshare-all", *system, "--bind", ".", "/job",
                                                     "--chdir", "/job", "--", *compile_args],
         "the whole sandbox.command()": full,
     }

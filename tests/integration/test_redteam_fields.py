@@ -435,9 +435,18 @@ def test_incbin_and_include_of_host_files_find_nothing(realm, server, alice, wor
 
 
 @pytest.mark.parametrize("path", ["/proc/1/environ", "/proc/self/environ", "/proc/1/cmdline", "/proc/self/mountinfo",
-                                  "/proc/1/cwd/output", "/proc/1/root/job/input", "/job/input", "/dev/stdin"])
+                                  "/proc/1/cwd/output", "/proc/1/root/job/input", "/sys/kernel/notes"])
+def test_the_sandbox_has_no_proc_or_sys(realm, server, alice, workdir, path):
+    """No /proc (its mountinfo named the server's scratch directory) and no /sys: .incbin finds nothing there."""
+    text = f'  .section .rodata\n  .incbin "{path}"\n'.encode()
+    reply = send(server, workdir, text, source_path="m.s", language="assembler-source")
+    assert isinstance(reply, wire.Result) and reply.exit_status != 0 and reply.output is None, reply
+    assert f"file not found: {path}".encode() in reply.stderr, reply.stderr
+
+
+@pytest.mark.parametrize("path", ["/job/input", "/dev/stdin"])
 def test_what_the_sandbox_does_hold_carries_no_secret(realm, server, alice, workdir, path):
-    """/proc (its own pid namespace) and /job are there: what .incbin reads from them names no secret."""
+    """/job and /dev are there: what .incbin reads from them names no secret."""
     text = f'  .section .rodata\n  .incbin "{path}"\n'.encode()
     reply = send(server, workdir, text, source_path="m.s", language="assembler-source")
     assert isinstance(reply, wire.Result), reply

@@ -38,9 +38,20 @@ case "$action" in
   bigfile) exec head -c 10G /dev/zero > /job/output ;;
   spin) while :; do :; done ;;
   daemon) setsid sleep 600 & disown; exit 0 ;;
-  whoami) id -u; id -g; ls /; cat /proc/self/status | grep -i cap ;;
-  fds) ls -l /proc/$$/fd/; exit 0 ;;
-  limits) cat /proc/self/limits; exit 0 ;;
+  whoami) id -u; id -g; ls /; exec python3 -I -S -c 'import ctypes
+header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
+assert ctypes.CDLL(None).capget(header, data) == 0
+print("CapEff: %016x" % (data[0] | data[3] << 32), "CapPrm: %016x" % (data[1] | data[4] << 32), sep="\n")' ;;
+  fds) exec python3 -I -S -c 'import os, stat
+for fd in range(4096):
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        continue
+    print(fd, "socket" if stat.S_ISSOCK(mode) else "pipe" if stat.S_ISFIFO(mode) else stat.filemode(mode))' ;;
+  limits) exec python3 -I -S -c 'import resource
+for name in ("CPU", "FSIZE", "AS", "NOFILE", "CORE", "NPROC"):
+    print(name, *resource.getrlimit(getattr(resource, "RLIMIT_" + name)))' ;;
   userns) unshare -Urm sh -c 'mount -t tmpfs none /tmp && echo mounted' ;;
 esac
 exit 3
@@ -158,10 +169,8 @@ def test_no_descriptor_of_the_server_reaches_the_compile(evil, realm, monkeypatc
     (its socket to the front, other jobs' pipes and files): however the sandbox is spawned."""
     reply = run_evil(evil, realm, monkeypatch, workdir, "fds")
     assert isinstance(reply, wire.Result) and reply.exit_status == 0, reply
-    links = [line.split()[-3:] for line in reply.stdout.decode().splitlines() if " -> " in line]  # fd -> target
-    fds = {fd: target for fd, _, target in links}
-    assert set(fds) - {"0", "1", "2"} <= {"255"} and fds.get("255", "/evilroot/bin/evilcc").endswith("/bin/evilcc"), fds
-    assert not [target for fd, target in fds.items() if fd not in {"0", "1", "2"} and target.startswith(("socket:", "pipe:"))]
+    fds = dict(line.split() for line in reply.stdout.decode().splitlines())  # every open descriptor: its kind
+    assert set(fds) == {"0", "1", "2"}, fds
     assert_contained(evil, reply)
 
 
@@ -174,10 +183,10 @@ def test_unprivileged_and_capability_free(evil, realm, monkeypatch, workdir):
         assert lines[:2] == ["65534", "65534"]
     else:
         assert lines[0] != "0"
-    assert "CapEff:\t0000000000000000" in lines
-    listing = set(lines[2 : lines.index(next(line for line in lines if line.startswith("Cap")))])
-    assert {"usr", "job", "proc", "dev", "tmp"} <= listing
-    assert not listing & {"root", "home", "etc", "var", "srv", "opt"}
+    assert lines[-2:] == ["CapEff: 0000000000000000", "CapPrm: 0000000000000000"]
+    listing = set(lines[2:-2])
+    assert {"usr", "job", "dev", "tmp"} <= listing
+    assert not listing & {"root", "home", "etc", "var", "srv", "opt", "proc", "sys", "run"}  # no /proc: see sandbox.py
 
 
 def test_the_compile_runs_under_every_limit(evil, realm, monkeypatch, workdir):
@@ -186,15 +195,15 @@ def test_the_compile_runs_under_every_limit(evil, realm, monkeypatch, workdir):
 
     reply = run_evil(evil, realm, monkeypatch, workdir, "limits")
     assert isinstance(reply, wire.Result) and reply.exit_status == 0, reply
-    rows = {line[:26].strip(): line[26:].split()[:2] for line in reply.stdout.decode().splitlines()[1:]}
+    rows = {name: values for name, *values in map(str.split, reply.stdout.decode().splitlines())}  # soft, hard
     defaults = Limits()
-    assert rows["Max cpu time"] == ["2", "3"]
-    assert rows["Max file size"] == [str(10 << 20)] * 2
-    assert rows["Max address space"] == [str(defaults.address_space)] * 2
-    assert rows["Max open files"] == [str(defaults.open_files)] * 2
-    assert rows["Max core file size"] == ["0", "0"]
+    assert rows["CPU"] == ["2", "3"]
+    assert rows["FSIZE"] == [str(10 << 20)] * 2
+    assert rows["AS"] == [str(defaults.address_space)] * 2
+    assert rows["NOFILE"] == [str(defaults.open_files)] * 2
+    assert rows["CORE"] == ["0", "0"]
     if os.geteuid() == 0:  # a root server's sandboxes have a uid of their own, whose processes it counts
-        assert rows["Max processes"] == ["64", "64"]
+        assert rows["NPROC"] == ["64", "64"]
     assert_contained(evil, reply)
 
 
