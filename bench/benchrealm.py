@@ -128,5 +128,20 @@ def source_versions(package: str) -> list[str]:
     return sorted(versions, key=functools.cmp_to_key(compare), reverse=True)
 
 
+def ensure_tools(tools: dict[str, str]) -> None:
+    """Install (apt) the Debian packages of ``tools`` (command: package) whose command is missing."""
+    missing = sorted({package for tool, package in tools.items() if shutil.which(tool) is None})
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise SystemExit(f"missing tools; install them first: apt-get install {' '.join(missing)}")
+    print(f"installing {' '.join(missing)}", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env,
+                      check=False).returncode:
+        subprocess.run(["apt-get", "update", "-q"], env=env, check=True)
+        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env, check=True)
+
+
 def shutil_rm(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchrealm import BIN, REPO, Realm, debian_source, shutil_rm
+from benchrealm import BIN, REPO, Realm, debian_source, ensure_tools, shutil_rm
 from vs_distcc import ACL, CpuGroup, machine, start_distcc, start_securecc, tear_down
 
 # The tracing wrapper: everything before the compiler in CC/CXX or a CMake launcher list. Without
@@ -155,21 +155,6 @@ class Mode:
 
 class BuildFailed(Exception):
     """A build step failed: its command and the tail of its log (the package is reported as failed)."""
-
-
-def ensure_tools() -> None:
-    """Install (apt) the build tools the corpus needs that are missing."""
-    missing = sorted({package for tool, package in TOOLS.items() if shutil.which(tool) is None})
-    if not missing:
-        return
-    if os.geteuid() != 0:
-        raise SystemExit(f"missing tools; install them first: apt-get install {' '.join(missing)}")
-    print(f"installing {' '.join(missing)}", file=sys.stderr)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env,
-                      check=False).returncode:
-        subprocess.run(["apt-get", "update", "-q"], env=env, check=True)
-        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing], env=env, check=True)
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
@@ -458,7 +443,7 @@ def main() -> None:
     packages = options.packages.split(",")
     if unknown := [p for p in packages if p not in RECIPES]:
         raise SystemExit(f"no recipe for {', '.join(unknown)}; known: {', '.join(RECIPES)}")
-    ensure_tools()
+    ensure_tools(TOOLS)
     started = time.monotonic()
     work = options.work.resolve()
     work.mkdir(parents=True, exist_ok=True)

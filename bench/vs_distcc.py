@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from benchrealm import BIN, REPO, Realm, debian_source, free_port, shutil_rm, timed_make
+from benchrealm import BIN, REPO, Realm, debian_source, ensure_tools, free_port, shutil_rm, timed_make
 
 ACL = "realms: [TEST.REALM]\nallow:\n  - principal: alice\n"
 SOURCES = Path("/tmp/securecc-bench-src")  # debian_source's cache, shared with cache_reuse.py
@@ -301,14 +301,22 @@ class Relay:
 def prepare(package: str, top: Path, options: argparse.Namespace, targets: dict[str, str]) -> Project:
     """The tree configured once (untimed, CC=gcc) and one untimed build through a recording CC: the jobs."""
     tree = debian_source(package, SOURCES)
+    if not (tree / "configure").exists() and any((tree / name).exists() for name in ("configure.ac", "configure.in")):
+        ensure_tools({"autoreconf": "autoconf", "automake": "automake", "libtoolize": "libtool", "autopoint": "autopoint"})
+        done = subprocess.run(["autoreconf", "-fi"], cwd=tree, capture_output=True)  # a git snapshot: expat's, say
+        if done.returncode:
+            sys.stderr.write(done.stderr.decode(errors="replace")[-3000:])
+            raise SystemExit(f"{package}: autoreconf -fi failed")
     if (tree / "configure").exists():
         done = subprocess.run(["sh", "./configure"], cwd=tree, env={**os.environ, "CC": "gcc"}, capture_output=True)
         if done.returncode:
             sys.stderr.write((done.stdout + done.stderr).decode(errors="replace")[-3000:])
             raise SystemExit(f"{package}: ./configure failed")
     if not any((tree / name).exists() for name in ("Makefile", "makefile", "GNUmakefile")):
-        raise SystemExit(f"{package}: no Makefile in {tree} (a tree that needs autoreconf is not supported)")
-    project = Project(package, tree, [f"-j{options.j}", *filter(None, [targets.get(package)])])
+        raise SystemExit(f"{package}: no configure script and no Makefile in {tree} (CMake and Meson trees: coverage.py)")
+    # MAKEINFO=true: a tree whose manuals are older than their .texi rebuilds them, and Debian has no makeinfo
+    # by default (gawk, bc); the manuals are not what is measured, and every tool gets the same make line.
+    project = Project(package, tree, [f"-j{options.j}", "MAKEINFO=true", *filter(None, [targets.get(package)])])
     records = top / f"record-{package}"
     records.mkdir()
     recorder = records / "cc.sh"
