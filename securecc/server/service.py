@@ -247,6 +247,7 @@ class CompileService:
         record.compiler_path, record.compiler_identity, record.reason = compiler.path, job.compiler_identity, decision.reason
         if not decision.allowed:
             raise _Refusal(decision.reason, f"{principal} may not compile here ({decision.reason})")
+        self._check_compiler(job, compiler)
         # Authorized: only now the large work (hashing the input, the cache key), off the reactor.
         record.input_sha256, key, job_sha256 = yield threads.deferToThreadPool(self.clock, self.hash_pool, self._digests, job)
         hit, owner = yield self._cached(key)
@@ -404,7 +405,7 @@ class CompileService:
             return None
 
     def _check_job(self, job: jobspec.ValidJob) -> Compiler:
-        """What this server adds to the job's grammar: its audit log, compilers and sandbox."""
+        """What this server adds to the job's grammar, before the ACL: its audit log and the compilers it offers."""
         if not self.audit.healthy:
             try:
                 self.audit.recover()
@@ -413,6 +414,10 @@ class CompileService:
         compiler = self.config.compilers.get(job.compiler)
         if compiler is None:
             raise _Refusal(wire.Reason.COMPILER_NOT_OFFERED, f"compiler {job.compiler!r} is not offered by this server")
+        return compiler
+
+    def _check_compiler(self, job: jobspec.ValidJob, compiler: Compiler) -> None:
+        """After the ACL, for an allowed principal only: the compiler's identity, which names this server's version."""
         identity = self.identities.get(compiler.path)
         if job.compiler_identity != identity:
             raise _Refusal(wire.Reason.COMPILER_MISMATCH, f"this server's {job.compiler} is {identity}, yours is "
@@ -420,7 +425,6 @@ class CompileService:
         if self.config.sandbox.mode != "bwrap" and (job.preprocessing or job.split_dwarf):
             raise _Refusal(wire.Reason.UNSUPPORTED, "this server runs without bubblewrap: it cannot preprocess, "
                            "nor write a -gsplit-dwarf .dwo")
-        return compiler
 
     @defer.inlineCallbacks
     def _authorize(self, principal: str, job: jobspec.ValidJob):

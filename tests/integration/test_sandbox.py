@@ -269,6 +269,20 @@ def test_client_with_another_compiler_version_compiles_locally(realm, server, wo
     assert server.jobs(cwd=str(workdir))[-1]["reason"] == "denied:compiler-mismatch"
 
 
+def test_the_compiler_version_is_told_only_to_an_allowed_principal(realm, server, workdir, monkeypatch):
+    """bob, authenticated but allowed nothing, sends a job with another compiler identity: he is refused by the ACL,
+    and learns nothing of the server's gcc (the mismatch named its version and target to anyone)."""
+    channel = authenticated_channel(server, realm, monkeypatch, user="bob")
+    try:
+        reply = channel.call(make_job("gcc", ["-O2"], "c", "-c", str(workdir), "a.c", b"int a;\n",
+                                      compiler_identity="gcc version 99.1.0 (Imaginary); target x86_64-linux-gnu"))
+    finally:
+        channel.close()
+    assert isinstance(reply, wire.Refused) and reply.reason == "denied:not-in-group", reply
+    assert "gcc version 12" not in reply.message and "x86_64" not in reply.message, reply.message
+    assert server.jobs(cwd=str(workdir))[-1]["reason"] == "denied:not-in-group"
+
+
 def test_rlimits_only_mode_is_explicit_and_marked(realm, own_server, workdir):
     """Without bubblewrap an admin may choose rlimits-only: it works, warns at start, and marks every record.
 
