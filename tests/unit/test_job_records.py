@@ -224,7 +224,6 @@ def test_a_checkpoint_that_fails_after_a_record_costs_the_job_neither_its_record
 @pytest.mark.parametrize(("raw", "session", "reason"), [
     (job(cwd="src"), native(), wire.Reason.BAD_PATH),
     (job(), native(expires=0.0), wire.Reason.SESSION_EXPIRED),
-    (job(compiler_identity="gcc 1"), native(), wire.Reason.COMPILER_MISMATCH),
 ])
 def test_a_job_refused_before_its_authorization(tmp_path: Path, raw: wire.Job, session: Session, reason: wire.Reason) -> None:
     s = server(tmp_path)
@@ -233,6 +232,16 @@ def test_a_job_refused_before_its_authorization(tmp_path: Path, raw: wire.Job, s
     assert ids(found) == [reply.job_id] and reply.reason == reason
     expected = {**ARRIVED, "cwd": raw.cwd, "decision": "refused", "reason": reason, "detail": reply.message, **ENDED}
     assert found == [expected]
+
+
+def test_a_compiler_mismatch_is_refused_after_the_acl(tmp_path: Path) -> None:
+    """Its message names the server's compiler version: only an allowed principal gets it."""
+    s = server(tmp_path)
+    reply = replied(s.service.run(native(), job(compiler_identity="gcc 1")))
+    found = job_records(s)
+    assert ids(found) == [reply.job_id] and reply.reason == wire.Reason.COMPILER_MISMATCH
+    assert found == [{**AUTHORIZED, "compiler_identity": "gcc 1", "decision": "refused", "reason": wire.Reason.COMPILER_MISMATCH,
+                      "detail": reply.message, **ENDED}]
 
 
 def test_a_job_the_acl_refuses_names_the_compiler_it_asked_for(tmp_path: Path) -> None:
