@@ -17,8 +17,10 @@ its own, which no cgroup of ours holds.
 
 ``--runner``: the complete compile as the job handler runs it, through
 ``sandbox.RunningJob`` in a reactor (as root: after dropping to uid 65534),
-the two ways its rlimits can be set, interleaved: ``prlimit`` in front of
-bwrap, and bwrap waiting on ``--block-fd`` while RunningJob sets them.
+in batches, interleaved: with a network namespace per job (as before
+2026-12-08), and with the system call filter in the host's network
+namespace; wall, and the whole machine's CPU (a namespace's teardown runs in
+kernel threads).
 
 ``--tree N``: a compile whose source includes N project headers, as the handler runs a job the server
 preprocesses, with the job's tree on the scratch disk and from memory files (``sandbox.memory_files``),
@@ -140,7 +142,8 @@ def sample(options: argparse.Namespace, settings: sandbox.Settings, scratch: Pat
 
 
 def runner(options: argparse.Namespace, settings: sandbox.Settings, scratch: Path) -> None:
-    """RunningJob's wall per compile, with prlimit(1) in front and with --block-fd (see ``--runner``)."""
+    """RunningJob's wall and the whole machine's CPU per compile, as the handler runs it, with a network namespace
+    per job and with the system call filter in the host's network namespace (see ``--runner``)."""
     if os.geteuid() == 0:
         os.chown(scratch, 65534, 65534)
         child = os.fork()
@@ -150,34 +153,44 @@ def runner(options: argparse.Namespace, settings: sandbox.Settings, scratch: Pat
         os.setgroups([])
         os.setresgid(65534, 65534, 65534)
         os.setresuid(65534, 65534, 65534)
-    from twisted.internet import defer, reactor
+    from twisted.internet import defer, reactor, task
 
-    ways = {"prlimit(1) in front of bwrap": False, "bwrap --block-fd, RunningJob sets them": True}
+    ways = {"a network namespace per job": False, "the syscall filter, no network namespace": True}
     walls: dict[str, list[float]] = {name: [] for name in ways}
+    machine: dict[str, list[float]] = {name: [] for name in ways}
+    batch = 10
 
     @defer.inlineCallbacks
     def run_all():  # type: ignore[no-untyped-def]
         try:
-            for n in range(options.n + 2):
-                for name, blocked in ways.items():
-                    job_dir = sandbox.make_job_dir(scratch, f"r{n}{int(blocked)}", {"input": SOURCE})
-                    spec = sandbox.Spec("/usr/bin/gcc", ["-x", "c", "-O2", "-c"], job_dir, "/build", "tiny.c", {})
-                    argv = sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD if blocked else None)
-                    started = time.perf_counter()
-                    outcome = yield sandbox.RunningJob(reactor, reactor, argv, job_dir, 60,
-                                                       limits=sandbox.rlimits(settings) if blocked else None).result
-                    if outcome.exit_status != 0:
-                        raise SystemExit(f"{name}: {outcome.stderr.decode(errors='replace')}")
-                    if n >= 2:  # warm-up
-                        walls[name].append(time.perf_counter() - started)
-                    sandbox.remove_job_dir(job_dir)
+            for n in range(options.n // batch + 1):
+                for name, filtered in ways.items():
+                    yield task.deferLater(reactor, 0.2, lambda: None)  # the last batch's deferred teardown
+                    before = machine_cpu()
+                    for k in range(batch):
+                        job_dir = sandbox.make_job_dir(scratch, f"r{n}-{k}{int(filtered)}", {"input": SOURCE})
+                        spec = sandbox.Spec("/usr/bin/gcc", ["-x", "c", "-O2", "-c"], job_dir, "/build", "tiny.c", {})
+                        argv = sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD,
+                                               seccomp_fd=sandbox.SECCOMP_FD if filtered else None)
+                        started = time.perf_counter()
+                        outcome = yield sandbox.RunningJob(reactor, reactor, argv, job_dir, 60, limits=sandbox.rlimits(settings),
+                                                           seccomp=filtered).result
+                        if outcome.exit_status != 0:
+                            raise SystemExit(f"{name}: {outcome.stderr.decode(errors='replace')}")
+                        if n:  # the first batch warms up
+                            walls[name].append(time.perf_counter() - started)
+                        sandbox.remove_job_dir(job_dir)
+                    yield task.deferLater(reactor, 0.2, lambda: None)
+                    if n:
+                        machine[name].append((machine_cpu() - before) / batch)
         finally:
             reactor.stop()
 
     reactor.callWhenRunning(run_all)
     reactor.run()
-    for name, values in walls.items():
-        print(f"{name:45s} median {statistics.median(values) * 1000:6.2f} ms over {len(values)} (interleaved)")
+    for name in ways:
+        print(f"{name:42s} wall median {statistics.median(walls[name]) * 1000:6.2f} ms, the machine's CPU "
+              f"{statistics.mean(machine[name]) * 1000:6.2f} ms a compile ({len(walls[name])}, batches of {batch} interleaved)")
     if os.geteuid() == 65534:
         os._exit(0)
 
@@ -218,10 +231,11 @@ def tree_cost(options: argparse.Namespace, settings: sandbox.Settings, scratch: 
                                         mounts, preprocessed=False)
                     job_dir = sandbox.make_job_dir(scratch, f"t{n}{name}", files, spec, in_memory)
                     memory = sandbox.memory_files(spec, files) if in_memory else None
-                    argv = sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD,
+                    argv = sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD, seccomp_fd=sandbox.SECCOMP_FD,
                                            memory=[len(files[k]) for k, _ in sandbox.tree_files(spec)] if in_memory else None)
                     try:
-                        job = sandbox.RunningJob(reactor, reactor, argv, job_dir, 60, limits=sandbox.rlimits(settings), files=memory)
+                        job = sandbox.RunningJob(reactor, reactor, argv, job_dir, 60, limits=sandbox.rlimits(settings), files=memory,
+                                                 seccomp=True)
                     finally:
                         for fd in memory or []:
                             os.close(fd)
@@ -247,7 +261,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", type=int, default=50, help="compiles of each kind (interleaved)")
     parser.add_argument("--breakdown", action="store_true", help="what each layer of the sandbox costs")
-    parser.add_argument("--runner", action="store_true", help="RunningJob with prlimit(1) in front against --block-fd")
+    parser.add_argument("--runner", action="store_true", help="RunningJob with a network namespace per job against the syscall filter")
     parser.add_argument("--tree", type=int, default=0, metavar="N",
                         help="a compile that includes N project headers: its tree on the scratch disk against memory files")
     options = parser.parse_args()

@@ -8,7 +8,8 @@ and it runs in the client's working directory, recreated empty, where the
 client's unpreprocessed main file (and, for jobs the server preprocesses,
 its project headers) are at their own paths in a read-only tree: debug info
 then names the same directories as a local build and diagnostics quote the
-same lines.  No network, no other pids, no capabilities, no user namespace of its own, a clean
+same lines.  No network (no socket of any kind: a system call filter, :data:`DENIED_SYSCALLS`), no other
+pids, no capabilities, no user namespace of its own, a clean
 environment, rlimits, and - when the server runs as root - the unprivileged
 uid of the job handler (:mod:`securecc.server.handler`), which starts bubblewrap
 (``bwrap --uid`` as root would map to root outside; see notes/infra.md).
@@ -128,6 +129,54 @@ KILL_WAIT = 0.25  # seconds a kill waits for bwrap to name its inner process (it
 
 
 BLOCK_FD = 4  # with command(block_fd=...), bwrap waits on it, set up, before it runs the compiler (RunningJob)
+SECCOMP_FD = 5  # with command(seccomp_fd=...), bwrap reads the compile's system call filter here (RunningJob)
+
+DENIED_SYSCALLS = (
+    # No sockets of any kind, Unix and abstract ones included, nor io_uring, which makes sockets without socket(2):
+    # this, not a network namespace per job, keeps a compile off every network (a namespace costs ~0.8 ms a job).
+    "socket", "socketpair", "io_uring_setup", "io_uring_enter", "io_uring_register",
+    # Kernel interfaces a compiler never needs and exploits often reach.
+    "bpf", "userfaultfd", "perf_event_open", "keyctl", "add_key", "request_key", "ptrace", "process_vm_readv",
+    "process_vm_writev", "modify_ldt", "mbind", "migrate_pages", "move_pages", "set_mempolicy", "name_to_handle_at",
+    "open_by_handle_at", "fanotify_init", "syslog", "uselib", "vhangup", "acct", "quotactl", "swapon", "swapoff",
+    "reboot", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    # Namespaces and mounts: bwrap has set them up, and the compile has no capabilities for them anyway.
+    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "open_tree", "move_mount", "fsopen", "fsconfig",
+    "fsmount", "fspick", "mount_setattr",
+)
+"""The system calls a compile may not make: each fails with EPERM.  A call of another ABI (i386's ``int 0x80``,
+x32) kills the process, so none of them is reachable by another number."""
+
+
+@functools.cache
+def seccomp_program() -> bytes:
+    """:data:`DENIED_SYSCALLS` as the BPF program bwrap loads before it runs the compile (libseccomp, through
+    pyseccomp); computed once, at the job handler's start, which fails without libseccomp."""
+    import errno
+
+    import pyseccomp
+
+    arch = pyseccomp.system_arch()
+    program = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    program.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
+    for name in DENIED_SYSCALLS:
+        if pyseccomp.resolve_syscall(arch, name) >= 0:  # modify_ldt is x86's only, say
+            program.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+    out = os.memfd_create("securecc-seccomp", os.MFD_CLOEXEC)
+    try:
+        with open(out, "wb", closefd=False) as f:
+            program.export_bpf(f)
+        return os.pread(out, os.fstat(out).st_size, 0)
+    finally:
+        os.close(out)
+
+
+def seccomp_file() -> int:
+    """A memory file holding :func:`seccomp_program`, for bwrap to read from the start (one per sandbox)."""
+    fd = os.memfd_create("securecc-seccomp", os.MFD_CLOEXEC)
+    os.write(fd, seccomp_program())
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 @dataclass(frozen=True)
@@ -153,7 +202,7 @@ def rlimits(settings: Settings) -> tuple[Rlimit, ...]:
 
 
 def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD, block_fd: int | None = None,
-            memory: list[int] | None = None) -> list[str]:
+            memory: list[int] | None = None, seccomp_fd: int | None = None) -> list[str]:
     """The complete command line for one sandboxed compile.
 
     A ``preprocessed`` job compiles ``/job/input`` (named back to
@@ -166,6 +215,10 @@ def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD, block
     :class:`RunningJob` to set them on its inner process, which saves an exec
     a job (0.9 ms).  ``memory``: the sizes of the tree's files, which come
     from :func:`memory_files` at :data:`FILE_FD` and after (bwrap mode).
+    ``seccomp_fd``: where bwrap reads :func:`seccomp_program`; the filter then
+    keeps the compile off every network, so the sandbox keeps the host's
+    network namespace (empty of any socket it could make), else it gets one of
+    its own.
     """
     blocked = block_fd is not None and info_fd is not None and settings.mode != "rlimits-only"
     rlimit_argv = [] if blocked else \
@@ -181,6 +234,7 @@ def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD, block
     bwrap = [
         "bwrap",
         "--unshare-all",
+        *(["--share-net", "--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),  # no socket(2): DENIED_SYSCALLS
         "--unshare-user", "--disable-userns",  # no user namespace of its own: no tmpfs of its choosing, less kernel to reach
         "--die-with-parent",
         "--new-session",
@@ -234,7 +288,7 @@ memory files (``--file FD PATH``), which bwrap writes into the sandbox's own roo
 of ``/`` once it is set up: on ext4 a header's data blocks cost more (``bench/sandbox_overhead.py --tree 100``:
 40.9 ms of CPU a job against 31.8 ms).  A job with more (jobspec allows 20,000) has its tree on the scratch
 disk: each descriptor stays open in the handler until bwrap has started, under the handler's open-file limit."""
-FILE_FD = 5  # the first of the memory files' descriptors in bwrap, one per tree file in tree_files() order
+FILE_FD = 6  # the first of the memory files' descriptors in bwrap, one per tree file in tree_files() order
 _SETUP_FDS = 32  # what bwrap opens besides, as it sets the sandbox up (uid map, mountinfo, each file it writes)
 
 
@@ -425,7 +479,7 @@ class RunningJob:
     def __init__(
         self, reactor: IReactorProcess, clock: IReactorTime, argv: list[str], job_dir: Path, timeout: float,
         process_group: bool = False, output_cap: int = Limits().file_size, split_dwarf: tuple[str, str] | None = None,
-        limits: tuple[Rlimit, ...] | None = None, files: list[int] | None = None,
+        limits: tuple[Rlimit, ...] | None = None, files: list[int] | None = None, seccomp: bool = False,
     ) -> None:
         self._limits = limits  # to set on bwrap's inner process before it goes on (argv made with command(block_fd=BLOCK_FD))
         self._inner_pid: int | None = None
@@ -446,6 +500,9 @@ class RunningJob:
         if blocked is not None:
             fds[BLOCK_FD], self._go = blocked
         fds.update({FILE_FD + n: fd for n, fd in enumerate(files or [])})  # memory_files(): bwrap closes each once read
+        program = seccomp_file() if seccomp else None  # argv made with command(seccomp_fd=SECCOMP_FD)
+        if program is not None:
+            fds[SECCOMP_FD] = program
         # No working directory in bwrap mode (bwrap --chdir sets the compile's): with one, Twisted forks
         # and runs Python in the child rather than posix_spawn, ~5 ms of the handler's CPU a job.
         try:
@@ -460,6 +517,8 @@ class RunningJob:
         finally:
             if blocked is not None:
                 os.close(blocked[0])
+            if program is not None:
+                os.close(program)
         self._process.closeStdin()
         self._timer = clock.callLater(timeout, self.kill, "timeout")
         self.result: defer.Deferred[Outcome] = done.addCallback(self._finished)

@@ -41,13 +41,16 @@ def settings_from(data: dict[str, Any]) -> sandbox.Settings:
 def sandboxed(settings: sandbox.Settings, spec: sandbox.Spec, job_dir: Path, timeout: float, output_cap: int,
               split_dwarf: tuple[str, str] | None = None, memory: list[int] | None = None) -> sandbox.RunningJob:
     """A compile started as every job's is, the self-test's included: under bwrap, which waits on BLOCK_FD until
-    RunningJob has set its rlimits (no prlimit exec); a process group under prlimit in rlimits-only mode.
+    RunningJob has set its rlimits (no prlimit exec) and filters the compile's system calls (SECCOMP_FD); a process
+    group under prlimit in rlimits-only mode.
     ``memory``: the job's tree as :func:`securecc.sandbox.memory_files` (bwrap mode), else it is on the disk."""
     contained = settings.mode == "bwrap"
     sizes = [os.fstat(fd).st_size for fd in memory] if memory is not None else None
-    command = sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD if contained else None, memory=sizes)
+    command = sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD if contained else None, memory=sizes,
+                              seccomp_fd=sandbox.SECCOMP_FD if contained else None)
     return sandbox.RunningJob(reactor, reactor, command, job_dir, timeout, process_group=not contained, output_cap=output_cap,
-                              limits=sandbox.rlimits(settings) if contained else None, split_dwarf=split_dwarf, files=memory)
+                              limits=sandbox.rlimits(settings) if contained else None, split_dwarf=split_dwarf, files=memory,
+                              seccomp=contained)
 
 
 HANDLER_FAILED = "securecc: the server could not run this job (its error, not yours; its log names job {}): compile again\n"

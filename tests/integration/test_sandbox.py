@@ -53,8 +53,28 @@ for fd in range(4096):
 for name in ("CPU", "FSIZE", "AS", "NOFILE", "CORE", "NPROC"):
     print(name, *resource.getrlimit(getattr(resource, "RLIMIT_" + name)))' ;;
   userns) unshare -Urm sh -c 'mount -t tmpfs none /tmp && echo mounted' ;;
+  unix) exec python3 -I -S -c 'import socket, sys
+listener = socket.socket(socket.AF_UNIX)
+listener.connect("\0" + sys.argv[1])
+print("connected")' "$argument" ;;
+  uring) exec python3 -I -S -c 'import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+fd = libc.syscall(425, 4, ctypes.create_string_buffer(120))  # io_uring_setup(4, &params) on x86-64
+print("io_uring", "made" if fd >= 0 else os.strerror(ctypes.get_errno()))' ;;
+  i386) "$(dirname "$0")/i386-socket"; echo "status $?" ;;
 esac
 exit 3
+"""
+
+
+# socket(AF_INET, SOCK_STREAM, 0) by i386's system call number (359), through int 0x80 from a 64-bit process.
+I386_SOCKET = b"""#include <stdio.h>
+int main(void) {
+    long fd;
+    __asm__ volatile ("int $0x80" : "=a"(fd) : "a"(359L), "b"(2L), "c"(1L), "d"(0L) : "memory");
+    printf("i386 socket: %ld\\n", fd);
+    return 0;
+}
 """
 
 
@@ -63,11 +83,12 @@ def evil(realm, tmp_path_factory):
     """A server whose allowlist holds the evil compiler, with small limits."""
     from conftest import start_server
 
-    root = realm.dir / "evilroot"
+    root = evil_root(realm)
     (root / "bin").mkdir(parents=True, exist_ok=True)
     script = root / "bin" / "evilcc"
     script.write_text(EVILCC)
     script.chmod(0o755)
+    subprocess.run(["gcc", "-O2", "-o", root / "bin" / "i386-socket", "-x", "c", "-"], input=I386_SOCKET, check=True)
     compilers = {"gcc": "/usr/bin/gcc", "evilcc": {"path": str(script), "root": str(root), "timeout": 4}}
     s = start_server(realm, realm.dir / "evil-server", compilers=compilers,
                      limits={"cpu_seconds": 2, "file_size": 10 << 20, "processes": 64})
@@ -116,6 +137,43 @@ def test_no_network(evil, realm, monkeypatch, workdir):
             listener.accept()
     assert isinstance(reply, wire.Result) and reply.exit_status != 0 and b"connected" not in reply.stdout
     assert_contained(evil, reply)
+
+
+def test_no_unix_socket_either(evil, realm, monkeypatch, workdir):
+    """The sandbox shares the host's network namespace, but can make no socket: not even one to an abstract Unix
+    socket listening on the host, which a network namespace of its own would also have hidden."""
+    name = f"securecc-test-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind("\0" + name)
+        listener.listen()
+        listener.settimeout(0.5)
+        reply = run_evil(evil, realm, monkeypatch, workdir, f"unix {name}")
+        with pytest.raises(TimeoutError):
+            listener.accept()
+    assert isinstance(reply, wire.Result) and reply.exit_status != 0 and b"connected" not in reply.stdout
+    assert b"PermissionError: [Errno 1] Operation not permitted" in reply.stderr, reply.stderr  # socket(2) itself
+    assert_contained(evil, reply)
+
+
+def test_no_io_uring(evil, realm, monkeypatch, workdir):
+    """io_uring makes sockets without socket(2): the filter refuses io_uring_setup as well."""
+    reply = run_evil(evil, realm, monkeypatch, workdir, "uring")
+    assert isinstance(reply, wire.Result) and reply.stdout == b"io_uring Operation not permitted\n", reply.stdout
+
+
+def test_a_system_call_of_another_abi_kills_the_compile(evil, realm, monkeypatch, workdir):
+    """socket(2) by i386's number through int 0x80, which a filter of x86-64's numbers alone would let by: killed."""
+    here = subprocess.run([Path(evil_root(realm)) / "bin" / "i386-socket"], capture_output=True)
+    if here.returncode != 0 or not here.stdout.startswith(b"i386 socket: 3"):
+        pytest.skip(f"this kernel runs no i386 system calls (IA32 emulation off): {here.returncode}, {here.stdout!r}")
+    reply = run_evil(evil, realm, monkeypatch, workdir, "i386")
+    assert isinstance(reply, wire.Result) and b"i386 socket" not in reply.stdout, reply.stdout
+    assert reply.stdout.endswith(b"status 159\n"), reply.stdout  # 128 + SIGSYS
+    assert_contained(evil, reply)
+
+
+def evil_root(realm) -> Path:
+    return realm.dir / "evilroot"
 
 
 @pytest.mark.parametrize("target", ["keytab", "config", "acl", "audit", "shadow", "root", "home"])
