@@ -126,32 +126,25 @@ def yaml_scratch(server) -> str:
     return yaml.safe_load(server.config_path.read_text())["sandbox"]["scratch"]
 
 
-def test_no_network(evil, realm, monkeypatch, workdir):
-    """A TCP connection to a listener on the host's loopback is impossible."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_no_network(evil, realm, monkeypatch, workdir, family):
+    """No connection to a listener on the host: TCP on its loopback, nor an abstract Unix socket. The sandbox shares
+    the host's network namespace but can make no socket (a namespace of its own would have hidden that one too)."""
+    with socket.socket(socket.AF_INET if family == "tcp" else socket.AF_UNIX) as listener:
+        if family == "tcp":
+            listener.bind(("127.0.0.1", 0))
+            action = f"connect {listener.getsockname()[1]}"
+        else:
+            name = f"securecc-test-{os.getpid()}-{time.monotonic_ns()}"
+            listener.bind("\0" + name)
+            action = f"unix {name}"
         listener.listen()
         listener.settimeout(0.5)
-        reply = run_evil(evil, realm, monkeypatch, workdir, f"connect {listener.getsockname()[1]}")
+        reply = run_evil(evil, realm, monkeypatch, workdir, action)
         with pytest.raises(TimeoutError):
             listener.accept()
     assert isinstance(reply, wire.Result) and reply.exit_status != 0 and b"connected" not in reply.stdout
-    assert_contained(evil, reply)
-
-
-def test_no_unix_socket_either(evil, realm, monkeypatch, workdir):
-    """The sandbox shares the host's network namespace, but can make no socket: not even one to an abstract Unix
-    socket listening on the host, which a network namespace of its own would also have hidden."""
-    name = f"securecc-test-{os.getpid()}-{time.monotonic_ns()}"
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind("\0" + name)
-        listener.listen()
-        listener.settimeout(0.5)
-        reply = run_evil(evil, realm, monkeypatch, workdir, f"unix {name}")
-        with pytest.raises(TimeoutError):
-            listener.accept()
-    assert isinstance(reply, wire.Result) and reply.exit_status != 0 and b"connected" not in reply.stdout
-    assert b"PermissionError: [Errno 1] Operation not permitted" in reply.stderr, reply.stderr  # socket(2) itself
+    assert b"Operation not permitted" in reply.stderr, reply.stderr  # socket(2) itself, not the connection
     assert_contained(evil, reply)
 
 
