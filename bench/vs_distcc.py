@@ -315,7 +315,7 @@ def prepare(package: str, top: Path, options: argparse.Namespace, targets: dict[
     if not any((tree / name).exists() for name in ("Makefile", "makefile", "GNUmakefile")):
         raise SystemExit(f"{package}: no configure script and no Makefile in {tree} (CMake and Meson trees: coverage.py)")
     # MAKEINFO=true: a tree whose manuals are older than their .texi rebuilds them, and Debian has no makeinfo
-    # by default (gawk, bc); the manuals are not what is measured, and every tool gets the same make line.
+    # by default (bc); the manuals are not what is measured, and every tool gets the same make line.
     project = Project(package, tree, [f"-j{options.j}", "MAKEINFO=true", *filter(None, [targets.get(package)])])
     records = top / f"record-{package}"
     records.mkdir()
