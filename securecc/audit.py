@@ -185,7 +185,7 @@ class JobRecord:
     cached_from: str | None | Unset = UNSET  # a hit: the job that stored it (null: its entry names none)
     exit_status: int | None = None
     # a compile: timeout, disconnect, shutdown, revoked (we killed it), or the rlimit (cpu-limit, file-size-limit,
-    # memory-limit, process-limit); null: it ended by itself
+    # memory-limit, process-limit), or system-call-refused (the sandbox's filter killed it); null: it ended by itself
     ended_by: str | None | Unset = UNSET
     output_sha256: str | None | Unset = UNSET  # a compile or a hit (null: no object)
     bytes_out: int | None = None

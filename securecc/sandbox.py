@@ -140,12 +140,17 @@ DENIED_SYSCALLS = (
     "process_vm_writev", "modify_ldt", "mbind", "migrate_pages", "move_pages", "set_mempolicy", "name_to_handle_at",
     "open_by_handle_at", "fanotify_init", "syslog", "uselib", "vhangup", "acct", "quotactl", "swapon", "swapoff",
     "reboot", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
-    # Namespaces and mounts: bwrap has set them up, and the compile has no capabilities for them anyway.
+    # Another process's descriptors or memory: within the sandbox's own pid namespace there is nothing to take, but
+    # nothing to give either.
+    "pidfd_getfd", "kcmp", "process_madvise",
+    # Namespaces and mounts: bwrap has set them up, and the compile has no capabilities for them anyway (the mount
+    # calls libseccomp 2.5 knows; open_tree_attr, listmount and statmount are newer than it).
     "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "open_tree", "move_mount", "fsopen", "fsconfig",
     "fsmount", "fspick", "mount_setattr",
 )
 """The system calls a compile may not make: each fails with EPERM.  A call of another ABI (i386's ``int 0x80``,
-x32) kills the process, so none of them is reachable by another number."""
+x32) kills the process (SIGSYS), so none of them is reachable by another number."""
+_OTHER_ARCHITECTURES = frozenset({"modify_ldt"})  # x86's only: elsewhere there is no such call to deny
 
 
 @functools.cache
@@ -160,8 +165,10 @@ def seccomp_program() -> bytes:
     program = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     program.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
     for name in DENIED_SYSCALLS:
-        if pyseccomp.resolve_syscall(arch, name) >= 0:  # modify_ldt is x86's only, say
+        if pyseccomp.resolve_syscall(arch, name) >= 0:
             program.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+        elif name not in _OTHER_ARCHITECTURES:  # an older libseccomp: io_uring unknown would be io_uring allowed
+            raise OSError(f"libseccomp does not know the system call {name}: upgrade libseccomp (2.5 or later)")
     out = os.memfd_create("securecc-seccomp", os.MFD_CLOEXEC)
     try:
         with open(out, "wb", closefd=False) as f:
@@ -264,8 +271,9 @@ def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD, block
     return [*rlimit_argv, *bwrap, spec.compiler, "-pipe", *spec.args, *names]
 
 
-# Signals and messages by which a limit ends a compile (the driver reports its cc1's death).
-_LIMIT_SIGNALS = {signal.SIGXCPU: "cpu-limit", signal.SIGXFSZ: "file-size-limit"}
+# Signals and messages by which a limit or the system call filter ends a compile (the driver reports its cc1's death).
+_LIMIT_SIGNALS = {signal.SIGXCPU: "cpu-limit", signal.SIGXFSZ: "file-size-limit",
+                  signal.SIGSYS: "system-call-refused"}  # a call by another ABI's number (DENIED_SYSCALLS)
 _LIMIT_MESSAGES = (
     (b"CPU time limit exceeded", "cpu-limit"),
     (b"File size limit exceeded", "file-size-limit"),
@@ -273,6 +281,7 @@ _LIMIT_MESSAGES = (
     (b"out of memory", "memory-limit"),
     (b"Cannot allocate memory", "memory-limit"),
     (b"Resource temporarily unavailable", "process-limit"),
+    (b"Bad system call", "system-call-refused"),  # gcc's driver, of its cc1 or as killed so
 )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -62,6 +63,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 fd = libc.syscall(425, 4, ctypes.create_string_buffer(120))  # io_uring_setup(4, &params) on x86-64
 print("io_uring", "made" if fd >= 0 else os.strerror(ctypes.get_errno()))' ;;
   i386) "$(dirname "$0")/i386-socket"; echo "status $?" ;;
+  i386exec) exec "$(dirname "$0")/i386-socket" ;;
 esac
 exit 3
 """
@@ -162,6 +164,17 @@ def test_a_system_call_of_another_abi_kills_the_compile(evil, realm, monkeypatch
     reply = run_evil(evil, realm, monkeypatch, workdir, "i386")
     assert isinstance(reply, wire.Result) and b"i386 socket" not in reply.stdout, reply.stdout
     assert reply.stdout.endswith(b"status 159\n"), reply.stdout  # 128 + SIGSYS
+    assert_contained(evil, reply)
+
+
+def test_a_compile_the_filter_kills_is_recorded_so(evil, realm, monkeypatch, workdir):
+    """The compiler itself killed by the filter: its record says so, not "it ended by itself"."""
+    here = subprocess.run([Path(evil_root(realm)) / "bin" / "i386-socket"], capture_output=True)
+    if here.returncode != 0:
+        pytest.skip(f"this kernel runs no i386 system calls (IA32 emulation off): {here.returncode}")
+    reply = run_evil(evil, realm, monkeypatch, workdir, "i386exec")
+    assert isinstance(reply, wire.Result) and reply.exit_status == 128 + signal.SIGSYS, reply
+    assert evil.jobs(cwd=str(workdir))[-1]["ended_by"] == "system-call-refused"
     assert_contained(evil, reply)
 
 
