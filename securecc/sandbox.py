@@ -26,7 +26,7 @@ an admin may choose ``rlimits-only``: uid, rlimits, a clean environment and
 a process group, and nothing more, which the server says at start and in
 every audit record.
 
-Why one file of ~670 lines: the sandbox's command line, its limits and the
+Why one file of ~770 lines: the sandbox's command line, its system call filter, its limits and the
 reading of its outputs are one security decision, reviewed together.
 """
 
