@@ -366,7 +366,8 @@ def build_package(package: str, recipe: Recipe, modes: list[Mode], work: Path, w
             canonical.rename(destination)
         objects[mode.name] = object_files(destination) - before
         runs = traced_runs(trace, len(mode.launcher))
-        result["builds"][mode.name] = {"command": command, **tally(runs, mode.outcome, mode.served() - served)}
+        shown = [arg.replace(str(REPO), "REPO") for arg in command]  # the JSON is committed: no machine's paths in it
+        result["builds"][mode.name] = {"command": shown, **tally(runs, mode.outcome, mode.served() - served)}
         print(f"{package} {mode.name}: {result['builds'][mode.name]['jobs']} jobs, "
               f"{result['builds'][mode.name]['remote']} remote, {result['seconds'][mode.name]:.1f} s", file=sys.stderr)
     local = work / "builds" / package / "local"
