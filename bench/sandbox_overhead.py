@@ -7,7 +7,8 @@ Prints the median wall time of each and their difference (the overhead).
 ``--breakdown``: what each layer adds, as the job handler runs it (as
 root: under uid 65534, so bwrap makes a user namespace as it does for the
 handler): bare gcc; under prlimit; bwrap with only the user and mount
-namespaces and / bound read-only; with every namespace (--unshare-all);
+namespaces and / bound read-only; with the other namespaces (pid, IPC,
+UTS, cgroup: not the network's, as the handler) and the system call filter;
 with the real system binds, /dev and a /tmp tmpfs instead of /;
 and the complete sandbox.command() line (job binds, read-only remounts,
 --die-with-parent, --new-session, --info-fd).  Each layer's wall and CPU (a
@@ -30,12 +31,14 @@ interleaved: wall and CPU (a cgroup), the job directory's making and removal inc
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from vs_distcc import CpuGroup
@@ -43,6 +46,22 @@ from vs_distcc import CpuGroup
 from securecc import sandbox
 
 SOURCE = b"int tiny(int x) { return x * 2; }\n"
+
+
+@functools.cache
+def seccomp_filter() -> int:
+    """The handler's system call filter, as a descriptor every sandboxed run here is given (rewound before each)."""
+    return sandbox.seccomp_file()
+
+
+def filtered(spec: sandbox.Spec, settings: sandbox.Settings) -> list[str]:
+    """``sandbox.command()`` as the handler has it, the filter included (``--seccomp``), run by subprocess here."""
+    return sandbox.command(spec, settings, info_fd=None, seccomp_fd=seccomp_filter())
+
+
+def _run(argv: list[str], cwd: Path, preexec_fn: Callable[[], None] | None = None) -> None:
+    os.lseek(seccomp_filter(), 0, os.SEEK_SET)  # bwrap reads it to the end
+    subprocess.run(argv, cwd=cwd, check=True, capture_output=True, preexec_fn=preexec_fn, pass_fds=(seccomp_filter(),))
 
 
 def timed(argv: list[str], cwd: Path) -> float:
@@ -54,7 +73,7 @@ def measured(argv: list[str], cwd: Path, group: CpuGroup | None = None) -> tuple
     bwrap does not reap its sandbox, so the compile's CPU is in no rusage of ours), else 0."""
     join = (lambda: (group.path / "cgroup.procs").write_text(str(os.getpid()))) if group else None
     before, start = group.cpu() if group else 0.0, time.perf_counter()
-    subprocess.run(argv, cwd=cwd, check=True, capture_output=True, preexec_fn=join)
+    _run(argv, cwd, join)
     wall = time.perf_counter() - start
     return wall, (group.cpu() - before) if group else 0.0
 
@@ -77,13 +96,15 @@ def layers(full: list[str]) -> dict[str, list[str]]:
     system = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib", "/lib",
               "--symlink", "usr/lib64", "/lib64", *sandbox.DEVICES, "--tmpfs", "/tmp"]
     over_root = ["--ro-bind", "/", "/", "--bind", ".", "/tmp", "--chdir", "/tmp"]  # the job dir where / has a mount point
+    at = full.index("--seccomp")
+    others = ["--unshare-all", "--share-net", *full[at : at + 2]]  # as the handler's: no network namespace, the filter
     return {
         "bare gcc": bare,
         "+ prlimit": [*prlimit, *bare],
         "+ bwrap: user and mount namespaces, / read-only": [*prlimit, "bwrap", "--unshare-user", *over_root, "--", *bare],
-        "+ every namespace (--unshare-all)": [*prlimit, "bwrap", "--unshare-all", *over_root, "--", *bare],
-        "+ system binds, /dev, /tmp tmpfs": [*prlimit, "bwrap", "--unshare-all", *system, "--bind", ".", "/job",
-                                                    "--chdir", "/job", "--", *compile_args],
+        "+ pid, ipc, uts, cgroup namespaces; the filter": [*prlimit, "bwrap", *others, *over_root, "--", *bare],
+        "+ system binds, /dev, /tmp tmpfs": [*prlimit, "bwrap", *others, *system, "--bind", ".", "/job",
+                                            "--chdir", "/job", "--", *compile_args],
         "the whole sandbox.command()": full,
     }
 
@@ -104,7 +125,7 @@ def machine_wide(argv: list[str], cwd: Path, n: int) -> float:
     time.sleep(0.3)
     before = machine_cpu()
     for _ in range(n):
-        subprocess.run(argv, cwd=cwd, check=True, capture_output=True)
+        _run(argv, cwd)
     time.sleep(0.3)
     return (machine_cpu() - before) / n
 
@@ -119,7 +140,7 @@ def breakdown(options: argparse.Namespace, settings: sandbox.Settings, scratch: 
     job_dir = job_directory(scratch, "machine-wide", settings)
     spec = sandbox.Spec("/usr/bin/gcc", ["-x", "c", "-O2", "-c"], job_dir, "/build", "tiny.c", {})
     machine = {name: machine_wide([*AS_HANDLER, *argv], job_dir, options.n)
-               for name, argv in layers(sandbox.command(spec, settings, info_fd=None)).items()}
+               for name, argv in layers(filtered(spec, settings)).items()}
     previous = None
     print(f"{'':50s} {'wall (median)':>20s} {'CPU (median)':>20s} {'machine CPU (mean)':>20s}")
     for name, samples in times.items():
@@ -135,7 +156,7 @@ def sample(options: argparse.Namespace, settings: sandbox.Settings, scratch: Pat
     for n in range(options.n):
         job_dir = job_directory(scratch, f"b{n}", settings)
         spec = sandbox.Spec("/usr/bin/gcc", ["-x", "c", "-O2", "-c"], job_dir, "/build", "tiny.c", {})
-        for name, argv in layers(sandbox.command(spec, settings, info_fd=None)).items():
+        for name, argv in layers(filtered(spec, settings)).items():
             wall = measured([*AS_HANDLER, *argv], job_dir)[0]  # joining a cgroup slows the start: timed apart
             times.setdefault(name, []).append((wall, measured([*AS_HANDLER, *argv], job_dir, group)[1]))
         sandbox.remove_job_dir(job_dir)
@@ -281,7 +302,7 @@ def main() -> None:
         for n in range(options.n):
             job_dir = job_directory(scratch, f"j{n}", settings)
             spec = sandbox.Spec("/usr/bin/gcc", ["-x", "c", "-O2", "-c"], job_dir, "/build", "tiny.c", {})
-            boxed.append(timed([*AS_HANDLER, *sandbox.command(spec, settings, info_fd=None)], job_dir))
+            boxed.append(timed([*AS_HANDLER, *filtered(spec, settings)], job_dir))
             bare.append(timed(["/usr/bin/gcc", "-x", "c", "-O2", "-c", "-o", "bare.o", "input"], job_dir))
             sandbox.remove_job_dir(job_dir)
     finally:
