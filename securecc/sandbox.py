@@ -8,7 +8,7 @@ and it runs in the client's working directory, recreated empty, where the
 client's unpreprocessed main file (and, for jobs the server preprocesses,
 its project headers) are at their own paths in a read-only tree: debug info
 then names the same directories as a local build and diagnostics quote the
-same lines.  No network (no socket of any kind: a system call filter, :data:`DENIED_SYSCALLS`), no other
+same lines.  No network (no socket of any kind: a system call filter, :data:`ALLOWED_SYSCALLS`), no other
 pids, no capabilities, no user namespace of its own, a clean
 environment, rlimits, and - when the server runs as root - the unprivileged
 uid of the job handler (:mod:`securecc.server.handler`), which starts bubblewrap
@@ -131,44 +131,54 @@ KILL_WAIT = 0.25  # seconds a kill waits for bwrap to name its inner process (it
 BLOCK_FD = 4  # with command(block_fd=...), bwrap waits on it, set up, before it runs the compiler (RunningJob)
 SECCOMP_FD = 5  # with command(seccomp_fd=...), bwrap reads the compile's system call filter here (RunningJob)
 
-DENIED_SYSCALLS = (
-    # No sockets of any kind, Unix and abstract ones included, nor io_uring, which makes sockets without socket(2):
-    # this, not a network namespace per job, keeps a compile off every network (a namespace costs ~0.8 ms a job).
-    "socket", "socketpair", "io_uring_setup", "io_uring_enter", "io_uring_register",
-    # Kernel interfaces a compiler never needs and exploits often reach.
-    "bpf", "userfaultfd", "perf_event_open", "keyctl", "add_key", "request_key", "ptrace", "process_vm_readv",
-    "process_vm_writev", "modify_ldt", "mbind", "migrate_pages", "move_pages", "set_mempolicy", "name_to_handle_at",
-    "open_by_handle_at", "fanotify_init", "syslog", "uselib", "vhangup", "acct", "quotactl", "swapon", "swapoff",
-    "reboot", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
-    # Another process's descriptors or memory: within the sandbox's own pid namespace there is nothing to take, but
-    # nothing to give either.
-    "pidfd_getfd", "kcmp", "process_madvise",
-    # Namespaces and mounts: bwrap has set them up, and the compile has no capabilities for them anyway (the mount
-    # calls libseccomp 2.5 knows; open_tree_attr, listmount and statmount are newer than it).
-    "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "open_tree", "move_mount", "fsopen", "fsconfig",
-    "fsmount", "fspick", "mount_setattr",
+ALLOWED_SYSCALLS = (
+    # A process's own life: start, threads, children (within the sandbox's pid namespace), signals, limits, time.
+    "execve", "execveat", "exit", "exit_group", "clone", "clone3", "fork", "vfork", "wait4", "waitid", "kill", "tkill",
+    "tgkill", "getpid", "getppid", "gettid", "getpgrp", "getpgid", "setpgid", "getsid", "setsid", "set_tid_address",
+    "set_robust_list", "get_robust_list", "rseq", "futex", "arch_prctl", "prctl", "sched_yield", "sched_getaffinity",
+    "sched_setaffinity", "sched_getparam", "sched_getscheduler", "getpriority", "setpriority", "rt_sigaction",
+    "rt_sigprocmask", "rt_sigreturn", "rt_sigpending", "rt_sigsuspend", "rt_sigtimedwait", "sigaltstack", "pause",
+    "alarm", "getitimer", "setitimer", "timer_create", "timer_settime", "timer_gettime", "timer_getoverrun",
+    "timer_delete", "nanosleep", "clock_nanosleep", "clock_gettime", "clock_getres", "gettimeofday", "time", "times",
+    "getrusage", "getrlimit", "setrlimit", "prlimit64", "umask", "uname", "sysinfo", "getrandom", "membarrier",
+    "getuid", "geteuid", "getgid", "getegid", "getresuid", "getresgid", "getgroups", "capget",
+    # Memory.
+    "brk", "mmap", "munmap", "mprotect", "mremap", "madvise", "msync", "mincore",
+    # Files, in the sandbox's own tree: read-only but for the output, which rlimits cap.
+    "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2", "lseek",
+    "open", "openat", "openat2", "creat", "close", "close_range", "dup", "dup2", "dup3", "fcntl", "flock", "ioctl",
+    "fsync", "fdatasync", "ftruncate", "truncate", "fallocate", "fadvise64", "readahead", "sendfile",
+    "copy_file_range", "stat", "fstat", "lstat", "newfstatat", "statx", "statfs", "fstatfs", "access", "faccessat",
+    "faccessat2", "readlink", "readlinkat", "getdents", "getdents64", "getcwd", "chdir", "fchdir", "mkdir", "mkdirat",
+    "rmdir", "unlink", "unlinkat", "rename", "renameat", "renameat2", "link", "linkat", "symlink", "symlinkat",
+    "chmod", "fchmod", "fchmodat", "utimensat", "getxattr", "lgetxattr", "fgetxattr", "listxattr", "llistxattr",
+    "flistxattr", "pipe", "pipe2", "poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl", "epoll_wait",
+    "epoll_pwait", "eventfd2",
 )
-"""The system calls a compile may not make: each fails with EPERM.  A call of another ABI (i386's ``int 0x80``,
-x32) kills the process (SIGSYS), so none of them is reachable by another number."""
-_OTHER_ARCHITECTURES = frozenset({"modify_ldt"})  # x86's only: elsewhere there is no such call to deny
+"""The system calls a compile may make: what gcc, clang and the tools they run need (and bash and Python, which the
+tests' compilers are), on the process itself and the files of its tree.  Any other call fails with ENOSYS, as on a
+kernel without it, so that glibc's fallbacks from newer calls still run: no socket of any kind nor io_uring (which
+makes sockets without socket(2)), so the sandbox needs no network namespace of its own; no bpf, userfaultfd,
+perf_event_open, keyctl, ptrace, process_vm_*, pidfd_*, mount or namespace call, none of the calls kernel exploits
+most often reach, and none the kernel adds later.  A call of another ABI (i386's ``int 0x80``, x32) kills the
+process (SIGSYS), so none of them is reachable by another number."""
 
 
 @functools.cache
 def seccomp_program() -> bytes:
-    """:data:`DENIED_SYSCALLS` as the BPF program bwrap loads before it runs the compile (libseccomp, through
-    pyseccomp); computed once, at the job handler's start, which fails without libseccomp."""
+    """:data:`ALLOWED_SYSCALLS` as the BPF program bwrap loads before it runs the compile (libseccomp, through
+    pyseccomp); computed once, at the job handler's start, which fails without libseccomp.  A name this
+    architecture does not have (x86-64's legacy calls elsewhere) stays refused."""
     import errno
 
     import pyseccomp
 
     arch = pyseccomp.system_arch()
-    program = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    program = pyseccomp.SyscallFilter(pyseccomp.ERRNO(errno.ENOSYS))
     program.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
-    for name in DENIED_SYSCALLS:
+    for name in ALLOWED_SYSCALLS:
         if pyseccomp.resolve_syscall(arch, name) >= 0:
-            program.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
-        elif name not in _OTHER_ARCHITECTURES:  # an older libseccomp: io_uring unknown would be io_uring allowed
-            raise OSError(f"libseccomp does not know the system call {name}: upgrade libseccomp (2.5 or later)")
+            program.add_rule(pyseccomp.ALLOW, name)
     out = os.memfd_create("securecc-seccomp", os.MFD_CLOEXEC)
     try:
         with open(out, "wb", closefd=False) as f:
@@ -209,7 +219,7 @@ def rlimits(settings: Settings) -> tuple[Rlimit, ...]:
 
 
 def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD, block_fd: int | None = None,
-            memory: list[int] | None = None, seccomp_fd: int | None = None) -> list[str]:
+            memory: list[int] | None = None, seccomp_fd: int | None = None, probe: list[str] | None = None) -> list[str]:
     """The complete command line for one sandboxed compile.
 
     A ``preprocessed`` job compiles ``/job/input`` (named back to
@@ -225,7 +235,8 @@ def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD, block
     ``seccomp_fd``: where bwrap reads :func:`seccomp_program`; the filter then
     keeps the compile off every network, so the sandbox keeps the host's
     network namespace (empty of any socket it could make), else it gets one of
-    its own.
+    its own.  ``probe``: a command run instead of the compile, in the same
+    sandbox (the job handler's start-up check that the filter holds).
     """
     blocked = block_fd is not None and info_fd is not None and settings.mode != "rlimits-only"
     rlimit_argv = [] if blocked else \
@@ -241,7 +252,7 @@ def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD, block
     bwrap = [
         "bwrap",
         "--unshare-all",
-        *(["--share-net", "--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),  # no socket(2): DENIED_SYSCALLS
+        *(["--share-net", "--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),  # no socket(2): ALLOWED_SYSCALLS
         "--unshare-user", "--disable-userns",  # no user namespace of its own: no tmpfs of its choosing, less kernel to reach
         "--die-with-parent",
         "--new-session",
@@ -264,6 +275,8 @@ def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD, block
         "--",
     ]
     output = spec.split_dwarf[0] if spec.split_dwarf else _OUTPUT
+    if probe is not None:
+        return [*rlimit_argv, *bwrap, *probe]
     if spec.preprocessed:
         names = [f"-fdebug-prefix-map={_INPUT}={spec.source_path}", "-o", output, _INPUT]
     else:
@@ -273,7 +286,7 @@ def command(spec: Spec, settings: Settings, info_fd: int | None = INFO_FD, block
 
 # Signals and messages by which a limit or the system call filter ends a compile (the driver reports its cc1's death).
 _LIMIT_SIGNALS = {signal.SIGXCPU: "cpu-limit", signal.SIGXFSZ: "file-size-limit",
-                  signal.SIGSYS: "system-call-refused"}  # a call by another ABI's number (DENIED_SYSCALLS)
+                  signal.SIGSYS: "system-call-refused"}  # a call by another ABI's number (ALLOWED_SYSCALLS)
 _LIMIT_MESSAGES = (
     (b"CPU time limit exceeded", "cpu-limit"),
     (b"File size limit exceeded", "file-size-limit"),

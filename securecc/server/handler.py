@@ -39,15 +39,17 @@ def settings_from(data: dict[str, Any]) -> sandbox.Settings:
 
 
 def sandboxed(settings: sandbox.Settings, spec: sandbox.Spec, job_dir: Path, timeout: float, output_cap: int,
-              split_dwarf: tuple[str, str] | None = None, memory: list[int] | None = None) -> sandbox.RunningJob:
+              split_dwarf: tuple[str, str] | None = None, memory: list[int] | None = None,
+              probe: list[str] | None = None) -> sandbox.RunningJob:
     """A compile started as every job's is, the self-test's included: under bwrap, which waits on BLOCK_FD until
     RunningJob has set its rlimits (no prlimit exec) and filters the compile's system calls (SECCOMP_FD); a process
     group under prlimit in rlimits-only mode.
-    ``memory``: the job's tree as :func:`securecc.sandbox.memory_files` (bwrap mode), else it is on the disk."""
+    ``memory``: the job's tree as :func:`securecc.sandbox.memory_files` (bwrap mode), else it is on the disk.
+    ``probe``: the self-test's command instead of the compile."""
     contained = settings.mode == "bwrap"
     sizes = [os.fstat(fd).st_size for fd in memory] if memory is not None else None
     command = sandbox.command(spec, settings, block_fd=sandbox.BLOCK_FD if contained else None, memory=sizes,
-                              seccomp_fd=sandbox.SECCOMP_FD if contained else None)
+                              seccomp_fd=sandbox.SECCOMP_FD if contained else None, probe=probe)
     return sandbox.RunningJob(reactor, reactor, command, job_dir, timeout, process_group=not contained, output_cap=output_cap,
                               limits=sandbox.rlimits(settings) if contained else None, split_dwarf=split_dwarf, files=memory,
                               seccomp=contained)
@@ -56,6 +58,30 @@ def sandboxed(settings: sandbox.Settings, spec: sandbox.Spec, job_dir: Path, tim
 HANDLER_FAILED = "securecc: the server could not run this job (its error, not yours; its log names job {}): compile again\n"
 SELF_TEST_FAILED = ("the sandbox cannot compile ({}); check that bubblewrap works here (or, knowing what it costs, set "
                     "sandbox.mode: rlimits-only) and that the scratch directory is reachable by the sandbox uid")
+FILTER_FAILED = ("the sandbox's system call filter does not hold ({}): a compile could reach the network; check that this "
+                 "bubblewrap loads --seccomp filters")
+# Run in the sandbox once the self-test's compile has passed: the filter is proven by what it refuses, not by its loading.
+SOCKET_PROBE = """import socket
+for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, socket.AF_NETLINK):
+    try:
+        socket.socket(family, socket.SOCK_DGRAM if family == socket.AF_NETLINK else socket.SOCK_STREAM).close()
+    except OSError:
+        continue
+    raise SystemExit(f"a socket of {family.name} was made")
+"""
+
+
+def socket_probe() -> tuple[list[str], str | None]:
+    """The handler's own interpreter, run in the sandbox on :data:`SOCKET_PROBE`, and what to bind for it outside /usr."""
+    interpreter = os.path.realpath(sys.executable)
+    return [interpreter, "-I", "-S", "-c", SOCKET_PROBE], None if interpreter.startswith("/usr/") else sys.base_prefix
+
+
+def _last_words(outcome: sandbox.Outcome | Failure) -> str:
+    """What a failed self-test said last: bwrap's or the compiler's own words before ours."""
+    lines = outcome.stderr.decode(errors="replace").strip().splitlines() if isinstance(outcome, sandbox.Outcome) else [str(outcome)]
+    theirs = [line for line in lines if not line.startswith("securecc:")] or lines
+    return theirs[-1] if theirs else str(getattr(outcome, "exit_status", "?"))
 
 
 class HandlerProtocol(Int32StringReceiver):
@@ -95,14 +121,32 @@ class HandlerProtocol(Int32StringReceiver):
         test.result.addBoth(self._tested, job_dir)
 
     def _tested(self, outcome: sandbox.Outcome | Failure, job_dir: Path) -> None:
-        """The self-test compiled a trivial file once, so a broken setup fails at start-up: ready, or fatal."""
+        """The self-test compiled a trivial file once, so a broken setup fails at start-up; then, with bubblewrap, it
+        tries to make sockets in the sandbox (:data:`SOCKET_PROBE`): ready, or fatal."""
+        assert self.settings is not None
         sandbox.remove_job_dir(job_dir)
-        if isinstance(outcome, sandbox.Outcome) and outcome.exit_status == 0 and outcome.output:
+        if not (isinstance(outcome, sandbox.Outcome) and outcome.exit_status == 0 and outcome.output):
+            self.sendString(pack("fatal", error=SELF_TEST_FAILED.format(_last_words(outcome))))
+            return
+        if self.settings.mode != "bwrap":  # no filter to prove: the server says so at start and in every record
             self.sendString(pack("ready"))
             return
-        lines = outcome.stderr.decode(errors="replace").strip().splitlines() if isinstance(outcome, sandbox.Outcome) else [str(outcome)]
-        theirs = [line for line in lines if not line.startswith("securecc:")] or lines  # bwrap's or gcc's own words first
-        self.sendString(pack("fatal", error=SELF_TEST_FAILED.format(theirs[-1] if theirs else getattr(outcome, "exit_status", "?"))))
+        try:
+            probe, root = socket_probe()
+            job_dir = sandbox.make_job_dir(self.scratch, "socket-probe", {})
+            spec = sandbox.Spec(probe[0], [], job_dir, "/build", "probe", {}, compiler_root=root)
+            test = sandboxed(self.settings, spec, job_dir, 60, 0, probe=probe)
+        except OSError as e:
+            self.sendString(pack("fatal", error=str(e)))
+            return
+        test.result.addBoth(self._probed, job_dir)
+
+    def _probed(self, outcome: sandbox.Outcome | Failure, job_dir: Path) -> None:
+        sandbox.remove_job_dir(job_dir)
+        if isinstance(outcome, sandbox.Outcome) and outcome.exit_status == 0:
+            self.sendString(pack("ready"))
+        else:
+            self.sendString(pack("fatal", error=FILTER_FAILED.format(_last_words(outcome))))
 
     def _run(self, blobs: list[bytes | None], id: str, spec: dict[str, Any], files: list[str], timeout: float,
              output_cap: int) -> None:
