@@ -60,6 +60,7 @@ SELF_TEST_FAILED = ("the sandbox cannot compile ({}); check that bubblewrap work
                     "sandbox.mode: rlimits-only) and that the scratch directory is reachable by the sandbox uid")
 FILTER_FAILED = ("the sandbox's system call filter does not hold ({}): a compile could reach the network; check that this "
                  "bubblewrap loads --seccomp filters")
+PROBE_FAILED = "the sandbox cannot run the handler's own interpreter ({}), which proves its system call filter at start"
 # Run in the sandbox once the self-test's compile has passed: the filter is proven by what it refuses, not by its loading.
 SOCKET_PROBE = """import socket
 for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, socket.AF_NETLINK):
@@ -145,8 +146,9 @@ class HandlerProtocol(Int32StringReceiver):
         sandbox.remove_job_dir(job_dir)
         if isinstance(outcome, sandbox.Outcome) and outcome.exit_status == 0:
             self.sendString(pack("ready"))
-        else:
-            self.sendString(pack("fatal", error=FILTER_FAILED.format(_last_words(outcome))))
+            return
+        made = isinstance(outcome, sandbox.Outcome) and b" was made" in outcome.stderr
+        self.sendString(pack("fatal", error=(FILTER_FAILED if made else PROBE_FAILED).format(_last_words(outcome))))
 
     def _run(self, blobs: list[bytes | None], id: str, spec: dict[str, Any], files: list[str], timeout: float,
              output_cap: int) -> None:

@@ -9,6 +9,7 @@ from twisted.internet.testing import StringTransport
 from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
+from securecc import sandbox
 from securecc.server import handler
 from securecc.server.handler_link import unpack
 
@@ -38,3 +39,26 @@ def test_a_handler_failure_tells_the_client_nothing_of_the_servers_insides(tmp_p
     logged = capsys.readouterr().err
     assert "job 4f2a failed" in logged and "secret.h" in logged and "Traceback" in logged
     assert not (tmp_path / "4f2a").exists()
+
+
+def _probe_verdict(tmp_path: Path, outcome: sandbox.Outcome) -> dict[str, str]:
+    proto, transport = handler.HandlerProtocol(), StringTransport()
+    proto.makeConnection(transport)
+    (tmp_path / "socket-probe").mkdir()
+    proto._probed(outcome, tmp_path / "socket-probe")
+    received: list[bytes] = []
+    front = Int32StringReceiver()
+    front.stringReceived = received.append
+    front.dataReceived(transport.value())
+    assert not (tmp_path / "socket-probe").exists()
+    return unpack(received[0])[0]
+
+
+def test_the_socket_probe_says_whether_the_filter_failed_or_the_probe_could_not_run(tmp_path: Path) -> None:
+    """A made socket is the filter's failure; an interpreter that cannot start in the sandbox is not, and the start
+    fails either way (the real filter's failure is attacked in tests/integration/test_sandbox.py)."""
+    assert _probe_verdict(tmp_path, sandbox.Outcome(0, b"", b"", b"", None)) == {"op": "ready"}
+    made = _probe_verdict(tmp_path, sandbox.Outcome(1, b"", b"a socket of AF_INET was made\n", b"", None))
+    assert made["op"] == "fatal" and made["error"].startswith("the sandbox's system call filter does not hold (a socket")
+    broken = _probe_verdict(tmp_path, sandbox.Outcome(127, b"", b"bwrap: execvp /opt/py/bin/python3: No such file\n", b"", None))
+    assert broken["op"] == "fatal" and broken["error"].startswith("the sandbox cannot run the handler's own interpreter (bwrap")
