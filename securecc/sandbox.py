@@ -33,6 +33,7 @@ reading of its outputs are one security decision, reviewed together.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -40,6 +41,7 @@ import resource
 import shutil
 import signal
 import stat
+import termios
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -143,25 +145,33 @@ ALLOWED_SYSCALLS = (
     "getrusage", "getrlimit", "setrlimit", "prlimit64", "umask", "uname", "sysinfo", "getrandom", "membarrier",
     "getuid", "geteuid", "getgid", "getegid", "getresuid", "getresgid", "getgroups", "capget",
     # Memory.
-    "brk", "mmap", "munmap", "mprotect", "mremap", "madvise", "msync", "mincore",
-    # Files, in the sandbox's own tree: read-only but for the output, which rlimits cap.
+    "brk", "mmap", "munmap", "mprotect", "mremap", "madvise", "msync",
+    # Files, in the sandbox's own tree: read-only but for the output, which rlimits cap.  Not fallocate (ext4 lets
+    # FALLOC_FL_KEEP_SIZE past RLIMIT_FSIZE), mkdir, chmod or links (a directory of mode 0 or thousands deep in
+    # -gsplit-dwarf's writable directory), flock (a lock on a host file in /usr), fadvise64, readahead or mincore
+    # (which of /usr's files other jobs read, from the page cache): no compile makes them.
     "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2", "lseek",
-    "open", "openat", "openat2", "creat", "close", "close_range", "dup", "dup2", "dup3", "fcntl", "flock", "ioctl",
-    "fsync", "fdatasync", "ftruncate", "truncate", "fallocate", "fadvise64", "readahead", "sendfile",
-    "copy_file_range", "stat", "fstat", "lstat", "newfstatat", "statx", "statfs", "fstatfs", "access", "faccessat",
-    "faccessat2", "readlink", "readlinkat", "getdents", "getdents64", "getcwd", "chdir", "fchdir", "mkdir", "mkdirat",
-    "rmdir", "unlink", "unlinkat", "rename", "renameat", "renameat2", "link", "linkat", "symlink", "symlinkat",
-    "chmod", "fchmod", "fchmodat", "utimensat", "getxattr", "lgetxattr", "fgetxattr", "listxattr", "llistxattr",
-    "flistxattr", "pipe", "pipe2", "poll", "ppoll", "select", "pselect6", "epoll_create1", "epoll_ctl", "epoll_wait",
-    "epoll_pwait", "eventfd2",
+    "open", "openat", "openat2", "creat", "close", "close_range", "dup", "dup2", "dup3", "fsync", "fdatasync",
+    "ftruncate", "truncate", "sendfile", "copy_file_range", "stat", "fstat", "lstat", "newfstatat", "statx", "statfs",
+    "fstatfs", "access", "faccessat", "faccessat2", "readlink", "readlinkat", "getdents", "getdents64", "getcwd",
+    "chdir", "fchdir", "unlink", "unlinkat", "rename", "renameat", "renameat2", "fchmod", "utimensat", "getxattr",
+    "lgetxattr", "fgetxattr", "listxattr", "llistxattr", "flistxattr", "pipe", "pipe2", "poll", "ppoll", "select",
+    "pselect6", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "eventfd2",
 )
-"""The system calls a compile may make: what gcc, clang and the tools they run need (and bash and Python, which the
-tests' compilers are), on the process itself and the files of its tree.  Any other call fails with ENOSYS, as on a
-kernel without it, so that glibc's fallbacks from newer calls still run: no socket of any kind nor io_uring (which
-makes sockets without socket(2)), so the sandbox needs no network namespace of its own; no bpf, userfaultfd,
-perf_event_open, keyctl, ptrace, process_vm_*, pidfd_*, mount or namespace call, none of the calls kernel exploits
-most often reach, and none the kernel adds later.  A call of another ABI (i386's ``int 0x80``, x32) kills the
-process (SIGSYS), so none of them is reachable by another number."""
+"""The system calls a compile may make (ioctl and fcntl: :data:`ALLOWED_REQUESTS`): what gcc, clang and the tools
+they run need (and bash and Python, which the tests' compilers are), on the process itself and the files of its
+tree.  Any other call fails with ENOSYS, as on a kernel without it, so that glibc's fallbacks from newer calls still
+run: no socket of any kind nor io_uring (which makes sockets without socket(2)), so the sandbox needs no network
+namespace of its own; no bpf, userfaultfd, perf_event_open, keyctl, ptrace, process_vm_*, pidfd_*, mount or
+namespace call, none of the calls kernel exploits most often reach, and none the kernel adds later.  A call of
+another ABI (i386's ``int 0x80``, x32) kills the process (SIGSYS), so none of them is reachable by another number."""
+ALLOWED_REQUESTS = {
+    # Only these requests (the second argument) of these calls: a terminal's questions (there is none: isatty, its
+    # size), descriptor flags; no locks, leases or signals on descriptors, no file system's own ioctls (btrfs would
+    # make a subvolume the handler cannot remove).
+    "ioctl": (termios.TCGETS, termios.TIOCGWINSZ, termios.TIOCGPGRP, termios.FIONREAD, termios.FIOCLEX, termios.FIONCLEX),
+    "fcntl": (fcntl.F_DUPFD, fcntl.F_DUPFD_CLOEXEC, fcntl.F_GETFD, fcntl.F_SETFD, fcntl.F_GETFL, fcntl.F_SETFL),
+}
 
 
 @functools.cache
@@ -180,6 +190,9 @@ def seccomp_program() -> bytes:
     for name in ALLOWED_SYSCALLS:
         if pyseccomp.resolve_syscall(arch, name) >= 0:
             program.add_rule(pyseccomp.ALLOW, name)
+    for name, requests in ALLOWED_REQUESTS.items():  # the second argument, compared in full (64 bits)
+        for request in requests:
+            program.add_rule(pyseccomp.ALLOW, name, pyseccomp.Arg(1, pyseccomp.EQ, request))
     out = os.memfd_create("securecc-seccomp", os.MFD_CLOEXEC)
     try:
         with open(out, "wb", closefd=False) as f:
@@ -770,11 +783,46 @@ def prepare_scratch(scratch: Path) -> None:
     os.chmod(scratch, 0o700)
     for stale in scratch.iterdir():
         if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
+            remove_job_dir(stale)
         else:
             stale.unlink(missing_ok=True)
 
 
 def remove_job_dir(job_dir: Path) -> None:
-    shutil.rmtree(job_dir, ignore_errors=True)
+    """The job directory and everything in it, whatever the compile made of its writable part (``-gsplit-dwarf``'s
+    :data:`SPLIT_DIR`, which it may set to mode 0): each directory is made ours again (0700) before it is entered,
+    and the walk holds one descriptor and no recursion, however deep.  No link is followed.  The compile has ended:
+    nothing changes under the walk.  What cannot be removed stays, for the handler's next start."""
+    with contextlib.suppress(OSError):
+        _remove_tree(job_dir)
+
+
+def _remove_tree(top: Path) -> None:
+    below: list[str] = []  # the names from top down to fd's directory
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        while True:
+            directory = None
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        directory = entry.name
+                        break
+                    os.unlink(entry.name, dir_fd=fd)  # a file or a link, as it is met
+            if directory is not None:
+                os.chmod(directory, 0o700, dir_fd=fd)  # a directory, not a link (is_dir above): ours, so this works
+                child = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                below.append(directory)
+            elif below:
+                parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = parent
+                os.rmdir(below.pop(), dir_fd=fd)
+            else:
+                break
+    finally:
+        os.close(fd)
+    os.rmdir(top)
 

@@ -69,12 +69,19 @@ for family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX, socket.AF_NETLIN
     except OSError:
         continue
     raise SystemExit(f"a socket of {family.name} was made")
+try:
+    socket.socketpair()
+except OSError:
+    pass
+else:
+    raise SystemExit("a socket of AF_UNIX was made (socketpair)")
 """
 
 
 def socket_probe() -> tuple[list[str], str | None]:
-    """The handler's own interpreter, run in the sandbox on :data:`SOCKET_PROBE`, and what to bind for it outside /usr."""
-    interpreter = os.path.realpath(sys.executable)
+    """The handler's own interpreter, run in the sandbox on :data:`SOCKET_PROBE`, and what to bind for it outside /usr:
+    the installation a venv's interpreter comes from (its ``python`` may be a copy, outside that installation)."""
+    interpreter = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
     return [interpreter, "-I", "-S", "-c", SOCKET_PROBE], None if interpreter.startswith("/usr/") else sys.base_prefix
 
 
@@ -116,7 +123,7 @@ class HandlerProtocol(Int32StringReceiver):
             job_dir = sandbox.make_job_dir(self.scratch, "self-test", {"input": b"int securecc_probe;\n"})
             spec = sandbox.Spec(settings["probe"], ["-x", "c", "-c"], job_dir, "/build", "probe.c", {}, compiler_root=settings["probe_root"])
             test = sandboxed(self.settings, spec, job_dir, 60, self.settings.limits.file_size)
-        except OSError as e:
+        except Exception as e:  # a start that fails in any way says so: the front would wait for ever
             self.sendString(pack("fatal", error=str(e)))
             return
         test.result.addBoth(self._tested, job_dir)

@@ -23,6 +23,10 @@ NEVER_ALLOWED = (
     "umount2", "pivot_root", "chroot", "open_tree", "move_mount", "fsopen", "fsconfig", "fsmount", "fspick",
     "mount_setattr", "memfd_create", "memfd_secret", "personality", "setuid", "setgid", "setgroups", "capset",
     "chown", "fchown", "fchownat", "lchown", "mknod", "mknodat", "seccomp", "landlock_create_ruleset",
+    # What an attack on the allowlist used (tests/integration/test_sandbox.py): past RLIMIT_FSIZE, directories the
+    # handler cannot remove, locks on host files, the page cache's view of other jobs; ioctl and fcntl only by request.
+    "fallocate", "mkdir", "mkdirat", "rmdir", "chmod", "fchmodat", "link", "linkat", "symlink", "symlinkat", "flock",
+    "fadvise64", "readahead", "mincore", "ioctl", "fcntl",
 )
 
 
@@ -43,3 +47,11 @@ def test_the_filter_compiles_to_one_program() -> None:
     program = sandbox.seccomp_program()
     assert program and len(program) % 8 == 0  # struct sock_filter: 8 bytes an instruction
     assert sandbox.seccomp_program() is program  # built once, at the handler's start
+
+
+def test_ioctl_and_fcntl_are_allowed_only_by_request() -> None:
+    import fcntl
+
+    assert set(sandbox.ALLOWED_REQUESTS) == {"ioctl", "fcntl"}
+    assert not {fcntl.F_SETLK, fcntl.F_SETLKW, fcntl.F_OFD_SETLK, fcntl.F_SETLEASE, fcntl.F_NOTIFY, fcntl.F_SETOWN,
+                fcntl.F_SETSIG} & set(sandbox.ALLOWED_REQUESTS["fcntl"])
