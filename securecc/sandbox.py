@@ -8,7 +8,7 @@ and it runs in the client's working directory, recreated empty, where the
 client's unpreprocessed main file (and, for jobs the server preprocesses,
 its project headers) are at their own paths in a read-only tree: debug info
 then names the same directories as a local build and diagnostics quote the
-same lines.  No network (no socket of any kind: a system call filter, :data:`ALLOWED_SYSCALLS`), no other
+same lines.  No network (no socket of any kind: a system call allowlist, :data:`ALLOWED_SYSCALLS`), no other
 pids, no capabilities, no user namespace of its own, a clean
 environment, rlimits, and - when the server runs as root - the unprivileged
 uid of the job handler (:mod:`securecc.server.handler`), which starts bubblewrap
@@ -26,8 +26,8 @@ an admin may choose ``rlimits-only``: uid, rlimits, a clean environment and
 a process group, and nothing more, which the server says at start and in
 every audit record.
 
-Why one file of ~770 lines: the sandbox's command line, its system call filter, its limits and the
-reading of its outputs are one security decision, reviewed together.
+Why one file of ~830 lines: the sandbox's command line, its system call filter, its limits, the
+reading of its outputs and the removal of what a job leaves are one security decision, reviewed together.
 """
 
 from __future__ import annotations
