@@ -62,7 +62,9 @@ SPLIT_DIR = "out"
 gcc's ``objcopy --strip-dwo`` rewrites the object through a temporary file beside it, and the object
 names its ``.dwo`` by path.  The job's files in it are bound read-only on top; the outputs are read from it
 as from ``output`` (no links, own, one link, capped).  Such a job can create files there, on the
-scratch disk, each capped by RLIMIT_FSIZE; nothing else is writable."""
+scratch disk, each capped by RLIMIT_FSIZE but not their number or total: until its timeout a hostile job can
+take the scratch file system's space or inodes, which is why etc/securecc-server.service gives scratch a
+capped file system of its own; nothing else is writable."""
 
 
 @dataclass(frozen=True)
@@ -708,13 +710,14 @@ class OutputError(Exception):
 def read_output(job_dir: Path, cap: int, name: str = OUTPUT) -> bytes:
     """The job's output file ``name``, opened without following links, checked to be a regular file
     of ours (the handler's uid, which the sandbox writes as) and at most ``cap`` bytes."""
-    directory = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=directory)
+    try:  # the directory too: -gsplit-dwarf's is the compile's, which may have set its mode to 0
+        directory = os.open(job_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY, dir_fd=directory)
+        finally:
+            os.close(directory)
     except OSError as e:
         raise OutputError(f"the compile's output cannot be opened ({e.strerror})") from None
-    finally:
-        os.close(directory)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
         os.close(fd)
@@ -799,6 +802,8 @@ def remove_job_dir(job_dir: Path) -> None:
 
 def _remove_tree(top: Path) -> None:
     below: list[str] = []  # the names from top down to fd's directory
+    if stat.S_ISDIR(os.lstat(top).st_mode):
+        os.chmod(top, 0o700)
     fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
         while True:

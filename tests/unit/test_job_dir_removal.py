@@ -1,5 +1,6 @@
-"""A job directory is removed whatever the compile left in it, by the handler's uid, which has no capability to
-override a directory's mode: -gsplit-dwarf's writable directory is the compile's to shape."""
+"""A job directory's outputs are read, and the directory removed, whatever the compile left in it, by the handler's
+uid, which has no capability to override a directory's mode: -gsplit-dwarf's writable directory is the compile's to
+shape."""
 
 from __future__ import annotations
 
@@ -93,7 +94,22 @@ def test_a_handler_start_removes_what_a_crash_left(scratch: Path) -> None:
         job = sandbox.make_job_dir(scratch, "j", {})
         (job / "sub").mkdir()
         (job / "sub").chmod(0)
+        job.chmod(0)
         sandbox.prepare_scratch(scratch)
         assert list(scratch.iterdir()) == []
+
+    as_handler(work)
+
+
+def test_an_output_directory_of_mode_0_is_the_jobs_bad_output_not_the_handlers_failure(scratch: Path) -> None:
+    """The compile may fchmod its -gsplit-dwarf directory to 0: a bad output (the client's doing), not an exception
+    that reports the server's own failure and logs a traceback."""
+    def work() -> None:
+        split = sandbox.make_job_dir(scratch, "j", {}) / sandbox.SPLIT_DIR
+        split.mkdir()
+        (split / "x.o").write_bytes(b"\x7fELF")
+        split.chmod(0)
+        with pytest.raises(sandbox.OutputError, match="cannot be opened"):
+            sandbox.read_output(split, 1 << 20, "x.o")
 
     as_handler(work)
