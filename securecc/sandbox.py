@@ -36,6 +36,7 @@ import contextlib
 import fcntl
 import functools
 import json
+import mmap
 import os
 import resource
 import shutil
@@ -139,7 +140,7 @@ ALLOWED_SYSCALLS = (
     # A process's own life: start, threads, children (within the sandbox's pid namespace), signals, limits, time.
     "execve", "execveat", "exit", "exit_group", "clone", "clone3", "fork", "vfork", "wait4", "waitid", "kill", "tkill",
     "tgkill", "getpid", "getppid", "gettid", "getpgrp", "getpgid", "setpgid", "getsid", "setsid", "set_tid_address",
-    "set_robust_list", "get_robust_list", "rseq", "futex", "arch_prctl", "prctl", "sched_yield", "sched_getaffinity",
+    "set_robust_list", "get_robust_list", "rseq", "futex", "arch_prctl", "sched_yield", "sched_getaffinity",
     "sched_setaffinity", "sched_getparam", "sched_getscheduler", "getpriority", "setpriority", "rt_sigaction",
     "rt_sigprocmask", "rt_sigreturn", "rt_sigpending", "rt_sigsuspend", "rt_sigtimedwait", "sigaltstack", "pause",
     "alarm", "getitimer", "setitimer", "timer_create", "timer_settime", "timer_gettime", "timer_getoverrun",
@@ -147,7 +148,7 @@ ALLOWED_SYSCALLS = (
     "getrusage", "getrlimit", "setrlimit", "prlimit64", "umask", "uname", "sysinfo", "getrandom", "membarrier",
     "getuid", "geteuid", "getgid", "getegid", "getresuid", "getresgid", "getgroups", "capget",
     # Memory.
-    "brk", "mmap", "munmap", "mprotect", "mremap", "madvise", "msync",
+    "brk", "mmap", "munmap", "mprotect", "mremap", "msync",
     # Files, in the sandbox's own tree: read-only but for the output, which rlimits cap.  Not fallocate (ext4 lets
     # FALLOC_FL_KEEP_SIZE past RLIMIT_FSIZE), mkdir, chmod or links (a directory of mode 0 or thousands deep in
     # -gsplit-dwarf's writable directory), flock (a lock on a host file in /usr), fadvise64, readahead or mincore
@@ -160,7 +161,7 @@ ALLOWED_SYSCALLS = (
     "lgetxattr", "fgetxattr", "listxattr", "llistxattr", "flistxattr", "pipe", "pipe2", "poll", "ppoll", "select",
     "pselect6", "epoll_create1", "epoll_ctl", "epoll_wait", "epoll_pwait", "eventfd2",
 )
-"""The system calls a compile may make (ioctl and fcntl: :data:`ALLOWED_REQUESTS`): what gcc, clang and the tools
+"""The system calls a compile may make (ioctl, fcntl, prctl, madvise: :data:`ALLOWED_REQUESTS`): what gcc, clang and the tools
 they run need (and bash and Python, which the tests' compilers are), on the process itself and the files of its
 tree.  Any other call fails with ENOSYS, as on a kernel without it, so that glibc's fallbacks from newer calls still
 run: no socket of any kind nor io_uring (which makes sockets without socket(2)), so the sandbox needs no network
@@ -168,11 +169,20 @@ namespace of its own; no bpf, userfaultfd, perf_event_open, keyctl, ptrace, proc
 namespace call, none of the calls kernel exploits most often reach, and none the kernel adds later.  A call of
 another ABI (i386's ``int 0x80``, x32) kills the process (SIGSYS), so none of them is reachable by another number."""
 ALLOWED_REQUESTS = {
-    # Only these requests (the second argument) of these calls: a terminal's questions (there is none: isatty, its
-    # size), descriptor flags; no locks, leases or signals on descriptors, no file system's own ioctls (btrfs would
-    # make a subvolume the handler cannot remove).
-    "ioctl": (termios.TCGETS, termios.TIOCGWINSZ, termios.TIOCGPGRP, termios.FIONREAD, termios.FIOCLEX, termios.FIONCLEX),
-    "fcntl": (fcntl.F_DUPFD, fcntl.F_DUPFD_CLOEXEC, fcntl.F_GETFD, fcntl.F_SETFD, fcntl.F_GETFL, fcntl.F_SETFL),
+    # Only these values of one argument (its index first) of these calls.  ioctl: a terminal's questions (there is
+    # none: isatty, its size) and descriptor flags, no file system's own ioctls (btrfs would make a subvolume the
+    # handler cannot remove).  fcntl: dup and flags, no locks, leases or signals on descriptors.
+    "ioctl": (1, (termios.TCGETS, termios.TIOCGWINSZ, termios.TIOCGPGRP, termios.FIONREAD, termios.FIOCLEX,
+                  termios.FIONCLEX)),
+    "fcntl": (1, (fcntl.F_DUPFD, fcntl.F_DUPFD_CLOEXEC, fcntl.F_GETFD, fcntl.F_SETFD, fcntl.F_GETFL, fcntl.F_SETFL)),
+    # prctl: its parent-death signal, dumpability, a thread's name, and read-only questions (PR_SET/GET_PDEATHSIG 1-2,
+    # PR_GET/SET_DUMPABLE 3-4, PR_SET/GET_NAME 15-16, PR_CAPBSET_READ 23, PR_GET_SECUREBITS 27, PR_SET/GET_NO_NEW_PRIVS
+    # 38-39).  Not PR_SET_MEMORY_MERGE, nor madvise's MADV_MERGEABLE: with KSM on, merged pages would tell by their
+    # timing what memory other jobs hold.  madvise: the advice an allocator gives, not hole punching or poisoning.
+    "prctl": (0, (1, 2, 3, 4, 15, 16, 23, 27, 38, 39)),
+    "madvise": (2, (mmap.MADV_NORMAL, mmap.MADV_RANDOM, mmap.MADV_SEQUENTIAL, mmap.MADV_WILLNEED, mmap.MADV_DONTNEED,
+                    mmap.MADV_FREE, mmap.MADV_DONTFORK, mmap.MADV_DOFORK, mmap.MADV_HUGEPAGE, mmap.MADV_NOHUGEPAGE,
+                    mmap.MADV_DONTDUMP, mmap.MADV_DODUMP)),
 }
 
 
@@ -192,9 +202,9 @@ def seccomp_program() -> bytes:
     for name in ALLOWED_SYSCALLS:
         if pyseccomp.resolve_syscall(arch, name) >= 0:
             program.add_rule(pyseccomp.ALLOW, name)
-    for name, requests in ALLOWED_REQUESTS.items():  # the second argument, compared in full (64 bits)
+    for name, (argument, requests) in ALLOWED_REQUESTS.items():  # compared in full (64 bits)
         for request in requests:
-            program.add_rule(pyseccomp.ALLOW, name, pyseccomp.Arg(1, pyseccomp.EQ, request))
+            program.add_rule(pyseccomp.ALLOW, name, pyseccomp.Arg(argument, pyseccomp.EQ, request))
     out = os.memfd_create("securecc-seccomp", os.MFD_CLOEXEC)
     try:
         with open(out, "wb", closefd=False) as f:

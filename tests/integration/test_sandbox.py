@@ -79,7 +79,17 @@ def attempt(name, call):
 attempt("F_GETFD", lambda: fcntl.fcntl(fd, fcntl.F_GETFD))
 attempt("F_SETLK", lambda: fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB))
 attempt("FS_IOC_GETFLAGS", lambda: fcntl.ioctl(fd, 0x80086601, bytes(8)))
-attempt("TCGETS", lambda: os.isatty(0) or fcntl.ioctl(0, 0x5401, bytes(60)))' ;;
+attempt("TCGETS", lambda: os.isatty(0) or fcntl.ioctl(0, 0x5401, bytes(60)))
+import ctypes, mmap
+libc = ctypes.CDLL(None, use_errno=True)
+def prctl(*args):
+    if libc.prctl(*args, 0, 0, 0) < 0:
+        raise OSError(ctypes.get_errno(), "")
+attempt("PR_SET_NAME", lambda: prctl(15, b"cc1"))
+attempt("PR_SET_MEMORY_MERGE", lambda: prctl(67, 1))
+memory = mmap.mmap(-1, 1 << 16)
+attempt("MADV_DONTNEED", lambda: memory.madvise(mmap.MADV_DONTNEED))
+attempt("MADV_MERGEABLE", lambda: memory.madvise(mmap.MADV_MERGEABLE))' ;;
   i386) "$(dirname "$0")/i386-socket"; echo "status $?" ;;
   i386exec) exec "$(dirname "$0")/i386-socket" ;;
 esac
@@ -198,12 +208,14 @@ def test_a_call_off_the_allowlist_does_not_exist_in_the_sandbox(evil, realm, mon
     assert isinstance(reply, wire.Result) and reply.stdout == b"call Function not implemented\n", reply.stdout
 
 
-def test_only_some_requests_of_fcntl_and_ioctl(evil, realm, monkeypatch, workdir):
-    """Descriptor flags and a terminal's questions, not locks on host files nor a file system's own ioctls."""
+def test_only_some_requests_of_fcntl_ioctl_prctl_and_madvise(evil, realm, monkeypatch, workdir):
+    """Descriptor flags and a terminal's questions, not locks on host files nor a file system's own ioctls; a thread's
+    name and an allocator's advice, not KSM's merging of pages with other processes'."""
     reply = run_evil(evil, realm, monkeypatch, workdir, "requests")
     assert isinstance(reply, wire.Result) and reply.stdout.splitlines() == [
         b"F_GETFD allowed", b"F_SETLK Function not implemented", b"FS_IOC_GETFLAGS Function not implemented",
-        b"TCGETS Inappropriate ioctl for device"], reply.stdout
+        b"TCGETS Inappropriate ioctl for device", b"PR_SET_NAME allowed", b"PR_SET_MEMORY_MERGE Function not implemented",
+        b"MADV_DONTNEED allowed", b"MADV_MERGEABLE Function not implemented"], reply.stdout
 
 
 def test_a_system_call_of_another_abi_kills_the_compile(evil, realm, monkeypatch, workdir):

@@ -26,7 +26,7 @@ NEVER_ALLOWED = (
     # What an attack on the allowlist used (tests/integration/test_sandbox.py): past RLIMIT_FSIZE, directories the
     # handler cannot remove, locks on host files, the page cache's view of other jobs; ioctl and fcntl only by request.
     "fallocate", "mkdir", "mkdirat", "rmdir", "chmod", "fchmodat", "link", "linkat", "symlink", "symlinkat", "flock",
-    "fadvise64", "readahead", "mincore", "ioctl", "fcntl",
+    "fadvise64", "readahead", "mincore", "ioctl", "fcntl", "prctl", "madvise",
 )
 
 
@@ -49,9 +49,13 @@ def test_the_filter_compiles_to_one_program() -> None:
     assert sandbox.seccomp_program() is program  # built once, at the handler's start
 
 
-def test_ioctl_and_fcntl_are_allowed_only_by_request() -> None:
+def test_some_calls_are_allowed_only_by_request() -> None:
     import fcntl
+    import mmap
 
-    assert set(sandbox.ALLOWED_REQUESTS) == {"ioctl", "fcntl"}
+    assert set(sandbox.ALLOWED_REQUESTS) == {"ioctl", "fcntl", "prctl", "madvise"}
     assert not {fcntl.F_SETLK, fcntl.F_SETLKW, fcntl.F_OFD_SETLK, fcntl.F_SETLEASE, fcntl.F_NOTIFY, fcntl.F_SETOWN,
-                fcntl.F_SETSIG} & set(sandbox.ALLOWED_REQUESTS["fcntl"])
+                fcntl.F_SETSIG} & set(sandbox.ALLOWED_REQUESTS["fcntl"][1])
+    assert 67 not in sandbox.ALLOWED_REQUESTS["prctl"][1]  # PR_SET_MEMORY_MERGE
+    assert not {mmap.MADV_MERGEABLE, mmap.MADV_UNMERGEABLE, mmap.MADV_HWPOISON, mmap.MADV_REMOVE} & set(
+        sandbox.ALLOWED_REQUESTS["madvise"][1])
